@@ -1,0 +1,30 @@
+"""melafast: melanoma detection from dermoscopic images and patient metadata, on fastai and timm.
+
+Public names are imported lazily so that `melafast --help` does not pay for importing torch and fastai.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "MelafastError": "errors", "DataError": "errors", "WeightsError": "errors", "RunError": "errors",
+    "load_competition": "data", "clean_metadata": "data", "make_folds": "data", "MetaProcessor": "data",
+    "melanoma_dls": "data", "inference_dl": "data", "make_sample": "data", "find_dataset": "data",
+    "MelanomaModel": "model", "melanoma_splitter": "model", "create_backbone": "model",
+    "melanoma_learner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
+    "dihedral_tta": "tta", "dihedral_views": "tta",
+    "save_run": "checkpoint", "load_predictor": "checkpoint", "Predictor": "checkpoint",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'melafast' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"melafast.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,141 @@
+"""Save a trained model as `model.safetensors` + `config.json`, and load it back without pickle."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .errors import RunError
+
+__all__ = ["save_run", "load_predictor", "Predictor", "atomic_path", "write_json", "CONFIG_FORMAT"]
+
+CONFIG_FORMAT = 1  # bump when config.json changes incompatibly
+_REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; on success it replaces `path` in one rename, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj, path):
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def save_run(learn, path, extra: dict | None = None) -> Path:
+    """Write `learn`'s model to `path/model.safetensors` and what rebuilds it to `path/config.json`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    model, dls = learn.model, learn.dls
+    vocab = [v.item() if hasattr(v, "item") else v for v in dls.vocab]
+    config = dict(
+        format=CONFIG_FORMAT, melafast_version=__version__, arch=model.config["arch"], size=int(dls.size),
+        meta=model.meta_mlp is not None, meta_proc=dls.meta_proc.to_dict() if model.meta_mlp is not None else None,
+        n_out=len(vocab), vocab=vocab, pos=vocab.index(1) if 1 in vocab else len(vocab) - 1, model=model.config,
+        **(extra or {}),
+    )
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "melafast", "arch": config["arch"]})
+    write_json(config, path / "config.json")
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise RunError(f"{path} is not a melafast model folder: config.json is missing")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{cfg_file} is not valid JSON ({e}); the run may have been interrupted: train it again") from None
+    if not isinstance(cfg, dict):
+        raise RunError(f"{cfg_file} does not hold a melafast model config")
+    for key, typ in _REQUIRED.items():
+        if not isinstance(cfg.get(key), typ):
+            raise RunError(f"{cfg_file}: field {key!r} is missing or not a {typ.__name__}")
+    if cfg["format"] > CONFIG_FORMAT:
+        raise RunError(f"{cfg_file} was written by melafast {cfg.get('melafast_version', '?')} (format {cfg['format']}); "
+                       f"this melafast {__version__} reads format {CONFIG_FORMAT} or older: upgrade melafast")
+    return cfg
+
+
+def _read_weights(path: Path) -> dict:
+    st, pth = path / "model.safetensors", path / "model.pth"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        if pth.is_file():
+            return torch.load(pth, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # a truncated or foreign file: say which, not a deep traceback
+        raise RunError(f"cannot read the weights in {path}: {str(e).splitlines()[0][:200]}") from None
+    raise RunError(f"{path} has no model.safetensors: the run did not finish saving this model")
+
+
+@dataclass
+class Predictor:
+    """A trained melanoma model, ready to predict on new images (a DataFrame with `fname` and metadata)."""
+
+    model: torch.nn.Module  # the rebuilt MelanomaModel, in eval mode
+    config: dict  # the run's config.json
+
+    @property
+    def meta_proc(self):
+        from .data import MetaProcessor
+
+        return MetaProcessor.from_dict(self.config["meta_proc"]) if self.config["meta"] else None
+
+    def predict(self, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
+                device=None, progress: bool = True) -> np.ndarray:
+        """Melanoma probabilities for the rows of `df`, in order, averaged over `tta` dihedral views."""
+        from .data import clean_metadata, inference_dl
+        from .tta import predict_probs
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(device)
+        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        dl = inference_dl(clean_metadata(df), self.config["size"], self.meta_proc, bs=bs, num_workers=num_workers,
+                          device=device)
+        probs = predict_probs(self.model, dl, n=tta, amp_dtype=amp, progress=progress)
+        return probs[:, self.config["pos"]].numpy().astype(np.float64)
+
+
+def load_predictor(path, device="cpu") -> Predictor:
+    """Rebuild a model saved by `save_run` from its two files (safetensors + JSON; no pickle is ever opened)."""
+    from .model import MelanomaModel
+
+    path = Path(path)
+    cfg = _read_config(path)
+    state = _read_weights(path)
+    kw = {k: v for k, v in cfg["model"].items() if k != "arch"}
+    try:
+        model = MelanomaModel(cfg["arch"], pretrained=False, **kw)
+        model.load_state_dict(state, strict=True)
+    except (TypeError, RuntimeError) as e:
+        raise RunError(f"the weights in {path} do not fit its config ({cfg['arch']}): {str(e).splitlines()[0][:200]}") from None
+    return Predictor(model.to(device).eval(), cfg)

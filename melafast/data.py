@@ -1,0 +1,482 @@
+"""Read competition-style datasets, clean their metadata, make patient-grouped folds, build DataLoaders."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+__all__ = [
+    "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "read_table", "clean_metadata",
+    "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls", "inference_dl",
+    "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset",
+]
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+CAT_NAMES = ("sex", "anatom_site_general_challenge")  # categorical metadata of the competition CSVs
+CONT_NAMES = ("age_approx",)  # continuous metadata of the competition CSVs
+_SEXES = ("male", "female")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a dataset folder
+
+
+def read_table(csv, required=("image_name",)) -> pd.DataFrame:
+    """Read one competition CSV, checking that it has rows, the `required` columns and unique image names."""
+    csv = Path(csv)
+    if not csv.is_file():
+        raise DataError(f"{csv} not found: a dataset folder needs train.csv (and test.csv to predict)")
+    try:
+        df = pd.read_csv(csv, dtype={"image_name": str, "patient_id": str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv} is empty: it needs a header line and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{csv} is not a readable CSV file ({e})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{csv} lacks the column(s) {', '.join(missing)}; found: {', '.join(map(str, df.columns))}")
+    if df.empty:
+        raise DataError(f"{csv} has a header but no rows")
+    names = df["image_name"].astype(str).str.strip()
+    if df["image_name"].isna().any() or (names == "").any():
+        raise DataError(f"{csv} has rows with an empty image_name (first at row {int(np.flatnonzero(df['image_name'].isna() | (names == ''))[0]) + 2})")
+    dups = names[names.duplicated()]
+    if len(dups):
+        raise DataError(f"{csv} lists {len(dups)} image_name(s) twice, e.g. {', '.join(dups.unique()[:3])}; drop the duplicate rows")
+    bad = names[names.str.contains(r"[/\\]|\.\.", regex=True)]
+    if len(bad):
+        raise DataError(f"{csv}: image_name must be a plain file name, but {bad.iloc[0]!r} holds a path ({len(bad)} such rows)")
+    df["image_name"] = names
+    return df
+
+
+def _norm_text(s: pd.Series) -> pd.Series:
+    "Lower-case, stripped strings; anything empty or not a string becomes missing."
+    return s.map(lambda v: v.strip().lower() if isinstance(v, str) and v.strip() else np.nan).astype(object)
+
+
+def clean_metadata(df: pd.DataFrame) -> pd.DataFrame:
+    """Return a copy with `sex` in {male, female} or missing, float `age_approx`, normalised site names.
+
+    Metadata columns absent from the CSV are added as all-missing, so external datasets without them still work.
+    """
+    df = df.copy()
+    for c in (*CAT_NAMES, *CONT_NAMES):
+        if c not in df.columns:
+            df[c] = np.nan
+    sex = _norm_text(df["sex"])
+    df["sex"] = sex.where(sex.isin(_SEXES), np.nan)
+    age = pd.to_numeric(df["age_approx"], errors="coerce").astype(float)
+    df["age_approx"] = age.where((age >= 0) & (age <= 120))  # out of range is a data-entry error, not an age
+    df["anatom_site_general_challenge"] = _norm_text(df["anatom_site_general_challenge"])
+    if "patient_id" in df.columns:
+        df["patient_id"] = df["patient_id"].map(lambda v: v.strip() if isinstance(v, str) and v.strip() else np.nan).astype(object)
+    if "target" in df.columns:
+        t = pd.to_numeric(df["target"], errors="coerce")
+        bad = ~t.isin([0, 1])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"target must be 0 or 1, but row {i + 2} ({df['image_name'].iloc[i]}) has {df['target'].iloc[i]!r}")
+        df["target"] = t.astype(int)
+    return df
+
+
+def _image_index(folder: Path) -> dict[str, str]:
+    "Map each image's stem (and full name) in `folder` to its file name, in one directory scan."
+    index = {}
+    with os.scandir(folder) as it:
+        for e in it:
+            stem, ext = os.path.splitext(e.name)
+            if ext.lower() in IMAGE_EXTS:
+                index.setdefault(stem, e.name)
+                index[e.name] = e.name
+    return index
+
+
+def _candidate_dirs(root: Path, split: str) -> list[Path]:
+    "Folders that may hold a split's images, most likely first: jpeg/train, jpeg224/train, train, images, ..."
+    subdirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: (p.name != "jpeg", p.name))
+    cands = [d / split for d in subdirs] + [root / split, root / "images"] + subdirs + [root]
+    return [d for d in dict.fromkeys(cands) if d.is_dir()]
+
+
+def find_image_dir(root, names, split="train") -> Path:
+    """Find the folder under `root` that holds the images `names` (stems or file names) for `split`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    probe = list(names[:3])
+    for d in _candidate_dirs(root, split):
+        if any((d / n).is_file() or any((d / f"{n}{e}").is_file() for e in IMAGE_EXTS) for n in probe):
+            return d
+    raise DataError(f"no folder under {root} holds the {split} images (looked for {probe[0]}.jpg/.jpeg/.png in "
+                    f"jpeg/{split}, {split}/, images/ and the other subfolders); pass images=PATH (CLI: --images PATH)")
+
+
+def _attach_fnames(df: pd.DataFrame, folder: Path, csv_name: str) -> pd.DataFrame:
+    index = _image_index(folder)
+    files = df["image_name"].map(index)
+    missing = df["image_name"][files.isna()]
+    if len(missing):
+        raise DataError(f"{len(missing)} of {len(df)} images listed in {csv_name} are missing from {folder}: "
+                        f"{', '.join(missing.iloc[:5])}{' ...' if len(missing) > 5 else ''}")
+    df = df.copy()
+    df["fname"] = [os.path.join(folder, f) for f in files]
+    return df
+
+
+def load_competition(path, images=None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Read `train.csv` (and `test.csv` when present) from `path`, clean metadata, add an absolute `fname` column.
+
+    The image folder is detected (`jpeg/train`, `jpeg224/train`, `train/`, `images/`, ...); `images` overrides it.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist")
+    root = Path(images).expanduser().resolve() if images is not None else path
+    train = clean_metadata(read_table(path / "train.csv", required=("image_name", "target")))
+    train = _attach_fnames(train, find_image_dir(root, train["image_name"].tolist(), "train"), "train.csv")
+    test = None
+    if (path / "test.csv").is_file():
+        test = clean_metadata(read_table(path / "test.csv"))
+        test = _attach_fnames(test, find_image_dir(root, test["image_name"].tolist(), "test"), "test.csv")
+    return train, test
+
+
+def find_dataset(path) -> Path | None:
+    """The dataset folder at `path`: `path` itself if it holds train.csv, else `path/sample` if that does, else None."""
+    path = Path(path)
+    for p in (path, path / "sample"):
+        if (p / "train.csv").is_file():
+            return p
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Folds
+
+
+def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+    """Return a copy of `df` with an int `fold` column: grouped by `patient_id`, stratified by `target`.
+
+    Rows with an empty `patient_id` are each their own group. The same seed always gives the same folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if n_folds < 2:
+        raise DataError(f"n_folds must be at least 2, got {n_folds}")
+    if "target" not in df.columns:
+        raise DataError("make_folds needs a target column")
+    pid = df["patient_id"] if "patient_id" in df.columns else pd.Series(np.nan, index=df.index)
+    groups = pid.where(pid.notna(), pd.Series([f"\0row{i}" for i in range(len(df))], index=df.index))
+    n_groups = groups.nunique()
+    if n_groups < n_folds:
+        raise DataError(f"{n_folds} folds need at least {n_folds} patients, but the data has {n_groups}")
+    codes = pd.factorize(groups)[0]
+    folds = np.full(len(df), -1, dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, valid) in enumerate(splitter.split(np.zeros(len(df)), df["target"].to_numpy(), codes)):
+        folds[valid] = k
+    out = df.copy()
+    out["fold"] = folds
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Metadata preprocessing
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+@dataclass
+class MetaProcessor:
+    """Metadata -> float vector, fitted on a training split; its state is plain JSON (`to_dict`/`from_dict`).
+
+    Layout: for each continuous column, the standardised value (0 when missing) and a missing flag;
+    for each categorical column, one-hot over the training vocabulary plus an `unknown` slot, and a missing flag.
+    """
+
+    cat_names: list = field(default_factory=lambda: list(CAT_NAMES))  # categorical columns, in order
+    cont_names: list = field(default_factory=lambda: list(CONT_NAMES))  # continuous columns, in order
+    vocab: dict = field(default_factory=dict)  # column -> sorted categories seen in training
+    means: dict = field(default_factory=dict)  # column -> training mean (missing values excluded)
+    stds: dict = field(default_factory=dict)  # column -> training std (1.0 when constant)
+
+    @classmethod
+    def fit(cls, df: pd.DataFrame, cat_names=CAT_NAMES, cont_names=CONT_NAMES) -> "MetaProcessor":
+        """Learn vocabularies and scaling from the rows of `df` (the training split only)."""
+        vocab = {c: sorted(map(str, df[c].dropna().unique())) if c in df else [] for c in cat_names}
+        means, stds = {}, {}
+        for c in cont_names:
+            x = pd.to_numeric(df[c], errors="coerce").dropna() if c in df else pd.Series(dtype=float)
+            means[c] = float(x.mean()) if len(x) else 0.0
+            sd = float(x.std(ddof=0)) if len(x) else 0.0
+            stds[c] = sd if sd > 1e-8 else 1.0
+        return cls(list(cat_names), list(cont_names), vocab, means, stds)
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = []
+        for c in self.cont_names:
+            names += [c, f"{c}_missing"]
+        for c in self.cat_names:
+            names += [f"{c}={v}" for v in self.vocab[c]] + [f"{c}=unknown", f"{c}_missing"]
+        return names
+
+    @property
+    def n_features(self) -> int:
+        """Width of the metadata vector."""
+        return 2 * len(self.cont_names) + sum(len(self.vocab[c]) + 2 for c in self.cat_names)
+
+    def encode_row(self, row) -> np.ndarray:
+        """One row (a pandas Series or a dict) -> float32 vector of width `n_features`."""
+        out = np.zeros(self.n_features, dtype=np.float32)
+        i = 0
+        for c in self.cont_names:
+            v = row.get(c)
+            v = float(v) if not _missing(v) else math.nan
+            if math.isnan(v):
+                out[i + 1] = 1.0
+            else:
+                out[i] = (v - self.means[c]) / self.stds[c]
+            i += 2
+        for c in self.cat_names:
+            voc, v = self.vocab[c], row.get(c)
+            if _missing(v):
+                out[i + len(voc) + 1] = 1.0
+            else:
+                v = str(v).strip().lower()
+                j = voc.index(v) if v in voc else len(voc)  # unseen categories share the unknown slot
+                out[i + j] = 1.0
+            i += len(voc) + 2
+        return out
+
+    def encode(self, df: pd.DataFrame) -> np.ndarray:
+        """All rows of `df` -> float32 array of shape (len(df), n_features)."""
+        rows = df.to_dict("records")
+        return np.stack([self.encode_row(r) for r in rows]) if rows else np.zeros((0, self.n_features), np.float32)
+
+    def __call__(self, row):
+        import torch
+
+        return TensorMeta(torch.from_numpy(self.encode_row(row)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MetaProcessor":
+        """Rebuild from `to_dict` output, checking its shape (it may come from a file)."""
+        try:
+            proc = cls(list(d["cat_names"]), list(d["cont_names"]), {k: [str(x) for x in v] for k, v in d["vocab"].items()},
+                       {k: float(v) for k, v in d["means"].items()}, {k: float(v) for k, v in d["stds"].items()})
+            assert all(c in proc.vocab for c in proc.cat_names)
+            assert all(c in proc.means and c in proc.stds for c in proc.cont_names)
+        except (KeyError, TypeError, ValueError, AttributeError, AssertionError):
+            raise DataError(f"invalid metadata preprocessing state: {json.dumps(d)[:200]}") from None
+        return proc
+
+
+# --------------------------------------------------------------------------------------------------
+# fastai pieces
+
+from fastai.torch_core import TensorBase  # noqa: E402  (after the torch-free helpers above)
+from fastai.vision.all import (  # noqa: E402
+    CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, PILImage, Resize, ResizeMethod,
+    TfmdDL, TransformBlock, Datasets, ToTensor, aug_transforms,
+)
+
+
+class TensorMeta(TensorBase):
+    """A batch of metadata vectors: a type of its own so image augmentations leave it alone."""
+
+    def show(self, ctx=None, **kwargs):
+        return ctx
+
+
+class _OpenImage:
+    "Open an image as RGB, letting JPEG decode at a reduced scale when the file is much larger than `size`."
+
+    def __init__(self, size=None):
+        self.size = size
+
+    def __call__(self, fn):
+        from PIL import Image
+
+        im = Image.open(fn)
+        if self.size and im.format == "JPEG":
+            im.draft("RGB", (self.size, self.size))  # decodes at 1/2, 1/4 or 1/8 scale, never below size
+        return PILImage(im.convert("RGB"))
+
+
+def _image_block(size):
+    return TransformBlock(type_tfms=_OpenImage(size), batch_tfms=IntToFloatTensor)
+
+
+def default_item_tfms(size: int):
+    """Per-image transforms: squash to `size` x `size` (dermoscopy keeps the lesion centred; no crop loses it)."""
+    return [Resize(size, method=ResizeMethod.Squish)]
+
+
+def default_batch_tfms():
+    """GPU batch augmentations for dermoscopy: all 8 flips/turns, small rotate and zoom, lighting."""
+    return aug_transforms(do_flip=True, flip_vert=True, max_rotate=20.0, max_zoom=1.15, max_lighting=0.2,
+                          max_warp=0.0, p_affine=0.75, p_lighting=0.75)
+
+
+def _dl_kwargs(num_workers, device):
+    import torch
+
+    kw = {}
+    if num_workers is not None:
+        kw["num_workers"] = num_workers
+        if num_workers > 0:
+            kw["persistent_workers"] = True
+    if device is not None:
+        kw["device"] = device
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if cuda:
+        kw["pin_memory"] = True
+    return kw
+
+
+def melanoma_dls(
+    df: pd.DataFrame,
+    fold: int = 0,  # rows with this `fold` form the validation set
+    size: int = 384,  # square image size fed to the model
+    bs: int = 64,  # batch size
+    meta: bool = True,  # add the metadata vector as a second input
+    item_tfms=None,  # per-image transforms; default `default_item_tfms(size)`
+    batch_tfms=None,  # per-batch (GPU) transforms; default `default_batch_tfms()`
+    meta_proc: MetaProcessor | None = None,  # fitted metadata preprocessing; default: fit on the training rows
+    num_workers: int | None = None,  # DataLoader worker processes; default fastai's (one per core, at most 16)
+    device=None,  # where batches go; default the GPU when there is one
+    **kwargs,  # passed on to `DataBlock.dataloaders`
+):
+    """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`."""
+    need = [c for c in ("fname", "target", "fold") if c not in df.columns]
+    if need:
+        hint = " (run make_folds first)" if "fold" in need else " (read the data with load_competition)"
+        raise DataError(f"melanoma_dls needs the column(s) {', '.join(need)}{hint}")
+    if size <= 0 or bs <= 0:
+        raise DataError(f"size and bs must be positive, got size={size}, bs={bs}")
+    df = df.reset_index(drop=True)
+    is_valid = (df["fold"] == fold).to_numpy()
+    if not is_valid.any():
+        raise DataError(f"fold {fold} has no rows; folds present: {sorted(df['fold'].unique().tolist())}")
+    proc = meta_proc or MetaProcessor.fit(df[~is_valid])
+    inputs, getters = [_image_block(size)], [ColReader("fname")]
+    if meta:
+        inputs.append(TransformBlock())
+        getters.append(proc)
+    dblock = DataBlock(
+        blocks=(*inputs, CategoryBlock(vocab=[0, 1])), n_inp=len(inputs),
+        getters=[*getters, ColReader("target")], splitter=IndexSplitter(np.flatnonzero(is_valid)),
+        item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
+        batch_tfms=default_batch_tfms() if batch_tfms is None else batch_tfms,
+    )
+    dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
+    dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
+    return dls
+
+
+def inference_dl(df: pd.DataFrame, size: int, meta_proc: MetaProcessor | None = None, bs: int = 64,
+                 num_workers: int | None = None, device=None) -> TfmdDL:
+    """An unshuffled DataLoader of `(image, meta)` (or `(image,)`) for rows with an `fname`, no labels needed.
+
+    It uses the same image opening and resizing as the validation set of `melanoma_dls`.
+    """
+    if "fname" not in df.columns:
+        raise DataError("inference_dl needs an fname column (read the data with load_competition)")
+    tfms = [[ColReader("fname"), _OpenImage(size)]]
+    if meta_proc is not None:
+        tfms.append([meta_proc])
+    dsets = Datasets(df.reset_index(drop=True), tfms=tfms, n_inp=len(tfms))
+    return TfmdDL(dsets, bs=bs, shuffle=False, drop_last=False, after_item=[*default_item_tfms(size), ToTensor()],
+                  after_batch=[IntToFloatTensor()], **_dl_kwargs(num_workers, device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic sample
+
+_SITES = ["torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital"]
+_SITE_P = [0.5, 0.25, 0.15, 0.06, 0.025, 0.015]
+_SITE_RISK = {"torso": 0.4, "head/neck": 0.6, "lower extremity": -0.2, "upper extremity": -0.2,
+              "palms/soles": -0.5, "oral/genital": 0.0}
+
+
+def _lesion_image(rng: np.random.Generator, m: float, px: int) -> np.ndarray:
+    "A skin-coloured square with one lesion; malignancy score `m` makes it larger, darker, irregular, variegated."
+    yy, xx = np.mgrid[0:px, 0:px].astype(np.float32) / px - 0.5
+    skin = np.array([225, 175, 145], np.float32) * rng.uniform(0.85, 1.05) + rng.normal(0, 6, 3)
+    img = skin + 12 * (xx + yy)[..., None] * rng.normal(1, 0.3) + rng.normal(0, 5, (px, px, 3))
+    cy, cx = rng.normal(0, 0.05, 2)
+    ang, theta = np.arctan2(yy - cy, xx - cx), rng.uniform(0, np.pi)
+    r = np.hypot(yy - cy, xx - cx)
+    s = 1 / (1 + np.exp(-m))  # 0..1 malignancy
+    base = rng.uniform(0.12, 0.18) + 0.14 * s
+    elong = 1 + rng.uniform(0, 0.25) + 0.35 * s * rng.random()
+    border = sum(rng.normal(0, 0.02 + 0.09 * s) * np.cos(k * ang + rng.uniform(0, 6.3)) for k in range(2, 7))
+    radius = base * (1 + border) / np.sqrt(np.cos(ang - theta) ** 2 + (elong * np.sin(ang - theta)) ** 2)
+    inside = np.clip((radius - r) / 0.015, 0, 1)[..., None]
+    brown = np.array([150, 95, 60], np.float32) * (1 - 0.55 * s) + rng.normal(0, 8, 3)
+    lesion = brown + rng.normal(0, 4, (px, px, 3))
+    n_blots = rng.poisson(4 * s ** 2)
+    for _ in range(n_blots):  # blue-grey and black areas appear in malignant-looking lesions
+        by, bx = rng.normal(cy, base / 2), rng.normal(cx, base / 2)
+        blot = np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * (base / 4) ** 2))[..., None]
+        lesion = lesion * (1 - 0.8 * blot) + 0.8 * blot * np.array(rng.choice([[40, 40, 60], [90, 100, 130], [25, 20, 20]]))
+    img = img * (1 - inside) + lesion * inside
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_sample(dest, n_train: int = 240, n_test: int = 60, seed: int = 0, px: int = 96) -> Path:
+    """Write a small **synthetic** dataset in the Kaggle layout to `dest` and return its path.
+
+    `train.csv`, `test.csv`, `sample_submission.csv`, `jpeg/train`, `jpeg/test`. The label depends on both the
+    picture (lesion size, darkness, border, colours) and the metadata (age, site, sex), so a model learns from
+    each. Image names start with `SYNTH_`; these are not real lesions.
+    """
+    from PIL import Image
+
+    dest = Path(dest)
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    n_patients = max(2, int(n * 0.45))
+    patient = rng.integers(0, n_patients, n)
+    p_sex = rng.choice(["male", "female"], n_patients)
+    p_age = np.clip(np.round(rng.normal(50, 15, n_patients) / 5) * 5, 15, 90)
+    p_risk = rng.normal(0, 0.6, n_patients)  # some patients carry more risk: images of one patient correlate
+    sex = np.where(rng.random(n) < 0.05, "", p_sex[patient]).astype(object)
+    age = np.where(rng.random(n) < 0.05, np.nan, p_age[patient])
+    site = np.where(rng.random(n) < 0.05, "", rng.choice(_SITES, n, p=_SITE_P)).astype(object)
+    m = rng.normal(0, 1, n) + p_risk[patient]
+    meta_z = np.nan_to_num((age - 50) / 15) + np.array([_SITE_RISK.get(s, 0.0) for s in site]) + 0.3 * (sex == "male")
+    logit = 2.2 * m + 1.4 * meta_z - 1.6
+    target = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    names = [f"SYNTH_{i:06d}" for i in range(n)]
+    df = pd.DataFrame({"image_name": names, "patient_id": [f"SYNTH_P{p:05d}" for p in patient], "sex": sex,
+                       "age_approx": age, "anatom_site_general_challenge": site, "target": target})
+    for split, part in (("train", slice(0, n_train)), ("test", slice(n_train, n))):
+        folder = dest / "jpeg" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n)[part]:
+            Image.fromarray(_lesion_image(rng, m[i], px)).save(folder / f"{names[i]}.jpg", quality=90)
+    df.iloc[:n_train].to_csv(dest / "train.csv", index=False)
+    df.iloc[n_train:].drop(columns="target").to_csv(dest / "test.csv", index=False)
+    pd.DataFrame({"image_name": names[n_train:], "target": 0.0}).to_csv(dest / "sample_submission.csv", index=False)
+    (dest / "README.txt").write_text(
+        f"SYNTHETIC melanoma sample made by melafast.make_sample(seed={seed}): {n_train} train and {n_test} test\n"
+        "images of drawn lesions, not real patients. For trying melafast out; scores on it mean nothing clinically.\n")
+    return dest

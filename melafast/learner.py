@@ -1,0 +1,130 @@
+"""`melanoma_learner`: a fastai Learner with a real splitter, a melanoma AUC metric, fast AdamW and mixed precision."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+from fastai.learner import Learner, Metric
+from fastai.losses import CrossEntropyLossFlat
+from fastai.optimizer import OptimWrapper
+from fastai.torch_core import to_detach
+from fastcore.meta import delegates
+
+from .errors import MelafastError
+from .model import MelanomaModel, melanoma_splitter
+from .tta import dihedral_tta
+
+__all__ = ["melanoma_learner", "MelanomaAUC", "melanoma_probs", "resolve_precision", "PRECISIONS"]
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def _auc(targ, prob) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    targ = np.asarray(targ)
+    if len(np.unique(targ)) < 2:
+        return float("nan")  # AUC is undefined when the validation set holds one class only
+    return float(roc_auc_score(targ, np.asarray(prob)))
+
+
+class MelanomaAUC(Metric):
+    """ROC AUC of the melanoma probability (softmax column `pos`) over the whole validation set.
+
+    fastai's `RocAucBinary` scores the last column, which is wrong as soon as there are more than two classes.
+    """
+
+    def __init__(self, pos: int = 1, name: str = "melanoma_auc"):
+        self.pos, self._name = pos, name
+        self.reset()
+
+    def reset(self):
+        self.probs, self.targs = [], []
+
+    def accumulate(self, learn):
+        self.probs.append(to_detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos]))
+        self.targs.append(to_detach(learn.y == self.pos))
+
+    @property
+    def value(self):
+        if not self.probs:
+            return None
+        return _auc(torch.cat(self.targs).numpy(), torch.cat(self.probs).numpy())
+
+    @property
+    def name(self):
+        return self._name
+
+
+def melanoma_probs(probs, pos: int = 1) -> np.ndarray:
+    """The melanoma column of a (N, n_out) probability matrix, as a numpy array."""
+    return np.asarray(probs[:, pos], dtype=np.float64)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """`auto` -> bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU; checks explicit choices."""
+    if precision not in PRECISIONS:
+        raise MelafastError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision != "fp32" and not cuda:
+        raise MelafastError(f"precision {precision} needs a CUDA GPU; on the CPU use fp32 (or auto)")
+    return precision
+
+
+def _adamw(device):
+    # torch's fused/foreach AdamW updates all tensors in a few kernels; fastai's optimizers loop in Python
+    fast = dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
+    return partial(OptimWrapper, opt=torch.optim.AdamW, **fast)
+
+
+@delegates(Learner.__init__)
+def melanoma_learner(
+    dls,  # from `melanoma_dls`
+    arch: str = "efficientnet_b3",  # any timm model name
+    meta: bool = True,  # fuse the metadata vector (the dls must carry it)
+    pretrained: bool = True,  # start from ImageNet weights (hub, hub cache or `weights`)
+    weights=None,  # local timm checkpoint (.safetensors or .pth state dict)
+    precision: str = "auto",  # auto | bf16 | fp16 | fp32
+    model_kwargs: dict | None = None,  # passed on to `MelanomaModel` (meta_sizes, head_drop, drop_samples, ...)
+    **kwargs,
+) -> Learner:
+    """A fastai `Learner` for melanoma: image + metadata model, AUC metric, AdamW, mixed precision on GPUs.
+
+    `learn.freeze()` freezes the whole backbone (batch norm included), so `fine_tune`'s frozen epochs train
+    only the metadata MLP and the head. Pretrained learners start frozen, as fastai's `vision_learner` does.
+    """
+    if meta and dls.n_inp < 2:
+        raise MelafastError("these DataLoaders carry no metadata: build them with melanoma_dls(..., meta=True) "
+                            "or pass meta=False")
+    n_meta = dls.meta_proc.n_features if meta else 0
+    vocab = list(dls.vocab)
+    model = MelanomaModel(arch, n_meta=n_meta, n_out=len(vocab), pretrained=pretrained, weights=weights,
+                          **(model_kwargs or {}))
+    device = dls.device or torch.device("cpu")
+    precision = resolve_precision(precision, device)
+    model.to(device)  # before the optimizer is made: fused AdamW needs its tensors on the GPU
+    kwargs.setdefault("loss_func", CrossEntropyLossFlat())
+    kwargs.setdefault("opt_func", _adamw(device))
+    kwargs.setdefault("metrics", [MelanomaAUC(pos=vocab.index(1) if 1 in vocab else len(vocab) - 1)])
+    kwargs.setdefault("train_bn", False)
+    learn = Learner(dls, model, splitter=melanoma_splitter, **kwargs)
+    learn.arch, learn.precision = arch, precision
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if precision in ("bf16", "fp16"):
+        from fastai.callback.fp16 import MixedPrecision
+
+        learn.add_cb(MixedPrecision(amp_mode=precision))
+    if pretrained or weights is not None:
+        learn.freeze()
+    return learn
+
+
+Learner.dihedral_tta = dihedral_tta

@@ -1,0 +1,158 @@
+"""One model for every timm backbone: image features + metadata MLP, fused in a dropout head."""
+
+from __future__ import annotations
+
+import difflib
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import MelafastError, WeightsError
+
+__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch"]
+
+
+def check_arch(arch: str) -> str:
+    """Return `arch` if timm knows it, else raise with the closest timm names."""
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for the names"
+        raise MelafastError(f"unknown architecture {arch!r}{hint}")
+    return arch
+
+
+def _hub_reachable(host="huggingface.co", timeout=3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(arch: str) -> str | None:
+    "The locally cached hub weights for `arch`, if an earlier online run downloaded them."
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for fname in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        hit = fname and try_to_load_from_cache(cfg.hf_hub_id, fname)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def _offline_error(arch):
+    return WeightsError(
+        f"pretrained weights for {arch!r} need the Hugging Face hub, which is unreachable from here, and no cached "
+        f"copy was found. Pass a local timm checkpoint with weights=FILE (CLI: --weights FILE), or train from "
+        f"random initialisation with pretrained=False (CLI: --no-pretrained).")
+
+
+def create_backbone(arch: str, pretrained: bool = True, weights=None) -> nn.Module:
+    """A timm model without classifier (`num_classes=0`) that returns pooled features.
+
+    `weights` is a local timm checkpoint (.safetensors or a .pth/.bin state dict); without it and with
+    `pretrained=True`, weights come from the hub, or its local cache when the hub is unreachable.
+    """
+    import timm
+
+    check_arch(arch)
+    kwargs = {}
+    if weights is not None:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise WeightsError(f"weights file {weights} not found")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        pretrained = True
+    elif pretrained and not _hub_reachable():
+        cached = _cached_hub_file(arch)
+        if cached is None:
+            raise _offline_error(arch)
+        kwargs["pretrained_cfg_overlay"] = dict(file=cached)
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    except RuntimeError as e:  # state-dict key or shape mismatch
+        if weights is None:
+            raise
+        raise WeightsError(f"weights file {weights} does not fit {arch!r}: {str(e).splitlines()[0][:300]}") from None
+    except (OSError, ValueError) as e:
+        if weights is not None:
+            raise WeightsError(f"cannot read weights file {weights}: {e}") from None
+        raise _offline_error(arch) from e
+
+
+def _mlp_block(n_in, n_out, p):
+    return [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.SiLU(), nn.Dropout(p)]
+
+
+class MelanomaModel(nn.Module):
+    """timm backbone on the image, an MLP on the metadata vector, both concatenated into a dropout head."""
+
+    def __init__(
+        self,
+        arch: str,  # any timm model name, e.g. "efficientnet_b3"
+        n_meta: int = 0,  # width of the metadata vector; 0 for an image-only model
+        n_out: int = 2,  # number of classes
+        pretrained: bool = True,  # start from ImageNet weights
+        weights=None,  # local timm checkpoint to load instead of the hub
+        meta_sizes: tuple = (512, 128),  # hidden sizes of the metadata MLP
+        meta_drop: float = 0.3,  # dropout inside the metadata MLP
+        head_drop: float = 0.5,  # dropout before the final linear layer
+        drop_samples: int = 5,  # multi-sample dropout: average of this many dropout masks while training
+        mean=None,  # input normalisation; default the backbone's pretrained_cfg mean
+        std=None,  # input normalisation; default the backbone's pretrained_cfg std
+    ):
+        super().__init__()
+        self.backbone = create_backbone(arch, pretrained=pretrained, weights=weights)
+        cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        mean = list(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)))
+        std = list(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)))
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # pooled output width: after any pre-logits layer (e.g. MobileNetV3's conv_head), else num_features
+        n_feat = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        if n_meta:
+            layers, n_in = [], n_meta
+            for n_hidden in meta_sizes:
+                layers += _mlp_block(n_in, n_hidden, meta_drop)
+                n_in = n_hidden
+            self.meta_mlp = nn.Sequential(*layers)
+            n_feat += n_in
+        else:
+            self.meta_mlp = None
+        self.dropout = nn.Dropout(head_drop)
+        self.head = nn.Linear(n_feat, n_out)
+        self.drop_samples = drop_samples
+        self.channels_last = False  # set by the learner on GPUs: inputs are then converted too
+        self.config = dict(arch=arch, n_meta=n_meta, n_out=n_out, meta_sizes=list(meta_sizes), meta_drop=meta_drop,
+                           head_drop=head_drop, drop_samples=drop_samples, mean=mean, std=std)
+
+    def forward(self, x, meta=None):
+        # fastai's tensor subclasses dispatch every op through Python; plain tensors keep the backbone fast
+        x = x.as_subclass(torch.Tensor)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(x)
+        if self.meta_mlp is not None:
+            if meta is None:
+                raise MelafastError("this model was built with metadata: call it with (images, meta)")
+            feats = torch.cat([feats, self.meta_mlp(meta.as_subclass(torch.Tensor).to(feats.dtype))], dim=1)
+        if self.training and self.drop_samples > 1:
+            return torch.stack([self.head(self.dropout(feats)) for _ in range(self.drop_samples)]).mean(0)
+        return self.head(self.dropout(feats))
+
+
+def melanoma_splitter(model: MelanomaModel) -> list:
+    """Two parameter groups: [backbone], [metadata MLP + head]; `learn.freeze()` then trains only the second."""
+    head = list(model.head.parameters())
+    if model.meta_mlp is not None:
+        head = list(model.meta_mlp.parameters()) + head
+    return [list(model.backbone.parameters()), head]

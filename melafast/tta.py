@@ -1,0 +1,72 @@
+"""Deterministic dihedral test-time augmentation: the mean prediction over fixed flips and transposes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["dihedral_views", "dihedral_view", "predict_probs", "dihedral_tta"]
+
+_VIEWS = {1: (0,), 2: (0, 1), 4: (0, 1, 2, 3), 8: tuple(range(8))}
+
+
+def dihedral_views(n: int) -> tuple:
+    """The view indices used for `n`-way TTA: 1 identity; 2 + horizontal flip; 4 + vertical flips; 8 + transposes."""
+    if n not in _VIEWS:
+        raise ValueError(f"TTA views must be one of 1, 2, 4, 8, got {n}")
+    return _VIEWS[n]
+
+
+def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View `k` (0-7) of a batch of images (N, C, H, W): bit 4 transposes, bit 1 flips W, bit 2 flips H."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    return x
+
+
+def predict_probs(model, dl, n: int = 8, amp_dtype=None, n_inp: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Class probabilities (N, n_out) of `model` over `dl`, averaged over `n` dihedral views of each batch.
+
+    `dl` yields `(image, *other_inputs, *targets)`; `n_inp` counts the inputs (default `dl.n_inp`).
+    """
+    from fastprogress.fastprogress import progress_bar
+
+    views = dihedral_views(n)
+    n_inp = n_inp or getattr(dl, "n_inp", 1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    out = []
+    try:
+        with torch.inference_mode(), amp:
+            for batch in progress_bar(dl, leave=False, display=progress):
+                img, *rest = [b.to(device, non_blocking=True) for b in batch[:n_inp]]
+                total = sum(torch.softmax(model(dihedral_view(img, k), *rest).float(), dim=-1) for k in views)
+                out.append((total / len(views)).cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def _amp_dtype(learn):
+    mp = getattr(learn, "mixed_precision", None)
+    if mp is None:
+        return None
+    return torch.bfloat16 if mp.amp_mode.value == "bf16" else torch.float16
+
+
+def dihedral_tta(learn, dl=None, n: int = 8, progress: bool = True) -> torch.Tensor:
+    """Class probabilities over `dl` (default the validation set), the mean over `n` fixed dihedral views.
+
+    Unlike fastai's `learn.tta()` nothing is random: the same views every time. Also `learn.dihedral_tta(...)`.
+    """
+    dl = learn.dls.valid if dl is None else dl
+    return predict_probs(learn.model, dl, n=n, amp_dtype=_amp_dtype(learn), n_inp=learn.dls.n_inp, progress=progress)
