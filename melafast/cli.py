@@ -1,0 +1,250 @@
+"""The `melafast` command line: thin Typer commands over the library (torch and fastai load inside commands)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import click
+import typer
+
+from .errors import MelafastError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="melafast: melanoma detection from dermoscopic images + metadata (fastai + timm).")
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Split(str, Enum):
+    test = "test"
+    train = "train"
+
+
+class Blend(str, Enum):
+    mean = "mean"
+    rank = "rank"
+
+
+def _friendly(fn):
+    "Turn a MelafastError into one line on stderr and exit code 1; --debug shows the traceback instead."
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MelafastError as e:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False):
+    """melafast: train fold ensembles, predict and submit for the SIIM-ISIC melanoma task."""
+
+
+# Options shared by several commands
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset folder with train.csv (default data/; the "
+                                                 "synthetic sample is written to data/sample when data/ is empty).")]
+ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image folder, if detection does not find it.")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="timm architecture name.")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Square image size in pixels.")]
+BsOpt = Annotated[int, typer.Option("--bs", help="Batch size.")]
+FoldsOpt = Annotated[int, typer.Option("--folds", help="Number of patient-grouped folds.")]
+MetaOpt = Annotated[bool, typer.Option("--meta/--no-meta", help="Fuse patient metadata with the image.")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto: bf16 on new GPUs, fp16 on old, fp32 on CPU.")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local timm backbone checkpoint (.safetensors/.pth).")]
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for folds, initialisation and shuffling.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader processes (default: one per core, max 8).")]
+TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
+
+
+def _parse_fold(fold: str) -> Optional[int]:
+    if fold == "all":
+        return None
+    try:
+        return int(fold)
+    except ValueError:
+        raise MelafastError(f"--fold must be 'all' or a fold number, got {fold!r}") from None
+
+
+def _parse_lr(lr: str) -> Optional[float]:
+    if lr == "auto":
+        return None
+    try:
+        return float(lr)
+    except ValueError:
+        raise MelafastError(f"--lr must be a number or 'auto', got {lr!r}") from None
+
+
+def _str(p: Optional[Path]) -> Optional[str]:
+    return None if p is None else str(p)
+
+
+@app.command()
+@_friendly
+def train(
+    data: DataOpt = None,
+    images: ImagesOpt = None,
+    arch: ArchOpt = "efficientnet_b3",
+    size: SizeOpt = 384,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs with the whole network training.")] = 10,
+    bs: BsOpt = 64,
+    lr: Annotated[str, typer.Option("--lr", help="Base learning rate, or 'auto' for lr_find's valley per fold.")] = "auto",
+    freeze_epochs: Annotated[int, typer.Option("--freeze-epochs", help="Epochs first with the backbone frozen.")] = 1,
+    folds: FoldsOpt = 5,
+    fold: Annotated[str, typer.Option("--fold", help="'all', or one fold number to train only that fold.")] = "all",
+    meta: MetaOpt = True,
+    precision: PrecisionOpt = Precision.auto,
+    tta: TtaOpt = 8,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = True,
+    seed: SeedOpt = 42,
+    workers: WorkersOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<arch>-<size>-<time>).")] = None,
+):
+    """Train a cross-validated fold ensemble; write a run folder with models, metrics, OOF predictions and plots."""
+    from .run import TrainConfig, train_run
+
+    cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs, freeze_epochs=freeze_epochs,
+                      bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold), meta=meta, precision=precision.value,
+                      tta=tta, weights=_str(weights), pretrained=pretrained, seed=seed, workers=workers, out=_str(out))
+    result = train_run(cfg, log=typer.echo)
+    typer.echo(f"run folder: {result.path}")
+
+
+@app.command("lr-find")
+@_friendly
+def lr_find(
+    data: DataOpt = None,
+    images: ImagesOpt = None,
+    arch: ArchOpt = "efficientnet_b3",
+    size: SizeOpt = 384,
+    bs: BsOpt = 64,
+    folds: FoldsOpt = 5,
+    fold: Annotated[int, typer.Option("--fold", help="Fold whose training split is used.")] = 0,
+    meta: MetaOpt = True,
+    precision: PrecisionOpt = Precision.auto,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = True,
+    seed: SeedOpt = 42,
+    workers: WorkersOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to save the plot.")] = Path("lr_find.png"),
+):
+    """Run fastai's learning-rate finder on one fold; save the plot and print the suggestions."""
+    from .run import TrainConfig, lr_find_run
+
+    cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, bs=bs, folds=folds, fold=fold, meta=meta,
+                      precision=precision.value, weights=_str(weights), pretrained=pretrained, seed=seed, workers=workers)
+    lr_find_run(cfg, out=out, log=typer.echo)
+
+
+@app.command()
+@_friendly
+def predict(
+    run: Annotated[Path, typer.Option("--run", help="Run folder from `melafast train` (or one fold folder).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    images: ImagesOpt = None,
+    split: Annotated[Split, typer.Option("--split", help="Which CSV to predict.")] = Split.test,
+    tta: TtaOpt = 8,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (and target for train).")] = Path("preds.csv"),
+):
+    """Predict melanoma probabilities for a dataset split with every fold model of a run (their mean)."""
+    from .submit import predict_split
+
+    predict_split(run, data=data, split=split.value, tta=tta, out=out, bs=bs, num_workers=workers, images=images,
+                  log=typer.echo)
+
+
+@app.command()
+@_friendly
+def submit(
+    run: Annotated[List[Path], typer.Option("--run", help="Run folder; repeat to ensemble several runs.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the first run's).")] = None,
+    images: ImagesOpt = None,
+    tta: TtaOpt = 8,
+    blend: Annotated[Blend, typer.Option("--blend", help="How runs are combined: mean probability or mean rank.")] = Blend.mean,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Submission file to write.")] = Path("submission.csv"),
+    upload: Annotated[bool, typer.Option("--upload", help="Submit to Kaggle (needs melafast[kaggle] and credentials).")] = False,
+    message: Annotated[str, typer.Option("--message", help="Kaggle submission message.")] = "melafast submission",
+):
+    """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
+    from .submit import make_submission
+
+    path = make_submission([str(r) for r in run], data=data, tta=tta, blend_method=blend.value, out=out, bs=bs,
+                           num_workers=workers, images=images, log=typer.echo)
+    if upload:
+        from .kaggle import upload_submission
+
+        upload_submission(path, message)
+        typer.echo(f"uploaded {path} to Kaggle")
+
+
+@app.command()
+@_friendly
+def prepare(
+    src: Annotated[Path, typer.Option("--src", help="Dataset folder to copy (train.csv, test.csv, images).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the resized copy.")],
+    size: Annotated[int, typer.Option("--size", help="Shorter image side after resizing, in pixels.")] = 384,
+    images: ImagesOpt = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: one per core).")] = None,
+):
+    """Write a resized copy of a dataset (shorter side = --size, aspect kept); already-done images are skipped."""
+    from .prepare import prepare_dataset
+
+    prepare_dataset(src, out, size=size, workers=workers, images=images, log=typer.echo)
+
+
+@app.command()
+@_friendly
+def download(
+    out: Annotated[Path, typer.Option("--out", help="Folder to download into.")] = Path("data"),
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="A Kaggle dataset owner/name instead of the competition.")] = None,
+):
+    """Download the competition (or a Kaggle dataset, e.g. a resized copy) with the Kaggle API."""
+    from .kaggle import download as kaggle_download
+
+    kaggle_download(out, dataset=dataset, log=typer.echo)
+    typer.echo(f"done: train with  melafast train --data {out}")
+
+
+@app.command()
+@_friendly
+def sample(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the synthetic dataset to.")] = Path("data/sample"),
+    n_train: Annotated[int, typer.Option("--n-train", help="Training images.")] = 240,
+    n_test: Annotated[int, typer.Option("--n-test", help="Test images.")] = 60,
+    seed: SeedOpt = 0,
+):
+    """Write a small SYNTHETIC dataset (drawn lesions) in the Kaggle layout, to try melafast without downloads."""
+    if n_train < 4 or n_test < 1:
+        raise MelafastError("--n-train must be at least 4 and --n-test at least 1")
+    from .data import make_sample
+
+    path = make_sample(out, n_train=n_train, n_test=n_test, seed=seed)
+    typer.echo(f"wrote a SYNTHETIC sample to {path}: {n_train} train + {n_test} test images (not real patients)")
+
+
+def main():  # pragma: no cover - `python -m melafast`
+    app(prog_name="melafast")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Train a cross-validated fold ensemble into a run folder: the library side of `melafast train` and `lr-find`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import DataError, MelafastError
+
+__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "lr_find_run", "DEFAULT_DATA"]
+
+DEFAULT_DATA = Path("data")  # where users put a Kaggle download; the synthetic sample goes to data/sample
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved as the run folder's config.json."""
+
+    data: str | None = None  # dataset folder; None = data/ (the synthetic sample is written there when empty)
+    images: str | None = None  # image folder, when the automatic detection is not enough
+    arch: str = "efficientnet_b3"  # any timm model name
+    size: int = 384  # square input size in pixels
+    epochs: int = 10  # epochs with the whole network training
+    freeze_epochs: int = 1  # epochs before those with the backbone frozen (metadata MLP + head only)
+    bs: int = 64  # batch size
+    lr: float | None = None  # base learning rate; None = lr_find's valley, found per fold
+    folds: int = 5  # number of patient-grouped folds
+    fold: int | None = None  # train this fold only; None = every fold
+    meta: bool = True  # fuse the patient metadata with the image
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    tta: int = 8  # dihedral views for the out-of-fold predictions: 1, 2, 4 or 8
+    weights: str | None = None  # local timm checkpoint for the backbone
+    pretrained: bool = True  # start from ImageNet weights
+    seed: int = 42  # folds, initialisation, shuffling
+    workers: int | None = None  # DataLoader processes; None = one per core, at most 8
+    out: str | None = None  # run folder; None = runs/<arch>-<size>-<date-time>
+
+    def validate(self) -> "TrainConfig":
+        """Check every value; raise `MelafastError` naming the first one that is wrong."""
+        from .learner import PRECISIONS
+
+        checks = [
+            (16 <= self.size <= 2048, f"--size must be between 16 and 2048 pixels, got {self.size}"),
+            (self.bs > 0, f"--bs must be positive, got {self.bs}"),
+            (self.epochs >= 0 and self.freeze_epochs >= 0 and self.epochs + self.freeze_epochs > 0,
+             f"--epochs and --freeze-epochs must be >= 0 and not both 0, got {self.epochs} and {self.freeze_epochs}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive or 'auto', got {self.lr}"),
+            (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
+            (self.fold is None or 0 <= self.fold < self.folds, f"--fold must be 'all' or 0..{self.folds - 1}, got {self.fold}"),
+            (self.tta in (1, 2, 4, 8), f"--tta must be 1, 2, 4 or 8, got {self.tta}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
+            (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MelafastError(msg)
+        from .model import check_arch
+
+        check_arch(self.arch)
+        return self
+
+
+@dataclass
+class RunResult:
+    """What a finished training run gives back (also in its folder)."""
+
+    path: Path  # the run folder
+    fold_aucs: dict = field(default_factory=dict)  # fold -> AUC of its out-of-fold predictions (with TTA)
+    oof_auc: float = float("nan")  # AUC over all out-of-fold predictions together
+
+
+def resolve_data(data=None, log: Callable = print) -> Path:
+    """The dataset folder to use: `data`, or `data/sample`; with no `data` given and nothing in data/, the
+    synthetic sample is written to data/sample first."""
+    from .data import find_dataset, make_sample
+
+    found = find_dataset(data if data is not None else DEFAULT_DATA)
+    if found is not None:
+        return found.resolve()
+    if data is not None:
+        raise DataError(f"no train.csv in {data} (nor in {Path(data) / 'sample'}): point --data at a dataset folder, "
+                        "or run `melafast download` / `melafast sample --out PATH`")
+    dest = DEFAULT_DATA / "sample"
+    log(f"No dataset in {DEFAULT_DATA}/: writing the SYNTHETIC sample to {dest}/ (drawn lesions, not real patients). "
+        f"Put a Kaggle download in {DEFAULT_DATA}/ (melafast download) to train on real images.")
+    return make_sample(dest).resolve()
+
+
+def _versions() -> dict:
+    import fastai
+    import timm
+    import torch
+
+    return dict(melafast=__version__, fastai=fastai.__version__, torch=torch.__version__, timm=timm.__version__,
+                python=platform.python_version(),
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)")
+
+
+def _epoch_tracker():
+    from fastai.callback.core import Callback
+    from fastai.learner import Recorder
+
+    class EpochTracker(Callback):
+        "Log every epoch of every fit and keep the weights of the epoch with the best validation AUC."
+        order = Recorder.order + 1
+
+        def __init__(self):
+            self.rows, self.best_auc, self.best_state, self.best_epoch = [], -np.inf, None, None
+
+        def before_epoch(self):
+            self.t0 = time.time()
+
+        def after_epoch(self):
+            vals = dict(zip(self.recorder.metric_names[1:], self.learn.final_record))
+            frozen = getattr(self.opt, "frozen_idx", 0) > 0
+            auc = vals.get("melanoma_auc")
+            auc = float(auc) if auc is not None else float("nan")
+            epoch = len(self.rows)
+            self.rows.append(dict(epoch=epoch, phase="frozen" if frozen else "unfrozen",
+                                  train_loss=float(vals["train_loss"]), valid_loss=float(vals["valid_loss"]),
+                                  melanoma_auc=auc, seconds=round(time.time() - self.t0, 2)))
+            # an undefined AUC (one class in validation) keeps the latest weights until a real AUC appears
+            better = auc > self.best_auc if not np.isnan(auc) else np.isneginf(self.best_auc)
+            if better:
+                self.best_auc = auc if not np.isnan(auc) else -np.inf
+                self.best_epoch = epoch
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+        def restore_best(self, model):
+            if self.best_state is not None:
+                model.load_state_dict(self.best_state)
+
+    return EpochTracker()
+
+
+def _fit(learn, cfg: TrainConfig, lr: float):
+    # a random-init backbone needs the full learning rate, not fine_tune's 1/100 for early layers
+    lr_mult = 100 if (cfg.pretrained or cfg.weights) else 1
+    if cfg.freeze_epochs > 0:
+        if cfg.epochs > 0:
+            learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs, lr_mult=lr_mult)
+        else:
+            learn.freeze()
+            learn.fit_one_cycle(cfg.freeze_epochs, lr, pct_start=0.99)
+    else:
+        learn.unfreeze()
+        learn.fit_one_cycle(cfg.epochs, slice(lr / 2 / lr_mult, lr / 2), pct_start=0.3, div=5.0)
+
+
+def _fold_learner(df, k, cfg: TrainConfig):
+    from fastai.torch_core import set_seed
+
+    from .data import melanoma_dls
+    from .learner import melanoma_learner
+
+    set_seed(cfg.seed, reproducible=True)
+    dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers)
+    return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
+                            precision=cfg.precision)
+
+
+def _find_lr(learn, png) -> float:
+    from fastai.callback.schedule import slide, valley
+
+    from .plots import save_current_figure
+
+    sugg = learn.lr_find(suggest_funcs=(valley, slide), show_plot=True)
+    save_current_figure(png)
+    return float(sugg.valley)
+
+
+def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
+    from .checkpoint import save_run
+    from .learner import melanoma_probs
+    from .tta import dihedral_tta
+
+    fold_dir = run_dir / f"fold{k}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    learn = _fold_learner(df, k, cfg)
+    lr = cfg.lr if cfg.lr is not None else _find_lr(learn, fold_dir / "lr_find.png")
+    log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
+    tracker = _epoch_tracker()
+    learn.add_cb(tracker)
+    try:
+        _fit(learn, cfg, lr)
+    finally:
+        learn.remove_cb(tracker)
+    tracker.restore_best(learn.model)
+    save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed))
+    probs = dihedral_tta(learn, n=cfg.tta)
+    valid = learn.dls.valid_ds.items
+    oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(),
+                        "fold": k, "pred": melanoma_probs(probs, learn.metrics[0].pos)})
+    metrics = pd.DataFrame(tracker.rows).assign(fold=k)
+    return oof, metrics, tracker.best_epoch
+
+
+def _auc(target, pred) -> float:
+    from .learner import _auc as auc
+
+    return auc(target, pred)
+
+
+def _write_csv(df: pd.DataFrame, path: Path):
+    from .checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _cv_table(oof: pd.DataFrame, best_epochs: dict) -> str:
+    lines = [f"{'fold':>5} {'images':>7} {'melanomas':>10} {'best epoch':>11} {'AUC':>8}"]
+    for k, rows in oof.groupby("fold"):
+        lines.append(f"{k:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {best_epochs[k]:>11} "
+                     f"{_auc(rows['target'], rows['pred']):>8.4f}")
+    lines.append(f"{'OOF':>5} {len(oof):>7} {int(oof['target'].sum()):>10} {'':>11} {_auc(oof['target'], oof['pred']):>8.4f}")
+    return "\n".join(lines)
+
+
+def train_run(cfg: TrainConfig, log: Callable = print) -> RunResult:
+    """Train `cfg.folds` fold models (or `cfg.fold` only) and write the run folder:
+
+    config.json, fold*/{model.safetensors, config.json[, lr_find.png]}, metrics.csv, oof.csv,
+    curves.png, roc.png, results.json. Returns the per-fold and overall out-of-fold AUCs.
+    """
+    from .checkpoint import write_json
+    from .data import load_competition, make_folds
+    from .plots import plot_curves, plot_roc
+
+    cfg.validate()
+    if cfg.workers is None:
+        cfg.workers = min(8, os.cpu_count() or 1)
+    data = resolve_data(cfg.data, log)
+    train, _ = load_competition(data, images=cfg.images)
+    df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
+    run_dir = Path(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(dict(settings=asdict(cfg), data=str(data), n_train=len(df), n_melanoma=int(df["target"].sum()),
+                    versions=_versions(), command=" ".join(sys.argv)), run_dir / "config.json")
+    log(f"run folder {run_dir}: {len(df)} training images ({int(df['target'].sum())} melanomas) from {data}")
+    oofs, metrics, best = [], [], {}
+    for k in range(cfg.folds) if cfg.fold is None else [cfg.fold]:
+        oof, m, best[k] = _train_fold(df, k, cfg, run_dir, log)
+        oofs.append(oof)
+        metrics.append(m)
+        _write_csv(pd.concat(oofs, ignore_index=True), run_dir / "oof.csv")
+        _write_csv(pd.concat(metrics, ignore_index=True)[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
+        plot_curves(pd.concat(metrics, ignore_index=True), run_dir / "curves.png")
+    oof = pd.concat(oofs, ignore_index=True)
+    fold_aucs = {int(k): _auc(r["target"], r["pred"]) for k, r in oof.groupby("fold")}
+    result = RunResult(run_dir, fold_aucs, _auc(oof["target"], oof["pred"]))
+    if oof["target"].nunique() == 2:
+        plot_roc(oof["target"], oof["pred"], run_dir / "roc.png", title=f"{cfg.arch} {cfg.size}px, out-of-fold, TTA x{cfg.tta}")
+    write_json(dict(fold_aucs=fold_aucs, oof_auc=result.oof_auc, tta=cfg.tta, best_epochs=best), run_dir / "results.json")
+    log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d)\n%s" % (cfg.tta, _cv_table(oof, best)))
+    return result
+
+
+def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):
+    """Run fastai's lr_find on fold 0 of `cfg`'s data and model; save the plot; return the suggestions."""
+    from fastai.callback.schedule import minimum, slide, steep, valley
+
+    from .data import load_competition, make_folds
+    from .plots import save_current_figure
+
+    cfg.validate()
+    data = resolve_data(cfg.data, log)
+    train, _ = load_competition(data, images=cfg.images)
+    df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
+    learn = _fold_learner(df, cfg.fold or 0, cfg)
+    sugg = learn.lr_find(suggest_funcs=(valley, slide, minimum, steep), show_plot=True)
+    out = Path(out or "lr_find.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_current_figure(out)
+    log(f"lr_find on fold {cfg.fold or 0} ({'frozen backbone' if learn.opt.frozen_idx else 'whole network'}), plot: {out}")
+    for name, value in sugg._asdict().items():
+        log(f"  {name:8s} {value:.2e}")
+    return sugg

@@ -1,0 +1,172 @@
+"""Predict with trained runs, blend folds and runs, write and validate a Kaggle submission."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, MelafastError, RunError
+
+__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "blend", "submission_ids", "write_submission",
+           "validate_submission", "make_submission", "BLENDS"]
+
+BLENDS = ("mean", "rank")
+
+
+def model_dirs(run) -> list[Path]:
+    """The model folders of a run: its `fold*/` subfolders, or the folder itself if it is one model."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"run folder {run} does not exist")
+    if (run / "model.safetensors").is_file() or (run / "model.pth").is_file():
+        return [run]
+    dirs = sorted((d for d in run.glob("fold*") if d.is_dir()), key=lambda d: d.name)
+    done = [d for d in dirs if (d / "config.json").is_file()]
+    if not done:
+        raise RunError(f"{run} holds no trained model (no fold*/config.json): has `melafast train` finished a fold?")
+    return done
+
+
+def run_data(run) -> Path | None:
+    """The dataset folder a run was trained on, from its config.json (None if not recorded)."""
+    cfg = Path(run) / "config.json"
+    try:
+        data = json.loads(cfg.read_text()).get("data")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return Path(data) if isinstance(data, str) else None
+
+
+def predict_run(run, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
+                device=None, log: Callable = print) -> np.ndarray:
+    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run`."""
+    from .checkpoint import load_predictor
+
+    preds = []
+    for d in model_dirs(run):
+        log(f"predicting {len(df)} images with {d} (TTA x{tta})")
+        preds.append(load_predictor(d).predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device))
+    return np.mean(preds, axis=0)
+
+
+def blend(preds: list, method: str = "mean") -> np.ndarray:
+    """Blend several prediction vectors: `mean` of probabilities, or `rank` (mean of ranks scaled to [0, 1])."""
+    if method not in BLENDS:
+        raise MelafastError(f"--blend must be one of {', '.join(BLENDS)}, got {method!r}")
+    preds = [np.asarray(p, dtype=np.float64) for p in preds]
+    if method == "rank":
+        n = len(preds[0])
+        preds = [(pd.Series(p).rank(method="average").to_numpy() - 1) / max(n - 1, 1) for p in preds]
+    return np.mean(preds, axis=0)
+
+
+def submission_ids(data) -> list[str]:
+    """Image ids a submission must list, in order: those of sample_submission.csv, else of test.csv."""
+    from .data import read_table
+
+    data = Path(data)
+    for name in ("sample_submission.csv", "test.csv"):
+        if (data / name).is_file():
+            return read_table(data / name)["image_name"].tolist()
+    raise DataError(f"{data} has neither sample_submission.csv nor test.csv: nothing to submit for")
+
+
+def validate_submission(path, ids) -> None:
+    """Raise `DataError` unless `path` is `image_name,target` with exactly `ids`, in order, targets in [0, 1]."""
+    path = Path(path)
+    try:
+        sub = pd.read_csv(path, dtype={"image_name": str})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise DataError(f"submission {path} is not a readable CSV ({e})") from None
+    if list(sub.columns) != ["image_name", "target"]:
+        raise DataError(f"submission {path} must have the columns image_name,target; it has {','.join(sub.columns)}")
+    got, want = sub["image_name"].tolist(), list(ids)
+    if got != want:
+        missing, extra = set(want) - set(got), set(got) - set(want)
+        raise DataError(f"submission {path} ids differ from the expected {len(want)}: {len(missing)} missing, "
+                        f"{len(extra)} extra{', order differs' if not (missing or extra) else ''}")
+    t = pd.to_numeric(sub["target"], errors="coerce")
+    if t.isna().any():
+        raise DataError(f"submission {path} has {int(t.isna().sum())} missing or non-numeric targets")
+    if ((t < 0) | (t > 1)).any():
+        raise DataError(f"submission {path} has targets outside [0, 1]")
+
+
+def write_submission(ids, preds, path) -> Path:
+    """Write `image_name,target` atomically and validate it."""
+    from .checkpoint import atomic_path
+
+    path = Path(path)
+    sub = pd.DataFrame({"image_name": list(ids), "target": np.clip(np.asarray(preds, dtype=np.float64), 0, 1)})
+    with atomic_path(path) as tmp:
+        sub.to_csv(tmp, index=False)
+        validate_submission(tmp, ids)
+    return path
+
+
+def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", out="submission.csv",
+                    bs: int = 64, num_workers: int | None = None, images=None, log: Callable = print) -> Path:
+    """Predict the test set with every fold of every run, blend, write and validate `out`."""
+    from .data import load_competition
+
+    if not runs:
+        raise MelafastError("name at least one run folder (--run DIR)")
+    if tta not in (1, 2, 4, 8):
+        raise MelafastError(f"--tta must be 1, 2, 4 or 8, got {tta}")
+    if blend_method not in BLENDS:
+        raise MelafastError(f"--blend must be one of {', '.join(BLENDS)}, got {blend_method!r}")
+    for r in runs:
+        model_dirs(r)  # fail on a bad run before any prediction starts
+    data = Path(data) if data is not None else run_data(runs[0])
+    if data is None:
+        raise MelafastError(f"{runs[0]} does not record its dataset: pass --data PATH")
+    _, test = load_competition(data, images=images)
+    if test is None:
+        raise DataError(f"{data} has no test.csv: nothing to predict for a submission")
+    ids = submission_ids(data)
+    test = test.set_index("image_name", drop=False)
+    absent = [i for i in ids if i not in test.index]
+    if absent:
+        raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
+    test = test.loc[ids].reset_index(drop=True)
+    preds = [predict_run(r, test, tta=tta, bs=bs, num_workers=num_workers, log=log) for r in runs]
+    final = blend(preds, blend_method) if len(preds) > 1 else preds[0]
+    path = write_submission(ids, final, out)
+    log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
+        f"blend {blend_method}, TTA x{tta}; validated")
+    return path
+
+
+def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.csv", bs: int = 64,
+                  num_workers: int | None = None, images=None, log: Callable = print) -> Path:
+    """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred (+ target).
+
+    On the train split every model has seen most images: the honest cross-validated scores are in the run's oof.csv.
+    """
+    from .checkpoint import atomic_path
+    from .data import load_competition
+
+    if split not in ("test", "train"):
+        raise MelafastError(f"--split must be test or train, got {split!r}")
+    if tta not in (1, 2, 4, 8):
+        raise MelafastError(f"--tta must be 1, 2, 4 or 8, got {tta}")
+    model_dirs(run)
+    data = Path(data) if data is not None else run_data(run)
+    if data is None:
+        raise MelafastError(f"{run} does not record its dataset: pass --data PATH")
+    train, test = load_competition(data, images=images)
+    df = train if split == "train" else test
+    if df is None:
+        raise DataError(f"{data} has no test.csv to predict; use --split train or another --data")
+    pred = predict_run(run, df, tta=tta, bs=bs, num_workers=num_workers, log=log)
+    res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred})
+    if "target" in df.columns:
+        res["target"] = df["target"].to_numpy()
+    with atomic_path(out) as tmp:
+        res.to_csv(tmp, index=False)
+    log(f"wrote {out}: {len(res)} predictions ({split} split of {data})")
+    return Path(out)
