@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
-import click
 import typer
 
 from .errors import MelafastError
+
+# torch warns about fastai's use of torch.jit.script on every import: noise for a command-line user
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+_state = {"debug": False}  # set by the top-level callback on every invocation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="melafast: melanoma detection from dermoscopic images + metadata (fastai + timm).")
@@ -42,7 +47,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except MelafastError as e:
-            if click.get_current_context().find_root().params.get("debug"):
+            if _state["debug"]:
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
@@ -53,6 +58,7 @@ def _friendly(fn):
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False):
     """melafast: train fold ensembles, predict and submit for the SIIM-ISIC melanoma task."""
+    _state["debug"] = debug
 
 
 # Options shared by several commands

@@ -14,21 +14,26 @@ COMPETITION = "siim-isic-melanoma-classification"
 _SUBMIT_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/submit"
 
 
+_NO_CREDENTIALS = ("no usable Kaggle credentials: run `kaggle auth login`, or set KAGGLE_API_TOKEN (or KAGGLE_USERNAME and "
+                   "KAGGLE_KEY), or save your token in ~/.kaggle/")
+
+
 def kaggle_api():
     """An authenticated Kaggle API client, or `MelafastError` saying what is missing."""
+    import contextlib
+    import io
+
+    quiet = io.StringIO()  # the client prints long help and may exit() when it has no credentials
     try:
-        from kaggle.api.kaggle_api_extended import KaggleApi
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
     except ImportError:
         raise MelafastError("the Kaggle API client is not installed: pip install 'melafast[kaggle]'") from None
-    except Exception as e:  # older clients authenticate on import and raise when no kaggle.json exists
-        raise MelafastError(f"Kaggle credentials not usable ({str(e).splitlines()[0]}): put kaggle.json in ~/.kaggle/ "
-                            "or set KAGGLE_USERNAME and KAGGLE_KEY") from None
-    api = KaggleApi()
-    try:
-        api.authenticate()
-    except Exception as e:  # noqa: BLE001 - every failure here means "no usable credentials"
-        raise MelafastError(f"Kaggle credentials not usable ({str(e).splitlines()[0]}): put kaggle.json in ~/.kaggle/ "
-                            "or set KAGGLE_USERNAME and KAGGLE_KEY") from None
+    except (Exception, SystemExit):  # noqa: BLE001 - every failure here means "no usable credentials"
+        raise MelafastError(_NO_CREDENTIALS) from None
     return api
 
 
