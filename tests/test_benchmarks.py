@@ -1,0 +1,26 @@
+"""The benchmark scripts stay runnable: tiny settings here, real figures on a GPU (see README)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_throughput_small_runs_and_reports_consistent_figures(tmp_path):
+    import json
+
+    import throughput
+
+    res = throughput.main(["--small", "--out", str(tmp_path / "t.json")])
+    assert res["melafast_train_img_s"] > 0 and res["pure_loop_img_s"] > 0
+    assert res["ratio"] == pytest.approx(res["melafast_train_img_s"] / res["pure_loop_img_s"], rel=0.01)
+    assert json.loads((tmp_path / "t.json").read_text()) == res
+
+
+def test_data_speed_reads_a_competition_sized_table():
+    import data_speed
+
+    res = data_speed.main()
+    assert res["rows"] == 33_126 and res["total_s"] > 0
