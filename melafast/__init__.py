@@ -3,7 +3,14 @@
 Public names are imported lazily so that `melafast --help` does not pay for importing torch and fastai.
 """
 
+import warnings as _warnings
+
 __version__ = "0.1.0"
+
+# Two third-party warnings that every melafast user would otherwise see on import, and can do nothing about:
+# torch deprecating the torch.jit.script that fastai calls, and tqdm's notebook bars without ipywidgets.
+_warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+_warnings.filterwarnings("ignore", message="IProgress not found")
 
 _EXPORTS = {
     "MelafastError": "errors", "DataError": "errors", "WeightsError": "errors", "RunError": "errors",

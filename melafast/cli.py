@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -12,9 +11,6 @@ from typing import Annotated, List, Optional
 import typer
 
 from .errors import MelafastError
-
-# torch warns about fastai's use of torch.jit.script on every import: noise for a command-line user
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 _state = {"debug": False}  # set by the top-level callback on every invocation
 

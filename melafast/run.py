@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,7 +158,7 @@ def _fit(learn, cfg: TrainConfig, lr: float):
         learn.fit_one_cycle(cfg.epochs, slice(lr / 2 / lr_mult, lr / 2), pct_start=0.3, div=5.0)
 
 
-def _fold_learner(df, k, cfg: TrainConfig):
+def _fold_learner(df, k, cfg: TrainConfig, path):
     from fastai.torch_core import set_seed
 
     from .data import melanoma_dls
@@ -165,8 +166,9 @@ def _fold_learner(df, k, cfg: TrainConfig):
 
     set_seed(cfg.seed, reproducible=True)
     dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers)
+    # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
-                            precision=cfg.precision)
+                            precision=cfg.precision, path=path, model_dir=".")
 
 
 def _find_lr(learn, png) -> float:
@@ -186,7 +188,7 @@ def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
 
     fold_dir = run_dir / f"fold{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    learn = _fold_learner(df, k, cfg)
+    learn = _fold_learner(df, k, cfg, fold_dir)
     lr = cfg.lr if cfg.lr is not None else _find_lr(learn, fold_dir / "lr_find.png")
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
     tracker = _epoch_tracker()
@@ -277,8 +279,9 @@ def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):
     data = resolve_data(cfg.data, log)
     train, _ = load_competition(data, images=cfg.images)
     df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
-    learn = _fold_learner(df, cfg.fold or 0, cfg)
-    sugg = learn.lr_find(suggest_funcs=(valley, slide, minimum, steep), show_plot=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        learn = _fold_learner(df, cfg.fold or 0, cfg, Path(tmp))
+        sugg = learn.lr_find(suggest_funcs=(valley, slide, minimum, steep), show_plot=True)
     out = Path(out or "lr_find.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_current_figure(out)
