@@ -191,3 +191,21 @@ def test_real_images_with_local_weights(tmp_path):
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert sub["image_name"].tolist() == test["image_name"].tolist()
     assert sub["target"].between(0, 1).all() and sub["target"].notna().all()
+
+
+def test_train_one_fold_with_lr_auto(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(sample_dir, out)
+    args[args.index("--lr") + 1] = "auto"
+    res = invoke(*args, "--fold", 1)
+    assert res.exit_code == 0, res.output
+    assert (out / "fold1" / "lr_find.png").stat().st_size > 1000 and not (out / "fold0").exists()
+    assert not list((out / "fold1").glob("*.pth"))  # lr_find's temporary checkpoint is cleaned up
+    lr = json.loads((out / "fold1" / "config.json").read_text())["lr"]
+    assert 1e-7 < lr < 10
+    oof = pd.read_csv(out / "oof.csv")
+    from melafast.data import load_competition, make_folds
+
+    folds = make_folds(load_competition(sample_dir)[0], n_folds=2, seed=42)  # the CLI's --seed default
+    assert set(oof["fold"]) == {1}
+    assert sorted(oof["image_name"]) == sorted(folds.loc[folds["fold"] == 1, "image_name"])
