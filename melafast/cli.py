@@ -74,6 +74,15 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader
 TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
 
 
+class BadImage(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+BadImageOpt = Annotated[BadImage, typer.Option("--on-bad-image", help="Unreadable, empty or truncated images: "
+                                               "error (stop, listing them) or skip (leave out / median prediction).")]
+
+
 def _parse_fold(fold: str) -> Optional[int]:
     if fold == "all":
         return None
@@ -117,14 +126,21 @@ def train(
     seed: SeedOpt = 42,
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<arch>-<size>-<time>).")] = None,
+    on_bad_image: BadImageOpt = BadImage.error,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this interrupted run folder with its own "
+                                                   "settings (other options but --workers are ignored).")] = None,
 ):
     """Train a cross-validated fold ensemble; write a run folder with models, metrics, OOF predictions and plots."""
-    from .run import TrainConfig, train_run
+    from .run import TrainConfig, resume_run, train_run
 
-    cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs, freeze_epochs=freeze_epochs,
-                      bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold), meta=meta, precision=precision.value,
-                      tta=tta, weights=_str(weights), pretrained=pretrained, seed=seed, workers=workers, out=_str(out))
-    result = train_run(cfg, log=typer.echo)
+    if resume is not None:
+        result = resume_run(resume, workers=workers, log=typer.echo)
+    else:
+        cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs,
+                          freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold),
+                          meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
+                          seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value)
+        result = train_run(cfg, log=typer.echo)
     typer.echo(f"run folder: {result.path}")
 
 
@@ -165,12 +181,13 @@ def predict(
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (and target for train).")] = Path("preds.csv"),
+    on_bad_image: BadImageOpt = BadImage.error,
 ):
     """Predict melanoma probabilities for a dataset split with every fold model of a run (their mean)."""
     from .submit import predict_split
 
     predict_split(run, data=data, split=split.value, tta=tta, out=out, bs=bs, num_workers=workers, images=images,
-                  log=typer.echo)
+                  on_bad_image=on_bad_image.value, log=typer.echo)
 
 
 @app.command()
@@ -186,12 +203,13 @@ def submit(
     out: Annotated[Path, typer.Option("--out", help="Submission file to write.")] = Path("submission.csv"),
     upload: Annotated[bool, typer.Option("--upload", help="Submit to Kaggle (needs melafast[kaggle] and credentials).")] = False,
     message: Annotated[str, typer.Option("--message", help="Kaggle submission message.")] = "melafast submission",
+    on_bad_image: BadImageOpt = BadImage.error,
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
     from .submit import make_submission
 
     path = make_submission([str(r) for r in run], data=data, tta=tta, blend_method=blend.value, out=out, bs=bs,
-                           num_workers=workers, images=images, log=typer.echo)
+                           num_workers=workers, images=images, on_bad_image=on_bad_image.value, log=typer.echo)
     if upload:
         from .kaggle import upload_submission
 

@@ -18,7 +18,7 @@ import pandas as pd
 from . import __version__
 from .errors import DataError, MelafastError
 
-__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "lr_find_run", "DEFAULT_DATA"]
+__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "resume_run", "lr_find_run", "DEFAULT_DATA"]
 
 DEFAULT_DATA = Path("data")  # where users put a Kaggle download; the synthetic sample goes to data/sample
 
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 42  # folds, initialisation, shuffling
     workers: int | None = None  # DataLoader processes; None = one per core, at most 8
     out: str | None = None  # run folder; None = runs/<arch>-<size>-<date-time>
+    on_bad_image: str = "error"  # error: stop and list unusable images; skip: leave them out and list them
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
@@ -61,6 +62,7 @@ class TrainConfig:
             (self.tta in (1, 2, 4, 8), f"--tta must be 1, 2, 4 or 8, got {self.tta}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
             (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.on_bad_image in ("error", "skip"), f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -89,7 +91,7 @@ def resolve_data(data=None, log: Callable = print) -> Path:
     if found is not None:
         return found.resolve()
     if data is not None:
-        raise DataError(f"no train.csv in {data} (nor in {Path(data) / 'sample'}): point --data at a dataset folder, "
+        raise DataError(f"train.csv not found in {data} (nor in {Path(data) / 'sample'}): point --data at a dataset folder, "
                         "or run `melafast download` / `melafast sample --out PATH`")
     dest = DEFAULT_DATA / "sample"
     log(f"No dataset in {DEFAULT_DATA}/: writing the SYNTHETIC sample to {dest}/ (drawn lesions, not real patients). "
@@ -229,14 +231,34 @@ def _cv_table(oof: pd.DataFrame, best_epochs: dict) -> str:
     return "\n".join(lines)
 
 
-def train_run(cfg: TrainConfig, log: Callable = print) -> RunResult:
+def _finished_folds(run_dir: Path, log: Callable) -> tuple[list, list, dict]:
+    "OOF rows, metric rows and best epochs of the folds a run folder already completed."
+    oof_csv, metrics_csv = run_dir / "oof.csv", run_dir / "metrics.csv"
+    if not (oof_csv.is_file() and metrics_csv.is_file()):
+        return [], [], {}
+    oof, metrics = pd.read_csv(oof_csv), pd.read_csv(metrics_csv)
+    oofs, mets, best = [], [], {}
+    for k, rows in oof.groupby("fold"):
+        fold_dir = run_dir / f"fold{k}"
+        if not ((fold_dir / "model.safetensors").is_file() and (fold_dir / "config.json").is_file()):
+            continue
+        oofs.append(rows)
+        mets.append(metrics[metrics["fold"] == k])
+        best[int(k)] = json.loads((fold_dir / "config.json").read_text()).get("best_epoch")
+    if best:
+        log(f"resuming {run_dir}: fold(s) {', '.join(map(str, sorted(best)))} already finished and kept")
+    return oofs, mets, best
+
+
+def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> RunResult:
     """Train `cfg.folds` fold models (or `cfg.fold` only) and write the run folder:
 
     config.json, fold*/{model.safetensors, config.json[, lr_find.png]}, metrics.csv, oof.csv,
     curves.png, roc.png, results.json. Returns the per-fold and overall out-of-fold AUCs.
+    With `resume=True` the folds already finished in `cfg.out` are kept and the others trained (see `resume_run`).
     """
     from .checkpoint import write_json
-    from .data import load_competition, make_folds
+    from .data import check_images, load_competition, make_folds
     from .plots import plot_curves, plot_roc
 
     cfg.validate()
@@ -244,21 +266,32 @@ def train_run(cfg: TrainConfig, log: Callable = print) -> RunResult:
         cfg.workers = min(8, os.cpu_count() or 1)
     data = resolve_data(cfg.data, log)
     train, _ = load_competition(data, images=cfg.images)
+    train, bad = check_images(train, cfg.on_bad_image, workers=max(cfg.workers, 2))
     df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
     run_dir = Path(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(dict(settings=asdict(cfg), data=str(data), n_train=len(df), n_melanoma=int(df["target"].sum()),
-                    versions=_versions(), command=" ".join(sys.argv)), run_dir / "config.json")
+    if len(bad):
+        _write_csv(bad, run_dir / "skipped_images.csv")
+        log(f"skipped {len(bad)} unusable image(s), listed in {run_dir / 'skipped_images.csv'}: "
+            + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(3).itertuples()))
+    oofs, metrics, best = _finished_folds(run_dir, log) if resume else ([], [], {})
+    if not resume:
+        write_json(dict(settings=asdict(cfg), data=str(data), n_train=len(df), n_melanoma=int(df["target"].sum()),
+                        versions=_versions(), command=" ".join(sys.argv)), run_dir / "config.json")
     log(f"run folder {run_dir}: {len(df)} training images ({int(df['target'].sum())} melanomas) from {data}")
-    oofs, metrics, best = [], [], {}
     for k in range(cfg.folds) if cfg.fold is None else [cfg.fold]:
+        if k in best:
+            continue
+        if resume:
+            log(f"fold {k} did not finish before: training it from scratch")
         oof, m, best[k] = _train_fold(df, k, cfg, run_dir, log)
         oofs.append(oof)
         metrics.append(m)
-        _write_csv(pd.concat(oofs, ignore_index=True), run_dir / "oof.csv")
-        _write_csv(pd.concat(metrics, ignore_index=True)[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
-        plot_curves(pd.concat(metrics, ignore_index=True), run_dir / "curves.png")
-    oof = pd.concat(oofs, ignore_index=True)
+        _write_csv(pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable"), run_dir / "oof.csv")
+        all_metrics = pd.concat(metrics, ignore_index=True).sort_values(["fold"], kind="stable")
+        _write_csv(all_metrics[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
+        plot_curves(all_metrics, run_dir / "curves.png")
+    oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
     fold_aucs = {int(k): _auc(r["target"], r["pred"]) for k, r in oof.groupby("fold")}
     result = RunResult(run_dir, fold_aucs, _auc(oof["target"], oof["pred"]))
     if oof["target"].nunique() == 2:
@@ -266,6 +299,27 @@ def train_run(cfg: TrainConfig, log: Callable = print) -> RunResult:
     write_json(dict(fold_aucs=fold_aucs, oof_auc=result.oof_auc, tta=cfg.tta, best_epochs=best), run_dir / "results.json")
     log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d)\n%s" % (cfg.tta, _cv_table(oof, best)))
     return result
+
+
+def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> RunResult:
+    """Continue an interrupted `train_run` in `run_dir` with its own saved settings.
+
+    Finished folds are kept; a fold that did not finish is trained again from scratch.
+    """
+    from .errors import RunError
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.json"
+    try:
+        saved = json.loads(cfg_file.read_text())
+        settings = dict(saved["settings"])
+        settings.update(data=saved["data"], out=str(run_dir), workers=workers)
+        cfg = TrainConfig(**settings)
+    except FileNotFoundError:
+        raise RunError(f"nothing to resume: {cfg_file} does not exist (is {run_dir} a melafast run folder?)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RunError(f"cannot resume {run_dir}: its config.json is damaged or from another version ({e})") from None
+    return train_run(cfg, log=log, resume=True)
 
 
 def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):

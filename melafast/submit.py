@@ -108,9 +108,36 @@ def write_submission(ids, preds, path) -> Path:
     return path
 
 
+def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
+    "Boolean mask of the rows whose image can be read; with `skip`, the others are reported, else an error."
+    from .data import check_images
+
+    good, bad = check_images(df, on_bad_image)
+    if len(bad):
+        log(f"{len(bad)} unusable image(s) get the median prediction: "
+            + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(5).itertuples()))
+    return df.index.isin(good.index)
+
+
+def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log) -> np.ndarray:
+    "Blend of every run's prediction on the usable rows; unusable rows get the median of those predictions."
+    good = df[ok]
+    preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log) for r in runs]
+    out = np.empty(len(df))
+    out[ok] = blend(preds, blend_method) if len(preds) > 1 else preds[0]
+    if not ok.all():
+        out[~ok] = np.median(out[ok]) if ok.any() else 0.5
+    return out
+
+
 def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", out="submission.csv",
-                    bs: int = 64, num_workers: int | None = None, images=None, log: Callable = print) -> Path:
-    """Predict the test set with every fold of every run, blend, write and validate `out`."""
+                    bs: int = 64, num_workers: int | None = None, images=None, on_bad_image: str = "error",
+                    log: Callable = print) -> Path:
+    """Predict the test set with every fold of every run, blend, write and validate `out`.
+
+    A test image that cannot be read stops with an error, or with `on_bad_image="skip"` gets the median
+    prediction (a submission must list every id).
+    """
     from .data import load_competition
 
     if not runs:
@@ -133,8 +160,8 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
     if absent:
         raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
     test = test.loc[ids].reset_index(drop=True)
-    preds = [predict_run(r, test, tta=tta, bs=bs, num_workers=num_workers, log=log) for r in runs]
-    final = blend(preds, blend_method) if len(preds) > 1 else preds[0]
+    ok = _usable(test, on_bad_image, log)
+    final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log)
     path = write_submission(ids, final, out)
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
         f"blend {blend_method}, TTA x{tta}; validated")
@@ -142,7 +169,8 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
 
 
 def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.csv", bs: int = 64,
-                  num_workers: int | None = None, images=None, log: Callable = print) -> Path:
+                  num_workers: int | None = None, images=None, on_bad_image: str = "error",
+                  log: Callable = print) -> Path:
     """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred (+ target).
 
     On the train split every model has seen most images: the honest cross-validated scores are in the run's oof.csv.
@@ -162,10 +190,14 @@ def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.
     df = train if split == "train" else test
     if df is None:
         raise DataError(f"{data} has no test.csv to predict; use --split train or another --data")
-    pred = predict_run(run, df, tta=tta, bs=bs, num_workers=num_workers, log=log)
+    df = df.reset_index(drop=True)
+    ok = _usable(df, on_bad_image, log)
+    pred = _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log)
     res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred})
     if "target" in df.columns:
         res["target"] = df["target"].to_numpy()
+    if not ok.all():
+        res["image_ok"] = ok
     with atomic_path(out) as tmp:
         res.to_csv(tmp, index=False)
     log(f"wrote {out}: {len(res)} predictions ({split} split of {data})")
