@@ -45,7 +45,10 @@ def _friendly(fn):
         except MelafastError as e:
             if _state["debug"]:
                 raise
-            typer.echo(f"error: {e}", err=True)
+            msg = str(e)
+            if "Original Traceback" in msg:  # raised in a DataLoader worker: torch wraps it in the worker's traceback
+                msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+            typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper

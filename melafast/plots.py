@@ -20,13 +20,19 @@ def _plt():
     return plt
 
 
+def _save(fig, path, **kwargs) -> Path:
+    "Write `fig` as a PNG atomically (a killed run never leaves half an image) and close it."
+    from .checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, **kwargs)
+    _plt().close(fig)
+    return Path(path)
+
+
 def save_current_figure(path) -> Path:
     """Save matplotlib's current figure (e.g. fastai's lr_find plot) to `path` and close it."""
-    plt = _plt()
-    fig = plt.gcf()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return _save(_plt().gcf(), path, bbox_inches="tight")
 
 
 def plot_curves(metrics: pd.DataFrame, path) -> Path:
@@ -44,9 +50,7 @@ def plot_curves(metrics: pd.DataFrame, path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_roc(target, pred, path, title="out-of-fold ROC") -> Path:
@@ -63,6 +67,4 @@ def plot_roc(target, pred, path, title="out-of-fold ROC") -> Path:
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

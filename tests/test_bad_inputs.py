@@ -247,3 +247,15 @@ def test_no_traceback_unless_debug(tmp_path):
     assert code == 1 and len(err) == 1 and "Traceback" not in output
     with pytest.raises(MelafastError):
         runner.invoke(app, ["--debug", "train", "--data", str(tmp_path / "nowhere")], catch_exceptions=False)
+
+
+def test_image_failing_inside_a_worker_is_still_one_line(data, tmp_path, monkeypatch):
+    from melafast import data as data_mod
+
+    zero_byte(data)  # the image breaks after the up-front check (simulated by skipping that check)
+    monkeypatch.setattr(data_mod, "check_images", lambda df, *a, **k: (df, df.iloc[:0]))
+    code, err, output = cli("train", "--data", data, "--arch", TINY_ARCH, "--size", 32, "--bs", 16, "--epochs", 1,
+                            "--freeze-epochs", 0, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 1,
+                            "--out", tmp_path / "run")
+    assert code == 1 and len(err) == 1, output
+    assert err[0].startswith("error: cannot read image") and _img(data, 2).name in err[0]
