@@ -44,8 +44,10 @@ class MelanomaAUC(Metric):
         self.probs, self.targs = [], []
 
     def accumulate(self, learn):
-        self.probs.append(to_detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos]))
-        self.targs.append(to_detach(learn.y == self.pos))
+        # the Learner's own to_detach gathers across processes (and drops padding) when training is distributed
+        detach = getattr(learn, "to_detach", to_detach)
+        self.probs.append(detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos]))
+        self.targs.append(detach(learn.y == self.pos))
 
     @property
     def value(self):
