@@ -1,8 +1,10 @@
-"""Training throughput, side by side in one process: a melafast Learner epoch vs a pure timm + torch loop.
+"""Throughput, side by side in one process: melafast vs a pure timm + torch loop, for training and inference.
 
-melafast: real JPEG files written at --size, decoded and augmented by melanoma_dls (metadata included), trained by
-melanoma_learner with its default precision. Pure loop: the same timm backbone on random tensors already on the
-device, AdamW, bf16 autocast + channels_last on a GPU (the ceiling). Prints one JSON object.
+Training. melafast: real JPEG files written at --size, decoded and augmented by melanoma_dls (metadata included),
+trained by melanoma_learner with its default precision. Pure loop: the same timm backbone on random tensors
+already on the device, AdamW, bf16 autocast + channels_last on a GPU (the ceiling).
+Inference. melafast: dihedral TTA x8 over the same JPEGs through inference_dl, counted per original image.
+Pure loop: forward passes on device tensors; its images/s divided by 8 is the TTA x8 ceiling. Prints one JSON object.
 
     python benchmarks/throughput.py --small                                       # CPU, seconds
     python benchmarks/throughput.py --arch efficientnet_b3 --size 384 --bs 64     # GPU, the figure we report
@@ -61,8 +63,44 @@ def pure_loop(arch, size, bs, steps, warmup, device) -> float:
     return steps * bs / (time.perf_counter() - t0)
 
 
+def pure_inference(arch, size, bs, steps, warmup, device) -> float:
+    """Images/s of eval-mode forward passes on synthetic tensors."""
+    import timm
+    import torch
+
+    cuda = device.type == "cuda"
+    model = timm.create_model(arch, pretrained=False, num_classes=2).to(device).eval()
+    x = torch.rand(bs, 3, size, size, device=device)
+    if cuda:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for _ in range(warmup):
+            model(x).softmax(-1)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x).softmax(-1)
+        _sync(device)
+    return steps * bs / (time.perf_counter() - t0)
+
+
+def melafast_tta(learn, df, size, bs, workers, device) -> float:
+    """Original images per second of dihedral TTA x8 over `df`'s JPEGs (second pass; the first warms up)."""
+    from melafast.data import inference_dl
+    from melafast.tta import dihedral_tta
+
+    dl = inference_dl(df, size, learn.dls.meta_proc, bs=bs, num_workers=workers, device=device)
+    dihedral_tta(learn, dl, n=8, progress=False)
+    _sync(device)
+    t0 = time.perf_counter()
+    probs = dihedral_tta(learn, dl, n=8, progress=False)
+    _sync(device)
+    return len(probs) / (time.perf_counter() - t0)
+
+
 def melafast_epoch(arch, size, bs, n_images, workers, device, tmp) -> dict:
-    """Images/s of the training phase of a melafast epoch (the second one: the first warms up workers and kernels)."""
+    """Images/s of the training phase of a melafast epoch (the second one: the first warms up workers and kernels),
+    then of TTA x8 inference with the trained Learner."""
     import numpy as np
     from fastai.callback.core import Callback
 
@@ -91,7 +129,8 @@ def melafast_epoch(arch, size, bs, n_images, workers, device, tmp) -> dict:
         learn.fit(1, 1e-4)  # warm-up
         learn.fit(1, 1e-4, cbs=timer)
     n_seen = len(dls.train) * bs  # the train DataLoader drops the last partial batch
-    return dict(img_s=n_seen / timer.seconds, precision=learn.precision, images=n_seen)
+    tta = melafast_tta(learn, df, size, bs, workers, device)
+    return dict(img_s=n_seen / timer.seconds, precision=learn.precision, images=n_seen, tta8_img_s=tta)
 
 
 def main(argv=None):
@@ -114,10 +153,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         mf = melafast_epoch(a.arch, a.size, a.bs, a.images, a.workers, device, tmp)
     pure = pure_loop(a.arch, a.size, a.bs, a.steps, warmup=3 if a.small else 10, device=device)
+    infer = pure_inference(a.arch, a.size, a.bs, a.steps, warmup=3 if a.small else 10, device=device)
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
                arch=a.arch, size=a.size, bs=a.bs, workers=a.workers, melafast_precision=mf["precision"],
                melafast_train_img_s=round(mf["img_s"], 1), pure_loop_img_s=round(pure, 1),
-               ratio=round(mf["img_s"] / pure, 3), melafast_images_timed=mf["images"], pure_steps_timed=a.steps,
+               ratio=round(mf["img_s"] / pure, 3), melafast_tta8_img_s=round(mf["tta8_img_s"], 1),
+               pure_inference_img_s=round(infer, 1), tta8_ratio=round(mf["tta8_img_s"] / (infer / 8), 3),
+               melafast_images_timed=mf["images"], pure_steps_timed=a.steps,
                torch=torch.__version__)
     text = json.dumps(res, indent=2)
     print(text)

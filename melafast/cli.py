@@ -144,7 +144,10 @@ def train(
                           meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
                           seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value)
         result = train_run(cfg, log=typer.echo)
-    typer.echo(f"run folder: {result.path}")
+    from .distributed import is_main
+
+    if is_main():
+        typer.echo(f"run folder: {result.path}")
 
 
 @app.command("lr-find")

@@ -47,7 +47,7 @@ class MelanomaAUC(Metric):
         # the Learner's own to_detach gathers across processes (and drops padding) when training is distributed
         detach = getattr(learn, "to_detach", to_detach)
         self.probs.append(detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos]))
-        self.targs.append(detach(learn.y == self.pos))
+        self.targs.append(detach((learn.y == self.pos).long()))  # gloo cannot gather bools
 
     @property
     def value(self):

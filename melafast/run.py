@@ -137,7 +137,8 @@ def _epoch_tracker():
             if better:
                 self.best_auc = auc if not np.isnan(auc) else -np.inf
                 self.best_epoch = epoch
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                model = getattr(self.model, "module", self.model)  # unwrapped when training data-parallel
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
         def restore_best(self, model):
             if self.best_state is not None:
@@ -166,8 +167,11 @@ def _fold_learner(df, k, cfg: TrainConfig, path):
     from .data import melanoma_dls
     from .learner import melanoma_learner
 
+    from .distributed import process_device
+
     set_seed(cfg.seed, reproducible=True)
-    dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers)
+    dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
+                       device=process_device())
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, path=path, model_dir=".")
@@ -185,6 +189,7 @@ def _find_lr(learn, png) -> float:
 
 def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
     from .checkpoint import save_run
+    from .distributed import is_main, to_distributed, world_size
     from .learner import melanoma_probs
     from .tta import dihedral_tta
 
@@ -192,6 +197,8 @@ def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
     fold_dir.mkdir(parents=True, exist_ok=True)
     learn = _fold_learner(df, k, cfg, fold_dir)
     lr = cfg.lr if cfg.lr is not None else _find_lr(learn, fold_dir / "lr_find.png")
+    if world_size() > 1:
+        to_distributed(learn)
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
     tracker = _epoch_tracker()
     learn.add_cb(tracker)
@@ -200,7 +207,8 @@ def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
     finally:
         learn.remove_cb(tracker)
     tracker.restore_best(learn.model)
-    save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed))
+    if is_main():
+        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed))
     probs = dihedral_tta(learn, n=cfg.tta)
     valid = learn.dls.valid_ds.items
     oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(),
@@ -259,38 +267,68 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     """
     from .checkpoint import write_json
     from .data import check_images, load_competition, make_folds
-    from .plots import plot_curves, plot_roc
+    from .distributed import barrier, broadcast_object, init_distributed, is_main
 
     cfg.validate()
+    if init_distributed():
+        if cfg.lr is None:
+            raise MelafastError("--lr auto is not available with several processes (each would find its own): "
+                                "run `melafast lr-find` once and pass --lr")
+        if not is_main():
+            log = _quiet
+            barrier()  # let rank 0 write the sample first, if there is one to write
     if cfg.workers is None:
         cfg.workers = min(8, os.cpu_count() or 1)
     data = resolve_data(cfg.data, log)
+    if is_main():
+        barrier()
     train, _ = load_competition(data, images=cfg.images)
     train, bad = check_images(train, cfg.on_bad_image, workers=max(cfg.workers, 2))
     df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
-    run_dir = Path(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(broadcast_object(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    if len(bad):
-        _write_csv(bad, run_dir / "skipped_images.csv")
-        log(f"skipped {len(bad)} unusable image(s), listed in {run_dir / 'skipped_images.csv'}: "
-            + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(3).itertuples()))
     oofs, metrics, best = _finished_folds(run_dir, log) if resume else ([], [], {})
-    if not resume:
-        write_json(dict(settings=asdict(cfg), data=str(data), n_train=len(df), n_melanoma=int(df["target"].sum()),
-                        versions=_versions(), command=" ".join(sys.argv)), run_dir / "config.json")
+    barrier()  # every process has read the finished folds before rank 0 writes anything
+    if is_main():
+        if len(bad):
+            _write_csv(bad, run_dir / "skipped_images.csv")
+            log(f"skipped {len(bad)} unusable image(s), listed in {run_dir / 'skipped_images.csv'}: "
+                + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(3).itertuples()))
+        if not resume:
+            write_json(dict(settings=asdict(cfg), data=str(data), n_train=len(df), n_melanoma=int(df["target"].sum()),
+                            versions=_versions(), command=" ".join(sys.argv)), run_dir / "config.json")
     log(f"run folder {run_dir}: {len(df)} training images ({int(df['target'].sum())} melanomas) from {data}")
+    result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best)
+    barrier()
+    return result
+
+
+def _quiet(msg):
+    pass
+
+
+def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best) -> RunResult:
+    "Train the folds not in `best` yet; rank 0 writes the run folder's CSVs, plots and results as they finish."
+    from .checkpoint import write_json
+    from .distributed import is_main
+    from .plots import plot_curves, plot_roc
+
     for k in range(cfg.folds) if cfg.fold is None else [cfg.fold]:
         if k in best:
             continue
         if resume:
             log(f"fold {k} did not finish before: training it from scratch")
         oof, m, best[k] = _train_fold(df, k, cfg, run_dir, log)
+        if not is_main():
+            continue
         oofs.append(oof)
         metrics.append(m)
         _write_csv(pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable"), run_dir / "oof.csv")
         all_metrics = pd.concat(metrics, ignore_index=True).sort_values(["fold"], kind="stable")
         _write_csv(all_metrics[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
         plot_curves(all_metrics, run_dir / "curves.png")
+    if not is_main():
+        return RunResult(run_dir)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
     fold_aucs = {int(k): _auc(r["target"], r["pred"]) for k, r in oof.groupby("fold")}
     result = RunResult(run_dir, fold_aucs, _auc(oof["target"], oof["pred"]))

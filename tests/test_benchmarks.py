@@ -16,6 +16,8 @@ def test_throughput_small_runs_and_reports_consistent_figures(tmp_path):
     res = throughput.main(["--small", "--out", str(tmp_path / "t.json")])
     assert res["melafast_train_img_s"] > 0 and res["pure_loop_img_s"] > 0
     assert res["ratio"] == pytest.approx(res["melafast_train_img_s"] / res["pure_loop_img_s"], rel=0.01)
+    assert res["melafast_tta8_img_s"] > 0 and res["pure_inference_img_s"] > 0
+    assert res["tta8_ratio"] == pytest.approx(res["melafast_tta8_img_s"] * 8 / res["pure_inference_img_s"], rel=0.01)
     assert json.loads((tmp_path / "t.json").read_text()) == res
 
 
@@ -24,3 +26,11 @@ def test_data_speed_reads_a_competition_sized_table():
 
     res = data_speed.main()
     assert res["rows"] == 33_126 and res["total_s"] > 0
+
+
+def test_cpu_data_small_resizes_and_feeds():
+    import cpu_data
+
+    res = cpu_data.main(["--small"])
+    assert res["prepare_img_s_per_core"] > 0 and res["prepare_img_s_all_cores"] > 0
+    assert res["pipeline_img_s"] > 0 and res["pipeline_without_batch_augment_img_s"] > 0 and res["pipeline_batches"] >= 1

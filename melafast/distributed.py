@@ -1,0 +1,96 @@
+"""Data-parallel training over several processes (GPUs, or CPU processes with gloo) on fastai + accelerate.
+
+Launch any `melafast train` with torchrun or accelerate; each process trains on its share of every batch, the
+validation AUC is computed over the whole validation set (gathered from every process), and only rank 0 writes:
+
+    torchrun --standalone --nproc_per_node 4 -m melafast train --fold 0 --lr 2e-3 ...
+    accelerate launch --multi_gpu --num_processes 4 -m melafast train --fold 0 --lr 2e-3 ...
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["world_size", "rank", "is_main", "init_distributed", "barrier", "broadcast_object", "process_device",
+           "to_distributed"]
+
+
+def world_size() -> int:
+    """Number of processes started by the launcher (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    """This process's rank (0 without a launcher)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def is_main() -> bool:
+    """True in the process that writes files and prints results."""
+    return rank() == 0
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed() -> bool:
+    """Join the launcher's process group (NCCL on GPUs, gloo on CPUs); False when running as a single process."""
+    if world_size() <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend=_backend())
+    return True
+
+
+def barrier():
+    """Wait for every process (no-op for one process)."""
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` in every process (e.g. a run folder name made from the clock)."""
+    if world_size() <= 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def process_device() -> torch.device | None:
+    """This process's GPU when distributed on GPUs; None (the default device) otherwise."""
+    if world_size() > 1 and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return None
+
+
+def to_distributed(learn):
+    """Make `learn` train data-parallel across the launcher's processes; returns `learn`.
+
+    fastai's own `DistributedTrainer` broadcasts the shuffled indices through CUDA tensors; melafast's subclass
+    keeps them on the CPU under gloo, so the same code runs on CPU-only machines.
+    """
+    from fastai.callback.progress import ProgressCallback
+    from fastai.distributed import DistributedDL, DistributedTrainer
+
+    class _DL(DistributedDL):
+        def _broadcast(self, t, rank):
+            t = torch.tensor(t, dtype=torch.long, device="cuda" if _backend() == "nccl" else "cpu")
+            torch.distributed.broadcast(t, rank)
+            return t.cpu().tolist()
+
+    class _Trainer(DistributedTrainer):
+        def _wrap_dl(self, dl):
+            return dl if isinstance(dl, DistributedDL) else _DL(dl, device=self.learn.dls.device)
+
+    cuda = torch.device(learn.dls.device or "cpu").type == "cuda"
+    # SyncBatchNorm exists only on GPUs; on CPUs each process keeps its own batch statistics
+    learn.add_cb(_Trainer(sync_bn=cuda, cpu=not cuda))
+    if not is_main():
+        learn.remove_cb(ProgressCallback)
+    return learn
