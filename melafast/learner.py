@@ -104,12 +104,12 @@ def melanoma_learner(
     if meta and dls.n_inp < 2:
         raise MelafastError("these DataLoaders carry no metadata: build them with melanoma_dls(..., meta=True) "
                             "or pass meta=False")
+    device = dls.device or torch.device("cpu")
+    precision = resolve_precision(precision, device)  # before any weights are loaded: fail fast
     n_meta = dls.meta_proc.n_features if meta else 0
     vocab = list(dls.vocab)
     model = MelanomaModel(arch, n_meta=n_meta, n_out=len(vocab), pretrained=pretrained, weights=weights,
                           **(model_kwargs or {}))
-    device = dls.device or torch.device("cpu")
-    precision = resolve_precision(precision, device)
     model.to(device)  # before the optimizer is made: fused AdamW needs its tensors on the GPU
     kwargs.setdefault("loss_func", CrossEntropyLossFlat())
     kwargs.setdefault("opt_func", _adamw(device))
