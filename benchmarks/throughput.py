@@ -98,7 +98,7 @@ def melafast_tta(learn, df, size, bs, workers, device) -> float:
     return len(probs) / (time.perf_counter() - t0)
 
 
-def melafast_epoch(arch, size, bs, n_images, workers, device, tmp) -> dict:
+def melafast_epoch(arch, size, bs, n_images, workers, device, tmp, compile=False) -> dict:
     """Images/s of the training phase of a melafast epoch (the second one: the first warms up workers and kernels),
     then of TTA x8 inference with the trained Learner."""
     import numpy as np
@@ -122,7 +122,7 @@ def melafast_epoch(arch, size, bs, n_images, workers, device, tmp) -> dict:
             self.seconds = time.perf_counter() - self.t0
 
     dls = melanoma_dls(df, fold=1, size=size, bs=bs, num_workers=workers, device=device)
-    learn = melanoma_learner(dls, arch, pretrained=False)
+    learn = melanoma_learner(dls, arch, pretrained=False, compile=compile)
     timer = TrainTimer()
     learn.unfreeze()
     with learn.no_bar(), learn.no_logging():
@@ -141,6 +141,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=1280, help="training images in the timed melafast epoch")
     p.add_argument("--steps", type=int, default=30, help="timed steps of the pure loop")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--compile", action="store_true", help="torch.compile melafast's backbone (the pure loop stays eager)")
     p.add_argument("--small", action="store_true", help="tiny CPU-sized settings: checks the script, not the speed")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
@@ -151,11 +152,11 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        mf = melafast_epoch(a.arch, a.size, a.bs, a.images, a.workers, device, tmp)
+        mf = melafast_epoch(a.arch, a.size, a.bs, a.images, a.workers, device, tmp, compile=a.compile)
     pure = pure_loop(a.arch, a.size, a.bs, a.steps, warmup=3 if a.small else 10, device=device)
     infer = pure_inference(a.arch, a.size, a.bs, a.steps, warmup=3 if a.small else 10, device=device)
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-               arch=a.arch, size=a.size, bs=a.bs, workers=a.workers, melafast_precision=mf["precision"],
+               arch=a.arch, size=a.size, bs=a.bs, workers=a.workers, melafast_precision=mf["precision"], compile=a.compile,
                melafast_train_img_s=round(mf["img_s"], 1), pure_loop_img_s=round(pure, 1),
                ratio=round(mf["img_s"] / pure, 3), melafast_tta8_img_s=round(mf["tta8_img_s"], 1),
                pure_inference_img_s=round(infer, 1), tta8_ratio=round(mf["tta8_img_s"] / (infer / 8), 3),

@@ -130,6 +130,8 @@ def train(
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<arch>-<size>-<time>).")] = None,
     on_bad_image: BadImageOpt = BadImage.error,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone (GPU; the first "
+                                          "epoch pays minutes of compilation).")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this interrupted run folder with its own "
                                                    "settings (other options but --workers are ignored).")] = None,
 ):
@@ -142,7 +144,7 @@ def train(
         cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs,
                           freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold),
                           meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
-                          seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value)
+                          seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile)
         result = train_run(cfg, log=typer.echo)
     from .distributed import is_main
 

@@ -46,6 +46,7 @@ class TrainConfig:
     workers: int | None = None  # DataLoader processes; None = one per core, at most 8
     out: str | None = None  # run folder; None = runs/<arch>-<size>-<date-time>
     on_bad_image: str = "error"  # error: stop and list unusable images; skip: leave them out and list them
+    compile: bool = False  # torch.compile the backbone
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
@@ -174,7 +175,7 @@ def _fold_learner(df, k, cfg: TrainConfig, path):
                        device=process_device())
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
-                            precision=cfg.precision, path=path, model_dir=".")
+                            precision=cfg.precision, compile=cfg.compile, path=path, model_dir=".")
 
 
 def _find_lr(learn, png) -> float:

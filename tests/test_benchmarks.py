@@ -34,3 +34,14 @@ def test_cpu_data_small_resizes_and_feeds():
     res = cpu_data.main(["--small"])
     assert res["prepare_img_s_per_core"] > 0 and res["prepare_img_s_all_cores"] > 0
     assert res["pipeline_img_s"] > 0 and res["pipeline_without_batch_augment_img_s"] > 0 and res["pipeline_batches"] >= 1
+
+
+def test_profile_epoch_phases_add_up():
+    import profile_epoch
+
+    res = profile_epoch.main(["--small"])
+    assert res["batches"] == 4 and set(res["share"]) == set(profile_epoch.PHASES)
+    assert sum(res["share"].values()) == pytest.approx(1, abs=0.01)
+    assert res["ms_per_batch"]["forward"] > 0 and res["ms_per_batch"]["backward"] > 0
+    per_batch = sum(res["ms_per_batch"].values())
+    assert res["img_s"] == pytest.approx(1000 * 16 / per_batch, rel=0.02)

@@ -174,3 +174,11 @@ def test_local_weights_are_loaded():
 def test_weights_that_do_not_fit_the_arch():
     with pytest.raises(WeightsError, match="does not fit"):
         create_backbone("tf_efficientnet_lite2", weights=LITE0)
+
+
+def test_compile_option_compiles_the_backbone_in_place(tiny_dls, tmp_path):
+    learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False, compile=True)
+    assert learn.model.backbone._compiled_call_impl is not None  # forward goes through torch.compile
+    assert learn.model.head._compiled_call_impl is None
+    plain = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
+    assert list(learn.model.state_dict()) == list(plain.model.state_dict())  # checkpoints stay loadable
