@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .errors import RunError
 
-__all__ = ["save_run", "load_predictor", "Predictor", "atomic_path", "write_json", "CONFIG_FORMAT"]
+__all__ = ["save_run", "load_predictor", "Predictor", "atomic_path", "write_json", "write_csv", "CONFIG_FORMAT"]
 
 CONFIG_FORMAT = 1  # bump when config.json changes incompatibly
 _REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
@@ -44,6 +44,12 @@ def write_json(obj, path):
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_csv(df: pd.DataFrame, path):
+    """Write `df` as CSV without its index, atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def save_run(learn, path, extra: dict | None = None) -> Path:

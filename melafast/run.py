@@ -60,7 +60,6 @@ class TrainConfig:
             (self.lr is None or self.lr > 0, f"--lr must be positive or 'auto', got {self.lr}"),
             (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
             (self.fold is None or 0 <= self.fold < self.folds, f"--fold must be 'all' or 0..{self.folds - 1}, got {self.fold}"),
-            (self.tta in (1, 2, 4, 8), f"--tta must be 1, 2, 4 or 8, got {self.tta}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
             (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.on_bad_image in ("error", "skip"), f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
@@ -69,7 +68,9 @@ class TrainConfig:
             if not ok:
                 raise MelafastError(msg)
         from .model import check_arch
+        from .tta import dihedral_views
 
+        dihedral_views(self.tta)
         check_arch(self.arch)
         return self
 
@@ -224,13 +225,6 @@ def _auc(target, pred) -> float:
     return auc(target, pred)
 
 
-def _write_csv(df: pd.DataFrame, path: Path):
-    from .checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def _cv_table(oof: pd.DataFrame, best_epochs: dict) -> str:
     lines = [f"{'fold':>5} {'images':>7} {'melanomas':>10} {'best epoch':>11} {'AUC':>8}"]
     for k, rows in oof.groupby("fold"):
@@ -266,7 +260,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     curves.png, roc.png, results.json. Returns the per-fold and overall out-of-fold AUCs.
     With `resume=True` the folds already finished in `cfg.out` are kept and the others trained (see `resume_run`).
     """
-    from .checkpoint import write_json
+    from .checkpoint import write_csv, write_json
     from .data import check_images, load_competition, make_folds
     from .distributed import barrier, broadcast_object, init_distributed, is_main
 
@@ -292,7 +286,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     barrier()  # every process has read the finished folds before rank 0 writes anything
     if is_main():
         if len(bad):
-            _write_csv(bad, run_dir / "skipped_images.csv")
+            write_csv(bad, run_dir / "skipped_images.csv")
             log(f"skipped {len(bad)} unusable image(s), listed in {run_dir / 'skipped_images.csv'}: "
                 + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(3).itertuples()))
         if not resume:
@@ -310,7 +304,7 @@ def _quiet(msg):
 
 def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best) -> RunResult:
     "Train the folds not in `best` yet; rank 0 writes the run folder's CSVs, plots and results as they finish."
-    from .checkpoint import write_json
+    from .checkpoint import write_csv, write_json
     from .distributed import is_main
     from .plots import plot_curves, plot_roc
 
@@ -324,9 +318,9 @@ def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best) -> RunResul
             continue
         oofs.append(oof)
         metrics.append(m)
-        _write_csv(pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable"), run_dir / "oof.csv")
+        write_csv(pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable"), run_dir / "oof.csv")
         all_metrics = pd.concat(metrics, ignore_index=True).sort_values(["fold"], kind="stable")
-        _write_csv(all_metrics[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
+        write_csv(all_metrics[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
         plot_curves(all_metrics, run_dir / "curves.png")
     if not is_main():
         return RunResult(run_dir)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, MelafastError, RunError
+from .tta import dihedral_views
 
 __all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "blend", "submission_ids", "write_submission",
            "validate_submission", "make_submission", "BLENDS"]
@@ -142,8 +143,7 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
 
     if not runs:
         raise MelafastError("name at least one run folder (--run DIR)")
-    if tta not in (1, 2, 4, 8):
-        raise MelafastError(f"--tta must be 1, 2, 4 or 8, got {tta}")
+    dihedral_views(tta)
     if blend_method not in BLENDS:
         raise MelafastError(f"--blend must be one of {', '.join(BLENDS)}, got {blend_method!r}")
     for r in runs:
@@ -175,13 +175,12 @@ def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.
 
     On the train split every model has seen most images: the honest cross-validated scores are in the run's oof.csv.
     """
-    from .checkpoint import atomic_path
+    from .checkpoint import write_csv
     from .data import load_competition
 
     if split not in ("test", "train"):
         raise MelafastError(f"--split must be test or train, got {split!r}")
-    if tta not in (1, 2, 4, 8):
-        raise MelafastError(f"--tta must be 1, 2, 4 or 8, got {tta}")
+    dihedral_views(tta)
     model_dirs(run)
     data = Path(data) if data is not None else run_data(run)
     if data is None:
@@ -198,7 +197,6 @@ def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.
         res["target"] = df["target"].to_numpy()
     if not ok.all():
         res["image_ok"] = ok
-    with atomic_path(out) as tmp:
-        res.to_csv(tmp, index=False)
+    write_csv(res, out)
     log(f"wrote {out}: {len(res)} predictions ({split} split of {data})")
     return Path(out)

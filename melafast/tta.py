@@ -14,7 +14,9 @@ _VIEWS = {1: (0,), 2: (0, 1), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 def dihedral_views(n: int) -> tuple:
     """The view indices used for `n`-way TTA: 1 identity; 2 + horizontal flip; 4 + vertical flips; 8 + transposes."""
     if n not in _VIEWS:
-        raise ValueError(f"TTA views must be one of 1, 2, 4, 8, got {n}")
+        from .errors import MelafastError
+
+        raise MelafastError(f"--tta must be 1, 2, 4 or 8, got {n}")
     return _VIEWS[n]
 
 

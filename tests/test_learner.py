@@ -76,7 +76,7 @@ def test_dihedral_tta_equals_hand_computed_mean(learn):
         two = torch.cat([(torch.softmax(learn.model(img, meta), -1) + torch.softmax(learn.model(img.flip(-1), meta), -1)) / 2
                          for img, meta, _ in learn.dls.valid])
     assert torch.allclose(dihedral_tta(learn, n=2, progress=False), two, atol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(MelafastError, match="--tta must be 1, 2, 4 or 8"):
         dihedral_tta(learn, n=3)
 
 
