@@ -56,13 +56,15 @@ def save_run(learn, path, extra: dict | None = None) -> Path:
     """Write `learn`'s model to `path/model.safetensors` and what rebuilds it to `path/config.json`."""
     from safetensors.torch import save_file
 
+    from .learner import melanoma_index
+
     path = Path(path)
     model, dls = learn.model, learn.dls
     vocab = [v.item() if hasattr(v, "item") else v for v in dls.vocab]
     config = dict(
         format=CONFIG_FORMAT, melafast_version=__version__, arch=model.config["arch"], size=int(dls.size),
         meta=model.meta_mlp is not None, meta_proc=dls.meta_proc.to_dict() if model.meta_mlp is not None else None,
-        n_out=len(vocab), vocab=vocab, pos=vocab.index(1) if 1 in vocab else len(vocab) - 1, model=model.config,
+        n_out=len(vocab), vocab=vocab, pos=melanoma_index(vocab), model=model.config,
         **(extra or {}),
     )
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()

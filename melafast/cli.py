@@ -77,6 +77,11 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader
 TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
 
 
+class Target(str, Enum):
+    melanoma = "melanoma"
+    diagnosis = "diagnosis"
+
+
 class BadImage(str, Enum):
     error = "error"
     skip = "skip"
@@ -130,6 +135,11 @@ def train(
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<arch>-<size>-<time>).")] = None,
     on_bad_image: BadImageOpt = BadImage.error,
+    external: Annotated[Optional[List[Path]], typer.Option("--external", help="Extra dataset in the same CSV format "
+                                                           "(repeatable): training rows only, never scored.")] = None,
+    upsample: Annotated[int, typer.Option("--upsample", help="Show each training melanoma K times per epoch.")] = 1,
+    target: Annotated[Target, typer.Option("--target", help="melanoma (2 classes) or diagnosis (one class per "
+                                           "diagnosis; the melanoma probability is scored).")] = Target.melanoma,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone (GPU; the first "
                                           "epoch pays minutes of compilation).")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this interrupted run folder with its own "
@@ -144,7 +154,8 @@ def train(
         cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs,
                           freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold),
                           meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
-                          seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile)
+                          seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile,
+                          external=[str(p) for p in external or []], upsample=upsample, target=target.value)
         result = train_run(cfg, log=typer.echo)
     from .distributed import is_main
 

@@ -17,6 +17,7 @@ __all__ = [
     "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "read_table", "clean_metadata",
     "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls", "inference_dl",
     "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images", "BAD_IMAGE_MODES",
+    "diagnosis_labels", "TARGETS", "add_external",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -242,6 +243,14 @@ def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFra
     return out
 
 
+def add_external(df: pd.DataFrame, external: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Append `external` rows to a folded `df` as training-only rows (`fold = -1`), dropping image names `df`
+    already has. Returns the combined table and the number of duplicates dropped."""
+    dup = external["image_name"].isin(df["image_name"]) | external["image_name"].duplicated()
+    ext = external[~dup].assign(fold=-1)
+    return pd.concat([df, ext], ignore_index=True), int(dup.sum())
+
+
 # --------------------------------------------------------------------------------------------------
 # Metadata preprocessing
 
@@ -417,33 +426,66 @@ def melanoma_dls(
     meta_proc: MetaProcessor | None = None,  # fitted metadata preprocessing; default: fit on the training rows
     num_workers: int | None = None,  # DataLoader worker processes; default fastai's (one per core, at most 16)
     device=None,  # where batches go; default the GPU when there is one
+    upsample: int = 1,  # each melanoma of the training split appears this many times per epoch
+    target: str = "melanoma",  # melanoma: 2 classes; diagnosis: one class per `diagnosis` value (melanoma scored)
     **kwargs,  # passed on to `DataBlock.dataloaders`
 ):
-    """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`."""
+    """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`.
+
+    Rows with `fold == -1` (external data) only ever train. The validation rows are never upsampled.
+    """
     need = [c for c in ("fname", "target", "fold") if c not in df.columns]
     if need:
         hint = " (run make_folds first)" if "fold" in need else " (read the data with load_competition)"
         raise DataError(f"melanoma_dls needs the column(s) {', '.join(need)}{hint}")
     if size <= 0 or bs <= 0:
         raise DataError(f"size and bs must be positive, got size={size}, bs={bs}")
+    if upsample < 1:
+        raise DataError(f"upsample must be 1 or more, got {upsample}")
+    if target not in TARGETS:
+        raise DataError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     df = df.reset_index(drop=True)
     is_valid = (df["fold"] == fold).to_numpy()
     if not is_valid.any():
         raise DataError(f"fold {fold} has no rows; folds present: {sorted(df['fold'].unique().tolist())}")
     proc = meta_proc or MetaProcessor.fit(df[~is_valid])
+    if upsample > 1:
+        extra = df[~is_valid & (df["target"] == 1).to_numpy()]
+        df = pd.concat([df, *[extra] * (upsample - 1)], ignore_index=True)
+        is_valid = (df["fold"] == fold).to_numpy()
+    if target == "diagnosis":
+        df = df.assign(diagnosis_label=diagnosis_labels(df))
+        y_col, vocab = "diagnosis_label", sorted(df["diagnosis_label"].unique())
+    else:
+        y_col, vocab = "target", [0, 1]
     inputs, getters = [_image_block(size)], [ColReader("fname")]
     if meta:
         inputs.append(TransformBlock())
         getters.append(proc)
     dblock = DataBlock(
-        blocks=(*inputs, CategoryBlock(vocab=[0, 1])), n_inp=len(inputs),
-        getters=[*getters, ColReader("target")], splitter=IndexSplitter(np.flatnonzero(is_valid)),
+        blocks=(*inputs, CategoryBlock(vocab=vocab)), n_inp=len(inputs),
+        getters=[*getters, ColReader(y_col)], splitter=IndexSplitter(np.flatnonzero(is_valid)),
         item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
         batch_tfms=default_batch_tfms() if batch_tfms is None else batch_tfms,
     )
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
     return dls
+
+
+TARGETS = ("melanoma", "diagnosis")
+
+
+def diagnosis_labels(df: pd.DataFrame) -> pd.Series:
+    """One class per lower-cased `diagnosis` value; every `target == 1` row is `melanoma`, missing is `unknown`.
+
+    A row labelled benign (`target == 0`) whose diagnosis says melanoma becomes `unknown`: the target column wins.
+    """
+    if "diagnosis" not in df.columns:
+        raise DataError("target='diagnosis' needs a diagnosis column in train.csv")
+    diag = _norm_text(df["diagnosis"]).fillna("unknown")
+    diag = diag.where(~((df["target"] == 0) & (diag == "melanoma")), "unknown")
+    return diag.where(df["target"] == 0, "melanoma")
 
 
 def inference_dl(df: pd.DataFrame, size: int, meta_proc: MetaProcessor | None = None, bs: int = 64,

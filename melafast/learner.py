@@ -16,7 +16,7 @@ from .errors import MelafastError
 from .model import MelanomaModel, melanoma_splitter
 from .tta import dihedral_tta
 
-__all__ = ["melanoma_learner", "MelanomaAUC", "melanoma_probs", "resolve_precision", "PRECISIONS"]
+__all__ = ["melanoma_learner", "MelanomaAUC", "melanoma_probs", "melanoma_index", "resolve_precision", "PRECISIONS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -58,6 +58,15 @@ class MelanomaAUC(Metric):
     @property
     def name(self):
         return self._name
+
+
+def melanoma_index(vocab) -> int:
+    """Which output is melanoma: class `1` of a melanoma target, class `melanoma` of a diagnosis target."""
+    vocab = list(vocab)
+    for key in (1, "melanoma"):
+        if key in vocab:
+            return vocab.index(key)
+    raise MelafastError(f"no melanoma class among the targets {vocab}")
 
 
 def melanoma_probs(probs, pos: int = 1) -> np.ndarray:
@@ -114,7 +123,7 @@ def melanoma_learner(
     model.to(device)  # before the optimizer is made: fused AdamW needs its tensors on the GPU
     kwargs.setdefault("loss_func", CrossEntropyLossFlat())
     kwargs.setdefault("opt_func", _adamw(device))
-    kwargs.setdefault("metrics", [MelanomaAUC(pos=vocab.index(1) if 1 in vocab else len(vocab) - 1)])
+    kwargs.setdefault("metrics", [MelanomaAUC(pos=melanoma_index(vocab))])
     kwargs.setdefault("train_bn", False)
     learn = Learner(dls, model, splitter=melanoma_splitter, **kwargs)
     learn.arch, learn.precision = arch, precision

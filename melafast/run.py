@@ -47,6 +47,9 @@ class TrainConfig:
     out: str | None = None  # run folder; None = runs/<arch>-<size>-<date-time>
     on_bad_image: str = "error"  # error: stop and list unusable images; skip: leave them out and list them
     compile: bool = False  # torch.compile the backbone
+    external: list = field(default_factory=list)  # extra datasets (same CSV format): training rows only, never scored
+    upsample: int = 1  # melanomas of the training split appear this many times per epoch
+    target: str = "melanoma"  # melanoma (2 classes) or diagnosis (one class per diagnosis; melanoma is scored)
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
@@ -63,6 +66,8 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
             (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.on_bad_image in ("error", "skip"), f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
+            (self.upsample >= 1, f"--upsample must be 1 or more, got {self.upsample}"),
+            (self.target in ("melanoma", "diagnosis"), f"--target must be melanoma or diagnosis, got {self.target}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -173,7 +178,7 @@ def _fold_learner(df, k, cfg: TrainConfig, path):
 
     set_seed(cfg.seed, reproducible=True)
     dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
-                       device=process_device())
+                       device=process_device(), upsample=cfg.upsample, target=cfg.target)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, compile=cfg.compile, path=path, model_dir=".")
@@ -261,7 +266,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     With `resume=True` the folds already finished in `cfg.out` are kept and the others trained (see `resume_run`).
     """
     from .checkpoint import write_csv, write_json
-    from .data import check_images, load_competition, make_folds
+    from .data import add_external, check_images, load_competition, make_folds
     from .distributed import barrier, broadcast_object, init_distributed, is_main
 
     cfg.validate()
@@ -280,6 +285,13 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     train, _ = load_competition(data, images=cfg.images)
     train, bad = check_images(train, cfg.on_bad_image, workers=max(cfg.workers, 2))
     df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
+    n_main = len(df)
+    for path in cfg.external:
+        ext, _ = load_competition(path)
+        ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=max(cfg.workers, 2))
+        df, n_dup = add_external(df, ext)
+        log(f"external data {path}: {len(ext) - n_dup} training rows added ({int(ext['target'].sum())} melanomas in "
+            f"the file), {n_dup} already present dropped" + (f", {len(ext_bad)} unusable images skipped" if len(ext_bad) else ""))
     run_dir = Path(broadcast_object(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     oofs, metrics, best = _finished_folds(run_dir, log) if resume else ([], [], {})
@@ -290,9 +302,11 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
             log(f"skipped {len(bad)} unusable image(s), listed in {run_dir / 'skipped_images.csv'}: "
                 + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(3).itertuples()))
         if not resume:
-            write_json(dict(settings=asdict(cfg), data=str(data), n_train=len(df), n_melanoma=int(df["target"].sum()),
-                            versions=_versions(), command=" ".join(sys.argv)), run_dir / "config.json")
-    log(f"run folder {run_dir}: {len(df)} training images ({int(df['target'].sum())} melanomas) from {data}")
+            main = df.iloc[:n_main]
+            write_json(dict(settings=asdict(cfg), data=str(data), n_train=n_main, n_melanoma=int(main["target"].sum()),
+                            n_external=len(df) - n_main, versions=_versions(), command=" ".join(sys.argv)),
+                       run_dir / "config.json")
+    log(f"run folder {run_dir}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from {data}")
     result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best)
     barrier()
     return result

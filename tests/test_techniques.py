@@ -1,0 +1,91 @@
+"""Training switches from the winning recipes: external data, diagnosis target, melanoma upsampling."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_ARCH
+from typer.testing import CliRunner
+
+from melafast.cli import app
+from melafast.data import add_external, diagnosis_labels, melanoma_dls
+from melafast.errors import MelafastError
+from melafast.learner import melanoma_index
+
+
+def _train(*args):
+    res = CliRunner().invoke(app, ["train", "--arch", TINY_ARCH, "--size", 32, "--bs", 16, "--epochs", 1, "--folds", 2,
+                                   "--no-pretrained", "--lr", "1e-2", "--workers", 0, "--tta", 1,
+                                   *[str(a) for a in args]], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_upsample_repeats_training_melanomas_only(sample_df):
+    plain = melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0)
+    up = melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0, upsample=3)
+    n_pos = int(plain.train_ds.items["target"].sum())
+    assert len(up.train_ds) == len(plain.train_ds) + 2 * n_pos
+    assert up.train_ds.items["target"].sum() == 3 * n_pos
+    assert up.valid_ds.items["image_name"].tolist() == plain.valid_ds.items["image_name"].tolist()
+    assert up.meta_proc == plain.meta_proc  # statistics of the real rows, not of the copies
+
+
+def _renamed_copy(src, dest, prefix="EXT_"):
+    (dest / "jpeg" / "train").mkdir(parents=True)
+    for f in (src / "jpeg" / "train").iterdir():
+        shutil.copy(f, dest / "jpeg" / "train" / f"{prefix}{f.name}")
+    df = pd.read_csv(src / "train.csv")
+    df.assign(image_name=prefix + df["image_name"]).to_csv(dest / "train.csv", index=False)
+    return dest
+
+
+def test_external_data_trains_but_is_never_scored(sample_dir, tmp_path):
+    ext = _renamed_copy(sample_dir, tmp_path / "ext")
+    run = tmp_path / "run"
+    out = _train("--data", sample_dir, "--external", ext, "--external", sample_dir, "--out", run)
+    assert "64 training rows added" in out and "0 training rows added" in out and "64 already present dropped" in out
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 64 and not oof["image_name"].str.startswith("EXT_").any()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["n_train"] == 64 and cfg["n_external"] == 64
+    main_train = 64 - (oof["fold"] == 0).sum()
+    assert f"fold 0: {main_train + 64} train / {(oof['fold'] == 0).sum()} valid images" in out
+
+
+def test_add_external_drops_duplicates(sample_df):
+    ext = sample_df.head(5).drop(columns="fold")
+    both, n_dup = add_external(sample_df, pd.concat([ext, ext.assign(image_name=ext["image_name"] + "_x")]))
+    assert n_dup == 5 and len(both) == len(sample_df) + 5 and (both["fold"] == -1).sum() == 5
+
+
+def test_diagnosis_labels():
+    df = pd.DataFrame({"diagnosis": ["Nevus ", "melanoma", None, "melanoma", "nevus"], "target": [0, 1, 0, 0, 1]})
+    assert diagnosis_labels(df).tolist() == ["nevus", "melanoma", "unknown", "unknown", "melanoma"]
+
+
+def test_diagnosis_target_scores_the_melanoma_class(sample_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    train = pd.read_csv(data / "train.csv")
+    rng = np.random.default_rng(0)
+    train["diagnosis"] = np.where(train["target"] == 1, "melanoma", rng.choice(["nevus", "seborrheic keratosis"], len(train)))
+    train.to_csv(data / "train.csv", index=False)
+    run = tmp_path / "run"
+    _train("--data", data, "--target", "diagnosis", "--out", run)
+    fold_cfg = json.loads((run / "fold0" / "config.json").read_text())
+    assert fold_cfg["vocab"] == ["melanoma", "nevus", "seborrheic keratosis"] and fold_cfg["n_out"] == 3
+    assert fold_cfg["pos"] == 0
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 64 and oof["pred"].between(0, 1).all() and set(oof["target"]) == {0, 1}
+    res = CliRunner().invoke(app, ["submit", "--run", str(run), "--tta", "1", "--workers", "0",
+                                   "--out", str(tmp_path / "s.csv")], catch_exceptions=False)
+    assert res.exit_code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == 16
+
+
+def test_melanoma_index():
+    assert melanoma_index([0, 1]) == 1 and melanoma_index(["bcc", "melanoma", "nevus"]) == 1
+    with pytest.raises(MelafastError, match="no melanoma class"):
+        melanoma_index(["nevus", "bcc"])
