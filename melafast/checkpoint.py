@@ -124,14 +124,16 @@ class Predictor:
     def predict(self, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True) -> np.ndarray:
         """Melanoma probabilities for the rows of `df`, in order, averaged over `tta` dihedral views."""
-        from .data import clean_metadata, inference_dl
+        from .data import EXTRA_CONT_NAMES, add_meta_features, clean_metadata, inference_dl
         from .tta import predict_probs
 
+        proc = self.meta_proc
+        if proc is not None and any(c in EXTRA_CONT_NAMES and c not in df.columns for c in proc.cont_names):
+            df = add_meta_features(df)  # the model was trained with them: compute them over this table
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(device)
         amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        dl = inference_dl(clean_metadata(df), self.config["size"], self.meta_proc, bs=bs, num_workers=num_workers,
-                          device=device)
+        dl = inference_dl(clean_metadata(df), self.config["size"], proc, bs=bs, num_workers=num_workers, device=device)
         probs = predict_probs(self.model, dl, n=tta, amp_dtype=amp, progress=progress)
         return probs[:, self.config["pos"]].numpy().astype(np.float64)
 

@@ -82,6 +82,12 @@ class Target(str, Enum):
     diagnosis = "diagnosis"
 
 
+class Aug(str, Enum):
+    light = "light"
+    medium = "medium"
+    heavy = "heavy"
+
+
 class BadImage(str, Enum):
     error = "error"
     skip = "skip"
@@ -140,6 +146,9 @@ def train(
     upsample: Annotated[int, typer.Option("--upsample", help="Show each training melanoma K times per epoch.")] = 1,
     target: Annotated[Target, typer.Option("--target", help="melanoma (2 classes) or diagnosis (one class per "
                                            "diagnosis; the melanoma probability is scored).")] = Target.melanoma,
+    extra_meta: Annotated[bool, typer.Option("--extra-meta/--no-extra-meta", help="Add images per patient and log "
+                                             "file size to the metadata.")] = False,
+    aug: Annotated[Aug, typer.Option("--aug", help="Augmentation preset (all presets flip and turn).")] = Aug.medium,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone (GPU; the first "
                                           "epoch pays minutes of compilation).")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this interrupted run folder with its own "
@@ -155,7 +164,8 @@ def train(
                           freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold),
                           meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
                           seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile,
-                          external=[str(p) for p in external or []], upsample=upsample, target=target.value)
+                          external=[str(p) for p in external or []], upsample=upsample, target=target.value,
+                          extra_meta=extra_meta, aug=aug.value)
         result = train_run(cfg, log=typer.echo)
     from .distributed import is_main
 

@@ -17,12 +17,13 @@ __all__ = [
     "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "read_table", "clean_metadata",
     "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls", "inference_dl",
     "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images", "BAD_IMAGE_MODES",
-    "diagnosis_labels", "TARGETS", "add_external",
+    "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES", "AUG_PRESETS",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 CAT_NAMES = ("sex", "anatom_site_general_challenge")  # categorical metadata of the competition CSVs
 CONT_NAMES = ("age_approx",)  # continuous metadata of the competition CSVs
+EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features
 _SEXES = ("male", "female")
 
 
@@ -274,8 +275,13 @@ class MetaProcessor:
     stds: dict = field(default_factory=dict)  # column -> training std (1.0 when constant)
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, cat_names=CAT_NAMES, cont_names=CONT_NAMES) -> "MetaProcessor":
-        """Learn vocabularies and scaling from the rows of `df` (the training split only)."""
+    def fit(cls, df: pd.DataFrame, cat_names=CAT_NAMES, cont_names=None) -> "MetaProcessor":
+        """Learn vocabularies and scaling from the rows of `df` (the training split only).
+
+        `cont_names` defaults to `age_approx` plus the extra features of `add_meta_features` present in `df`.
+        """
+        if cont_names is None:
+            cont_names = (*CONT_NAMES, *(c for c in EXTRA_CONT_NAMES if c in df.columns))
         vocab = {c: sorted(map(str, df[c].dropna().unique())) if c in df else [] for c in cat_names}
         means, stds = {}, {}
         for c in cont_names:
@@ -348,6 +354,22 @@ class MetaProcessor:
         return proc
 
 
+def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the winners' extra metadata: `n_images` (images of the same patient in this table; 1 without an id)
+    and `log_file_size` (log of the image file's bytes, which tracks the camera and resolution).
+
+    Compute them on each table separately (train, test) and on the same image copies you will predict on.
+    """
+    out = df.copy()
+    if "patient_id" in out.columns and out["patient_id"].notna().any():
+        counts = out.groupby("patient_id")["image_name"].transform("size")
+        out["n_images"] = counts.where(out["patient_id"].notna(), 1).astype(float)
+    else:
+        out["n_images"] = 1.0
+    out["log_file_size"] = np.log1p([os.path.getsize(f) for f in out["fname"]])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # fastai pieces
 
@@ -393,10 +415,27 @@ def default_item_tfms(size: int):
     return [Resize(size, method=ResizeMethod.Squish)]
 
 
-def default_batch_tfms():
-    """GPU batch augmentations for dermoscopy: all 8 flips/turns, small rotate and zoom, lighting."""
-    return aug_transforms(do_flip=True, flip_vert=True, max_rotate=20.0, max_zoom=1.15, max_lighting=0.2,
-                          max_warp=0.0, p_affine=0.75, p_lighting=0.75)
+AUG_PRESETS = ("light", "medium", "heavy")
+
+
+def default_batch_tfms(aug: str = "medium"):
+    """GPU batch augmentations for dermoscopy (lesions have no up or down: all 8 flips/turns in every preset).
+
+    light: flips/turns and mild lighting; medium: + rotate 20 degrees, zoom 1.15, lighting 0.2;
+    heavy: + rotate 45, zoom 1.3, slight warp, stronger lighting, saturation and hue, up to 3 erased patches.
+    """
+    from fastai.vision.augment import Hue, RandomErasing, Saturation
+
+    if aug == "light":
+        return aug_transforms(flip_vert=True, max_rotate=0.0, max_zoom=1.0, max_lighting=0.1, max_warp=0.0)
+    if aug == "medium":
+        return aug_transforms(flip_vert=True, max_rotate=20.0, max_zoom=1.15, max_lighting=0.2, max_warp=0.0,
+                              p_affine=0.75, p_lighting=0.75)
+    if aug == "heavy":
+        return [*aug_transforms(flip_vert=True, max_rotate=45.0, max_zoom=1.3, max_lighting=0.3, max_warp=0.1,
+                                p_affine=0.9, p_lighting=0.9),
+                Saturation(max_lighting=0.3, p=0.75), Hue(max_hue=0.05, p=0.75), RandomErasing(p=0.5, max_count=3)]
+    raise DataError(f"aug must be one of {', '.join(AUG_PRESETS)}, got {aug!r}")
 
 
 def _dl_kwargs(num_workers, device):
@@ -422,7 +461,8 @@ def melanoma_dls(
     bs: int = 64,  # batch size
     meta: bool = True,  # add the metadata vector as a second input
     item_tfms=None,  # per-image transforms; default `default_item_tfms(size)`
-    batch_tfms=None,  # per-batch (GPU) transforms; default `default_batch_tfms()`
+    batch_tfms=None,  # per-batch (GPU) transforms; default `default_batch_tfms(aug)`
+    aug: str = "medium",  # augmentation preset when batch_tfms is None: light, medium or heavy
     meta_proc: MetaProcessor | None = None,  # fitted metadata preprocessing; default: fit on the training rows
     num_workers: int | None = None,  # DataLoader worker processes; default fastai's (one per core, at most 16)
     device=None,  # where batches go; default the GPU when there is one
@@ -466,7 +506,7 @@ def melanoma_dls(
         blocks=(*inputs, CategoryBlock(vocab=vocab)), n_inp=len(inputs),
         getters=[*getters, ColReader(y_col)], splitter=IndexSplitter(np.flatnonzero(is_valid)),
         item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
-        batch_tfms=default_batch_tfms() if batch_tfms is None else batch_tfms,
+        batch_tfms=default_batch_tfms(aug) if batch_tfms is None else batch_tfms,
     )
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs

@@ -50,6 +50,8 @@ class TrainConfig:
     external: list = field(default_factory=list)  # extra datasets (same CSV format): training rows only, never scored
     upsample: int = 1  # melanomas of the training split appear this many times per epoch
     target: str = "melanoma"  # melanoma (2 classes) or diagnosis (one class per diagnosis; melanoma is scored)
+    extra_meta: bool = False  # add images-per-patient and log file size to the metadata
+    aug: str = "medium"  # augmentation preset: light, medium or heavy
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
@@ -68,6 +70,7 @@ class TrainConfig:
             (self.on_bad_image in ("error", "skip"), f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
             (self.upsample >= 1, f"--upsample must be 1 or more, got {self.upsample}"),
             (self.target in ("melanoma", "diagnosis"), f"--target must be melanoma or diagnosis, got {self.target}"),
+            (self.aug in ("light", "medium", "heavy"), f"--aug must be light, medium or heavy, got {self.aug}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -178,7 +181,7 @@ def _fold_learner(df, k, cfg: TrainConfig, path):
 
     set_seed(cfg.seed, reproducible=True)
     dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
-                       device=process_device(), upsample=cfg.upsample, target=cfg.target)
+                       device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, compile=cfg.compile, path=path, model_dir=".")
@@ -266,7 +269,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     With `resume=True` the folds already finished in `cfg.out` are kept and the others trained (see `resume_run`).
     """
     from .checkpoint import write_csv, write_json
-    from .data import add_external, check_images, load_competition, make_folds
+    from .data import add_external, add_meta_features, check_images, load_competition, make_folds
     from .distributed import barrier, broadcast_object, init_distributed, is_main
 
     cfg.validate()
@@ -284,11 +287,12 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
         barrier()
     train, _ = load_competition(data, images=cfg.images)
     train, bad = check_images(train, cfg.on_bad_image, workers=max(cfg.workers, 2))
-    df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
+    df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
     n_main = len(df)
     for path in cfg.external:
         ext, _ = load_competition(path)
         ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=max(cfg.workers, 2))
+        ext = add_meta_features(ext) if cfg.extra_meta else ext
         df, n_dup = add_external(df, ext)
         log(f"external data {path}: {len(ext) - n_dup} training rows added ({int(ext['target'].sum())} melanomas in "
             f"the file), {n_dup} already present dropped" + (f", {len(ext_bad)} unusable images skipped" if len(ext_bad) else ""))

@@ -89,3 +89,37 @@ def test_melanoma_index():
     assert melanoma_index([0, 1]) == 1 and melanoma_index(["bcc", "melanoma", "nevus"]) == 1
     with pytest.raises(MelafastError, match="no melanoma class"):
         melanoma_index(["nevus", "bcc"])
+
+
+def test_extra_meta_features_are_fitted_saved_and_recomputed(sample_dir, tmp_path):
+    from melafast.data import add_meta_features, load_competition
+
+    train, test = load_competition(sample_dir)
+    feats = add_meta_features(train)
+    per_patient = train.groupby("patient_id")["image_name"].count()
+    assert (feats["n_images"] == train["patient_id"].map(per_patient)).all()
+    assert np.allclose(np.expm1(feats["log_file_size"]), [__import__("os").path.getsize(f) for f in train["fname"]])
+    run = tmp_path / "run"
+    _train("--data", sample_dir, "--extra-meta", "--fold", 0, "--out", run)
+    proc = json.loads((run / "fold0" / "config.json").read_text())["meta_proc"]
+    assert proc["cont_names"] == ["age_approx", "n_images", "log_file_size"]
+    from melafast.checkpoint import load_predictor
+
+    pred = load_predictor(run / "fold0").predict(test, tta=1, bs=8, num_workers=0, progress=False)
+    assert pred.shape == (16,) and np.isfinite(pred).all()  # the features were computed for the test table
+
+
+@pytest.mark.parametrize("aug", ["light", "medium", "heavy"])
+def test_augmentation_presets(sample_df, aug):
+    import torch
+
+    dls = melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0, aug=aug)
+    tfms = {type(t).__name__: t for t in dls.train.after_batch.fs}
+    # fastai merges flips, rotation and zoom into one affine transform, and warps into its coordinate functions
+    affine = tfms["Dihedral"]
+    assert (len(affine.aff_fs), len(affine.coord_fs)) == {"light": (1, 0), "medium": (3, 0), "heavy": (3, 1)}[aug]
+    assert ("RandomErasing" in tfms) == ("Hue" in tfms) == (aug == "heavy")
+    img, meta, _ = dls.train.new(shuffle=False).one_batch()
+    assert img.shape == (8, 3, 32, 32) and torch.isfinite(img).all()
+    with pytest.raises(Exception, match="aug must be one of"):
+        melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0, aug="extreme")
