@@ -149,6 +149,8 @@ def train(
     extra_meta: Annotated[bool, typer.Option("--extra-meta/--no-extra-meta", help="Add images per patient and log "
                                              "file size to the metadata.")] = False,
     aug: Annotated[Aug, typer.Option("--aug", help="Augmentation preset (all presets flip and turn).")] = Aug.medium,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Validate and keep an exponential moving average of "
+                                                 "the weights with this decay (e.g. 0.999).")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone (GPU; the first "
                                           "epoch pays minutes of compilation).")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this interrupted run folder with its own "
@@ -165,7 +167,7 @@ def train(
                           meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
                           seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile,
                           external=[str(p) for p in external or []], upsample=upsample, target=target.value,
-                          extra_meta=extra_meta, aug=aug.value)
+                          extra_meta=extra_meta, aug=aug.value, ema=ema)
         result = train_run(cfg, log=typer.echo)
     from .distributed import is_main
 

@@ -52,6 +52,7 @@ class TrainConfig:
     target: str = "melanoma"  # melanoma (2 classes) or diagnosis (one class per diagnosis; melanoma is scored)
     extra_meta: bool = False  # add images-per-patient and log file size to the metadata
     aug: str = "medium"  # augmentation preset: light, medium or heavy
+    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.999); None = off
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
@@ -71,6 +72,7 @@ class TrainConfig:
             (self.upsample >= 1, f"--upsample must be 1 or more, got {self.upsample}"),
             (self.target in ("melanoma", "diagnosis"), f"--target must be melanoma or diagnosis, got {self.target}"),
             (self.aug in ("light", "medium", "heavy"), f"--aug must be light, medium or heavy, got {self.aug}"),
+            (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -123,6 +125,8 @@ def _epoch_tracker():
     from fastai.callback.core import Callback
     from fastai.learner import Recorder
 
+    from .averaging import unwrap
+
     class EpochTracker(Callback):
         "Log every epoch of every fit and keep the weights of the epoch with the best validation AUC."
         order = Recorder.order + 1
@@ -147,8 +151,10 @@ def _epoch_tracker():
             if better:
                 self.best_auc = auc if not np.isnan(auc) else -np.inf
                 self.best_epoch = epoch
-                model = getattr(self.model, "module", self.model)  # unwrapped when training data-parallel
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                # the weights that were just validated: the moving average when there is one
+                ema = getattr(self.learn, "weight_ema", None)
+                state = ema.averaged_state() if ema is not None else unwrap(self.model).state_dict()
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
         def restore_best(self, model):
             if self.best_state is not None:
@@ -198,6 +204,7 @@ def _find_lr(learn, png) -> float:
 
 
 def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
+    from .averaging import WeightEMA
     from .checkpoint import save_run
     from .distributed import is_main, to_distributed, world_size
     from .learner import melanoma_probs
@@ -211,14 +218,15 @@ def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
         to_distributed(learn)
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
     tracker = _epoch_tracker()
-    learn.add_cb(tracker)
+    cbs = [tracker] if cfg.ema is None else [tracker, WeightEMA(cfg.ema)]
+    learn.add_cbs(cbs)
     try:
         _fit(learn, cfg, lr)
     finally:
-        learn.remove_cb(tracker)
+        learn.remove_cbs(cbs)
     tracker.restore_best(learn.model)
     if is_main():
-        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed))
+        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed, ema=cfg.ema))
     probs = dihedral_tta(learn, n=cfg.tta)
     valid = learn.dls.valid_ds.items
     oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(),

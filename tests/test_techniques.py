@@ -123,3 +123,39 @@ def test_augmentation_presets(sample_df, aug):
     assert img.shape == (8, 3, 32, 32) and torch.isfinite(img).all()
     with pytest.raises(Exception, match="aug must be one of"):
         melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0, aug="extreme")
+
+
+def test_weight_ema_is_what_validation_sees(tiny_dls):
+    import torch
+
+    from melafast.averaging import WeightEMA
+    from melafast.learner import melanoma_learner
+
+    learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
+    ema = WeightEMA(decay=0.9)
+    learn.fit(2, 1e-2, cbs=ema)
+    raw = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    averaged = ema.averaged_state()
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())
+    recorded_loss = learn.recorder.values[-1][1]
+    learn.model.load_state_dict(averaged)
+    assert learn.validate()[0] == pytest.approx(recorded_loss, rel=1e-5)  # the fit validated the average
+    learn.model.load_state_dict(raw)
+    assert learn.validate()[0] != pytest.approx(recorded_loss, rel=1e-5)
+
+
+def test_ema_decay_zero_is_the_raw_model(tiny_dls):
+    from melafast.averaging import WeightEMA
+    from melafast.learner import melanoma_learner
+
+    learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
+    ema = WeightEMA(decay=0.0)
+    learn.fit(1, 1e-2, cbs=ema)
+    assert all(__import__("torch").equal(v, ema.averaged_state()[k]) for k, v in learn.model.state_dict().items())
+
+
+def test_train_with_ema_saves_the_average(sample_dir, tmp_path):
+    run = tmp_path / "run"
+    _train("--data", sample_dir, "--ema", 0.9, "--fold", 1, "--out", run)
+    assert json.loads((run / "fold1" / "config.json").read_text())["ema"] == 0.9
+    assert len(pd.read_csv(run / "oof.csv")) == 32
