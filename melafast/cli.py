@@ -224,7 +224,9 @@ def predict(
 @app.command()
 @_friendly
 def submit(
-    run: Annotated[List[Path], typer.Option("--run", help="Run folder; repeat to ensemble several runs.")],
+    run: Annotated[Optional[List[Path]], typer.Option("--run", help="Run folder; repeat to ensemble several runs.")] = None,
+    ensemble: Annotated[Optional[Path], typer.Option("--ensemble", help="Ensemble file from `melafast ensemble` "
+                                                     "(its runs, blend and weights) instead of --run.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the first run's).")] = None,
     images: ImagesOpt = None,
     tta: TtaOpt = 8,
@@ -237,15 +239,33 @@ def submit(
     on_bad_image: BadImageOpt = BadImage.error,
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
-    from .submit import make_submission
+    from .submit import make_submission, read_ensemble
 
-    path = make_submission([str(r) for r in run], data=data, tta=tta, blend_method=blend.value, out=out, bs=bs,
-                           num_workers=workers, images=images, on_bad_image=on_bad_image.value, log=typer.echo)
+    if bool(run) == bool(ensemble):
+        raise MelafastError("pass either --run DIR (repeatable) or --ensemble FILE")
+    runs, method, weights = [str(r) for r in run or []], blend.value, None
+    if ensemble is not None:
+        ens = read_ensemble(ensemble)
+        runs, method, weights = ens["runs"], ens["blend"], ens["weights"]
+    path = make_submission(runs, data=data, tta=tta, blend_method=method, out=out, bs=bs, num_workers=workers,
+                           images=images, on_bad_image=on_bad_image.value, weights=weights, log=typer.echo)
     if upload:
         from .kaggle import upload_submission
 
         upload_submission(path, message)
         typer.echo(f"uploaded {path} to Kaggle")
+
+
+@app.command("ensemble")
+@_friendly
+def ensemble_cmd(
+    run: Annotated[List[Path], typer.Option("--run", help="Finished run folder; repeat for every run to blend.")],
+    out: Annotated[Path, typer.Option("--out", help="Ensemble file to write (for submit --ensemble).")] = Path("ensemble.json"),
+):
+    """Score equal and OOF-weighted blends of several runs on their out-of-fold predictions; keep the best."""
+    from .submit import ensemble_runs
+
+    ensemble_runs([str(r) for r in run], out=out, log=typer.echo)
 
 
 @app.command()

@@ -12,7 +12,7 @@ import pandas as pd
 from .errors import DataError, MelafastError, RunError
 from .tta import dihedral_views
 
-__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "blend", "submission_ids", "write_submission",
+__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "ensemble_runs", "read_ensemble", "blend", "submission_ids", "write_submission",
            "validate_submission", "make_submission", "BLENDS"]
 
 BLENDS = ("mean", "rank")
@@ -54,15 +54,87 @@ def predict_run(run, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: 
     return np.mean(preds, axis=0)
 
 
-def blend(preds: list, method: str = "mean") -> np.ndarray:
-    """Blend several prediction vectors: `mean` of probabilities, or `rank` (mean of ranks scaled to [0, 1])."""
+def _ranks(p) -> np.ndarray:
+    return (pd.Series(p).rank(method="average").to_numpy() - 1) / max(len(p) - 1, 1)
+
+
+def blend(preds: list, method: str = "mean", weights=None) -> np.ndarray:
+    """Blend prediction vectors: `mean` of probabilities, or `rank` (ranks scaled to [0, 1]); `weights` default equal."""
     if method not in BLENDS:
         raise MelafastError(f"--blend must be one of {', '.join(BLENDS)}, got {method!r}")
     preds = [np.asarray(p, dtype=np.float64) for p in preds]
     if method == "rank":
-        n = len(preds[0])
-        preds = [(pd.Series(p).rank(method="average").to_numpy() - 1) / max(n - 1, 1) for p in preds]
-    return np.mean(preds, axis=0)
+        preds = [_ranks(p) for p in preds]
+    w = np.full(len(preds), 1 / len(preds)) if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return np.tensordot(w, np.stack(preds), axes=1)
+
+
+def _oof_table(runs) -> pd.DataFrame:
+    "The runs' out-of-fold predictions side by side (pred0, pred1, ...), on the images every run scored."
+    table = None
+    for i, r in enumerate(runs):
+        f = Path(r) / "oof.csv"
+        if not f.is_file():
+            raise RunError(f"{r} has no oof.csv: ensembles are weighed on out-of-fold predictions of finished runs")
+        oof = pd.read_csv(f, dtype={"image_name": str})[["image_name", "target", "pred"]].rename(columns={"pred": f"pred{i}"})
+        table = oof if table is None else table.merge(oof.drop(columns="target"), on="image_name")
+    if table is None or table.empty or table["target"].nunique() < 2:
+        raise RunError("the runs share no out-of-fold images with both classes: were they trained on the same data?")
+    return table
+
+
+def _search_weights(preds: list, target, step: float = 0.05, rounds: int = 20) -> np.ndarray:
+    "Weights of a rank blend that maximise OOF AUC, by coordinate steps from equal weights (deterministic)."
+    from .learner import _auc
+
+    w = np.full(len(preds), 1 / len(preds))
+    best = _auc(target, blend(preds, "rank", w))
+    for _ in range(rounds):
+        improved = False
+        for i in range(len(w)):
+            for delta in (step, -step):
+                cand = w.copy()
+                cand[i] = max(0.0, cand[i] + delta)
+                if cand.sum() == 0:
+                    continue
+                cand /= cand.sum()
+                auc = _auc(target, blend(preds, "rank", cand))
+                if auc > best + 1e-9:
+                    w, best, improved = cand, auc, True
+        if not improved:
+            break
+    return w
+
+
+def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
+    """Score equal and OOF-weighted blends of `runs` on their out-of-fold predictions; write the best to `out`.
+
+    Candidates: mean of probabilities, mean of ranks, and a rank blend with weights searched on the OOF
+    predictions (optimistic by construction: it is chosen only when it beats the equal blends).
+    """
+    from .checkpoint import write_json
+    from .learner import _auc
+
+    if len(runs) < 2:
+        raise MelafastError("an ensemble needs at least two runs (--run A --run B)")
+    table = _oof_table(runs)
+    target = table["target"].to_numpy()
+    preds = [table[f"pred{i}"].to_numpy() for i in range(len(runs))]
+    weights = _search_weights(preds, target)
+    equal = [1 / len(runs)] * len(runs)
+    candidates = {"mean": ("mean", equal), "rank": ("rank", equal), "weighted rank": ("rank", weights.tolist())}
+    scores = {name: _auc(target, blend(preds, m, w)) for name, (m, w) in candidates.items()}
+    for i, r in enumerate(runs):
+        log(f"  {_auc(target, preds[i]):.4f}  {r}")
+    for name, auc in scores.items():
+        log(f"  {auc:.4f}  blend: {name}" + (f" {np.round(weights, 2).tolist()}" if name == "weighted rank" else ""))
+    chosen = max(scores, key=lambda n: (scores[n], n != "weighted rank"))  # ties go to an equal blend
+    method, w = candidates[chosen]
+    result = dict(runs=[str(Path(r).resolve()) for r in runs], blend=method, weights=w, oof_auc=scores[chosen],
+                  chosen=chosen, candidates=scores, n_images=len(table))
+    write_json(result, out)
+    log(f"chose {chosen} (OOF AUC {scores[chosen]:.4f} on {len(table)} images); wrote {out}")
+    return result
 
 
 def submission_ids(data) -> list[str]:
@@ -120,12 +192,12 @@ def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
     return df.index.isin(good.index)
 
 
-def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log) -> np.ndarray:
+def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weights=None) -> np.ndarray:
     "Blend of every run's prediction on the usable rows; unusable rows get the median of those predictions."
     good = df[ok]
     preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log) for r in runs]
     out = np.empty(len(df))
-    out[ok] = blend(preds, blend_method) if len(preds) > 1 else preds[0]
+    out[ok] = blend(preds, blend_method, weights) if len(preds) > 1 else preds[0]
     if not ok.all():
         out[~ok] = np.median(out[ok]) if ok.any() else 0.5
     return out
@@ -133,7 +205,7 @@ def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log) -> np
 
 def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", out="submission.csv",
                     bs: int = 64, num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                    log: Callable = print) -> Path:
+                    weights=None, log: Callable = print) -> Path:
     """Predict the test set with every fold of every run, blend, write and validate `out`.
 
     A test image that cannot be read stops with an error, or with `on_bad_image="skip"` gets the median
@@ -146,6 +218,8 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
     dihedral_views(tta)
     if blend_method not in BLENDS:
         raise MelafastError(f"--blend must be one of {', '.join(BLENDS)}, got {blend_method!r}")
+    if weights is not None and len(weights) != len(runs):
+        raise MelafastError(f"{len(weights)} blend weights for {len(runs)} runs")
     for r in runs:
         model_dirs(r)  # fail on a bad run before any prediction starts
     data = Path(data) if data is not None else run_data(runs[0])
@@ -161,7 +235,7 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
         raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
     test = test.loc[ids].reset_index(drop=True)
     ok = _usable(test, on_bad_image, log)
-    final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log)
+    final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights)
     path = write_submission(ids, final, out)
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
         f"blend {blend_method}, TTA x{tta}; validated")
@@ -200,3 +274,17 @@ def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.
     write_csv(res, out)
     log(f"wrote {out}: {len(res)} predictions ({split} split of {data})")
     return Path(out)
+
+
+def read_ensemble(path) -> dict:
+    """An ensemble file written by `ensemble_runs`, checked: runs, blend method and one weight per run."""
+    import json
+
+    try:
+        ens = json.loads(Path(path).read_text())
+        runs, method, weights = list(ens["runs"]), ens["blend"], [float(w) for w in ens["weights"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MelafastError(f"{path} is not a melafast ensemble file ({e}); write one with melafast ensemble") from None
+    if method not in BLENDS or len(weights) != len(runs) or not runs or sum(weights) <= 0:
+        raise MelafastError(f"{path}: inconsistent ensemble (blend {method!r}, {len(runs)} runs, {len(weights)} weights)")
+    return dict(runs=runs, blend=method, weights=weights)

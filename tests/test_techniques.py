@@ -159,3 +159,39 @@ def test_train_with_ema_saves_the_average(sample_dir, tmp_path):
     _train("--data", sample_dir, "--ema", 0.9, "--fold", 1, "--out", run)
     assert json.loads((run / "fold1" / "config.json").read_text())["ema"] == 0.9
     assert len(pd.read_csv(run / "oof.csv")) == 32
+
+
+def test_ensemble_weighs_runs_on_oof_and_submit_uses_it(sample_dir, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from melafast.submit import blend
+
+    runs = []
+    for seed, meta in ((1, "--meta"), (2, "--no-meta")):
+        runs.append(tmp_path / f"run{seed}")
+        _train("--data", sample_dir, "--seed", seed, meta, "--out", runs[-1])
+    ens_file = tmp_path / "ensemble.json"
+    res = CliRunner().invoke(app, ["ensemble", "--run", str(runs[0]), "--run", str(runs[1]), "--out", str(ens_file)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ens = json.loads(ens_file.read_text())
+    a, b = (pd.read_csv(r / "oof.csv").set_index("image_name").sort_index() for r in runs)
+    by_hand = roc_auc_score(a["target"], blend([a["pred"], b["pred"]], "rank"))
+    assert ens["candidates"]["rank"] == pytest.approx(by_hand)
+    assert ens["oof_auc"] == max(ens["candidates"].values()) and sum(ens["weights"]) == pytest.approx(1)
+    assert ens["candidates"]["weighted rank"] >= ens["candidates"]["rank"] - 1e-12
+    sub = tmp_path / "sub.csv"
+    res = CliRunner().invoke(app, ["submit", "--ensemble", str(ens_file), "--tta", "1", "--workers", "0", "--out", str(sub)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(sub)) == 16
+    res = CliRunner().invoke(app, ["submit", "--tta", "1"], catch_exceptions=False)
+    assert res.exit_code == 1 and "either --run DIR" in res.stderr
+
+
+def test_blend_weights():
+    from melafast.submit import blend
+
+    a, b = np.array([0.1, 0.2, 0.9]), np.array([0.9, 0.5, 0.1])
+    assert np.allclose(blend([a, b], "mean", [3, 1]), 0.75 * a + 0.25 * b)
+    assert np.allclose(blend([a, b], "rank", [1, 0]), [0, 0.5, 1])
