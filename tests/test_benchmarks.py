@@ -45,3 +45,17 @@ def test_profile_epoch_phases_add_up():
     assert res["ms_per_batch"]["forward"] > 0 and res["ms_per_batch"]["backward"] > 0
     per_batch = sum(res["ms_per_batch"].values())
     assert res["img_s"] == pytest.approx(1000 * 16 / per_batch, rel=0.02)
+
+
+def test_quality_small_runs_all_five_recipes_on_the_same_folds():
+    from conftest import HAM, LITE0
+
+    if not (HAM.is_dir() and LITE0.is_file()):
+        pytest.skip("../shared data or weights not present")
+    import quality
+
+    res = quality.main(["--small"])
+    assert list(res["recipes"]) == list(quality.RECIPES)
+    assert 150 <= res["images"] <= 250 and res["melanomas"] >= 10
+    for name, r in res["recipes"].items():
+        assert 0 <= r["oof_auc"] <= 1 and r["seconds"] > 0, name
