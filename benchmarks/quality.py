@@ -30,13 +30,19 @@ RECIPES = ("frozen_logreg", "plain_fastai", "melafast_image", "melafast_meta_tta
 
 
 def _subset(df, n, seed=0):
-    "About `n` rows, whole lesions only, melanomas kept at their share."
+    "About `n` images, whole lesions only, melanoma images kept at their share."
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    sizes = df.groupby("patient_id").size()
     lesions = df.groupby("patient_id")["target"].max()
-    mel = list(rng.permutation(lesions[lesions == 1].index))[: max(2, int(n * df["target"].mean()))]
-    rest = list(rng.permutation(lesions[lesions == 0].index))[: n - len(mel)]
+
+    def take(ids, n_images):  # lesions in random order until they hold n_images images
+        ids = rng.permutation(ids)
+        return list(ids[: int(np.searchsorted(sizes[ids].cumsum().to_numpy(), n_images)) + 1])
+
+    mel = take(lesions[lesions == 1].index, max(2, int(n * df["target"].mean())))
+    rest = take(lesions[lesions == 0].index, n - sizes[mel].sum())
     return df[df["patient_id"].isin(mel + rest)].reset_index(drop=True)
 
 
