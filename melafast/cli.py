@@ -14,25 +14,23 @@ from .errors import MelafastError
 
 _state = {"debug": False}  # set by the top-level callback on every invocation
 
+
+def _choices(name: str, values: tuple) -> type:
+    "A str Enum whose members are `values`: Typer shows them as the option's choices."
+    return Enum(name, {v: v for v in values}, type=str)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="melafast: melanoma detection from dermoscopic images + metadata (fastai + timm).")
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
+Precision = _choices("Precision", ("auto", "bf16", "fp16", "fp32"))
 
 
-class Split(str, Enum):
-    test = "test"
-    train = "train"
+Split = _choices("Split", ("test", "train"))
 
 
-class Blend(str, Enum):
-    mean = "mean"
-    rank = "rank"
+Blend = _choices("Blend", ("mean", "rank"))
 
 
 def _friendly(fn):
@@ -77,20 +75,13 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader
 TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
 
 
-class Target(str, Enum):
-    melanoma = "melanoma"
-    diagnosis = "diagnosis"
+Target = _choices("Target", ("melanoma", "diagnosis"))
 
 
-class Aug(str, Enum):
-    light = "light"
-    medium = "medium"
-    heavy = "heavy"
+Aug = _choices("Aug", ("light", "medium", "heavy"))
 
 
-class BadImage(str, Enum):
-    error = "error"
-    skip = "skip"
+BadImage = _choices("BadImage", ("error", "skip"))
 
 
 BadImageOpt = Annotated[BadImage, typer.Option("--on-bad-image", help="Unreadable, empty or truncated images: "
