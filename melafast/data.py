@@ -24,6 +24,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 CAT_NAMES = ("sex", "anatom_site_general_challenge")  # categorical metadata of the competition CSVs
 CONT_NAMES = ("age_approx",)  # continuous metadata of the competition CSVs
 EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features
+TARGETS = ("melanoma", "diagnosis")  # what melanoma_dls can train on
 _SEXES = ("male", "female")
 
 
@@ -511,9 +512,6 @@ def melanoma_dls(
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
     return dls
-
-
-TARGETS = ("melanoma", "diagnosis")
 
 
 def diagnosis_labels(df: pd.DataFrame) -> pd.Series:

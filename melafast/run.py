@@ -56,6 +56,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
+        from .data import AUG_PRESETS, BAD_IMAGE_MODES, TARGETS
         from .learner import PRECISIONS
 
         checks = [
@@ -68,10 +69,10 @@ class TrainConfig:
             (self.fold is None or 0 <= self.fold < self.folds, f"--fold must be 'all' or 0..{self.folds - 1}, got {self.fold}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
             (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
-            (self.on_bad_image in ("error", "skip"), f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
+            (self.on_bad_image in BAD_IMAGE_MODES, f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
             (self.upsample >= 1, f"--upsample must be 1 or more, got {self.upsample}"),
-            (self.target in ("melanoma", "diagnosis"), f"--target must be melanoma or diagnosis, got {self.target}"),
-            (self.aug in ("light", "medium", "heavy"), f"--aug must be light, medium or heavy, got {self.aug}"),
+            (self.target in TARGETS, f"--target must be melanoma or diagnosis, got {self.target}"),
+            (self.aug in AUG_PRESETS, f"--aug must be light, medium or heavy, got {self.aug}"),
             (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
         ]
         for ok, msg in checks:

@@ -278,8 +278,6 @@ def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.
 
 def read_ensemble(path) -> dict:
     """An ensemble file written by `ensemble_runs`, checked: runs, blend method and one weight per run."""
-    import json
-
     try:
         ens = json.loads(Path(path).read_text())
         runs, method, weights = list(ens["runs"]), ens["blend"], [float(w) for w in ens["weights"]]
