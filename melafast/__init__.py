@@ -19,6 +19,7 @@ _EXPORTS = {
     "MelanomaModel": "model", "melanoma_splitter": "model", "create_backbone": "model",
     "melanoma_learner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
     "dihedral_tta": "tta", "dihedral_views": "tta",
+    "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
     "save_run": "checkpoint", "load_predictor": "checkpoint", "Predictor": "checkpoint",
 }
 

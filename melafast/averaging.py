@@ -1,11 +1,12 @@
-"""Weight averaging: an exponential moving average (EMA) of the weights that validation and checkpoints use."""
+"""Weight averaging that validation and checkpoints use: an exponential moving average (EMA) updated every step,
+or stochastic weight averaging (SWA) of the weights at the end of the last epochs."""
 
 from __future__ import annotations
 
 import torch
 from fastai.callback.core import Callback
 
-__all__ = ["WeightEMA", "unwrap"]
+__all__ = ["WeightEMA", "WeightSWA", "recompute_bn", "unwrap"]
 
 
 def unwrap(model):
@@ -63,3 +64,87 @@ class WeightEMA(Callback):
         raw = self.__dict__.pop("_raw", None)
         if raw is not None:
             unwrap(self.learn.model).load_state_dict(raw)
+
+
+class WeightSWA(Callback):
+    """Stochastic weight averaging: the equal-weight mean of the weights at the end of the last `epochs` epochs.
+
+    The average restarts with every fit, so after `fine_tune` it covers the last epochs of the unfrozen phase.
+    Nothing changes during training; after the fit call `apply(learn)`, which loads the average and recomputes
+    the batch-norm statistics for it (averaged weights do not fit the running statistics of any one epoch).
+    """
+
+    order = 70
+
+    def __init__(self, epochs: int):
+        if epochs < 1:
+            raise ValueError(f"SWA needs at least one epoch to average, got {epochs}")
+        self.epochs, self.avg, self.count = epochs, None, 0
+
+    def before_fit(self):
+        self.avg, self.count = None, 0
+
+    @torch.no_grad()
+    def after_epoch(self):
+        if self.epoch < self.n_epoch - self.epochs:
+            return
+        state = unwrap(self.learn.model).state_dict()
+        if self.avg is None:
+            self.avg = {k: v.detach().float().clone() for k, v in state.items() if v.is_floating_point()}
+        else:
+            for k, a in self.avg.items():
+                a.add_(state[k].detach().float() - a, alpha=1 / (self.count + 1))
+        self.count += 1
+
+    def apply(self, learn, progress: bool = True) -> int:
+        """Load the average into `learn.model` and recompute batch-norm statistics; returns the epochs averaged."""
+        if not self.count:
+            return 0
+        model = unwrap(learn.model)
+        state = model.state_dict()
+        model.load_state_dict({k: self.avg[k].to(v.dtype) if k in self.avg else v for k, v in state.items()})
+        recompute_bn(learn, progress=progress)
+        return self.count
+
+
+@torch.no_grad()
+def recompute_bn(learn, dl=None, progress: bool = True):
+    """Batch-norm running statistics of `learn.model` computed afresh: a cumulative average over one pass of `dl`
+    (default the training DataLoader, augmented as in training). With several processes the statistics are
+    averaged across them, so every process ends with the same model."""
+    import contextlib
+
+    from fastprogress.fastprogress import progress_bar
+
+    from .distributed import world_size
+
+    model = unwrap(learn.model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    dl = learn.dls.train if dl is None else dl
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    device = next(model.parameters()).device
+    amp = getattr(learn, "precision", "fp32")
+    ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+           if amp in ("bf16", "fp16") and device.type == "cuda" else contextlib.nullcontext())
+    was_training, n_inp = model.training, learn.dls.n_inp
+    model.train()
+    try:
+        with ctx:
+            for batch in progress_bar(dl, leave=False, display=progress):
+                model(*[b.to(device, non_blocking=True) for b in batch[:n_inp]])
+    finally:
+        model.train(was_training)
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        for m in bns:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf)
+                buf.div_(world_size())

@@ -142,6 +142,10 @@ def train(
     aug: Annotated[Aug, typer.Option("--aug", help="Augmentation preset (all presets flip and turn).")] = Aug.medium,
     ema: Annotated[Optional[float], typer.Option("--ema", help="Validate and keep an exponential moving average of "
                                                  "the weights with this decay (e.g. 0.999).")] = None,
+    swa: Annotated[int, typer.Option("--swa", help="Average the weights of the last N epochs (SWA; batch norm "
+                                     "statistics recomputed), validate and keep that average. 0 = off.")] = 0,
+    pseudo: Annotated[Optional[Path], typer.Option("--pseudo", help="Pseudo-label CSV from `melafast pseudo`: its "
+                                                   "soft-labelled test images join the training folds.")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the backbone (GPU; the first "
                                           "epoch pays minutes of compilation).")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this interrupted run folder with its own "
@@ -158,7 +162,7 @@ def train(
                           meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
                           seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile,
                           external=[str(p) for p in external or []], upsample=upsample, target=target.value,
-                          extra_meta=extra_meta, aug=aug.value, ema=ema)
+                          extra_meta=extra_meta, aug=aug.value, ema=ema, swa=swa, pseudo=_str(pseudo))
         result = train_run(cfg, log=typer.echo)
     from .distributed import is_main
 
@@ -245,6 +249,28 @@ def submit(
 
         upload_submission(path, message)
         typer.echo(f"uploaded {path} to Kaggle")
+
+
+@app.command()
+@_friendly
+def pseudo(
+    run: Annotated[Path, typer.Option("--run", help="Trained run folder whose fold ensemble labels the test set.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    images: ImagesOpt = None,
+    low: Annotated[float, typer.Option("--low", help="Keep test images predicted at or below this probability.")] = 0.1,
+    high: Annotated[float, typer.Option("--high", help="Keep test images predicted at or above this probability.")] = 0.9,
+    hard: Annotated[bool, typer.Option("--hard/--soft", help="Round the kept predictions to 0/1 (default: keep the "
+                                       "probability as a soft label).")] = False,
+    tta: TtaOpt = 8,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default <run>/pseudo.csv).")] = None,
+):
+    """Label the confident test images with a run's predictions, for `melafast train --pseudo`."""
+    from .pseudo import pseudo_labels
+
+    pseudo_labels(run, data=data, out=out, low=low, high=high, hard=hard, tta=tta, bs=bs, num_workers=workers,
+                  images=images, log=typer.echo)
 
 
 @app.command("ensemble")

@@ -18,6 +18,7 @@ __all__ = [
     "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls", "inference_dl",
     "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images", "BAD_IMAGE_MODES",
     "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES", "AUG_PRESETS",
+    "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -253,6 +254,43 @@ def add_external(df: pd.DataFrame, external: pd.DataFrame) -> tuple[pd.DataFrame
     return pd.concat([df, ext], ignore_index=True), int(dup.sum())
 
 
+def read_pseudo(path) -> pd.DataFrame:
+    """A pseudo-label table written by `melafast pseudo`: `image_name` and `soft_target` in [0, 1], checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pseudo-label file {path} does not exist (write one with `melafast pseudo --run DIR`)")
+    table = read_table(path, required=("image_name", "soft_target"))
+    soft = pd.to_numeric(table["soft_target"], errors="coerce")
+    if soft.isna().any() or ((soft < 0) | (soft > 1)).any():
+        raise DataError(f"{path}: soft_target must be a probability in [0, 1] on every row")
+    if table["image_name"].duplicated().any():
+        raise DataError(f"{path}: image_name {table['image_name'][table['image_name'].duplicated()].iloc[0]} appears twice")
+    return table.assign(soft_target=soft.astype(np.float64))[["image_name", "soft_target"]]
+
+
+def add_pseudo(df: pd.DataFrame, test: pd.DataFrame | None, pseudo: pd.DataFrame) -> pd.DataFrame:
+    """Append pseudo-labelled test rows to a folded `df` as training-only rows (`fold = -1`).
+
+    `pseudo` (from `read_pseudo`) names test images and their soft target; their images and metadata come from
+    `test` (the dataset's test.csv, read by `load_competition`). Every row of the result gets a `soft_target`:
+    the real 0/1 label for labelled rows, the pseudo probability for the added ones. Test images that are
+    already training rows are not added twice.
+    """
+    if test is None:
+        raise DataError("pseudo-labels name test images, but this dataset has no test.csv")
+    missing = pseudo.loc[~pseudo["image_name"].isin(test["image_name"]), "image_name"]
+    if len(missing):
+        raise DataError(f"{len(missing)} pseudo-labelled image(s) are not in this dataset's test.csv, e.g. "
+                        f"{', '.join(missing.head(3))}: were the pseudo-labels made for another dataset?")
+    rows = test.merge(pseudo, on="image_name", how="inner")
+    rows = rows[~rows["image_name"].isin(df["image_name"])]
+    rows = rows.assign(target=(rows["soft_target"] >= 0.5).astype(int), fold=-1)
+    base = df.assign(soft_target=df["target"].astype(np.float64)) if "soft_target" not in df else df
+    out = pd.concat([base, rows], ignore_index=True)
+    out["soft_target"] = out["soft_target"].fillna(out["target"].astype(np.float64))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Metadata preprocessing
 
@@ -374,9 +412,10 @@ def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # fastai pieces
 
-from fastai.torch_core import TensorBase  # noqa: E402  (after the torch-free helpers above)
+import torch  # noqa: E402  (after the torch-free helpers above)
+from fastai.torch_core import TensorBase  # noqa: E402
 from fastai.vision.all import (  # noqa: E402
-    CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, PILImage, Resize, ResizeMethod,
+    Category, CategoryBlock, CategoryMap, ColReader, DisplayedTransform, DataBlock, IndexSplitter, IntToFloatTensor, PILImage, Resize, ResizeMethod,
     TfmdDL, TransformBlock, Datasets, ToTensor, aug_transforms,
 )
 
@@ -405,6 +444,24 @@ class _OpenImage:
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"cannot read image {fn} ({str(e).splitlines()[0][:80]}); check the images first with "
                             "melafast.data.check_images, or use --on-bad-image skip") from None
+
+
+class TensorSoftLabel(TensorBase):
+    """Per-class target probabilities of a batch (N, n_classes): real labels one-hot, pseudo-labels soft."""
+
+
+class SoftLabel(DisplayedTransform):
+    """Melanoma probability `p` -> target probabilities `[1 - p, p]` over the classes `vocab` = [0, 1]."""
+
+    def __init__(self):
+        self.vocab = CategoryMap([0, 1], sort=False)
+
+    def encodes(self, p: float):
+        p = float(p)
+        return TensorSoftLabel(torch.tensor([1.0 - p, p]))
+
+    def decodes(self, t: TensorSoftLabel):
+        return Category(self.vocab[int(t.argmax(-1))])
 
 
 def _image_block(size):
@@ -485,6 +542,9 @@ def melanoma_dls(
         raise DataError(f"upsample must be 1 or more, got {upsample}")
     if target not in TARGETS:
         raise DataError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    soft = "soft_target" in df.columns
+    if soft and target != "melanoma":
+        raise DataError("soft targets (pseudo-labels) are melanoma probabilities: use them with target='melanoma'")
     df = df.reset_index(drop=True)
     is_valid = (df["fold"] == fold).to_numpy()
     if not is_valid.any():
@@ -498,19 +558,20 @@ def melanoma_dls(
         df = df.assign(diagnosis_label=diagnosis_labels(df))
         y_col, vocab = "diagnosis_label", sorted(df["diagnosis_label"].unique())
     else:
-        y_col, vocab = "target", [0, 1]
+        y_col, vocab = ("soft_target" if soft else "target"), [0, 1]
     inputs, getters = [_image_block(size)], [ColReader("fname")]
     if meta:
         inputs.append(TransformBlock())
         getters.append(proc)
     dblock = DataBlock(
-        blocks=(*inputs, CategoryBlock(vocab=vocab)), n_inp=len(inputs),
+        blocks=(*inputs, TransformBlock(type_tfms=SoftLabel()) if soft else CategoryBlock(vocab=vocab)), n_inp=len(inputs),
         getters=[*getters, ColReader(y_col)], splitter=IndexSplitter(np.flatnonzero(is_valid)),
         item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
         batch_tfms=default_batch_tfms(aug) if batch_tfms is None else batch_tfms,
     )
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
+    dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss
     return dls
 
 

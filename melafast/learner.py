@@ -16,7 +16,8 @@ from .errors import MelafastError
 from .model import MelanomaModel, melanoma_splitter
 from .tta import dihedral_tta
 
-__all__ = ["melanoma_learner", "MelanomaAUC", "melanoma_probs", "melanoma_index", "resolve_precision", "PRECISIONS"]
+__all__ = ["melanoma_learner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs", "melanoma_index",
+           "resolve_precision", "PRECISIONS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -47,7 +48,8 @@ class MelanomaAUC(Metric):
         # the Learner's own to_detach gathers across processes (and drops padding) when training is distributed
         detach = getattr(learn, "to_detach", to_detach)
         self.probs.append(detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos]))
-        self.targs.append(detach((learn.y == self.pos).long()))  # gloo cannot gather bools
+        y = learn.y.argmax(-1) if learn.y.ndim == 2 else learn.y  # soft targets: validation rows are one-hot
+        self.targs.append(detach((y == self.pos).long()))  # gloo cannot gather bools
 
     @property
     def value(self):
@@ -58,6 +60,23 @@ class MelanomaAUC(Metric):
     @property
     def name(self):
         return self._name
+
+
+class SoftTargetCrossEntropy(torch.nn.Module):
+    """Cross-entropy against per-class target probabilities (N, C), as pseudo-labels need; class indices work too.
+
+    Behaves like fastai's `CrossEntropyLossFlat` for predictions: softmax activation, argmax decoding.
+    """
+
+    def forward(self, pred, targ):
+        targ = targ.float() if targ.is_floating_point() else targ
+        return torch.nn.functional.cross_entropy(pred.float(), torch.Tensor(targ))  # a plain tensor: no fastai dispatch
+
+    def activation(self, x):
+        return torch.softmax(x, dim=-1)
+
+    def decodes(self, x):
+        return x.argmax(dim=-1)
 
 
 def melanoma_index(vocab) -> int:
@@ -121,7 +140,7 @@ def melanoma_learner(
     model = MelanomaModel(arch, n_meta=n_meta, n_out=len(vocab), pretrained=pretrained, weights=weights,
                           **(model_kwargs or {}))
     model.to(device)  # before the optimizer is made: fused AdamW needs its tensors on the GPU
-    kwargs.setdefault("loss_func", CrossEntropyLossFlat())
+    kwargs.setdefault("loss_func", SoftTargetCrossEntropy() if getattr(dls, "soft", False) else CrossEntropyLossFlat())
     kwargs.setdefault("opt_func", _adamw(device))
     kwargs.setdefault("metrics", [MelanomaAUC(pos=melanoma_index(vocab))])
     kwargs.setdefault("train_bn", False)

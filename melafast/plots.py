@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_curves", "plot_roc", "save_current_figure"]
+__all__ = ["plot_curves", "plot_roc", "plot_pseudo", "save_current_figure"]
 
 
 def _plt():
@@ -68,3 +68,19 @@ def plot_roc(target, pred, path, title="out-of-fold ROC") -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_pseudo(pred, keep, low: float, high: float, path) -> Path:
+    """Histogram of test-set melanoma probabilities: kept (pseudo-labelled) vs left out, thresholds dashed."""
+    plt = _plt()
+    pred, keep = np.asarray(pred, dtype=np.float64), np.asarray(keep, dtype=bool)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(0, 1, 51)
+    ax.hist([pred[keep], pred[~keep]], bins=bins, stacked=True, color=["tab:blue", "tab:gray"],
+            label=[f"pseudo-labelled ({int(keep.sum())})", f"left out ({int((~keep).sum())})"])
+    for x in (low, high):
+        ax.axvline(x, color="tab:red", lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set(xlabel="predicted melanoma probability (test images)", ylabel="images", title="pseudo-labels")
+    ax.legend()
+    return _save(fig, path, bbox_inches="tight")

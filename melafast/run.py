@@ -53,6 +53,8 @@ class TrainConfig:
     extra_meta: bool = False  # add images-per-patient and log file size to the metadata
     aug: str = "medium"  # augmentation preset: light, medium or heavy
     ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.999); None = off
+    swa: int = 0  # average the weights of the last `swa` epochs (batch norm recomputed) and keep that; 0 = off
+    pseudo: str | None = None  # pseudo-label CSV from `melafast pseudo`: soft-labelled test rows join training
 
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
@@ -74,6 +76,12 @@ class TrainConfig:
             (self.target in TARGETS, f"--target must be melanoma or diagnosis, got {self.target}"),
             (self.aug in AUG_PRESETS, f"--aug must be light, medium or heavy, got {self.aug}"),
             (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.swa >= 0, f"--swa must be 0 (off) or a number of epochs, got {self.swa}"),
+            (self.swa <= (self.epochs or self.freeze_epochs), f"--swa {self.swa} averages more epochs than the last "
+             f"phase of training has ({self.epochs or self.freeze_epochs})"),
+            (not (self.swa and self.ema is not None), "--swa and --ema both average the weights: choose one"),
+            (self.pseudo is None or self.target == "melanoma",
+             "--pseudo gives melanoma probabilities: it works with --target melanoma only"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -123,6 +131,7 @@ def _versions() -> dict:
 
 
 def _epoch_tracker():
+    import torch
     from fastai.callback.core import Callback
     from fastai.learner import Recorder
 
@@ -156,6 +165,21 @@ def _epoch_tracker():
                 ema = getattr(self.learn, "weight_ema", None)
                 state = ema.averaged_state() if ema is not None else unwrap(self.model).state_dict()
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+        def add_validation(self, learn, phase: str, t0: float):
+            "Score the model as it is now on the validation set (no TTA), log it as one more row, and keep it."
+            from .learner import _auc
+            from .tta import dihedral_tta
+
+            probs = dihedral_tta(learn, n=1, progress=False).double()
+            items, vocab = learn.dls.valid_ds.items, list(learn.dls.vocab)
+            labels = items["diagnosis_label"] if "diagnosis_label" in items.columns else items["target"]
+            idx = torch.tensor([vocab.index(v) for v in labels])
+            loss = float(torch.nn.functional.nll_loss(probs.clamp_min(1e-7).log(), idx))
+            auc = _auc(items["target"].to_numpy(), probs[:, learn.metrics[0].pos].numpy())
+            self.rows.append(dict(epoch=len(self.rows), phase=phase, train_loss=float("nan"), valid_loss=loss,
+                                  melanoma_auc=auc, seconds=round(time.time() - t0, 2)))
+            self.best_auc, self.best_epoch, self.best_state = auc, phase, None
 
         def restore_best(self, model):
             if self.best_state is not None:
@@ -205,7 +229,7 @@ def _find_lr(learn, png) -> float:
 
 
 def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
-    from .averaging import WeightEMA
+    from .averaging import WeightEMA, WeightSWA
     from .checkpoint import save_run
     from .distributed import is_main, to_distributed, world_size
     from .learner import melanoma_probs
@@ -219,15 +243,22 @@ def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
         to_distributed(learn)
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
     tracker = _epoch_tracker()
-    cbs = [tracker] if cfg.ema is None else [tracker, WeightEMA(cfg.ema)]
+    swa = WeightSWA(cfg.swa) if cfg.swa else None
+    cbs = [tracker, *([WeightEMA(cfg.ema)] if cfg.ema is not None else []), *([swa] if swa else [])]
     learn.add_cbs(cbs)
     try:
         _fit(learn, cfg, lr)
     finally:
         learn.remove_cbs(cbs)
-    tracker.restore_best(learn.model)
+    if swa is not None:  # the average of the last epochs is the model, whatever epoch scored best
+        t0 = time.time()
+        swa.apply(learn)
+        tracker.add_validation(learn, "swa", t0)
+    else:
+        tracker.restore_best(learn.model)
     if is_main():
-        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed, ema=cfg.ema))
+        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed, ema=cfg.ema,
+                                             swa=cfg.swa))
     probs = dihedral_tta(learn, n=cfg.tta)
     valid = learn.dls.valid_ds.items
     oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(),
@@ -278,7 +309,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     With `resume=True` the folds already finished in `cfg.out` are kept and the others trained (see `resume_run`).
     """
     from .checkpoint import write_csv, write_json
-    from .data import add_external, add_meta_features, check_images, load_competition, make_folds
+    from .data import add_external, add_meta_features, add_pseudo, check_images, load_competition, make_folds, read_pseudo
     from .distributed import barrier, broadcast_object, init_distributed, is_main
 
     cfg.validate()
@@ -294,7 +325,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     data = resolve_data(cfg.data, log)
     if is_main():
         barrier()
-    train, _ = load_competition(data, images=cfg.images)
+    train, test = load_competition(data, images=cfg.images)
     train, bad = check_images(train, cfg.on_bad_image, workers=max(cfg.workers, 2))
     df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
     n_main = len(df)
@@ -305,6 +336,20 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
         df, n_dup = add_external(df, ext)
         log(f"external data {path}: {len(ext) - n_dup} training rows added ({int(ext['target'].sum())} melanomas in "
             f"the file), {n_dup} already present dropped" + (f", {len(ext_bad)} unusable images skipped" if len(ext_bad) else ""))
+    n_external = len(df) - n_main
+    if cfg.pseudo:
+        table = read_pseudo(cfg.pseudo)
+        if test is not None:
+            test = add_meta_features(test) if cfg.extra_meta else test  # per-patient counts over the whole test set
+            test = test[test["image_name"].isin(table["image_name"])]
+            test, test_bad = check_images(test, cfg.on_bad_image, workers=max(cfg.workers, 2))
+            table = table[~table["image_name"].isin(test_bad["image_name"])]
+        n_before = len(df)
+        df = add_pseudo(df, test, table)
+        pseudo = df.iloc[n_before:]
+        log(f"pseudo-labels {cfg.pseudo}: {len(pseudo)} soft-labelled test images join the training folds "
+            f"(mean soft target {pseudo['soft_target'].mean():.3f}; {int((pseudo['soft_target'] >= 0.5).sum())} "
+            "above 0.5); validation keeps the labelled images only")
     run_dir = Path(broadcast_object(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     oofs, metrics, best = _finished_folds(run_dir, log) if resume else ([], [], {})
@@ -317,7 +362,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
         if not resume:
             main = df.iloc[:n_main]
             write_json(dict(settings=asdict(cfg), data=str(data), n_train=n_main, n_melanoma=int(main["target"].sum()),
-                            n_external=len(df) - n_main, versions=_versions(), command=" ".join(sys.argv)),
+                            n_external=n_external, n_pseudo=len(df) - n_main - n_external, versions=_versions(), command=" ".join(sys.argv)),
                        run_dir / "config.json")
     log(f"run folder {run_dir}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from {data}")
     result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best)

@@ -42,6 +42,14 @@ def run_data(run) -> Path | None:
     return Path(data) if isinstance(data, str) else None
 
 
+def data_for_run(run, data=None) -> Path:
+    """`data` if given, else the dataset folder `run` was trained on; an error when neither is known."""
+    data = Path(data) if data is not None else run_data(run)
+    if data is None:
+        raise MelafastError(f"{run} does not record its dataset: pass --data PATH")
+    return data
+
+
 def predict_run(run, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
                 device=None, log: Callable = print) -> np.ndarray:
     """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run`."""
@@ -222,9 +230,7 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
         raise MelafastError(f"{len(weights)} blend weights for {len(runs)} runs")
     for r in runs:
         model_dirs(r)  # fail on a bad run before any prediction starts
-    data = Path(data) if data is not None else run_data(runs[0])
-    if data is None:
-        raise MelafastError(f"{runs[0]} does not record its dataset: pass --data PATH")
+    data = data_for_run(runs[0], data)
     _, test = load_competition(data, images=images)
     if test is None:
         raise DataError(f"{data} has no test.csv: nothing to predict for a submission")
@@ -256,9 +262,7 @@ def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.
         raise MelafastError(f"--split must be test or train, got {split!r}")
     dihedral_views(tta)
     model_dirs(run)
-    data = Path(data) if data is not None else run_data(run)
-    if data is None:
-        raise MelafastError(f"{run} does not record its dataset: pass --data PATH")
+    data = data_for_run(run, data)
     train, test = load_competition(data, images=images)
     df = train if split == "train" else test
     if df is None:

@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import LITE0, LITE2, TINY_ARCH, needs_lite0
+from conftest import LITE0, TINY_ARCH, needs_lite0
 
 from melafast import model as model_mod
 from melafast.checkpoint import load_predictor, save_run

@@ -195,3 +195,130 @@ def test_blend_weights():
     a, b = np.array([0.1, 0.2, 0.9]), np.array([0.9, 0.5, 0.1])
     assert np.allclose(blend([a, b], "mean", [3, 1]), 0.75 * a + 0.25 * b)
     assert np.allclose(blend([a, b], "rank", [1, 0]), [0, 0.5, 1])
+
+
+def test_soft_target_loss_is_cross_entropy_on_probabilities():
+    import torch
+
+    from melafast.learner import SoftTargetCrossEntropy
+
+    loss, x = SoftTargetCrossEntropy(), torch.randn(6, 2)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    assert torch.allclose(loss(x, y), torch.nn.functional.cross_entropy(x, y))
+    assert torch.allclose(loss(x, torch.nn.functional.one_hot(y, 2).float()), loss(x, y))
+    p = torch.tensor([0.1, 0.9, 0.5, 0.0, 1.0, 0.3])
+    logq = torch.log_softmax(x, -1)
+    assert torch.allclose(loss(x, torch.stack([1 - p, p], 1)), -((1 - p) * logq[:, 0] + p * logq[:, 1]).mean())
+
+
+def test_add_pseudo_rows_train_only_with_soft_targets(sample_dir, sample_df):
+    from melafast.data import add_pseudo, load_competition
+    from melafast.errors import DataError
+
+    _, test = load_competition(sample_dir)
+    table = pd.DataFrame({"image_name": test["image_name"][:4], "soft_target": [0.05, 0.2, 0.93, 1.0]})
+    both = add_pseudo(sample_df, test, table)
+    added = both.iloc[len(sample_df):]
+    assert len(added) == 4 and (added["fold"] == -1).all() and added["fname"].notna().all()
+    assert added["soft_target"].tolist() == [0.05, 0.2, 0.93, 1.0] and added["target"].tolist() == [0, 0, 1, 1]
+    real = both.iloc[: len(sample_df)]
+    assert (real["soft_target"] == real["target"]).all()
+    dls = melanoma_dls(both, fold=0, size=32, bs=8, num_workers=0)
+    assert dls.soft and list(dls.vocab) == [0, 1]
+    y = dls.train.new(shuffle=False, bs=len(dls.train_ds)).one_batch()[-1]
+    assert y.shape == (len(dls.train_ds), 2) and torch_allclose(y.sum(1), 1)
+    assert sorted(y[:, 1].tolist()[-4:]) == pytest.approx([0.05, 0.2, 0.93, 1.0])
+    with pytest.raises(DataError, match="not in this dataset's test.csv"):
+        add_pseudo(sample_df, test, pd.DataFrame({"image_name": ["NOPE"], "soft_target": [0.0]}))
+    with pytest.raises(DataError, match="target='melanoma'"):
+        melanoma_dls(both, fold=0, size=32, bs=8, num_workers=0, target="diagnosis")
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, torch.as_tensor(b, dtype=a.dtype).expand_as(a))
+
+
+def test_pseudo_labels_then_train_on_them(sample_dir, tmp_path):
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    _train("--data", sample_dir, "--out", first)
+    res = CliRunner().invoke(app, ["pseudo", "--run", str(first), "--low", "0.5", "--high", "0.5", "--tta", "1",
+                                   "--workers", "0"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(first / "pseudo.csv")
+    assert len(table) == 16 and (table["soft_target"] == table["pred"]).all() and (first / "pseudo.png").is_file()
+    res = CliRunner().invoke(app, ["predict", "--run", str(first), "--tta", "1", "--workers", "0",
+                                   "--out", str(tmp_path / "preds.csv")], catch_exceptions=False)
+    preds = pd.read_csv(tmp_path / "preds.csv").set_index("image_name")["pred"]
+    assert np.allclose(table.set_index("image_name")["pred"], preds.loc[table["image_name"]])
+    out = _train("--data", sample_dir, "--pseudo", first / "pseudo.csv", "--out", second)
+    assert "16 soft-labelled test images join the training folds" in out
+    assert json.loads((second / "config.json").read_text())["n_pseudo"] == 16
+    oof = pd.read_csv(second / "oof.csv")
+    assert len(oof) == 64 and not oof["image_name"].isin(table["image_name"]).any()
+    n_valid = (oof["fold"] == 0).sum()
+    assert f"fold 0: {64 - n_valid + 16} train / {n_valid} valid images" in out
+    # thresholds nothing passes: a clear error, and the histogram to choose better ones
+    res = CliRunner().invoke(app, ["pseudo", "--run", str(first), "--low", "0", "--high", "1", "--tta", "1",
+                                   "--workers", "0", "--out", str(tmp_path / "none.csv")])
+    assert res.exit_code == 1 and "widen --low/--high" in res.stderr and not (tmp_path / "none.csv").exists()
+    res = CliRunner().invoke(app, ["pseudo", "--run", str(first), "--low", "0.6", "--high", "0.4"])
+    assert res.exit_code == 1 and "--low <= --high" in res.stderr
+
+
+def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(tiny_dls):
+    import torch
+    from fastai.callback.core import Callback
+
+    from melafast.averaging import WeightSWA, recompute_bn
+    from melafast.learner import melanoma_learner
+
+    class Snapshots(Callback):
+        order = 80
+
+        def before_fit(self):
+            self.states = []
+
+        def after_epoch(self):
+            self.states.append({k: v.detach().clone() for k, v in self.learn.model.state_dict().items()})
+
+    learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
+    swa, snaps = WeightSWA(2), Snapshots()
+    learn.fit(3, 1e-2, cbs=[swa, snaps])
+    assert swa.count == 2
+    name = next(k for k, v in learn.model.state_dict().items() if k.endswith("weight") and v.ndim == 4)
+    want = (snaps.states[1][name] + snaps.states[2][name]) / 2
+    assert not torch.allclose(snaps.states[2][name], want)
+    assert swa.apply(learn, progress=False) == 2
+    assert torch.allclose(learn.model.state_dict()[name], want, atol=1e-6)
+    # batch-norm statistics: the plain average of the per-batch statistics over one pass
+    bn = next(m for m in learn.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().mean((0, 2, 3))))
+    dl = tiny_dls.valid  # fixed order, no augmentation
+    recompute_bn(learn, dl=dl, progress=False)
+    hook.remove()
+    assert len(seen) == len(dl) and torch.allclose(bn.running_mean, torch.stack(seen).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1  # restored
+
+
+def test_train_with_swa_keeps_and_scores_the_average(sample_dir, tmp_path):
+    run = tmp_path / "run"
+    out = _train("--data", sample_dir, "--epochs", 2, "--swa", 2, "--fold", 0, "--out", run)
+    assert json.loads((run / "fold0" / "config.json").read_text())["best_epoch"] == "swa"
+    metrics, oof = pd.read_csv(run / "metrics.csv"), pd.read_csv(run / "oof.csv")
+    assert metrics["phase"].tolist() == ["frozen", "unfrozen", "unfrozen", "swa"]
+    from sklearn.metrics import roc_auc_score
+
+    # the saved model is the one scored in the swa row (the OOF predictions use TTA x1 here, like that row)
+    assert metrics["melanoma_auc"].iloc[-1] == pytest.approx(roc_auc_score(oof["target"], oof["pred"]), abs=1e-9)
+    assert "swa" in out
+
+
+@pytest.mark.parametrize("args, msg", [(("--swa", 2, "--ema", 0.9), "choose one"),
+                                       (("--swa", 3), "averages more epochs"),
+                                       (("--pseudo", "x.csv", "--target", "diagnosis"), "--target melanoma only")])
+def test_averaging_and_pseudo_option_errors(sample_dir, args, msg):
+    res = CliRunner().invoke(app, ["train", "--data", str(sample_dir), "--epochs", "2", *[str(a) for a in args]])
+    assert res.exit_code == 1 and msg in res.stderr, res.output
