@@ -43,7 +43,15 @@ class WeightEMA(Callback):
     def after_step(self):
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for k, v in self._state().items():
+        state = self._state()
+        # fp32 tensors (weights, batch-norm statistics) in a few fused kernels; the rest one by one
+        fast = [k for k, v in state.items() if v.dtype == torch.float32 and v.device == self.shadow[k].device]
+        if fast:
+            torch._foreach_lerp_([self.shadow[k] for k in fast], [state[k].detach() for k in fast], 1 - d)
+        fast = set(fast)
+        for k, v in state.items():
+            if k in fast:
+                continue
             if v.is_floating_point():
                 self.shadow[k].lerp_(v.detach().float(), 1 - d)
             else:

@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .errors import RunError
 
-__all__ = ["save_run", "load_predictor", "Predictor", "atomic_path", "write_json", "write_csv", "CONFIG_FORMAT"]
+__all__ = ["predict_many", "save_run", "load_predictor", "Predictor", "atomic_path", "write_json", "write_csv", "CONFIG_FORMAT"]
 
 CONFIG_FORMAT = 1  # bump when config.json changes incompatibly
 _REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
@@ -124,18 +124,32 @@ class Predictor:
     def predict(self, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True) -> np.ndarray:
         """Melanoma probabilities for the rows of `df`, in order, averaged over `tta` dihedral views."""
-        from .data import EXTRA_CONT_NAMES, add_meta_features, clean_metadata, inference_dl
-        from .tta import predict_probs
+        return predict_many([self], df, tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress)[0]
 
-        proc = self.meta_proc
-        if proc is not None and any(c in EXTRA_CONT_NAMES and c not in df.columns for c in proc.cont_names):
-            df = add_meta_features(df)  # the model was trained with them: compute them over this table
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(device)
-        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        dl = inference_dl(clean_metadata(df), self.config["size"], proc, bs=bs, num_workers=num_workers, device=device)
-        probs = predict_probs(self.model, dl, n=tta, amp_dtype=amp, progress=progress)
-        return probs[:, self.config["pos"]].numpy().astype(np.float64)
+
+def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
+                 device=None, progress: bool = True) -> list:
+    """Melanoma probabilities of every predictor for the rows of `df` (one array each), decoding each image once
+    per input size rather than once per model: the fold models of a run share one pass over the images."""
+    from .data import EXTRA_CONT_NAMES, MetaStack, add_meta_features, clean_metadata, inference_dl
+    from .tta import predict_probs_multi
+
+    procs = [p.meta_proc for p in predictors]
+    if any(c in EXTRA_CONT_NAMES and c not in df.columns for proc in procs if proc is not None for c in proc.cont_names):
+        df = add_meta_features(df)  # the models were trained with them: compute them over this table
+    df = clean_metadata(df)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    out = [None] * len(predictors)
+    for size in sorted({p.config["size"] for p in predictors}):
+        idx = [i for i, p in enumerate(predictors) if p.config["size"] == size]
+        stack = MetaStack([procs[i] for i in idx])
+        dl = inference_dl(df, size, stack if stack.procs else None, bs=bs, num_workers=num_workers, device=device)
+        models = [predictors[i].model.to(device) for i in idx]
+        probs = predict_probs_multi(models, dl, stack.slices, n=tta, amp_dtype=amp, progress=progress)
+        for i, pr in zip(idx, probs):
+            out[i] = pr[:, predictors[i].config["pos"]].numpy().astype(np.float64)
+    return out
 
 
 def load_predictor(path, device="cpu") -> Predictor:

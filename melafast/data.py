@@ -18,7 +18,7 @@ __all__ = [
     "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls", "inference_dl",
     "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images", "BAD_IMAGE_MODES",
     "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES", "AUG_PRESETS",
-    "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel",
+    "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -393,6 +393,22 @@ class MetaProcessor:
         return proc
 
 
+class MetaStack:
+    """Several fitted `MetaProcessor`s side by side: one row -> their encodings concatenated (one per fold model),
+    so one pass over the images can feed every fold. `slices[i]` picks model i's part (None: no metadata)."""
+
+    def __init__(self, procs: list):
+        self.procs, self.slices, start = [p for p in procs if p is not None], [], 0
+        for p in procs:
+            self.slices.append(None if p is None else slice(start, start + p.n_features))
+            start += 0 if p is None else p.n_features
+
+    def __call__(self, row):
+        import torch
+
+        return TensorMeta(torch.from_numpy(np.concatenate([p.encode_row(row) for p in self.procs])))
+
+
 def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
     """Add the winners' extra metadata: `n_images` (images of the same patient in this table; 1 without an id)
     and `log_file_size` (log of the image file's bytes, which tracks the camera and resolution).
@@ -413,6 +429,7 @@ def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
 # fastai pieces
 
 import torch  # noqa: E402  (after the torch-free helpers above)
+from .hostsync import async_copies  # noqa: E402
 from fastai.torch_core import TensorBase  # noqa: E402
 from fastai.vision.all import (  # noqa: E402
     Category, CategoryBlock, CategoryMap, ColReader, DisplayedTransform, DataBlock, IndexSplitter, IntToFloatTensor, PILImage, Resize, ResizeMethod,
@@ -476,6 +493,38 @@ def default_item_tfms(size: int):
 AUG_PRESETS = ("light", "medium", "heavy")
 
 
+class TrainOnly(DisplayedTransform):
+    """Apply a random batch augmentation to training batches only; other batches pass through untouched.
+
+    fastai's affine augmentations (flips, turns, rotation, zoom) still resample every validation batch through an
+    identity warp (a wasted `grid_sample`, and pixels that move by 1e-6); wrapped, validation skips them.
+    """
+
+    split_idx = 0
+
+    def __init__(self, tfm):
+        super().__init__()
+        self.tfm, self.order = tfm, tfm.order
+
+    def __call__(self, b, split_idx=None, **kwargs):
+        return self.tfm(b, split_idx=split_idx, **kwargs) if split_idx == 0 else b
+
+    def decode(self, b, **kwargs):
+        return self.tfm.decode(b, **kwargs)
+
+    def setup(self, items=None, train_setup=False):
+        return self.tfm.setup(items, train_setup)
+
+    def __repr__(self):
+        return f"TrainOnly({self.tfm!r})"
+
+
+def _train_only(tfms):
+    from fastai.vision.augment import AffineCoordTfm
+
+    return [TrainOnly(t) if isinstance(t, AffineCoordTfm) and t.size is None else t for t in tfms]
+
+
 def default_batch_tfms(aug: str = "medium"):
     """GPU batch augmentations for dermoscopy (lesions have no up or down: all 8 flips/turns in every preset).
 
@@ -485,13 +534,13 @@ def default_batch_tfms(aug: str = "medium"):
     from fastai.vision.augment import Hue, RandomErasing, Saturation
 
     if aug == "light":
-        return aug_transforms(flip_vert=True, max_rotate=0.0, max_zoom=1.0, max_lighting=0.1, max_warp=0.0)
+        return _train_only(aug_transforms(flip_vert=True, max_rotate=0.0, max_zoom=1.0, max_lighting=0.1, max_warp=0.0))
     if aug == "medium":
-        return aug_transforms(flip_vert=True, max_rotate=20.0, max_zoom=1.15, max_lighting=0.2, max_warp=0.0,
-                              p_affine=0.75, p_lighting=0.75)
+        return _train_only(aug_transforms(flip_vert=True, max_rotate=20.0, max_zoom=1.15, max_lighting=0.2,
+                                          max_warp=0.0, p_affine=0.75, p_lighting=0.75))
     if aug == "heavy":
-        return [*aug_transforms(flip_vert=True, max_rotate=45.0, max_zoom=1.3, max_lighting=0.3, max_warp=0.1,
-                                p_affine=0.9, p_lighting=0.9),
+        return [*_train_only(aug_transforms(flip_vert=True, max_rotate=45.0, max_zoom=1.3, max_lighting=0.3, max_warp=0.1,
+                                p_affine=0.9, p_lighting=0.9)),
                 Saturation(max_lighting=0.3, p=0.75), Hue(max_hue=0.05, p=0.75), RandomErasing(p=0.5, max_count=3)]
     raise DataError(f"aug must be one of {', '.join(AUG_PRESETS)}, got {aug!r}")
 
@@ -571,6 +620,8 @@ def melanoma_dls(
     )
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
+    if torch.device(dls.device or "cpu").type == "cuda":
+        async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
     dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss
     return dls
 
@@ -587,11 +638,12 @@ def diagnosis_labels(df: pd.DataFrame) -> pd.Series:
     return diag.where(df["target"] == 0, "melanoma")
 
 
-def inference_dl(df: pd.DataFrame, size: int, meta_proc: MetaProcessor | None = None, bs: int = 64,
+def inference_dl(df: pd.DataFrame, size: int, meta_proc=None, bs: int = 64,
                  num_workers: int | None = None, device=None) -> TfmdDL:
     """An unshuffled DataLoader of `(image, meta)` (or `(image,)`) for rows with an `fname`, no labels needed.
 
-    It uses the same image opening and resizing as the validation set of `melanoma_dls`.
+    It uses the same image opening and resizing as the validation set of `melanoma_dls`. `meta_proc` is a
+    fitted `MetaProcessor` (or a `MetaStack` of several), or None for images only.
     """
     if "fname" not in df.columns:
         raise DataError("inference_dl needs an fname column (read the data with load_competition)")

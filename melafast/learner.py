@@ -13,6 +13,7 @@ from fastai.torch_core import to_detach
 from fastcore.meta import delegates
 
 from .errors import MelafastError
+from .hostsync import sync_free
 from .model import MelanomaModel, melanoma_splitter
 from .tta import dihedral_tta
 
@@ -47,15 +48,16 @@ class MelanomaAUC(Metric):
     def accumulate(self, learn):
         # the Learner's own to_detach gathers across processes (and drops padding) when training is distributed
         detach = getattr(learn, "to_detach", to_detach)
-        self.probs.append(detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos]))
+        # kept on the device until the end of validation: no host sync per batch
+        self.probs.append(detach(torch.softmax(learn.pred.float(), dim=-1)[:, self.pos], cpu=False))
         y = learn.y.argmax(-1) if learn.y.ndim == 2 else learn.y  # soft targets: validation rows are one-hot
-        self.targs.append(detach((y == self.pos).long()))  # gloo cannot gather bools
+        self.targs.append(detach((y == self.pos).long(), cpu=False))  # gloo cannot gather bools
 
     @property
     def value(self):
         if not self.probs:
             return None
-        return _auc(torch.cat(self.targs).numpy(), torch.cat(self.probs).numpy())
+        return _auc(torch.cat(self.targs).cpu().numpy(), torch.cat(self.probs).cpu().numpy())
 
     @property
     def name(self):
@@ -144,7 +146,7 @@ def melanoma_learner(
     kwargs.setdefault("opt_func", _adamw(device))
     kwargs.setdefault("metrics", [MelanomaAUC(pos=melanoma_index(vocab))])
     kwargs.setdefault("train_bn", False)
-    learn = Learner(dls, model, splitter=melanoma_splitter, **kwargs)
+    learn = sync_free(Learner(dls, model, splitter=melanoma_splitter, **kwargs))
     learn.arch, learn.precision = arch, precision
     if torch.device(device).type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -52,13 +52,15 @@ def data_for_run(run, data=None) -> Path:
 
 def predict_run(run, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
                 device=None, log: Callable = print) -> np.ndarray:
-    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run`."""
-    from .checkpoint import load_predictor
+    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run`.
 
-    preds = []
-    for d in model_dirs(run):
-        log(f"predicting {len(df)} images with {d} (TTA x{tta})")
-        preds.append(load_predictor(d).predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device))
+    The fold models share one pass over the images (each image is decoded once, not once per fold).
+    """
+    from .checkpoint import load_predictor, predict_many
+
+    dirs = model_dirs(run)
+    log(f"predicting {len(df)} images with the {len(dirs)} model(s) of {run} (TTA x{tta})")
+    preds = predict_many([load_predictor(d) for d in dirs], df, tta=tta, bs=bs, num_workers=num_workers, device=device)
     return np.mean(preds, axis=0)
 
 

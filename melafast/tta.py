@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["dihedral_views", "dihedral_view", "predict_probs", "dihedral_tta"]
+__all__ = ["dihedral_views", "dihedral_view", "predict_probs", "predict_probs_multi", "dihedral_tta"]
 
 _VIEWS = {1: (0,), 2: (0, 1), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
@@ -50,12 +50,45 @@ def predict_probs(model, dl, n: int = 8, amp_dtype=None, n_inp: int | None = Non
             for batch in progress_bar(dl, leave=False, display=progress):
                 img, *rest = [b.to(device, non_blocking=True) for b in batch[:n_inp]]
                 total = sum(torch.softmax(model(dihedral_view(img, k), *rest).float(), dim=-1) for k in views)
-                out.append((total / len(views)).cpu())
+                out.append(total / len(views))  # stays on the device: one copy back at the end, no sync per batch
     finally:
         model.train(was_training)
     if not out:
         return torch.zeros(0, 0)
-    return torch.cat(out)
+    return torch.cat(out).cpu()
+
+
+def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, progress: bool = True) -> list:
+    """Class probabilities of several models over one pass of `dl` (each batch decoded once, each view made once).
+
+    `dl` yields `(image, meta)` or `(image,)`; model `i` gets `meta[:, meta_slices[i]]`, or the image only when
+    `meta_slices[i]` is None. Returns one (N, n_out_i) tensor per model, averaged over `n` dihedral views.
+    """
+    from fastprogress.fastprogress import progress_bar
+
+    views = dihedral_views(n)
+    device = next(models[0].parameters()).device
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    outs = [[] for _ in models]
+    try:
+        with torch.inference_mode(), amp:
+            for batch in progress_bar(dl, leave=False, display=progress):
+                img, *rest = [b.to(device, non_blocking=True) for b in batch[:2]]
+                totals = [0.0] * len(models)
+                for k in views:
+                    view = dihedral_view(img, k)
+                    for i, (m, sl) in enumerate(zip(models, meta_slices)):
+                        args = (view,) if sl is None else (view, rest[0][:, sl])
+                        totals[i] = totals[i] + torch.softmax(m(*args).float(), dim=-1)
+                for i, t in enumerate(totals):
+                    outs[i].append(t / len(views))
+    finally:
+        for m, t in zip(models, was_training):
+            m.train(t)
+    return [torch.cat(o).cpu() if o else torch.zeros(0, 0) for o in outs]
 
 
 def _amp_dtype(learn):

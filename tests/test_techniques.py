@@ -114,7 +114,7 @@ def test_augmentation_presets(sample_df, aug):
     import torch
 
     dls = melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0, aug=aug)
-    tfms = {type(t).__name__: t for t in dls.train.after_batch.fs}
+    tfms = {type(u).__name__: u for u in (getattr(t, "tfm", t) for t in dls.train.after_batch.fs)}
     # fastai merges flips, rotation and zoom into one affine transform, and warps into its coordinate functions
     affine = tfms["Dihedral"]
     assert (len(affine.aff_fs), len(affine.coord_fs)) == {"light": (1, 0), "medium": (3, 0), "heavy": (3, 1)}[aug]
