@@ -432,7 +432,8 @@ import torch  # noqa: E402  (after the torch-free helpers above)
 from .hostsync import async_copies  # noqa: E402
 from fastai.torch_core import TensorBase  # noqa: E402
 from fastai.vision.all import (  # noqa: E402
-    Category, CategoryBlock, CategoryMap, ColReader, DisplayedTransform, DataBlock, IndexSplitter, IntToFloatTensor, PILImage, Resize, ResizeMethod,
+    Category, CategoryBlock, CategoryMap, ColReader, DisplayedTransform, DataBlock, IndexSplitter, IntToFloatTensor,
+    PILImage, Resize, ResizeMethod,
     TfmdDL, TransformBlock, Datasets, ToTensor, aug_transforms,
 )
 
@@ -595,6 +596,8 @@ def melanoma_dls(
     if soft and target != "melanoma":
         raise DataError("soft targets (pseudo-labels) are melanoma probabilities: use them with target='melanoma'")
     df = df.reset_index(drop=True)
+    if soft:  # rows without a soft target are labelled ones: their label is their target probability
+        df["soft_target"] = pd.to_numeric(df["soft_target"], errors="coerce").fillna(df["target"]).astype(float)
     is_valid = (df["fold"] == fold).to_numpy()
     if not is_valid.any():
         raise DataError(f"fold {fold} has no rows; folds present: {sorted(df['fold'].unique().tolist())}")

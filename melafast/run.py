@@ -362,7 +362,8 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
         if not resume:
             main = df.iloc[:n_main]
             write_json(dict(settings=asdict(cfg), data=str(data), n_train=n_main, n_melanoma=int(main["target"].sum()),
-                            n_external=n_external, n_pseudo=len(df) - n_main - n_external, versions=_versions(), command=" ".join(sys.argv)),
+                            n_external=n_external, n_pseudo=len(df) - n_main - n_external, versions=_versions(),
+                            command=" ".join(sys.argv)),
                        run_dir / "config.json")
     log(f"run folder {run_dir}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from {data}")
     result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best)

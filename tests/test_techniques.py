@@ -322,3 +322,23 @@ def test_train_with_swa_keeps_and_scores_the_average(sample_dir, tmp_path):
 def test_averaging_and_pseudo_option_errors(sample_dir, args, msg):
     res = CliRunner().invoke(app, ["train", "--data", str(sample_dir), "--epochs", "2", *[str(a) for a in args]])
     assert res.exit_code == 1 and msg in res.stderr, res.output
+
+
+def test_read_pseudo_checks_the_file(tmp_path):
+    from melafast.data import read_pseudo
+    from melafast.errors import DataError
+
+    f = tmp_path / "p.csv"
+    with pytest.raises(DataError, match="does not exist"):
+        read_pseudo(f)
+    f.write_text("image_name,soft_target\nA,0.2\nB,1.3\n")
+    with pytest.raises(DataError, match=r"in \[0, 1\]"):
+        read_pseudo(f)
+    f.write_text("image_name,soft_target\nA,0.2\nA,0.3\n")
+    with pytest.raises(DataError, match="appears twice"):
+        read_pseudo(f)
+    f.write_text("image_name,pred\nA,0.2\n")
+    with pytest.raises(DataError, match="soft_target"):
+        read_pseudo(f)
+    f.write_text("image_name,pred,soft_target\nA,0.93,0.93\nB,0.01,0\n")
+    assert read_pseudo(f)["soft_target"].tolist() == [0.93, 0.0]
