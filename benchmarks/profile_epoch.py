@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--small", action="store_true", help="tiny CPU-sized settings: checks the script, not the speed")
+    p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
     if a.small:
         a.arch, a.size, a.bs, a.images, a.workers = "mobilenetv3_small_050", 64, 16, 64, min(a.workers, 2)
@@ -98,7 +99,12 @@ def main(argv=None):
                img_s=round(timer.batches * a.bs / total, 1),
                ms_per_batch={k: round(1000 * timer.totals[k] / timer.batches, 2) for k in PHASES},
                share={k: round(timer.totals[k] / total, 3) for k in PHASES})
-    print(json.dumps(res, indent=2))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        from pathlib import Path
+
+        Path(a.out).write_text(text + "\n")
     return res
 
 
