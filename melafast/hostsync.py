@@ -24,7 +24,11 @@ __all__ = ["DeviceSmoothLoss", "DeviceAvgLoss", "LazyProgress", "AsyncToDevice",
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
-    """fastai's exponentially smoothed training loss, kept on the loss's device (no host sync per batch)."""
+    """fastai's exponentially smoothed training loss, kept on the loss's device (no host sync per batch).
+
+    With several processes each smooths its own loss (fastai gathers them every batch, itself a sync); rank 0's
+    is the one logged. The validation loss and the AUC are still computed over every process's batches.
+    """
 
     def accumulate(self, learn):
         self.count += 1
