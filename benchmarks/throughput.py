@@ -125,7 +125,7 @@ def melafast_epoch(arch, size, bs, n_images, workers, device, tmp, compile=False
     learn = melanoma_learner(dls, arch, pretrained=False, compile=compile)
     timer = TrainTimer()
     learn.unfreeze()
-    with learn.no_bar(), learn.no_logging():
+    with learn.no_logging():  # the progress bar stays, as in `melafast train`
         learn.fit(1, 1e-4)  # warm-up
         learn.fit(1, 1e-4, cbs=timer)
     n_seen = len(dls.train) * bs  # the train DataLoader drops the last partial batch
