@@ -427,7 +427,7 @@ def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
 # fastai pieces
 
 import torch  # noqa: E402  (after the torch-free helpers above)
-from .hostsync import async_copies  # noqa: E402
+from .hostsync import async_copies, async_copy_dl  # noqa: E402
 from fastai.torch_core import TensorBase  # noqa: E402
 from fastai.vision.all import (  # noqa: E402
     Category, CategoryBlock, CategoryMap, ColReader, DisplayedTransform, DataBlock, IndexSplitter, IntToFloatTensor,
@@ -652,8 +652,11 @@ def inference_dl(df: pd.DataFrame, size: int, meta_proc=None, bs: int = 64,
     if meta_proc is not None:
         tfms.append([meta_proc])
     dsets = Datasets(df.reset_index(drop=True), tfms=tfms, n_inp=len(tfms))
-    return TfmdDL(dsets, bs=bs, shuffle=False, drop_last=False, after_item=[*default_item_tfms(size), ToTensor()],
-                  after_batch=[IntToFloatTensor()], **_dl_kwargs(num_workers, device))
+    dl = TfmdDL(dsets, bs=bs, shuffle=False, drop_last=False, after_item=[*default_item_tfms(size), ToTensor()],
+                after_batch=[IntToFloatTensor()], **_dl_kwargs(num_workers, device))
+    if dl.device is not None and dl.device.type == "cuda":
+        async_copy_dl(dl, dl.device)  # pinned batches reach the GPU without making the host wait
+    return dl
 
 
 # --------------------------------------------------------------------------------------------------

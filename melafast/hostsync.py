@@ -20,7 +20,8 @@ from fastai.learner import AvgLoss, AvgSmoothLoss
 from fastai.torch_core import find_bs
 from fasttransform import Transform
 
-__all__ = ["DeviceSmoothLoss", "DeviceAvgLoss", "LazyProgress", "AsyncToDevice", "async_copies", "sync_free"]
+__all__ = ["DeviceSmoothLoss", "DeviceAvgLoss", "LazyProgress", "AsyncToDevice", "async_copies", "async_copy_dl",
+           "sync_free"]
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
@@ -115,7 +116,13 @@ def async_copies(dls, device):
     Each DataLoader keeps no device of its own (so fastai does not copy first); `dls.device` still says `device`.
     """
     for dl in dls.loaders:
-        dl.after_batch.add(AsyncToDevice(device))
-        dl._device = None
+        async_copy_dl(dl, device)
     dls._device = torch.device(device)
     return dls
+
+
+def async_copy_dl(dl, device):
+    """The same for one DataLoader (e.g. an inference one): batches reach `device` through `AsyncToDevice`."""
+    dl.after_batch.add(AsyncToDevice(device))
+    dl._device = None
+    return dl

@@ -46,6 +46,8 @@ def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9,
     test, bad = check_images(test.reset_index(drop=True), "skip")
     if len(bad):
         log(f"{len(bad)} unreadable test image(s) left out: " + "; ".join(bad["image_name"].head(3)))
+    if test.empty:
+        raise DataError(f"none of the test images in {data} can be read: nothing to pseudo-label")
     pred = predict_run(run, test, tta=tta, bs=bs, num_workers=num_workers, log=log)
     keep = select_pseudo(pred, low, high)
     out = Path(out) if out is not None else Path(run) / "pseudo.csv"

@@ -105,6 +105,16 @@ def test_async_copies_move_batches_in_a_batch_transform(sample_df):
     learn = melanoma_learner(dls, TINY_ARCH, pretrained=False)
     learn.fit(1, 1e-3)
     assert learn.dls.valid.new(bs=2).after_batch.fs[0].device == torch.device("cpu")
+    # the inference DataLoader of predict/submit/pseudo takes the same path on GPUs
+    from melafast.data import inference_dl
+    from melafast.hostsync import async_copy_dl
+
+    test = sample_df.head(6)
+    plain_dl = inference_dl(test, 32, plain.meta_proc, bs=4, num_workers=0, device="cpu")
+    async_dl = async_copy_dl(inference_dl(test, 32, plain.meta_proc, bs=4, num_workers=0, device="cpu"), "cpu")
+    assert async_dl.device is None
+    for a, b in zip(plain_dl, async_dl):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_fold_models_share_one_pass_over_the_images(sample_dir, tmp_path, monkeypatch):
