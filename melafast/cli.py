@@ -73,6 +73,7 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", hel
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for folds, initialisation and shuffling.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader processes (default: one per core, max 8).")]
 TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
+RunDataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")]
 
 
 Target = _choices("Target", ("melanoma", "diagnosis"))
@@ -200,7 +201,7 @@ def lr_find(
 @_friendly
 def predict(
     run: Annotated[Path, typer.Option("--run", help="Run folder from `melafast train` (or one fold folder).")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    data: RunDataOpt = None,
     images: ImagesOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Which CSV to predict.")] = Split.test,
     tta: TtaOpt = 8,
@@ -255,7 +256,7 @@ def submit(
 @_friendly
 def pseudo(
     run: Annotated[Path, typer.Option("--run", help="Trained run folder whose fold ensemble labels the test set.")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    data: RunDataOpt = None,
     images: ImagesOpt = None,
     low: Annotated[float, typer.Option("--low", help="Keep test images predicted at or below this probability.")] = 0.1,
     high: Annotated[float, typer.Option("--high", help="Keep test images predicted at or above this probability.")] = 0.9,

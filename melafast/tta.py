@@ -34,39 +34,25 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 def predict_probs(model, dl, n: int = 8, amp_dtype=None, n_inp: int | None = None, progress: bool = True) -> torch.Tensor:
     """Class probabilities (N, n_out) of `model` over `dl`, averaged over `n` dihedral views of each batch.
 
-    `dl` yields `(image, *other_inputs, *targets)`; `n_inp` counts the inputs (default `dl.n_inp`).
+    `dl` yields `(image, [meta], *targets)`; `n_inp` counts the inputs (default `dl.n_inp`).
+    """
+    n_inp = n_inp or getattr(dl, "n_inp", 1)
+    return predict_probs_multi([model], dl, [slice(None) if n_inp > 1 else None], n=n, amp_dtype=amp_dtype,
+                               n_inp=n_inp, progress=progress)[0]
+
+
+def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_inp: int | None = None,
+                        progress: bool = True) -> list:
+    """Class probabilities of several models over one pass of `dl` (each batch decoded once, each view made once).
+
+    `dl` yields `(image, [meta], *targets)` with `n_inp` inputs (default `dl.n_inp`); model `i` gets
+    `meta[:, meta_slices[i]]`, or the image only when `meta_slices[i]` is None. Returns one (N, n_out_i) tensor per
+    model, averaged over `n` dihedral views (kept on the device until the end: no sync per batch).
     """
     from fastprogress.fastprogress import progress_bar
 
     views = dihedral_views(n)
     n_inp = n_inp or getattr(dl, "n_inp", 1)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    out = []
-    try:
-        with torch.inference_mode(), amp:
-            for batch in progress_bar(dl, leave=False, display=progress):
-                img, *rest = [b.to(device, non_blocking=True) for b in batch[:n_inp]]
-                total = sum(torch.softmax(model(dihedral_view(img, k), *rest).float(), dim=-1) for k in views)
-                out.append(total / len(views))  # stays on the device: one copy back at the end, no sync per batch
-    finally:
-        model.train(was_training)
-    if not out:
-        return torch.zeros(0, 0)
-    return torch.cat(out).cpu()
-
-
-def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, progress: bool = True) -> list:
-    """Class probabilities of several models over one pass of `dl` (each batch decoded once, each view made once).
-
-    `dl` yields `(image, meta)` or `(image,)`; model `i` gets `meta[:, meta_slices[i]]`, or the image only when
-    `meta_slices[i]` is None. Returns one (N, n_out_i) tensor per model, averaged over `n` dihedral views.
-    """
-    from fastprogress.fastprogress import progress_bar
-
-    views = dihedral_views(n)
     device = next(models[0].parameters()).device
     was_training = [m.training for m in models]
     for m in models:
@@ -76,7 +62,7 @@ def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, pro
     try:
         with torch.inference_mode(), amp:
             for batch in progress_bar(dl, leave=False, display=progress):
-                img, *rest = [b.to(device, non_blocking=True) for b in batch[:2]]
+                img, *rest = [b.to(device, non_blocking=True) for b in batch[:n_inp]]
                 totals = [0.0] * len(models)
                 for k in views:
                     view = dihedral_view(img, k)
