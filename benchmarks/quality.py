@@ -109,7 +109,8 @@ def melafast_recipe(df, a, tmp, name, **settings):
     df.drop(columns=["fname", "fold"]).to_csv(data / "train.csv", index=False)
     cfg = TrainConfig(data=str(data), images=str(Path(a.data) / "images"), arch=a.arch, size=a.size,
                       epochs=a.epochs, bs=a.bs, lr=a.lr, folds=a.folds, pretrained=True, weights=str(a.weights),
-                      seed=a.seed, workers=a.workers, out=str(Path(tmp) / f"run_{name}"), **settings)
+                      lr_mult=a.lr_mult, seed=a.seed, workers=a.workers, out=str(Path(tmp) / f"run_{name}"),
+                      **settings)
     train_run(cfg, log=lambda m: None)
     oof = pd.read_csv(Path(cfg.out) / "oof.csv").set_index("image_name")
     return oof.loc[df["image_name"], "pred"].to_numpy()
@@ -125,6 +126,8 @@ def main(argv=None):
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="fixed base lr for every recipe (default: lr_find valley)")
+    p.add_argument("--lr-mult", type=float, default=None,
+                   help="head lr / backbone lr of the melafast recipes (default: melafast's, 1)")
     p.add_argument("--images", type=int, default=None, help="use a lesion-grouped subset of about this many images")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=42)
@@ -136,6 +139,10 @@ def main(argv=None):
         a.arch, a.images, a.size, a.epochs, a.folds, a.bs, a.lr = "tf_efficientnet_lite0", 200, 48, 1, 2, 32, 2e-3
         a.workers = min(a.workers, 2)
     a.weights = Path(a.weights or SHARED / "weights" / f"{a.arch}.safetensors")
+    if a.lr_mult is None:
+        from melafast.run import TrainConfig
+
+        a.lr_mult = TrainConfig.lr_mult
     a.lr_find_its = 100 if a.lr is None else 20
     if not Path(a.data, "train.csv").is_file() or not a.weights.is_file():
         print(json.dumps({"skipped": f"needs {a.data}/train.csv and {a.weights}"}))
@@ -168,6 +175,7 @@ def main(argv=None):
                                  seconds=round(time.perf_counter() - t0, 1))
     res = dict(data=str(a.data), images=len(df), melanomas=int(df["target"].sum()), folds=a.folds, arch=a.arch,
                size=a.size, epochs=a.epochs, bs=a.bs, lr=a.lr or "lr_find valley", seed=a.seed,
+               lr_mult=a.lr_mult,
                device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
                recipes=results)
     text = json.dumps(res, indent=2)

@@ -17,7 +17,7 @@ _EXPORTS = {
     "load_competition": "data", "clean_metadata": "data", "make_folds": "data", "MetaProcessor": "data",
     "melanoma_dls": "data", "inference_dl": "data", "make_sample": "data", "find_dataset": "data",
     "MelanomaModel": "model", "melanoma_splitter": "model", "create_backbone": "model",
-    "melanoma_learner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
+    "melanoma_learner": "learner", "MelanomaLearner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
     "dihedral_tta": "tta", "dihedral_views": "tta",
     "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
     "save_run": "checkpoint", "load_predictor": "checkpoint", "Predictor": "checkpoint",

@@ -122,6 +122,8 @@ def train(
     bs: BsOpt = 64,
     lr: Annotated[str, typer.Option("--lr", help="Base learning rate, or 'auto' for lr_find's valley per fold.")] = "auto",
     freeze_epochs: Annotated[int, typer.Option("--freeze-epochs", help="Epochs first with the backbone frozen.")] = 1,
+    lr_mult: Annotated[float, typer.Option("--lr-mult", help="Head learning rate / backbone learning rate once "
+                                           "unfrozen (fastai's fine_tune uses 100).")] = 1.0,
     folds: FoldsOpt = 5,
     fold: Annotated[str, typer.Option("--fold", help="'all', or one fold number to train only that fold.")] = "all",
     meta: MetaOpt = True,
@@ -159,9 +161,10 @@ def train(
         result = resume_run(resume, workers=workers, log=typer.echo)
     else:
         cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs,
-                          freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), folds=folds, fold=_parse_fold(fold),
-                          meta=meta, precision=precision.value, tta=tta, weights=_str(weights), pretrained=pretrained,
-                          seed=seed, workers=workers, out=_str(out), on_bad_image=on_bad_image.value, compile=compile,
+                          freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), lr_mult=lr_mult, folds=folds,
+                          fold=_parse_fold(fold), meta=meta, precision=precision.value, tta=tta, weights=_str(weights),
+                          pretrained=pretrained, seed=seed, workers=workers, out=_str(out),
+                          on_bad_image=on_bad_image.value, compile=compile,
                           external=[str(p) for p in external or []], upsample=upsample, target=target.value,
                           extra_meta=extra_meta, aug=aug.value, ema=ema, swa=swa, pseudo=_str(pseudo))
         result = train_run(cfg, log=typer.echo)

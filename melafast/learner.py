@@ -17,7 +17,7 @@ from .hostsync import sync_free
 from .model import MelanomaModel, melanoma_splitter
 from .tta import dihedral_tta
 
-__all__ = ["melanoma_learner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs", "melanoma_index",
+__all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs", "melanoma_index",
            "resolve_precision", "PRECISIONS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -30,6 +30,19 @@ def _auc(targ, prob) -> float:
     if len(np.unique(targ)) < 2:
         return float("nan")  # AUC is undefined when the validation set holds one class only
     return float(roc_auc_score(targ, np.asarray(prob)))
+
+
+class MelanomaLearner(Learner):
+    """A fastai `Learner` whose `fine_tune` trains the unfrozen backbone at the head's learning rate by default.
+
+    fastai's `fine_tune` gives the backbone 1/100 of the head's rate (`lr_mult=100`); with melafast's two
+    parameter groups that leaves a pretrained backbone nearly still. On HAM10000 (lite0, 96 px, 3 epochs) image-only
+    out-of-fold AUC went 0.698 / 0.748 / 0.780 / 0.823 for lr_mult 100 / 10 / 3 / 1 (README, Measured).
+    """
+
+    def fine_tune(self, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=1, pct_start=0.3, div=5.0, **kwargs):
+        return super().fine_tune(epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult,
+                                 pct_start=pct_start, div=div, **kwargs)
 
 
 class MelanomaAUC(Metric):
@@ -146,7 +159,7 @@ def melanoma_learner(
     kwargs.setdefault("opt_func", _adamw(device))
     kwargs.setdefault("metrics", [MelanomaAUC(pos=melanoma_index(vocab))])
     kwargs.setdefault("train_bn", False)
-    learn = sync_free(Learner(dls, model, splitter=melanoma_splitter, **kwargs))
+    learn = sync_free(MelanomaLearner(dls, model, splitter=melanoma_splitter, **kwargs))
     learn.arch, learn.precision = arch, precision
     if torch.device(device).type == "cuda":
         model.to(memory_format=torch.channels_last)

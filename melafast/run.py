@@ -35,6 +35,7 @@ class TrainConfig:
     freeze_epochs: int = 1  # epochs before those with the backbone frozen (metadata MLP + head only)
     bs: int = 64  # batch size
     lr: float | None = None  # base learning rate; None = lr_find's valley, found per fold
+    lr_mult: float = 1.0  # head lr / backbone lr once unfrozen (fastai's fine_tune uses 100; 1 measured better)
     folds: int = 5  # number of patient-grouped folds
     fold: int | None = None  # train this fold only; None = every fold
     meta: bool = True  # fuse the patient metadata with the image
@@ -67,6 +68,7 @@ class TrainConfig:
             (self.epochs >= 0 and self.freeze_epochs >= 0 and self.epochs + self.freeze_epochs > 0,
              f"--epochs and --freeze-epochs must be >= 0 and not both 0, got {self.epochs} and {self.freeze_epochs}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive or 'auto', got {self.lr}"),
+            (self.lr_mult >= 1, f"--lr-mult must be 1 or more, got {self.lr_mult}"),
             (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
             (self.fold is None or 0 <= self.fold < self.folds, f"--fold must be 'all' or 0..{self.folds - 1}, got {self.fold}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
@@ -189,8 +191,7 @@ def _epoch_tracker():
 
 
 def _fit(learn, cfg: TrainConfig, lr: float):
-    # a random-init backbone needs the full learning rate, not fine_tune's 1/100 for early layers
-    lr_mult = 100 if (cfg.pretrained or cfg.weights) else 1
+    lr_mult = cfg.lr_mult  # backbone lr = head lr / lr_mult once unfrozen
     if cfg.freeze_epochs > 0:
         if cfg.epochs > 0:
             learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs, lr_mult=lr_mult)
@@ -420,6 +421,8 @@ def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> Ru
         saved = json.loads(cfg_file.read_text())
         settings = dict(saved["settings"])
         settings.update(data=saved["data"], out=str(run_dir), workers=workers)
+        if "lr_mult" not in settings:  # saved before --lr-mult existed: pretrained backbones then trained at lr/100
+            settings["lr_mult"] = 100.0 if settings.get("pretrained", True) or settings.get("weights") else 1.0
         cfg = TrainConfig(**settings)
     except FileNotFoundError:
         raise RunError(f"nothing to resume: {cfg_file} does not exist (is {run_dir} a melafast run folder?)") from None

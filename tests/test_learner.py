@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from fastai.callback.core import Callback
 from conftest import LITE0, TINY_ARCH, needs_lite0
 
 from melafast import model as model_mod
@@ -52,6 +53,27 @@ def test_fine_tune_and_lr_find_are_finite(learn):
     assert len(learn.recorder.values) == 1 and all(math.isfinite(v) for v in losses)
     auc = learn.recorder.values[-1][2]
     assert 0 <= auc <= 1
+
+
+class _GroupLrs(Callback):
+    "Learning rate of each parameter group at every training batch of the unfrozen phase."
+
+    def before_fit(self):
+        self.lrs = []
+
+    def after_batch(self):
+        if self.training and not self.opt.frozen_idx:
+            self.lrs.append([h["lr"] for h in self.opt.hypers])
+
+
+@pytest.mark.parametrize("lr_mult", [None, 10])
+def test_fine_tune_gives_the_backbone_the_head_lr_unless_told(learn, lr_mult):
+    cb = _GroupLrs()
+    learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1, cbs=cb, **({} if lr_mult is None else dict(lr_mult=lr_mult)))
+    assert len(learn.opt.hypers) == 2 and len(cb.lrs) == len(learn.dls.train)
+    ratios = [head / backbone for backbone, head in cb.lrs]
+    assert ratios == pytest.approx([lr_mult or 1] * len(ratios))
+    assert 0 < max(head for _, head in cb.lrs) <= 1e-3 / 2  # fine_tune's unfrozen phase peaks at base_lr / 2
 
 
 def _rot_views(x):

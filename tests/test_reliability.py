@@ -119,6 +119,40 @@ def test_cli_resume_of_a_finished_run_trains_nothing(full_run):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.parametrize("saved, expected", [({}, 100.0), ({"pretrained": False}, 1.0), ({"lr_mult": 3.0}, 3.0)])
+def test_resume_keeps_the_backbone_lr_the_run_started_with(full_run, tmp_path, monkeypatch, saved, expected):
+    "Runs saved before --lr-mult existed trained pretrained backbones at lr/100: resuming them must do the same."
+    run = tmp_path / "old"
+    run.mkdir()
+    config = json.loads((full_run.path / "config.json").read_text())
+    config["settings"].pop("lr_mult")
+    config["settings"].update({"pretrained": True, **saved})
+    (run / "config.json").write_text(json.dumps(config))
+    seen = []
+    monkeypatch.setattr(run_mod, "train_run", lambda cfg, log, resume: seen.append(cfg))
+    resume_run(run, workers=0, log=silent)
+    assert seen[0].lr_mult == expected
+
+
+def test_train_passes_lr_mult_to_fine_tune(sample_dir, tmp_path, monkeypatch):
+    from melafast.learner import MelanomaLearner
+
+    seen, real = [], MelanomaLearner.fine_tune
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["lr_mult"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MelanomaLearner, "fine_tune", spy)
+    cfg = TrainConfig(data=str(sample_dir), arch=TINY_ARCH, size=32, epochs=1, bs=16, lr=1e-2, lr_mult=10,
+                      folds=2, fold=0, pretrained=False, tta=1, workers=0, out=str(tmp_path / "run"))
+    train_run(cfg, log=silent)
+    assert seen == [10]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["settings"]["lr_mult"] == 10
+    res = CliRunner().invoke(app, ["train", "--data", str(sample_dir), "--lr-mult", "0.5"])
+    assert res.exit_code == 1 and "--lr-mult must be 1 or more" in res.stderr, res.output
+
+
 def test_resume_needs_a_run_folder(tmp_path):
     res = CliRunner().invoke(app, ["train", "--resume", str(tmp_path)], catch_exceptions=False)
     assert res.exit_code == 1 and "nothing to resume" in res.stderr
