@@ -17,8 +17,8 @@ from .hostsync import sync_free
 from .model import MelanomaModel, melanoma_splitter
 from .tta import dihedral_tta
 
-__all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs", "melanoma_index",
-           "resolve_precision", "PRECISIONS"]
+__all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs",
+           "melanoma_index", "resolve_precision", "PRECISIONS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -37,7 +37,7 @@ class MelanomaLearner(Learner):
 
     fastai's `fine_tune` gives the backbone 1/100 of the head's rate (`lr_mult=100`); with melafast's two
     parameter groups that leaves a pretrained backbone nearly still. On HAM10000 (lite0, 96 px, 3 epochs) image-only
-    out-of-fold AUC went 0.698 / 0.748 / 0.780 / 0.823 for lr_mult 100 / 10 / 3 / 1 (README, Measured).
+    out-of-fold AUC went 0.698 / 0.748 / 0.780 / 0.823 for lr_mult 100 / 10 / 3 / 1 (README, Results).
     """
 
     def fine_tune(self, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=1, pct_start=0.3, div=5.0, **kwargs):
