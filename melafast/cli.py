@@ -33,6 +33,14 @@ Split = _choices("Split", ("test", "train"))
 Blend = _choices("Blend", ("mean", "rank"))
 
 
+Keep = _choices("Keep", ("last", "best"))
+
+
+LrFindOn = _choices("LrFindOn", ("frozen", "unfrozen"))
+LrFindOnOpt = Annotated[LrFindOn, typer.Option("--lr-find-on", help="Model lr_find runs on: frozen (head only, what "
+                                               "the first epochs train) or unfrozen (the whole network).")]
+
+
 def _friendly(fn):
     "Turn a MelafastError into one line on stderr and exit code 1; --debug shows the traceback instead."
 
@@ -122,8 +130,14 @@ def train(
     bs: BsOpt = 64,
     lr: Annotated[str, typer.Option("--lr", help="Base learning rate, or 'auto' for lr_find's valley per fold.")] = "auto",
     freeze_epochs: Annotated[int, typer.Option("--freeze-epochs", help="Epochs first with the backbone frozen.")] = 1,
+    lr_find_on: LrFindOnOpt = LrFindOn.frozen,
     lr_mult: Annotated[float, typer.Option("--lr-mult", help="Head learning rate / backbone learning rate once "
                                            "unfrozen (fastai's fine_tune uses 100).")] = 1.0,
+    keep: Annotated[Keep, typer.Option("--keep", help="Epoch each fold keeps: last (the CV is honest) or best "
+                                       "(chosen on the validation rows: the CV it reports is optimistic; the honest "
+                                       "last-epoch CV is reported too).")] = Keep.last,
+    frozen_bn: Annotated[bool, typer.Option("--frozen-bn/--adapt-bn", help="During frozen epochs keep the backbone's "
+                                            "batch-norm statistics fixed, or let them adapt to the data.")] = True,
     folds: FoldsOpt = 5,
     fold: Annotated[str, typer.Option("--fold", help="'all', or one fold number to train only that fold.")] = "all",
     meta: MetaOpt = True,
@@ -161,7 +175,8 @@ def train(
         result = resume_run(resume, workers=workers, log=typer.echo)
     else:
         cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, epochs=epochs,
-                          freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), lr_mult=lr_mult, folds=folds,
+                          freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), lr_find_on=lr_find_on.value,
+                          lr_mult=lr_mult, keep=keep.value, frozen_bn=frozen_bn, folds=folds,
                           fold=_parse_fold(fold), meta=meta, precision=precision.value, tta=tta, weights=_str(weights),
                           pretrained=pretrained, seed=seed, workers=workers, out=_str(out),
                           on_bad_image=on_bad_image.value, compile=compile,
@@ -184,6 +199,7 @@ def lr_find(
     bs: BsOpt = 64,
     folds: FoldsOpt = 5,
     fold: Annotated[int, typer.Option("--fold", help="Fold whose training split is used.")] = 0,
+    lr_find_on: LrFindOnOpt = LrFindOn.frozen,
     meta: MetaOpt = True,
     precision: PrecisionOpt = Precision.auto,
     weights: WeightsOpt = None,
@@ -195,7 +211,8 @@ def lr_find(
     """Run fastai's learning-rate finder on one fold; save the plot and print the suggestions."""
     from .run import TrainConfig, lr_find_run
 
-    cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, bs=bs, folds=folds, fold=fold, meta=meta,
+    cfg = TrainConfig(data=_str(data), images=_str(images), arch=arch, size=size, bs=bs, folds=folds, fold=fold,
+                      lr_find_on=lr_find_on.value, meta=meta,
                       precision=precision.value, weights=_str(weights), pretrained=pretrained, seed=seed, workers=workers)
     lr_find_run(cfg, out=out, log=typer.echo)
 
@@ -283,7 +300,8 @@ def ensemble_cmd(
     run: Annotated[List[Path], typer.Option("--run", help="Finished run folder; repeat for every run to blend.")],
     out: Annotated[Path, typer.Option("--out", help="Ensemble file to write (for submit --ensemble).")] = Path("ensemble.json"),
 ):
-    """Score equal and OOF-weighted blends of several runs on their out-of-fold predictions; keep the best."""
+    """Score equal and weighted blends of several runs on their out-of-fold predictions (weights cross-fitted over
+    the folds, so every score is honest); keep the best for `submit --ensemble`."""
     from .submit import ensemble_runs
 
     ensemble_runs([str(r) for r in run], out=out, log=typer.echo)

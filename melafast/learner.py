@@ -6,10 +6,12 @@ from functools import partial
 
 import numpy as np
 import torch
+from fastai.callback.training import BnFreeze
 from fastai.learner import Learner, Metric
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import to_detach
+from fastcore.foundation import L
 from fastcore.meta import delegates
 
 from .errors import MelafastError
@@ -138,12 +140,14 @@ def melanoma_learner(
     precision: str = "auto",  # auto | bf16 | fp16 | fp32
     model_kwargs: dict | None = None,  # passed on to `MelanomaModel` (meta_sizes, head_drop, drop_samples, ...)
     compile: bool = False,  # torch.compile the backbone: faster steps on GPUs after a slow first one
+    frozen_bn: bool = True,  # a frozen backbone's batch-norm running statistics stay fixed too (fastai's BnFreeze)
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for melanoma: image + metadata model, AUC metric, AdamW, mixed precision on GPUs.
 
-    `learn.freeze()` freezes the whole backbone (batch norm included), so `fine_tune`'s frozen epochs train
-    only the metadata MLP and the head. Pretrained learners start frozen, as fastai's `vision_learner` does.
+    `learn.freeze()` freezes the whole backbone, so `fine_tune`'s frozen epochs train only the metadata MLP and the
+    head: the backbone's weights, its batch-norm weights and (with `frozen_bn`, the default) its batch-norm running
+    statistics stay as they are. Pretrained learners start frozen, as fastai's `vision_learner` does.
     """
     if meta and dls.n_inp < 2:
         raise MelafastError("these DataLoaders carry no metadata: build them with melanoma_dls(..., meta=True) "
@@ -159,6 +163,8 @@ def melanoma_learner(
     kwargs.setdefault("opt_func", _adamw(device))
     kwargs.setdefault("metrics", [MelanomaAUC(pos=melanoma_index(vocab))])
     kwargs.setdefault("train_bn", False)
+    if frozen_bn:  # batch-norm layers whose weights are frozen run in eval mode: their statistics stop moving too
+        kwargs["cbs"] = [*L(kwargs.get("cbs")), BnFreeze()]
     learn = sync_free(MelanomaLearner(dls, model, splitter=melanoma_splitter, **kwargs))
     learn.arch, learn.precision = arch, precision
     if torch.device(device).type == "cuda":

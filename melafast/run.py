@@ -18,9 +18,22 @@ import pandas as pd
 from . import __version__
 from .errors import DataError, MelafastError
 
-__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "resume_run", "lr_find_run", "DEFAULT_DATA"]
+__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "resume_run", "lr_find_run", "DEFAULT_DATA",
+           "KEEP_RULES", "LR_FIND_ON", "epoch_rule"]
 
 DEFAULT_DATA = Path("data")  # where users put a Kaggle download; the synthetic sample goes to data/sample
+KEEP_RULES = ("last", "best")  # which epoch a fold keeps (TrainConfig.keep)
+LR_FIND_ON = ("frozen", "unfrozen")  # which model `--lr auto` runs lr_find on (TrainConfig.lr_find_on)
+
+
+def epoch_rule(keep: str, swa: int = 0) -> str:
+    """How a fold's model is chosen, in words, for the run's log and results.json."""
+    if swa:
+        return f"the mean of the weights after the last {swa} epochs (SWA): nothing chosen on the validation rows"
+    if keep == "last":
+        return "the model after the last epoch: nothing chosen on the validation rows, the CV is honest"
+    return ("the epoch with the best validation AUC: chosen on the rows it is scored on, so its CV is optimistic; "
+            "the honest CV is the last epoch's")
 
 
 @dataclass
@@ -35,7 +48,10 @@ class TrainConfig:
     freeze_epochs: int = 1  # epochs before those with the backbone frozen (metadata MLP + head only)
     bs: int = 64  # batch size
     lr: float | None = None  # base learning rate; None = lr_find's valley, found per fold
+    lr_find_on: str = "frozen"  # with lr None: run lr_find on the frozen model (head only) or the unfrozen one
     lr_mult: float = 1.0  # head lr / backbone lr once unfrozen (fastai's fine_tune uses 100; 1 measured better)
+    keep: str = "last"  # which epoch each fold keeps: last (honest CV) or best (chosen on the scored rows: optimistic)
+    frozen_bn: bool = True  # frozen epochs leave the backbone's batch-norm running statistics unchanged
     folds: int = 5  # number of patient-grouped folds
     fold: int | None = None  # train this fold only; None = every fold
     meta: bool = True  # fuse the patient metadata with the image
@@ -69,6 +85,10 @@ class TrainConfig:
              f"--epochs and --freeze-epochs must be >= 0 and not both 0, got {self.epochs} and {self.freeze_epochs}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive or 'auto', got {self.lr}"),
             (self.lr_mult >= 1, f"--lr-mult must be 1 or more, got {self.lr_mult}"),
+            (self.lr_find_on in LR_FIND_ON, f"--lr-find-on must be frozen or unfrozen, got {self.lr_find_on}"),
+            (self.keep in KEEP_RULES, f"--keep must be last or best, got {self.keep}"),
+            (not (self.swa and self.keep == "best"), "--swa keeps the average of the last epochs: --keep best does not "
+             "apply (leave --keep last)"),
             (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
             (self.fold is None or 0 <= self.fold < self.folds, f"--fold must be 'all' or 0..{self.folds - 1}, got {self.fold}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
@@ -102,7 +122,9 @@ class RunResult:
 
     path: Path  # the run folder
     fold_aucs: dict = field(default_factory=dict)  # fold -> AUC of its out-of-fold predictions (with TTA)
-    oof_auc: float = float("nan")  # AUC over all out-of-fold predictions together
+    oof_auc: float = float("nan")  # AUC over all out-of-fold predictions together: honest (last epoch or SWA)
+    keep: str = "last"  # the epoch rule the run used
+    oof_auc_selected: float | None = None  # with keep="best": the AUC of the kept epochs (optimistic), else None
 
 
 def resolve_data(data=None, log: Callable = print) -> Path:
@@ -132,7 +154,7 @@ def _versions() -> dict:
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)")
 
 
-def _epoch_tracker():
+def _epoch_tracker(keep_best: bool = False):
     import torch
     from fastai.callback.core import Callback
     from fastai.learner import Recorder
@@ -140,7 +162,7 @@ def _epoch_tracker():
     from .averaging import unwrap
 
     class EpochTracker(Callback):
-        "Log every epoch of every fit and keep the weights of the epoch with the best validation AUC."
+        "Log every epoch of every fit; with `keep_best`, also copy the weights of the epoch with the best validation AUC."
         order = Recorder.order + 1
 
         def __init__(self):
@@ -158,6 +180,8 @@ def _epoch_tracker():
             self.rows.append(dict(epoch=epoch, phase="frozen" if frozen else "unfrozen",
                                   train_loss=float(vals["train_loss"]), valid_loss=float(vals["valid_loss"]),
                                   melanoma_auc=auc, seconds=round(time.time() - self.t0, 2)))
+            if not keep_best:
+                return
             # an undefined AUC (one class in validation) keeps the latest weights until a real AUC appears
             better = auc > self.best_auc if not np.isnan(auc) else np.isneginf(self.best_auc)
             if better:
@@ -168,8 +192,12 @@ def _epoch_tracker():
                 state = ema.averaged_state() if ema is not None else unwrap(self.model).state_dict()
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+        @property
+        def last_epoch(self):
+            return self.rows[-1]["epoch"] if self.rows else None
+
         def add_validation(self, learn, phase: str, t0: float):
-            "Score the model as it is now on the validation set (no TTA), log it as one more row, and keep it."
+            "Score the model as it is now on the validation set (no TTA) and log it as one more row."
             from .learner import _auc
             from .tta import dihedral_tta
 
@@ -181,11 +209,13 @@ def _epoch_tracker():
             auc = _auc(items["target"].to_numpy(), probs[:, learn.metrics[0].pos].numpy())
             self.rows.append(dict(epoch=len(self.rows), phase=phase, train_loss=float("nan"), valid_loss=loss,
                                   melanoma_auc=auc, seconds=round(time.time() - t0, 2)))
-            self.best_auc, self.best_epoch, self.best_state = auc, phase, None
 
-        def restore_best(self, model):
-            if self.best_state is not None:
-                model.load_state_dict(self.best_state)
+        def restore_best(self, model) -> bool:
+            "Load the best epoch's weights into `model`; False when no epoch had a defined AUC (nothing to load)."
+            if self.best_state is None:
+                return False
+            model.load_state_dict(self.best_state)
+            return True
 
     return EpochTracker()
 
@@ -216,56 +246,77 @@ def _fold_learner(df, k, cfg: TrainConfig, path):
                        device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
-                            precision=cfg.precision, compile=cfg.compile, path=path, model_dir=".")
+                            precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn, path=path,
+                            model_dir=".")
 
 
-def _find_lr(learn, png) -> float:
+def _lr_find(learn, on: str, suggest_funcs):
+    "fastai's lr_find on the frozen model (what fine_tune's first phase trains) or the unfrozen one; plots it."
+    learn.freeze() if on == "frozen" else learn.unfreeze()
+    return learn.lr_find(suggest_funcs=suggest_funcs, show_plot=True)
+
+
+def _find_lr(learn, png, on: str = "frozen") -> float:
     from fastai.callback.schedule import slide, valley
 
     from .plots import save_current_figure
 
-    sugg = learn.lr_find(suggest_funcs=(valley, slide), show_plot=True)
+    sugg = _lr_find(learn, on, (valley, slide))
     save_current_figure(png)
     return float(sugg.valley)
 
 
 def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
-    from .averaging import WeightEMA, WeightSWA
+    """Train fold `k`; return its OOF rows (`pred`: the honest model's; `pred_selected` with keep="best"), its metric
+    rows and the epoch it kept."""
+    from .averaging import WeightEMA, WeightSWA, unwrap
     from .checkpoint import save_run
     from .distributed import is_main, to_distributed, world_size
-    from .learner import melanoma_probs
-    from .tta import dihedral_tta
 
     fold_dir = run_dir / f"fold{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     learn = _fold_learner(df, k, cfg, fold_dir)
-    lr = cfg.lr if cfg.lr is not None else _find_lr(learn, fold_dir / "lr_find.png")
+    lr = cfg.lr if cfg.lr is not None else _find_lr(learn, fold_dir / "lr_find.png", cfg.lr_find_on)
     if world_size() > 1:
         to_distributed(learn)
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
-    tracker = _epoch_tracker()
+    tracker = _epoch_tracker(keep_best=cfg.keep == "best")
+    ema = WeightEMA(cfg.ema) if cfg.ema is not None else None
     swa = WeightSWA(cfg.swa) if cfg.swa else None
-    cbs = [tracker, *([WeightEMA(cfg.ema)] if cfg.ema is not None else []), *([swa] if swa else [])]
+    cbs = [tracker, *([ema] if ema else []), *([swa] if swa else [])]
     learn.add_cbs(cbs)
     try:
         _fit(learn, cfg, lr)
     finally:
         learn.remove_cbs(cbs)
+    kept = tracker.last_epoch
     if swa is not None:  # the average of the last epochs is the model, whatever epoch scored best
         t0 = time.time()
         swa.apply(learn)
         tracker.add_validation(learn, "swa", t0)
-    else:
-        tracker.restore_best(learn.model)
+        kept = "swa"
+    elif ema is not None:  # validation scored the moving average: that is the model
+        unwrap(learn.model).load_state_dict(ema.averaged_state())
+    oof = pd.DataFrame({"image_name": learn.dls.valid_ds.items["image_name"].to_numpy(),
+                        "target": learn.dls.valid_ds.items["target"].to_numpy(), "fold": k,
+                        "pred": _valid_preds(learn, cfg.tta)})
+    if cfg.keep == "best" and swa is None:
+        if tracker.restore_best(unwrap(learn.model)):
+            kept = tracker.best_epoch
+        oof["pred_selected"] = _valid_preds(learn, cfg.tta)
     if is_main():
-        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, best_epoch=tracker.best_epoch, seed=cfg.seed, ema=cfg.ema,
-                                             swa=cfg.swa))
-    probs = dihedral_tta(learn, n=cfg.tta)
-    valid = learn.dls.valid_ds.items
-    oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(),
-                        "fold": k, "pred": melanoma_probs(probs, learn.metrics[0].pos)})
+        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, kept_epoch=kept, keep=cfg.keep, seed=cfg.seed,
+                                             ema=cfg.ema, swa=cfg.swa))
     metrics = pd.DataFrame(tracker.rows).assign(fold=k)
-    return oof, metrics, tracker.best_epoch
+    return oof, metrics, kept
+
+
+def _valid_preds(learn, tta: int):
+    "Melanoma probabilities of the validation rows with `tta` dihedral views."
+    from .learner import melanoma_probs
+    from .tta import dihedral_tta
+
+    return melanoma_probs(dihedral_tta(learn, n=tta), learn.metrics[0].pos)
 
 
 def _auc(target, pred) -> float:
@@ -274,32 +325,38 @@ def _auc(target, pred) -> float:
     return auc(target, pred)
 
 
-def _cv_table(oof: pd.DataFrame, best_epochs: dict) -> str:
-    lines = [f"{'fold':>5} {'images':>7} {'melanomas':>10} {'best epoch':>11} {'AUC':>8}"]
-    for k, rows in oof.groupby("fold"):
-        lines.append(f"{k:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {best_epochs[k]:>11} "
-                     f"{_auc(rows['target'], rows['pred']):>8.4f}")
-    lines.append(f"{'OOF':>5} {len(oof):>7} {int(oof['target'].sum()):>10} {'':>11} {_auc(oof['target'], oof['pred']):>8.4f}")
+def _cv_table(oof: pd.DataFrame, kept: dict) -> str:
+    selected = "pred_selected" in oof.columns
+    head = f"{'fold':>5} {'images':>7} {'melanomas':>10} {'epoch kept':>11} {'AUC':>8}"
+    lines = [head + (f" {'AUC at kept epoch (optimistic)':>31}" if selected else "")]
+
+    def row(name, rows, epoch):
+        line = f"{name:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {epoch:>11} {_auc(rows['target'], rows['pred']):>8.4f}"
+        return line + (f" {_auc(rows['target'], rows['pred_selected']):>31.4f}" if selected else "")
+
+    lines += [row(k, rows, kept[k]) for k, rows in oof.groupby("fold")]
+    lines.append(row("OOF", oof, ""))
     return "\n".join(lines)
 
 
 def _finished_folds(run_dir: Path, log: Callable) -> tuple[list, list, dict]:
-    "OOF rows, metric rows and best epochs of the folds a run folder already completed."
+    "OOF rows, metric rows and kept epochs of the folds a run folder already completed."
     oof_csv, metrics_csv = run_dir / "oof.csv", run_dir / "metrics.csv"
     if not (oof_csv.is_file() and metrics_csv.is_file()):
         return [], [], {}
     oof, metrics = pd.read_csv(oof_csv), pd.read_csv(metrics_csv)
-    oofs, mets, best = [], [], {}
+    oofs, mets, kept = [], [], {}
     for k, rows in oof.groupby("fold"):
         fold_dir = run_dir / f"fold{k}"
         if not ((fold_dir / "model.safetensors").is_file() and (fold_dir / "config.json").is_file()):
             continue
         oofs.append(rows)
         mets.append(metrics[metrics["fold"] == k])
-        best[int(k)] = json.loads((fold_dir / "config.json").read_text()).get("best_epoch")
-    if best:
-        log(f"resuming {run_dir}: fold(s) {', '.join(map(str, sorted(best)))} already finished and kept")
-    return oofs, mets, best
+        fold_cfg = json.loads((fold_dir / "config.json").read_text())
+        kept[int(k)] = fold_cfg.get("kept_epoch", fold_cfg.get("best_epoch"))  # best_epoch: saved before --keep
+    if kept:
+        log(f"resuming {run_dir}: fold(s) {', '.join(map(str, sorted(kept)))} already finished and kept")
+    return oofs, mets, kept
 
 
 def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> RunResult:
@@ -353,7 +410,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
             "above 0.5); validation keeps the labelled images only")
     run_dir = Path(broadcast_object(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    oofs, metrics, best = _finished_folds(run_dir, log) if resume else ([], [], {})
+    oofs, metrics, kept = _finished_folds(run_dir, log) if resume else ([], [], {})
     barrier()  # every process has read the finished folds before rank 0 writes anything
     if is_main():
         if len(bad):
@@ -367,7 +424,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
                             command=" ".join(sys.argv)),
                        run_dir / "config.json")
     log(f"run folder {run_dir}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from {data}")
-    result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best)
+    result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, kept)
     barrier()
     return result
 
@@ -376,18 +433,19 @@ def _quiet(msg):
     pass
 
 
-def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best) -> RunResult:
-    "Train the folds not in `best` yet; rank 0 writes the run folder's CSVs, plots and results as they finish."
+def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, kept) -> RunResult:
+    "Train the folds not in `kept` yet; rank 0 writes the run folder's CSVs, plots and results as they finish."
     from .checkpoint import write_csv, write_json
     from .distributed import is_main
     from .plots import plot_curves, plot_roc
 
+    log(f"each fold keeps {epoch_rule(cfg.keep, cfg.swa)}")
     for k in range(cfg.folds) if cfg.fold is None else [cfg.fold]:
-        if k in best:
+        if k in kept:
             continue
         if resume:
             log(f"fold {k} did not finish before: training it from scratch")
-        oof, m, best[k] = _train_fold(df, k, cfg, run_dir, log)
+        oof, m, kept[k] = _train_fold(df, k, cfg, run_dir, log)
         if not is_main():
             continue
         oofs.append(oof)
@@ -397,15 +455,25 @@ def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, best) -> RunResul
         write_csv(all_metrics[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
         plot_curves(all_metrics, run_dir / "curves.png")
     if not is_main():
-        return RunResult(run_dir)
+        return RunResult(run_dir, keep=cfg.keep)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
-    fold_aucs = {int(k): _auc(r["target"], r["pred"]) for k, r in oof.groupby("fold")}
-    result = RunResult(run_dir, fold_aucs, _auc(oof["target"], oof["pred"]))
+    result = RunResult(run_dir, _fold_aucs(oof, "pred"), _auc(oof["target"], oof["pred"]), keep=cfg.keep)
+    results = dict(keep=cfg.keep, epoch_rule=epoch_rule(cfg.keep, cfg.swa), oof_auc=result.oof_auc,
+                   fold_aucs=result.fold_aucs, tta=cfg.tta, kept_epochs=kept)
+    if "pred_selected" in oof.columns and oof["pred_selected"].notna().all():  # not in folds saved before --keep
+        result.oof_auc_selected = _auc(oof["target"], oof["pred_selected"])
+        results.update(oof_auc_selected=result.oof_auc_selected, fold_aucs_selected=_fold_aucs(oof, "pred_selected"),
+                       selected_note="optimistic: each fold's epoch was chosen on the rows these AUCs score")
     if oof["target"].nunique() == 2:
         plot_roc(oof["target"], oof["pred"], run_dir / "roc.png", title=f"{cfg.arch} {cfg.size}px, out-of-fold, TTA x{cfg.tta}")
-    write_json(dict(fold_aucs=fold_aucs, oof_auc=result.oof_auc, tta=cfg.tta, best_epochs=best), run_dir / "results.json")
-    log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d)\n%s" % (cfg.tta, _cv_table(oof, best)))
+    write_json(results, run_dir / "results.json")
+    log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d; %s)\n%s"
+        % (cfg.tta, "each fold's last epoch" if cfg.keep == "last" or cfg.swa else "AUC: last epoch, honest", _cv_table(oof, kept)))
     return result
+
+
+def _fold_aucs(oof: pd.DataFrame, col: str) -> dict:
+    return {int(k): _auc(r["target"], r[col]) for k, r in oof.groupby("fold")}
 
 
 def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> RunResult:
@@ -423,6 +491,8 @@ def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> Ru
         settings.update(data=saved["data"], out=str(run_dir), workers=workers)
         if "lr_mult" not in settings:  # saved before --lr-mult existed: pretrained backbones then trained at lr/100
             settings["lr_mult"] = 100.0 if settings.get("pretrained", True) or settings.get("weights") else 1.0
+        settings.setdefault("keep", "best")  # saved before --keep existed: folds then kept their best epoch
+        settings.setdefault("frozen_bn", False)  # and frozen epochs let batch-norm statistics move
         cfg = TrainConfig(**settings)
     except FileNotFoundError:
         raise RunError(f"nothing to resume: {cfg_file} does not exist (is {run_dir} a melafast run folder?)") from None
@@ -444,7 +514,7 @@ def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):
     df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         learn = _fold_learner(df, cfg.fold or 0, cfg, Path(tmp))
-        sugg = learn.lr_find(suggest_funcs=(valley, slide, minimum, steep), show_plot=True)
+        sugg = _lr_find(learn, cfg.lr_find_on, (valley, slide, minimum, steep))
     out = Path(out or "lr_find.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_current_figure(out)
