@@ -12,7 +12,8 @@ import pandas as pd
 from .errors import DataError, MelafastError, RunError
 from .tta import dihedral_views
 
-__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "ensemble_runs", "read_ensemble", "blend", "submission_ids", "write_submission",
+__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "ensemble_runs", "crossfit_blend", "read_ensemble",
+           "blend", "submission_ids", "write_submission",
            "validate_submission", "make_submission", "BLENDS"]
 
 BLENDS = ("mean", "rank")
@@ -80,25 +81,28 @@ def blend(preds: list, method: str = "mean", weights=None) -> np.ndarray:
 
 
 def _oof_table(runs) -> pd.DataFrame:
-    "The runs' out-of-fold predictions side by side (pred0, pred1, ...), on the images every run scored."
+    """The runs' out-of-fold predictions side by side (pred0, pred1, ...) on the images every run scored, with the
+    first run's fold of each image."""
     table = None
     for i, r in enumerate(runs):
         f = Path(r) / "oof.csv"
         if not f.is_file():
             raise RunError(f"{r} has no oof.csv: ensembles are weighed on out-of-fold predictions of finished runs")
-        oof = pd.read_csv(f, dtype={"image_name": str})[["image_name", "target", "pred"]].rename(columns={"pred": f"pred{i}"})
-        table = oof if table is None else table.merge(oof.drop(columns="target"), on="image_name")
+        oof = pd.read_csv(f, dtype={"image_name": str})
+        cols = ["image_name", "target", "fold", "pred"] if i == 0 else ["image_name", "pred"]
+        oof = oof[cols].rename(columns={"pred": f"pred{i}"})
+        table = oof if table is None else table.merge(oof, on="image_name")
     if table is None or table.empty or table["target"].nunique() < 2:
         raise RunError("the runs share no out-of-fold images with both classes: were they trained on the same data?")
     return table
 
 
-def _search_weights(preds: list, target, step: float = 0.05, rounds: int = 20) -> np.ndarray:
-    "Weights of a rank blend that maximise OOF AUC, by coordinate steps from equal weights (deterministic)."
+def _search_weights(ranks: list, target, step: float = 0.05, rounds: int = 20) -> np.ndarray:
+    "Weights of a blend of rank vectors that maximise its AUC on `target`, by coordinate steps from equal weights."
     from .learner import _auc
 
-    w = np.full(len(preds), 1 / len(preds))
-    best = _auc(target, blend(preds, "rank", w))
+    w = np.full(len(ranks), 1 / len(ranks))
+    best = _auc(target, blend(ranks, "mean", w))
     for _ in range(rounds):
         improved = False
         for i in range(len(w)):
@@ -108,7 +112,7 @@ def _search_weights(preds: list, target, step: float = 0.05, rounds: int = 20) -
                 if cand.sum() == 0:
                     continue
                 cand /= cand.sum()
-                auc = _auc(target, blend(preds, "rank", cand))
+                auc = _auc(target, blend(ranks, "mean", cand))
                 if auc > best + 1e-9:
                     w, best, improved = cand, auc, True
         if not improved:
@@ -116,11 +120,30 @@ def _search_weights(preds: list, target, step: float = 0.05, rounds: int = 20) -
     return w
 
 
-def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
-    """Score equal and OOF-weighted blends of `runs` on their out-of-fold predictions; write the best to `out`.
+def crossfit_blend(preds: list, target, folds) -> tuple[np.ndarray, dict]:
+    """An honest weighted rank blend of out-of-fold predictions: each fold's rows are blended with weights searched
+    on the other folds' rows only, so no weight ever saw the labels it is scored on.
 
-    Candidates: mean of probabilities, mean of ranks, and a rank blend with weights searched on the OOF
-    predictions (optimistic by construction: it is chosen only when it beats the equal blends).
+    Returns the blended vector (score it with any metric) and the weights used for each fold.
+    """
+    target, folds = np.asarray(target), np.asarray(folds)
+    ranks = [_ranks(p) for p in preds]  # ranks use no labels: computed once over every row
+    out, per_fold = np.empty(len(target)), {}
+    for k in np.unique(folds):
+        fit, rows = folds != k, folds == k
+        w = _search_weights([r[fit] for r in ranks], target[fit])
+        out[rows] = blend([r[rows] for r in ranks], "mean", w)
+        per_fold[int(k)] = w.round(4).tolist()
+    return out, per_fold
+
+
+def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
+    """Score blends of `runs` on their out-of-fold predictions; write the best to `out` for `submit --ensemble`.
+
+    Candidates: mean of probabilities, mean of ranks (neither fits anything), and a weighted rank blend whose score
+    is cross-fitted (`crossfit_blend`: weights fitted on the other folds' rows, scored on each held-out fold).
+    The weighted blend is chosen only when that honest score beats both equal blends; its weights for the test set
+    are then searched on every OOF row.
     """
     from .checkpoint import write_json
     from .learner import _auc
@@ -128,22 +151,34 @@ def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
     if len(runs) < 2:
         raise MelafastError("an ensemble needs at least two runs (--run A --run B)")
     table = _oof_table(runs)
-    target = table["target"].to_numpy()
+    target, folds = table["target"].to_numpy(), table["fold"].to_numpy()
     preds = [table[f"pred{i}"].to_numpy() for i in range(len(runs))]
-    weights = _search_weights(preds, target)
     equal = [1 / len(runs)] * len(runs)
-    candidates = {"mean": ("mean", equal), "rank": ("rank", equal), "weighted rank": ("rank", weights.tolist())}
+    candidates = {"mean": ("mean", equal), "rank": ("rank", equal)}
     scores = {name: _auc(target, blend(preds, m, w)) for name, (m, w) in candidates.items()}
+    extra = {}
+    if len(np.unique(folds)) >= 2:
+        crossfit, per_fold = crossfit_blend(preds, target, folds)
+        weights = _search_weights([_ranks(p) for p in preds], target).tolist()
+        candidates["weighted rank"] = ("rank", weights)
+        scores["weighted rank"] = _auc(target, crossfit)
+        extra = dict(crossfit_weights=per_fold,
+                     weighted_in_sample_auc=_auc(target, blend(preds, "rank", weights)))
+    else:
+        log("  (the OOF rows come from one fold only: weights cannot be cross-fitted, so only equal blends compete)")
     for i, r in enumerate(runs):
         log(f"  {_auc(target, preds[i]):.4f}  {r}")
     for name, auc in scores.items():
-        log(f"  {auc:.4f}  blend: {name}" + (f" {np.round(weights, 2).tolist()}" if name == "weighted rank" else ""))
+        how = (f" {np.round(candidates[name][1], 2).tolist()}, cross-fitted over {len(np.unique(folds))} folds"
+               if name == "weighted rank" else "")
+        log(f"  {auc:.4f}  blend: {name}{how}")
     chosen = max(scores, key=lambda n: (scores[n], n != "weighted rank"))  # ties go to an equal blend
     method, w = candidates[chosen]
     result = dict(runs=[str(Path(r).resolve()) for r in runs], blend=method, weights=w, oof_auc=scores[chosen],
-                  chosen=chosen, candidates=scores, n_images=len(table))
+                  chosen=chosen, candidates=scores, n_images=len(table), **extra)
     write_json(result, out)
-    log(f"chose {chosen} (OOF AUC {scores[chosen]:.4f} on {len(table)} images); wrote {out}")
+    log(f"chose {chosen} (OOF AUC {scores[chosen]:.4f} on {len(table)} images, nothing fitted on the rows scored); "
+        f"wrote {out}")
     return result
 
 

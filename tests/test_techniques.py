@@ -161,10 +161,10 @@ def test_train_with_ema_saves_the_average(sample_dir, tmp_path):
     assert len(pd.read_csv(run / "oof.csv")) == 32
 
 
-def test_ensemble_weighs_runs_on_oof_and_submit_uses_it(sample_dir, tmp_path):
+def test_ensemble_scores_blends_honestly_and_submit_uses_it(sample_dir, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from melafast.submit import blend
+    from melafast.submit import blend, crossfit_blend
 
     runs = []
     for seed, meta in ((1, "--meta"), (2, "--no-meta")):
@@ -174,12 +174,14 @@ def test_ensemble_weighs_runs_on_oof_and_submit_uses_it(sample_dir, tmp_path):
     res = CliRunner().invoke(app, ["ensemble", "--run", str(runs[0]), "--run", str(runs[1]), "--out", str(ens_file)],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert "cross-fitted over 2 folds" in res.output
     ens = json.loads(ens_file.read_text())
     a, b = (pd.read_csv(r / "oof.csv").set_index("image_name").sort_index() for r in runs)
-    by_hand = roc_auc_score(a["target"], blend([a["pred"], b["pred"]], "rank"))
-    assert ens["candidates"]["rank"] == pytest.approx(by_hand)
+    assert ens["candidates"]["rank"] == pytest.approx(roc_auc_score(a["target"], blend([a["pred"], b["pred"]], "rank")))
+    crossfit, _ = crossfit_blend([a["pred"], b["pred"]], a["target"], a["fold"])
+    assert ens["candidates"]["weighted rank"] == pytest.approx(roc_auc_score(a["target"], crossfit))
     assert ens["oof_auc"] == max(ens["candidates"].values()) and sum(ens["weights"]) == pytest.approx(1)
-    assert ens["candidates"]["weighted rank"] >= ens["candidates"]["rank"] - 1e-12
+    assert set(ens["crossfit_weights"]) == {"0", "1"}
     sub = tmp_path / "sub.csv"
     res = CliRunner().invoke(app, ["submit", "--ensemble", str(ens_file), "--tta", "1", "--workers", "0", "--out", str(sub)],
                              catch_exceptions=False)
@@ -187,6 +189,57 @@ def test_ensemble_weighs_runs_on_oof_and_submit_uses_it(sample_dir, tmp_path):
     assert len(pd.read_csv(sub)) == 16
     res = CliRunner().invoke(app, ["submit", "--tta", "1"], catch_exceptions=False)
     assert res.exit_code == 1 and "either --run DIR" in res.stderr
+
+
+def _oof_runs(tmp_path, preds: dict, target, folds):
+    "Run folders holding only an oof.csv with these predictions."
+    names = [f"IMG_{i:04d}" for i in range(len(target))]
+    runs = []
+    for name, pred in preds.items():
+        (tmp_path / name).mkdir(parents=True)
+        pd.DataFrame({"image_name": names, "target": target, "fold": folds, "pred": pred}).to_csv(
+            tmp_path / name / "oof.csv", index=False)
+        runs.append(str(tmp_path / name))
+    return runs
+
+
+def test_crossfit_never_scores_a_fold_with_weights_fitted_on_its_labels():
+    from melafast.submit import crossfit_blend
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 300)
+    folds = np.repeat([0, 1, 2], 100)
+    preds = [target + rng.normal(0, s, 300) for s in (0.8, 1.5, 3.0)]
+    out, weights = crossfit_blend(preds, target, folds)
+    flipped = target.copy()
+    flipped[folds == 0] = 1 - flipped[folds == 0]  # other labels on fold 0 only
+    out2, weights2 = crossfit_blend(preds, flipped, folds)
+    assert np.array_equal(out[folds == 0], out2[folds == 0]) and weights[0] == weights2[0]
+    assert weights[1] != weights2[1] or weights[2] != weights2[2]  # the other folds' weights did see fold 0
+
+
+def test_ensemble_weights_only_when_the_honest_score_says_so(tmp_path):
+    from melafast.submit import ensemble_runs
+
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 2, 400)
+    folds = np.tile([0, 1, 2, 3], 100)
+    good = target + rng.normal(0, 0.7, 400)
+    # a useless run: weighting it down is a real gain, and cross-fitting sees it
+    ens = ensemble_runs(_oof_runs(tmp_path / "a", {"good": good, "noise": rng.normal(0, 1, 400)}, target, folds),
+                        out=tmp_path / "a.json", log=lambda m: None)
+    assert ens["chosen"] == "weighted rank" and ens["weights"][0] > 0.8
+    assert ens["candidates"]["weighted rank"] > ens["candidates"]["rank"]
+    # two runs of equal worth on 120 images: weights searched on every OOF row look better than both equal blends
+    # there (and were chosen before cross-fitting), but scored on folds they never saw they lose: equal is kept
+    rng = np.random.default_rng(0)
+    target, folds = rng.integers(0, 2, 120), np.tile([0, 1, 2, 3], 30)
+    a, b = target + rng.normal(0, 1.0, 120), target + rng.normal(0, 1.0, 120)
+    ens = ensemble_runs(_oof_runs(tmp_path / "b", {"a": a, "b": b}, target, folds), out=tmp_path / "b.json",
+                        log=lambda m: None)
+    assert ens["weighted_in_sample_auc"] > max(ens["candidates"]["mean"], ens["candidates"]["rank"])
+    assert ens["candidates"]["weighted rank"] < min(ens["weighted_in_sample_auc"], ens["oof_auc"])
+    assert ens["chosen"] in ("mean", "rank") and ens["weights"] == [0.5, 0.5]
 
 
 def test_blend_weights():
@@ -306,7 +359,7 @@ def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(tiny_dls):
 def test_train_with_swa_keeps_and_scores_the_average(sample_dir, tmp_path):
     run = tmp_path / "run"
     out = _train("--data", sample_dir, "--epochs", 2, "--swa", 2, "--fold", 0, "--out", run)
-    assert json.loads((run / "fold0" / "config.json").read_text())["best_epoch"] == "swa"
+    assert json.loads((run / "fold0" / "config.json").read_text())["kept_epoch"] == "swa"
     metrics, oof = pd.read_csv(run / "metrics.csv"), pd.read_csv(run / "oof.csv")
     assert metrics["phase"].tolist() == ["frozen", "unfrozen", "unfrozen", "swa"]
     from sklearn.metrics import roc_auc_score
