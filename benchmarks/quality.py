@@ -1,18 +1,35 @@
-"""Out-of-fold ROC AUC of five recipes on real dermoscopy (HAM10000, melanoma vs rest), same folds, same epochs.
+"""Honest ROC AUC of five recipes on real dermoscopy (HAM10000, melanoma vs rest): cross-validated and held out.
 
-1. frozen backbone + logistic regression on its pooled features (the classic first baseline)
-2. plain fastai as its docs teach: vision_learner, lr_find valley, fine_tune, learn.tta()
-3. melafast, image only, no TTA
-4. melafast + metadata + dihedral TTA x8
-5. melafast candidate best: metadata + dihedral TTA x8 + the settings of --best (default: metadata extras,
-   melanoma upsampling x2, weight EMA); `--recipes melafast_best --best '{"ema": 0.999}'` tries one switch alone
+A lesion-grouped, stratified part of HAM10000 (--holdout, 20% of the lesions, fixed by --holdout-seed) is set aside
+before anything else: no recipe trains, selects or tunes anything on it. Each recipe then trains the same
+lesion-grouped folds of the rest (or of --images of it) and is scored twice:
 
-Folds are lesion-grouped (HAM's patient_id holds the lesion id) and stratified. Prints one JSON object.
-Plain fastai's fine_tune gives the unfrozen backbone 1/100 of the head's lr; the melafast recipes use melafast's
-default (the same lr for both) unless --lr-mult says otherwise.
+  oof      ROC AUC of its out-of-fold predictions on the cross-validation part (what `melafast train` prints)
+  holdout  ROC AUC on the held-out part of its fold models as an ensemble (mean probability, as `submit` does)
+  gap      oof - holdout: how far the CV figure is from what the models do on unseen lesions
 
-    python benchmarks/quality.py                      # full: 5 folds, 224 px, 12 epochs (a GPU job)
-    python benchmarks/quality.py --small              # CPU check of the script: 200 images, 48 px, 2 folds, 1 epoch
+--seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
+mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
+the model after the last epoch (nothing chosen on any scored row), and the same lr rule: --lr X gives every recipe
+that fixed lr; without --lr every recipe uses its own lr_find valley, --lr-find-its iterations, found per fold.
+
+Recipes (rows):
+  frozen_logreg      pretrained backbone's pooled features + logistic regression (C=0.1, no tuning); no TTA
+  plain_fastai       fastai as its docs teach: vision_learner, aug_transforms, fine_tune (lr_mult 100); no TTA
+  plain_fastai_tta   the same models with fastai's learn.tta() (4 random-augmentation passes blended with 1 plain)
+  melafast_image     melanoma_learner on the image only, no TTA
+  melafast_meta_tta  melafast's defaults: image + metadata, dihedral TTA x8
+  melafast_best      metadata + TTA x8 + the switches in --best (default: metadata extras, upsampling x2, EMA)
+
+--settings JSON adds TrainConfig settings to every melafast recipe (e.g. '{"lr_find_on": "unfrozen"}',
+'{"frozen_bn": false}', '{"keep": "best"}'; with keep=best a recipe also reports oof_selected, the optimistic CV
+of the epochs it kept). Prints one JSON object on stdout and a markdown table on stderr;
+`--table A.json B.json ...` prints one markdown table of several saved results.
+
+    python benchmarks/quality.py                      # full: 5 folds, 224 px, 12 epochs, 1 seed (a GPU job)
+    python benchmarks/quality.py --arch tf_efficientnet_lite0 --images 3000 --size 128 --epochs 3 --folds 3 \\
+        --bs 32 --seeds 3 --workers 2                 # the CPU-scale table in the README
+    python benchmarks/quality.py --small              # CPU check of the script: 160 images, 48 px, 2 seeds
 """
 
 from __future__ import annotations
@@ -31,6 +48,13 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BEST = {"extra_meta": True, "upsample": 2, "ema": 0.999}  # the candidate-best recipe's switches
 RECIPES = ("frozen_logreg", "plain_fastai", "melafast_image", "melafast_meta_tta", "melafast_best")
+ROWS = {"frozen_logreg": ("frozen_logreg",), "plain_fastai": ("plain_fastai", "plain_fastai_tta"),
+        "melafast_image": ("melafast_image",), "melafast_meta_tta": ("melafast_meta_tta",),
+        "melafast_best": ("melafast_best",)}  # the rows each recipe's training gives
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _subset(df, n, seed=0):
@@ -50,42 +74,66 @@ def _subset(df, n, seed=0):
     return df[df["patient_id"].isin(mel + rest)].reset_index(drop=True)
 
 
-def frozen_logreg(df, a, device):
-    "Pooled features of the pretrained backbone, then one logistic regression per fold."
+def split_holdout(df, frac: float = 0.2, seed: int = 0):
+    "(rest, held-out): about `frac` of the lesions, stratified by target, whole lesions on one side only."
+    from melafast.data import make_folds
+
+    part = make_folds(df, n_folds=max(2, round(1 / frac)), seed=seed)["fold"] == 0
+    return df[~part].reset_index(drop=True), df[part].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes: each returns {row name: (out-of-fold predictions in df's order, held-out predictions)}
+
+
+def frozen_logreg(df, hold, a, seed, tmp, device):
+    "Pooled features of the pretrained backbone (extracted once), then one logistic regression per fold."
     import numpy as np
-    import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+
+    feats = _features(a, device)
+    x, xh = feats.loc[df["image_name"]].to_numpy(), feats.loc[hold["image_name"]].to_numpy()
+    oof, held = np.zeros(len(df)), []
+    for k in sorted(df["fold"].unique()):
+        tr, va = (df["fold"] != k).to_numpy(), (df["fold"] == k).to_numpy()
+        scaler = StandardScaler().fit(x[tr])
+        clf = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(x[tr]), df["target"].to_numpy()[tr])
+        oof[va] = clf.predict_proba(scaler.transform(x[va]))[:, 1]
+        held.append(clf.predict_proba(scaler.transform(xh))[:, 1])
+    return {"frozen_logreg": (oof, np.mean(held, axis=0))}
+
+
+def _features(a, device):
+    "Pooled backbone features of every image of the CV and held-out parts, as a DataFrame indexed by image name."
+    import pandas as pd
+    import torch
 
     from melafast.data import inference_dl
     from melafast.model import create_backbone
 
+    if getattr(a, "_features", None) is not None:
+        return a._features
     net = create_backbone(a.arch, weights=a.weights).to(device).eval()
     mean = torch.tensor(net.pretrained_cfg["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(net.pretrained_cfg["std"], device=device).view(1, -1, 1, 1)
     feats = []
     with torch.inference_mode():
-        for (img,) in inference_dl(df, a.size, None, bs=a.bs, num_workers=a.workers, device=device):
+        for (img,) in inference_dl(a.everything, a.size, None, bs=a.bs, num_workers=a.workers, device=device):
             feats.append(net((img.as_subclass(torch.Tensor) - mean) / std).float().cpu())
-    x = torch.cat(feats).numpy()
-    pred = np.zeros(len(df))
-    for k in sorted(df["fold"].unique()):
-        tr, va = (df["fold"] != k).to_numpy(), (df["fold"] == k).to_numpy()
-        scaler = StandardScaler().fit(x[tr])
-        clf = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(x[tr]), df["target"].to_numpy()[tr])
-        pred[va] = clf.predict_proba(scaler.transform(x[va]))[:, 1]
-    return pred
+    a._features = pd.DataFrame(torch.cat(feats).numpy(), index=a.everything["image_name"])
+    return a._features
 
 
-def plain_fastai(df, a, device):
-    "fastai's own vision pipeline: vision_learner with the timm backbone, lr_find, fine_tune, random-aug TTA."
+def plain_fastai(df, hold, a, seed, tmp, device):
+    "fastai's own vision pipeline: vision_learner with the timm backbone, fine_tune, plain and learn.tta() predictions."
     import numpy as np
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Resize,
                                    RocAucBinary, aug_transforms, set_seed, vision_learner)
 
-    pred = np.zeros(len(df))
+    oof, oof_tta, held, held_tta = np.zeros(len(df)), np.zeros(len(df)), [], []
     for k in sorted(df["fold"].unique()):
-        set_seed(a.seed, reproducible=True)
+        set_seed(seed, reproducible=True)
         va = np.flatnonzero(df["fold"] == k)
         dls = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=[0, 1])), get_x=ColReader("fname"),
                         get_y=ColReader("target"), splitter=IndexSplitter(va), item_tfms=Resize(a.size),
@@ -95,61 +143,147 @@ def plain_fastai(df, a, device):
         if device.type == "cuda":
             learn.to_fp16()
         with learn.no_bar(), learn.no_logging():
-            lr = learn.lr_find(show_plot=False, num_it=a.lr_find_its).valley
+            lr = a.lr or _valley(learn, a)
             learn.fine_tune(a.epochs, lr)
-            probs, _ = learn.tta()
-        pred[va] = probs[:, 1].numpy()
-    return pred
+            oof[va] = learn.get_preds()[0][:, 1].numpy()
+            oof_tta[va] = learn.tta()[0][:, 1].numpy()
+            test = dls.test_dl(hold)
+            held.append(learn.get_preds(dl=test)[0][:, 1].numpy())
+            held_tta.append(learn.tta(dl=test)[0][:, 1].numpy())
+    return {"plain_fastai": (oof, np.mean(held, axis=0)), "plain_fastai_tta": (oof_tta, np.mean(held_tta, axis=0))}
 
 
-def melafast_recipe(df, a, tmp, name, **settings):
-    "One melafast training run (lr_find valley per fold) over the same folds; returns the OOF predictions."
+def _valley(learn, a) -> float:
+    "lr_find's valley with the same iterations and on the same phase (frozen or not) as the melafast recipes."
+    learn.freeze() if a.lr_find_on == "frozen" else learn.unfreeze()
+    return float(learn.lr_find(show_plot=False, num_it=a.lr_find_its).valley)
+
+
+def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
+    "One `train_run` over the same folds; held-out predictions from its fold models as `submit` makes them."
     import pandas as pd
 
     from melafast.run import TrainConfig, train_run
+    from melafast.submit import predict_run
 
-    data = Path(tmp) / f"data_{name}"
+    data = Path(tmp) / f"data_{name}_{seed}"
     data.mkdir()
     df.drop(columns=["fname", "fold"]).to_csv(data / "train.csv", index=False)
     cfg = TrainConfig(data=str(data), images=str(Path(a.data) / "images"), arch=a.arch, size=a.size,
                       epochs=a.epochs, bs=a.bs, lr=a.lr, folds=a.folds, pretrained=True, weights=str(a.weights),
-                      lr_mult=a.lr_mult, seed=a.seed, workers=a.workers, out=str(Path(tmp) / f"run_{name}"),
-                      **settings)
+                      lr_mult=a.lr_mult, seed=seed, workers=a.workers, out=str(Path(tmp) / f"run_{name}_{seed}"),
+                      **{"lr_find_on": a.lr_find_on, **a.settings, **settings})
     train_run(cfg, log=lambda m: None)
-    oof = pd.read_csv(Path(cfg.out) / "oof.csv").set_index("image_name")
-    return oof.loc[df["image_name"], "pred"].to_numpy()
+    oof = pd.read_csv(Path(cfg.out) / "oof.csv").set_index("image_name").loc[df["image_name"]]
+    held = predict_run(cfg.out, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, log=lambda m: None)
+    if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
+        return {name: (oof["pred"].to_numpy(), held, oof["pred_selected"].to_numpy())}
+    return {name: (oof["pred"].to_numpy(), held)}
 
 
-def main(argv=None):
+def melafast_image(*args):
+    return melafast_recipe(*args, "melafast_image", meta=False, tta=1)
+
+
+def melafast_meta_tta(*args):
+    return melafast_recipe(*args, "melafast_meta_tta", meta=True, tta=8)
+
+
+def melafast_best(df, hold, a, *args):
+    return melafast_recipe(df, hold, a, *args, "melafast_best", **{"meta": True, "tta": 8, **a.best})
+
+
+RUNNERS = dict(frozen_logreg=frozen_logreg, plain_fastai=plain_fastai, melafast_image=melafast_image,
+               melafast_meta_tta=melafast_meta_tta, melafast_best=melafast_best)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores and tables
+
+
+def _mean_sd(values) -> dict:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return dict(mean=round(float(v.mean()), 4), sd=round(float(v.std(ddof=1)), 4) if len(v) > 1 else None)
+
+
+def summarize(per_seed: list) -> dict:
+    "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
+    out = {key: _mean_sd([r[key] for r in per_seed]) for key in ("oof", "holdout", "gap")}
+    out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
+    if all("oof_selected" in r for r in per_seed):
+        out["oof_selected"] = _mean_sd([r["oof_selected"] for r in per_seed])
+    return out
+
+
+def _cell(s: dict) -> str:
+    return f"{s['mean']:.3f}" + (f" ± {s['sd']:.3f}" if s.get("sd") is not None else "")
+
+
+def markdown_table(results: list) -> str:
+    "One markdown row per (result file, recipe row): OOF, held-out and gap as mean ± sd over seeds."
+    lines = ["| run | recipe | seeds | OOF AUC | held-out AUC | OOF - held-out |", "|---|---|---|---|---|---|"]
+    for res in results:
+        for name, r in res["recipes"].items():
+            s = r["summary"]
+            oof = _cell(s["oof"]) + (f" (kept epochs: {_cell(s['oof_selected'])})" if "oof_selected" in s else "")
+            lines.append(f"| {res.get('label') or ''} | {name} | {len(r['per_seed'])} | {oof} | {_cell(s['holdout'])} "
+                         f"| {s['gap']['mean']:+.3f} |")
+    return "\n".join(lines)
+
+
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(SHARED / "data" / "ham10000"))
     p.add_argument("--arch", default="tf_efficientnet_lite2")
     p.add_argument("--weights", default=None, help="backbone checkpoint (default ../shared/weights/<arch>.safetensors)")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=12, help="epochs after the one frozen epoch")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="fixed base lr for every recipe (default: lr_find valley)")
+    p.add_argument("--lr", type=float, default=None, help="fixed base lr for every recipe (default: each one's valley)")
+    p.add_argument("--lr-find-its", type=int, default=100, help="lr_find iterations for every recipe's valley")
+    p.add_argument("--lr-find-on", choices=("frozen", "unfrozen"), default=None,
+                   help="model every recipe's lr_find runs on (default: melafast's)")
     p.add_argument("--lr-mult", type=float, default=None,
                    help="head lr / backbone lr of the melafast recipes (default: melafast's, 1)")
     p.add_argument("--best", type=json.loads, default=BEST,
                    help="TrainConfig settings (JSON) added to metadata + TTA x8 in the candidate-best recipe")
-    p.add_argument("--images", type=int, default=None, help="use a lesion-grouped subset of about this many images")
+    p.add_argument("--settings", type=json.loads, default={},
+                   help="TrainConfig settings (JSON) for every melafast recipe")
+    p.add_argument("--images", type=int, default=None,
+                   help="cross-validate on a lesion-grouped subset of about this many images of the non-held-out part")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of the lesions set aside, never trained on")
+    p.add_argument("--holdout-seed", type=int, default=0, help="fixes the held-out part (the same for every seed)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="first seed; the others follow it")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every recipe with this many seeds")
     p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--label", default="", help="a name for this run in the JSON and the markdown table")
     p.add_argument("--small", action="store_true", help="tiny CPU settings: checks the script, not the quality")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print one markdown table of these saved results; no run")
     a = p.parse_args(argv)
     if a.small:
-        a.arch, a.images, a.size, a.epochs, a.folds, a.bs, a.lr = "tf_efficientnet_lite0", 200, 48, 1, 2, 32, 2e-3
-        a.workers = min(a.workers, 2)
+        a.arch, a.images, a.size, a.epochs, a.folds, a.bs, a.lr = "tf_efficientnet_lite0", 160, 48, 1, 2, 32, 2e-3
+        a.holdout, a.seeds, a.workers = 0.05, max(a.seeds, 2), min(a.workers, 2)
     a.weights = Path(a.weights or SHARED / "weights" / f"{a.arch}.safetensors")
-    if a.lr_mult is None:
-        from melafast.run import TrainConfig
+    from melafast.run import TrainConfig
 
-        a.lr_mult = TrainConfig.lr_mult
-    a.lr_find_its = 100 if a.lr is None else 20
+    a.lr_mult = TrainConfig.lr_mult if a.lr_mult is None else a.lr_mult
+    a.lr_find_on = a.settings.get("lr_find_on", a.lr_find_on or TrainConfig.lr_find_on)
+    unknown = [r for r in a.recipes.split(",") if r not in RUNNERS]
+    if unknown:
+        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
+    return a
+
+
+def main(argv=None):
+    a = _parse(argv)
+    if a.table:
+        print(markdown_table([json.loads(Path(f).read_text()) for f in a.table]))
+        return {}
     if not Path(a.data, "train.csv").is_file() or not a.weights.is_file():
         print(json.dumps({"skipped": f"needs {a.data}/train.csv and {a.weights}"}))
         return None
@@ -160,31 +294,37 @@ def main(argv=None):
     from melafast.data import load_competition, make_folds
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    df, _ = load_competition(a.data)
-    if a.images:
-        df = _subset(df, a.images)
-    df = make_folds(df, n_folds=a.folds, seed=a.seed)
-    runs = {
-        "frozen_logreg": lambda tmp: frozen_logreg(df, a, device),
-        "plain_fastai": lambda tmp: plain_fastai(df, a, device),
-        "melafast_image": lambda tmp: melafast_recipe(df, a, tmp, "image", meta=False, tta=1),
-        "melafast_meta_tta": lambda tmp: melafast_recipe(df, a, tmp, "meta", meta=True, tta=8),
-        "melafast_best": lambda tmp: melafast_recipe(df, a, tmp, "best", **{"meta": True, "tta": 8, **a.best}),
-    }
-    results = {}
+    full, _ = load_competition(a.data)
+    rest, hold = split_holdout(full, a.holdout, a.holdout_seed)
+    cv = _subset(rest, a.images) if a.images else rest
+    a.everything = __import__("pandas").concat([cv, hold], ignore_index=True)
+    seeds = [a.seed + i for i in range(a.seeds)]
+    per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in a.recipes.split(","):
-            t0 = time.perf_counter()
-            pred = runs[name](tmp)
-            results[name] = dict(oof_auc=round(float(roc_auc_score(df["target"], pred)), 4),
-                                 seconds=round(time.perf_counter() - t0, 1))
-    res = dict(data=str(a.data), images=len(df), melanomas=int(df["target"].sum()), folds=a.folds, arch=a.arch,
-               size=a.size, epochs=a.epochs, bs=a.bs, lr=a.lr or "lr_find valley", seed=a.seed,
-               lr_mult=a.lr_mult, best=a.best,
+        for seed in seeds:
+            df = make_folds(cv, n_folds=a.folds, seed=seed)
+            for recipe in a.recipes.split(","):
+                t0 = time.perf_counter()
+                rows = RUNNERS[recipe](df, hold, a, seed, tmp, device)
+                seconds = round(time.perf_counter() - t0, 1)
+                for name, (oof, held, *selected) in rows.items():
+                    r = dict(seed=seed, oof=round(float(roc_auc_score(df["target"], oof)), 4),
+                             holdout=round(float(roc_auc_score(hold["target"], held)), 4), seconds=seconds)
+                    r["gap"] = round(r["oof"] - r["holdout"], 4)
+                    if selected:
+                        r["oof_selected"] = round(float(roc_auc_score(df["target"], selected[0])), 4)
+                    per_seed[name].append(r)
+                    _log(f"seed {seed} {name}: {r}")
+    res = dict(label=a.label, data=str(a.data), cv_images=len(cv), cv_melanomas=int(cv["target"].sum()),
+               holdout_images=len(hold), holdout_melanomas=int(hold["target"].sum()),
+               holdout_lesions=int(hold["patient_id"].nunique()), folds=a.folds, arch=a.arch, size=a.size,
+               epochs=a.epochs, freeze_epochs=1, bs=a.bs, lr=a.lr or f"lr_find valley ({a.lr_find_its} iterations)",
+               lr_find_on=a.lr_find_on, lr_mult=a.lr_mult, best=a.best, settings=a.settings, seeds=seeds,
                device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-               recipes=results)
+               recipes={name: dict(summary=summarize(rows), per_seed=rows) for name, rows in per_seed.items()})
     text = json.dumps(res, indent=2)
     print(text)
+    _log(markdown_table([res]))
     if a.out:
         Path(a.out).write_text(text + "\n")
     return res

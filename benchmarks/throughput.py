@@ -85,7 +85,8 @@ def pure_inference(arch, size, bs, steps, warmup, device) -> float:
 
 
 def melafast_tta(learn, df, size, bs, workers, device) -> float:
-    """Original images per second of dihedral TTA x8 over `df`'s JPEGs (second pass; the first warms up)."""
+    """Original images per second of dihedral TTA x8 over `df`'s JPEGs (second pass; the first warms up), and how
+    many images were predicted."""
     from melafast.data import inference_dl
     from melafast.tta import dihedral_tta
 
@@ -95,7 +96,7 @@ def melafast_tta(learn, df, size, bs, workers, device) -> float:
     t0 = time.perf_counter()
     probs = dihedral_tta(learn, dl, n=8, progress=False)
     _sync(device)
-    return len(probs) / (time.perf_counter() - t0)
+    return len(probs) / (time.perf_counter() - t0), len(probs)
 
 
 def melafast_epoch(arch, size, bs, n_images, workers, device, tmp, compile=False) -> dict:
@@ -113,9 +114,15 @@ def melafast_epoch(arch, size, bs, n_images, workers, device, tmp, compile=False
     df["fold"] = np.r_[np.zeros(n_images, int), np.ones(n_valid, int)]
 
     class TrainTimer(Callback):
+        "Seconds of the training phase and the images its batches held."
+
         def before_train(self):
             _sync(device)
-            self.t0 = time.perf_counter()
+            self.t0, self.images = time.perf_counter(), 0
+
+        def after_batch(self):
+            if self.training:
+                self.images += len(self.y)
 
         def after_train(self):
             _sync(device)
@@ -128,9 +135,9 @@ def melafast_epoch(arch, size, bs, n_images, workers, device, tmp, compile=False
     with learn.no_logging():  # the progress bar stays, as in `melafast train`
         learn.fit(1, 1e-4)  # warm-up
         learn.fit(1, 1e-4, cbs=timer)
-    n_seen = len(dls.train) * bs  # the train DataLoader drops the last partial batch
-    tta = melafast_tta(learn, df, size, bs, workers, device)
-    return dict(img_s=n_seen / timer.seconds, precision=learn.precision, images=n_seen, tta8_img_s=tta)
+    tta, tta_images = melafast_tta(learn, df, size, bs, workers, device)
+    return dict(img_s=timer.images / timer.seconds, precision=learn.precision, images=timer.images, tta8_img_s=tta,
+                tta_images=tta_images)
 
 
 def main(argv=None):
@@ -160,7 +167,7 @@ def main(argv=None):
                melafast_train_img_s=round(mf["img_s"], 1), pure_loop_img_s=round(pure, 1),
                ratio=round(mf["img_s"] / pure, 3), melafast_tta8_img_s=round(mf["tta8_img_s"], 1),
                pure_inference_img_s=round(infer, 1), tta8_ratio=round(mf["tta8_img_s"] / (infer / 8), 3),
-               melafast_images_timed=mf["images"], pure_steps_timed=a.steps,
+               melafast_images_timed=mf["images"], melafast_tta_images=mf["tta_images"], pure_steps_timed=a.steps,
                torch=torch.__version__)
     text = json.dumps(res, indent=2)
     print(text)
