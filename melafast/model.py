@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import socket
 from pathlib import Path
 
 import torch
@@ -25,12 +24,23 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def _hub_reachable(host="huggingface.co", timeout=3.0) -> bool:
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot serve weights right now, or None when it answers.
+
+    Asks huggingface_hub itself: its offline mode (HF_HUB_OFFLINE), its endpoint (HF_ENDPOINT, for mirrors) and its
+    HTTP session (which honours HTTPS_PROXY and the other proxy variables). One request without retries, so a
+    machine with no network gets its answer in seconds rather than after the hub client's retry schedule.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - any failure to get an answer means: no hub here
+        return f"the hub at {constants.ENDPOINT} does not answer ({type(e).__name__})"
+    return None
 
 
 def _cached_hub_file(arch: str) -> str | None:
@@ -48,11 +58,11 @@ def _cached_hub_file(arch: str) -> str | None:
     return None
 
 
-def _offline_error(arch):
+def _offline_error(arch, why: str = "it is unreachable from here"):
     return WeightsError(
-        f"pretrained weights for {arch!r} need the Hugging Face hub, which is unreachable from here, and no cached "
-        f"copy was found. Pass a local timm checkpoint with weights=FILE (CLI: --weights FILE), or train from "
-        f"random initialisation with pretrained=False (CLI: --no-pretrained).")
+        f"pretrained weights for {arch!r} need the Hugging Face hub ({why}) and no cached copy was found. Pass a "
+        f"local timm checkpoint with weights=FILE (CLI: --weights FILE), or train from random initialisation with "
+        f"pretrained=False (CLI: --no-pretrained).")
 
 
 def create_backbone(arch: str, pretrained: bool = True, weights=None) -> nn.Module:
@@ -71,16 +81,19 @@ def create_backbone(arch: str, pretrained: bool = True, weights=None) -> nn.Modu
             raise WeightsError(f"weights file {weights} not found")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
         pretrained = True
-    elif pretrained and not _hub_reachable():
+    elif pretrained and (why := _hub_unreachable()) is not None:
         cached = _cached_hub_file(arch)
         if cached is None:
-            raise _offline_error(arch)
+            raise _offline_error(arch, why)
         kwargs["pretrained_cfg_overlay"] = dict(file=cached)
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
-    except RuntimeError as e:  # state-dict key or shape mismatch
+    except RuntimeError as e:  # state-dict key or shape mismatch, or a pickle that weights_only refused
         if weights is None:
             raise
+        if "weights_only" in str(e):
+            raise WeightsError(f"weights file {weights} holds pickled Python objects, not just tensors: refused, since "
+                               "unpickling can run code. Use a .safetensors file or a plain state dict") from None
         raise WeightsError(f"weights file {weights} does not fit {arch!r}: {str(e).splitlines()[0][:300]}") from None
     except (OSError, ValueError) as e:
         if weights is not None:

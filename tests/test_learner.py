@@ -168,11 +168,12 @@ def test_precision_resolution():
 
 
 def test_offline_pretrained_error_names_the_ways_out(monkeypatch):
-    monkeypatch.setattr(model_mod, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(model_mod, "_hub_unreachable", lambda *a, **k: "the hub does not answer")
     monkeypatch.setattr(model_mod, "_cached_hub_file", lambda arch: None)
     with pytest.raises(WeightsError) as e:
         create_backbone("efficientnet_b0", pretrained=True)
     assert "--weights FILE" in str(e.value) and "--no-pretrained" in str(e.value)
+    assert "the hub does not answer" in str(e.value)
 
 
 def test_unknown_arch_suggests_names():
