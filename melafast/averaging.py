@@ -122,9 +122,8 @@ def recompute_bn(learn, dl=None, progress: bool = True):
     averaged across them, so every process ends with the same model."""
     import contextlib
 
-    from fastprogress.fastprogress import progress_bar
-
     from .distributed import world_size
+    from .progress import progress as shown
 
     model = unwrap(learn.model)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -143,7 +142,8 @@ def recompute_bn(learn, dl=None, progress: bool = True):
     model.train()
     try:
         with ctx:
-            for batch in progress_bar(dl, leave=False, display=progress):
+            for batch in shown(dl, total=len(dl), label="batch-norm statistics", size=lambda b: len(b[0]),
+                               display=progress):
                 model(*[b.to(device, non_blocking=True) for b in batch[:n_inp]])
     finally:
         model.train(was_training)

@@ -75,7 +75,6 @@ def to_distributed(learn):
     fastai's own `DistributedTrainer` broadcasts the shuffled indices through CUDA tensors; melafast's subclass
     keeps them on the CPU under gloo, so the same code runs on CPU-only machines.
     """
-    from fastai.callback.progress import ProgressCallback
     from fastai.distributed import DistributedDL, DistributedTrainer
 
     class _DL(DistributedDL):
@@ -91,6 +90,6 @@ def to_distributed(learn):
     cuda = torch.device(learn.dls.device or "cpu").type == "cuda"
     # SyncBatchNorm exists only on GPUs; on CPUs each process keeps its own batch statistics
     learn.add_cb(_Trainer(sync_bn=cuda, cpu=not cuda))
-    if not is_main():
-        learn.remove_cb(ProgressCallback)
+    if not is_main() and hasattr(learn, "progress"):  # a bar or the log lines: rank 0's is enough
+        learn.remove_cb(learn.progress)
     return learn

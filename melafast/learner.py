@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -17,6 +18,7 @@ from fastcore.meta import delegates
 from .errors import MelafastError
 from .hostsync import sync_free
 from .model import MelanomaModel, melanoma_splitter
+from .progress import LineProgress, interactive
 from .tta import dihedral_tta
 
 __all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs",
@@ -45,6 +47,18 @@ class MelanomaLearner(Learner):
     def fine_tune(self, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=1, pct_start=0.3, div=5.0, **kwargs):
         return super().fine_tune(epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult,
                                  pct_start=pct_start, div=div, **kwargs)
+
+    @contextmanager
+    def no_bar(self):
+        "Hide the progress display inside; afterwards put back the same one (fastai's puts back a bar of its own)."
+        cb = getattr(self, "progress", None)
+        if cb is not None:
+            self.remove_cb(cb)
+        try:
+            yield self
+        finally:
+            if cb is not None:
+                self.add_cb(cb)
 
 
 class MelanomaAUC(Metric):
@@ -166,6 +180,9 @@ def melanoma_learner(
     if frozen_bn:  # batch-norm layers whose weights are frozen run in eval mode: their statistics stop moving too
         kwargs["cbs"] = [*L(kwargs.get("cbs")), BnFreeze()]
     learn = sync_free(MelanomaLearner(dls, model, splitter=melanoma_splitter, **kwargs))
+    if not interactive() and hasattr(learn, "progress"):  # a log, not a screen: one line per epoch, not a bar
+        learn.remove_cb(learn.progress)
+        learn.add_cb(LineProgress())
     learn.arch, learn.precision = arch, precision
     if torch.device(device).type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -10,14 +11,35 @@ from typing import Callable
 
 from .errors import DataError, MelafastError
 
-__all__ = ["resize_image", "prepare_dataset"]
+__all__ = ["resize_image", "prepare_dataset", "RECORD"]
+
+RECORD = "prepare.json"  # the settings a prepared folder was made with
+QUALITY = 95  # JPEG quality of the copies
 
 
-def resize_image(src: str, dst: str, size: int, quality: int = 95) -> bool:
-    """Resize so the shorter side is `size` (aspect kept, never enlarged), save as JPEG; False if it was up to date."""
+def _shorter_side(path: str) -> int:
     from PIL import Image
 
-    if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+    with Image.open(path) as im:  # reads the header only
+        return min(im.size)
+
+
+def _up_to_date(src: str, dst: str, size: int) -> bool:
+    "A copy made from this source (not older than it) at this size: its shorter side is min(size, the source's)."
+    try:
+        if os.path.getmtime(dst) < os.path.getmtime(src):
+            return False
+        return _shorter_side(dst) == min(size, _shorter_side(src))
+    except OSError:  # missing or unreadable copy
+        return False
+
+
+def resize_image(src: str, dst: str, size: int, quality: int = QUALITY, force: bool = False) -> bool:
+    """Resize so the shorter side is `size` (aspect kept, never enlarged), save as JPEG; False if `dst` was already
+    such a copy of `src` (made at this size, not older than `src`) and `force` is off."""
+    from PIL import Image
+
+    if not force and _up_to_date(src, dst, size):
         return False
     with Image.open(src) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale straight away
@@ -31,19 +53,21 @@ def resize_image(src: str, dst: str, size: int, quality: int = 95) -> bool:
     return True
 
 
-def _resize_many(jobs, size):
-    return sum(resize_image(s, d, size) for s, d in jobs)
+def _resize_many(jobs, size, force=False):
+    return sum(resize_image(s, d, size, force=force) for s, d in jobs)
 
 
 def prepare_dataset(src, out, size: int = 384, workers: int | None = None, images=None, log: Callable = print) -> dict:
     """Copy `src`'s CSVs to `out` and write its train/test images, resized, to `out/train` and `out/test`.
 
     Images are resized so their shorter side is `size` (aspect kept; smaller images are copied as they are);
-    melafast then squashes them to `size` x `size` when training. Images already done are skipped.
+    melafast then squashes them to `size` x `size` when training. The settings are recorded in `out/prepare.json`.
+    A rerun skips the copies already made from the same source at the same size, and redoes the others: all of them
+    when the recorded size or quality differs, a copy older than its source, or one of another size.
     """
-    from fastprogress.fastprogress import progress_bar
-
+    from .checkpoint import write_json
     from .data import load_competition
+    from .progress import progress as shown
 
     if not 16 <= size <= 4096:
         raise MelafastError(f"--size must be between 16 and 4096, got {size}")
@@ -52,6 +76,15 @@ def prepare_dataset(src, out, size: int = 384, workers: int | None = None, image
         raise MelafastError("--out must differ from --src: prepare never overwrites the originals")
     train, test = load_competition(src, images=images)
     out.mkdir(parents=True, exist_ok=True)
+    record, settings = out / RECORD, dict(size=size, quality=QUALITY)
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        before = None
+    force = isinstance(before, dict) and {k: before.get(k) for k in settings} != settings
+    if force:
+        log(f"{out} was prepared with {before.get('size')} px (quality {before.get('quality')}): redoing every image "
+            f"at {size} px")
     for csv in src.glob("*.csv"):
         shutil.copy2(csv, out / csv.name)
     jobs = []
@@ -65,12 +98,15 @@ def prepare_dataset(src, out, size: int = 384, workers: int | None = None, image
     workers = workers or os.cpu_count() or 1
     chunks = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
     done = 0
+    write_json(dict(settings, src=str(src.resolve()), finished=False), record)  # a kill mid-way leaves this mark
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for n in progress_bar(pool.map(_resize_many, chunks, [size] * len(chunks)), total=len(chunks)):
+            results = zip(chunks, pool.map(_resize_many, chunks, [size] * len(chunks), [force] * len(chunks)))
+            for _, n in shown(results, total=len(chunks), label="resize (or check)", size=lambda r: len(r[0])):
                 done += n
     else:
-        for chunk in progress_bar(chunks):
-            done += _resize_many(chunk, size)
+        for chunk in shown(chunks, total=len(chunks), label="resize (or check)", size=len):
+            done += _resize_many(chunk, size, force)
+    write_json(dict(settings, src=str(src.resolve()), finished=True, images=len(jobs)), record)
     log(f"{out}: {done} images resized to {size} px (shorter side), {len(jobs) - done} already done")
     return dict(resized=done, skipped=len(jobs) - done, total=len(jobs))

@@ -49,7 +49,7 @@ def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_i
     `meta[:, meta_slices[i]]`, or the image only when `meta_slices[i]` is None. Returns one (N, n_out_i) tensor per
     model, averaged over `n` dihedral views (kept on the device until the end: no sync per batch).
     """
-    from fastprogress.fastprogress import progress_bar
+    from .progress import progress as shown
 
     views = dihedral_views(n)
     n_inp = n_inp or getattr(dl, "n_inp", 1)
@@ -61,7 +61,8 @@ def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_i
     outs = [[] for _ in models]
     try:
         with torch.inference_mode(), amp:
-            for batch in progress_bar(dl, leave=False, display=progress):
+            for batch in shown(dl, total=len(dl), label=f"TTA x{len(views)}", size=lambda b: len(b[0]),
+                               display=progress):
                 img, *rest = [b.to(device, non_blocking=True) for b in batch[:n_inp]]
                 totals = [0.0] * len(models)
                 for k in views:
