@@ -16,11 +16,12 @@ _EXPORTS = {
     "MelafastError": "errors", "DataError": "errors", "WeightsError": "errors", "RunError": "errors",
     "load_competition": "data", "clean_metadata": "data", "make_folds": "data", "MetaProcessor": "data",
     "melanoma_dls": "data", "inference_dl": "data", "make_sample": "data", "find_dataset": "data",
+    "load_split": "data", "image_table": "data", "image_folder": "data",
     "MelanomaModel": "model", "melanoma_splitter": "model", "create_backbone": "model",
     "melanoma_learner": "learner", "MelanomaLearner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
     "dihedral_tta": "tta", "dihedral_views": "tta",
     "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
-    "save_run": "checkpoint", "load_predictor": "checkpoint", "Predictor": "checkpoint",
+    "save_run": "checkpoint", "load_predictor": "checkpoint", "Predictor": "checkpoint", "RunPredictor": "checkpoint",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -16,7 +16,8 @@ import torch
 from . import __version__
 from .errors import RunError
 
-__all__ = ["predict_many", "save_run", "load_predictor", "Predictor", "atomic_path", "write_json", "write_csv", "CONFIG_FORMAT"]
+__all__ = ["predict_many", "save_run", "load_predictor", "Predictor", "RunPredictor", "model_dirs", "inference_settings",
+           "atomic_path", "write_json", "write_csv", "CONFIG_FORMAT"]
 
 CONFIG_FORMAT = 1  # bump when config.json changes incompatibly
 _REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
@@ -108,12 +109,32 @@ def _read_weights(path: Path) -> dict:
     raise RunError(f"{path} has no model.safetensors: the run did not finish saving this model")
 
 
+def inference_settings(model, device, precision: str = "auto", channels_last: bool | None = None):
+    """Put `model` on `device` in eval mode with the speed settings training uses there; return the autocast dtype.
+
+    `channels_last` (default: on GPUs) stores the weights and feeds the images channels-last; `precision` is
+    resolved as in training (auto: bf16 on GPUs that have it, fp16 on older ones, fp32 on the CPU). On GPUs cuDNN
+    autotunes its kernels unless deterministic algorithms were asked for.
+    """
+    from .learner import resolve_precision
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    channels_last = cuda if channels_last is None else channels_last
+    model.to(device).eval()
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.channels_last = channels_last
+    if cuda and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
+
+
 @dataclass
 class Predictor:
-    """A trained melanoma model, ready to predict on new images (a DataFrame with `fname` and metadata)."""
+    """A trained melanoma model, ready to predict new images (a folder, paths, or a DataFrame with `fname`)."""
 
     model: torch.nn.Module  # the rebuilt MelanomaModel, in eval mode
-    config: dict  # the run's config.json
+    config: dict  # the fold's config.json
 
     @property
     def meta_proc(self):
@@ -121,10 +142,54 @@ class Predictor:
 
         return MetaProcessor.from_dict(self.config["meta_proc"]) if self.config["meta"] else None
 
-    def predict(self, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
+    @property
+    def tta(self) -> int:
+        """The dihedral TTA the run scored this model with (8 for models saved before it was recorded)."""
+        return int(self.config.get("tta", 8))
+
+    def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True) -> np.ndarray:
-        """Melanoma probabilities for the rows of `df`, in order, averaged over `tta` dihedral views."""
-        return predict_many([self], df, tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress)[0]
+        """Melanoma probability of each image, in order, averaged over `tta` dihedral views (default: the run's).
+
+        `images`: a folder, an image path, a list of paths, or a DataFrame with `fname` (see `image_table`);
+        `meta`: a CSV or DataFrame of metadata by `image_name` (images it does not cover count as unknown).
+        """
+        from .data import image_table
+
+        return predict_many([self], image_table(images, meta), tta=tta or self.tta, bs=bs, num_workers=num_workers,
+                            device=device, progress=progress)[0]
+
+
+@dataclass
+class RunPredictor:
+    """Every fold model of a run as one predictor: the mean of their melanoma probabilities, as `submit` blends them."""
+
+    predictors: list  # one `Predictor` per fold model
+    path: Path  # the run folder
+    tta: int = 8  # the dihedral TTA the run was made with
+
+    def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
+                device=None, progress: bool = True) -> np.ndarray:
+        """Melanoma probability of each image: the fold models' mean (arguments as `Predictor.predict`)."""
+        from .data import image_table
+
+        preds = predict_many(self.predictors, image_table(images, meta), tta=tta or self.tta, bs=bs,
+                             num_workers=num_workers, device=device, progress=progress)
+        return np.mean(preds, axis=0)
+
+
+def model_dirs(run) -> list[Path]:
+    """The model folders of a run: its `fold*/` subfolders, or the folder itself if it is one model."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"run folder {run} does not exist")
+    if (run / "model.safetensors").is_file() or (run / "model.pth").is_file():
+        return [run]
+    dirs = sorted((d for d in run.glob("fold*") if d.is_dir()), key=lambda d: d.name)
+    done = [d for d in dirs if (d / "config.json").is_file()]
+    if not done:
+        raise RunError(f"{run} holds no trained model (no fold*/config.json): has `melafast train` finished a fold?")
+    return done
 
 
 def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
@@ -139,24 +204,41 @@ def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64,
         df = add_meta_features(df)  # the models were trained with them: compute them over this table
     df = clean_metadata(df)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     out = [None] * len(predictors)
     for size in sorted({p.config["size"] for p in predictors}):
         idx = [i for i, p in enumerate(predictors) if p.config["size"] == size]
         stack = MetaStack([procs[i] for i in idx])
         dl = inference_dl(df, size, stack if stack.procs else None, bs=bs, num_workers=num_workers, device=device)
-        models = [predictors[i].model.to(device) for i in idx]
+        models = [predictors[i].model for i in idx]
+        amps = {inference_settings(m, device) for m in models}  # the same rule for every model: one dtype
+        amp = amps.pop()
         probs = predict_probs_multi(models, dl, stack.slices, n=tta, amp_dtype=amp, progress=progress)
         for i, pr in zip(idx, probs):
             out[i] = pr[:, predictors[i].config["pos"]].numpy().astype(np.float64)
     return out
 
 
-def load_predictor(path, device="cpu") -> Predictor:
-    """Rebuild a model saved by `save_run` from its two files (safetensors + JSON; no pickle is ever opened)."""
+def load_predictor(path, device="cpu"):
+    """Rebuild saved models from their two files each (safetensors + JSON; no pickle is ever opened).
+
+    A fold folder gives a `Predictor`; a run folder gives a `RunPredictor` over all its fold models, which
+    predicts with the run's TTA. Both have `.predict(images, meta=None)`.
+    """
+    path = Path(path)
+    if not any(path.glob("fold*/config.json")):  # one model's folder (a broken one says what is wrong with it)
+        if not path.is_dir():
+            raise RunError(f"run folder {path} does not exist")
+        return _load_one(path, device)
+    dirs = model_dirs(path)
+    tta = 8
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        tta = int(json.loads((path / "config.json").read_text())["settings"]["tta"])
+    return RunPredictor([_load_one(d, device) for d in dirs], path, tta)
+
+
+def _load_one(path: Path, device="cpu") -> Predictor:
     from .model import MelanomaModel
 
-    path = Path(path)
     cfg = _read_config(path)
     state = _read_weights(path)
     kw = {k: v for k, v in cfg["model"].items() if k != "arch"}

@@ -81,6 +81,8 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", hel
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for folds, initialisation and shuffling.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader processes (default: one per core, max 8).")]
 TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
+RunTtaOpt = Annotated[Optional[int], typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8 (default: the "
+                                                  "run's, as it scored its out-of-fold predictions).")]
 RunDataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")]
 
 
@@ -146,6 +148,9 @@ def train(
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = True,
     seed: SeedOpt = 42,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU algorithms and no cuDNN "
+                                                "autotuning: bit-for-bit repeatable on a GPU, slower. (The CPU "
+                                                "repeats anyway.)")] = False,
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<arch>-<size>-<time>).")] = None,
     on_bad_image: BadImageOpt = BadImage.error,
@@ -178,7 +183,7 @@ def train(
                           freeze_epochs=freeze_epochs, bs=bs, lr=_parse_lr(lr), lr_find_on=lr_find_on.value,
                           lr_mult=lr_mult, keep=keep.value, frozen_bn=frozen_bn, folds=folds,
                           fold=_parse_fold(fold), meta=meta, precision=precision.value, tta=tta, weights=_str(weights),
-                          pretrained=pretrained, seed=seed, workers=workers, out=_str(out),
+                          pretrained=pretrained, seed=seed, deterministic=deterministic, workers=workers, out=_str(out),
                           on_bad_image=on_bad_image.value, compile=compile,
                           external=[str(p) for p in external or []], upsample=upsample, target=target.value,
                           extra_meta=extra_meta, aug=aug.value, ema=ema, swa=swa, pseudo=_str(pseudo))
@@ -221,18 +226,31 @@ def lr_find(
 @_friendly
 def predict(
     run: Annotated[Path, typer.Option("--run", help="Run folder from `melafast train` (or one fold folder).")],
-    data: RunDataOpt = None,
-    images: ImagesOpt = None,
-    split: Annotated[Split, typer.Option("--split", help="Which CSV to predict.")] = Split.test,
-    tta: TtaOpt = 8,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder whose --split to predict (default: "
+                                                 "the run's; only that split's CSV and images are needed).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Without --data: predict every image in this "
+                                                   "folder. With --data: where that dataset's images are.")] = None,
+    meta: Annotated[Optional[Path], typer.Option("--meta", help="With --images FOLDER: a CSV of image_name, sex, "
+                                                 "age_approx, anatom_site_general_challenge (images it lacks, or all "
+                                                 "without it, count as unknown).")] = None,
+    split: Annotated[Split, typer.Option("--split", help="Which CSV of --data to predict.")] = Split.test,
+    tta: RunTtaOpt = None,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (and target for train).")] = Path("preds.csv"),
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (the melanoma probability), run "
+                                      "(and target for train).")] = Path("preds.csv"),
     on_bad_image: BadImageOpt = BadImage.error,
 ):
-    """Predict melanoma probabilities for a dataset split with every fold model of a run (their mean)."""
-    from .submit import predict_split
+    """Predict melanoma probabilities with every fold model of a run (their mean): a folder of new images, or a
+    dataset split."""
+    from .submit import predict_images, predict_split
 
+    if data is None and images is not None:
+        predict_images(run, images, meta=meta, tta=tta, out=out, bs=bs, num_workers=workers,
+                       on_bad_image=on_bad_image.value, log=typer.echo)
+        return
+    if meta is not None:
+        raise MelafastError("--meta goes with --images FOLDER (and no --data): a dataset's metadata is in its CSV")
     predict_split(run, data=data, split=split.value, tta=tta, out=out, bs=bs, num_workers=workers, images=images,
                   on_bad_image=on_bad_image.value, log=typer.echo)
 
@@ -245,7 +263,7 @@ def submit(
                                                      "(its runs, blend and weights) instead of --run.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the first run's).")] = None,
     images: ImagesOpt = None,
-    tta: TtaOpt = 8,
+    tta: RunTtaOpt = None,
     blend: Annotated[Blend, typer.Option("--blend", help="How runs are combined: mean probability or mean rank.")] = Blend.mean,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
@@ -282,7 +300,7 @@ def pseudo(
     high: Annotated[float, typer.Option("--high", help="Keep test images predicted at or above this probability.")] = 0.9,
     hard: Annotated[bool, typer.Option("--hard/--soft", help="Round the kept predictions to 0/1 (default: keep the "
                                        "probability as a soft label).")] = False,
-    tta: TtaOpt = 8,
+    tta: RunTtaOpt = None,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default <run>/pseudo.csv).")] = None,

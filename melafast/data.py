@@ -14,7 +14,9 @@ import pandas as pd
 from .errors import DataError
 
 __all__ = [
-    "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "read_table", "clean_metadata",
+    "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "load_split", "image_folder", "image_table",
+    "read_table",
+    "clean_metadata",
     "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls", "inference_dl",
     "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images", "BAD_IMAGE_MODES",
     "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES", "AUG_PRESETS",
@@ -138,22 +140,75 @@ def _attach_fnames(df: pd.DataFrame, folder: Path, csv_name: str) -> pd.DataFram
     return df
 
 
+def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:
+    """Read one split of a dataset folder, `train.csv` or `test.csv`, with cleaned metadata and an absolute `fname`.
+
+    Only that split's images must exist: a folder with `test.csv` and the test images is enough to predict.
+    Returns None when `test.csv` is absent; a missing `train.csv` is an error. `images` overrides the image folder.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be train or test, got {split!r}")
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist")
+    csv = path / f"{split}.csv"
+    if split == "test" and not csv.is_file():
+        return None
+    root = Path(images).expanduser().resolve() if images is not None else path
+    df = clean_metadata(read_table(csv, required=("image_name", "target") if split == "train" else ("image_name",)))
+    return _attach_fnames(df, find_image_dir(root, df["image_name"].tolist(), split), csv.name)
+
+
 def load_competition(path, images=None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Read `train.csv` (and `test.csv` when present) from `path`, clean metadata, add an absolute `fname` column.
 
     The image folder is detected (`jpeg/train`, `jpeg224/train`, `train/`, `images/`, ...); `images` overrides it.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.is_dir():
-        raise DataError(f"data folder {path} does not exist")
-    root = Path(images).expanduser().resolve() if images is not None else path
-    train = clean_metadata(read_table(path / "train.csv", required=("image_name", "target")))
-    train = _attach_fnames(train, find_image_dir(root, train["image_name"].tolist(), "train"), "train.csv")
-    test = None
-    if (path / "test.csv").is_file():
-        test = clean_metadata(read_table(path / "test.csv"))
-        test = _attach_fnames(test, find_image_dir(root, test["image_name"].tolist(), "test"), "test.csv")
-    return train, test
+    return load_split(path, "train", images), load_split(path, "test", images)
+
+
+def image_folder(folder, meta=None) -> pd.DataFrame:
+    """A table of every image in `folder` (.jpg, .jpeg, .png; sorted by name): `image_name` (the file's stem) and
+    an absolute `fname`, with the metadata of `meta` (a CSV path or a DataFrame with an `image_name` column) joined
+    on `image_name`. Images without a metadata row get missing values, which the models treat as unknown.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist")
+    files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTS
+                   and (folder / f).is_file())
+    if not files:
+        raise DataError(f"{folder} holds no .jpg, .jpeg or .png images")
+    df = pd.DataFrame({"image_name": [os.path.splitext(f)[0] for f in files],
+                       "fname": [str(folder / f) for f in files]})
+    dup = df["image_name"][df["image_name"].duplicated()]
+    if len(dup):
+        raise DataError(f"{folder} holds two images named {dup.iloc[0]} (e.g. .jpg and .png): keep one")
+    return image_table(df, meta)
+
+
+def image_table(images, meta=None) -> pd.DataFrame:
+    """The rows to predict, from what a user has at hand: a folder of images, one image path, a list of image paths,
+    or a DataFrame with an `fname` column (e.g. from `load_competition`). `meta` (a CSV path or a DataFrame with
+    `image_name`) adds metadata by image name; without it, or for images it does not list, metadata is missing.
+    """
+    if isinstance(images, pd.DataFrame):
+        if "fname" not in images.columns:
+            raise DataError("a DataFrame of images needs an fname column (read the data with load_competition)")
+        df = images
+    elif isinstance(images, (str, os.PathLike)) and Path(images).expanduser().is_dir():
+        return image_folder(images, meta)
+    else:
+        paths = [Path(images)] if isinstance(images, (str, os.PathLike)) else [Path(p) for p in images]
+        missing = [str(p) for p in paths if not p.expanduser().is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} image file(s) not found: {', '.join(missing[:3])}")
+        df = pd.DataFrame({"image_name": [p.stem for p in paths], "fname": [str(p.expanduser().resolve()) for p in paths]})
+    if meta is not None:
+        table = read_table(meta) if not isinstance(meta, pd.DataFrame) else meta
+        cols = [c for c in table.columns if c not in ("fname", "target") and (c == "image_name" or c not in df.columns)]
+        df = df.merge(table[cols].astype({"image_name": str}), on="image_name", how="left")
+    return clean_metadata(df)
 
 
 def find_dataset(path) -> Path | None:
@@ -198,14 +253,14 @@ def check_images(df: pd.DataFrame, on_bad: str = "error", workers: int = 8, prog
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from fastprogress.fastprogress import progress_bar
+    from .progress import progress as shown
 
     if on_bad not in BAD_IMAGE_MODES:
         raise DataError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_MODES)}, got {on_bad!r}")
     fnames = df["fname"].tolist()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # file reads and PIL header parsing release the GIL
-        problems = list(progress_bar(pool.map(_image_problem, fnames, chunksize=64), total=len(fnames),
-                                     display=progress and len(fnames) > 1000, leave=False))
+        problems = list(shown(pool.map(_image_problem, fnames, chunksize=64), total=len(fnames),
+                              label="image check", display=progress and len(fnames) > 1000))
     is_bad = np.array([p is not None for p in problems], dtype=bool)
     bad = pd.DataFrame({"image_name": df["image_name"].to_numpy()[is_bad], "fname": np.asarray(fnames, dtype=object)[is_bad],
                         "problem": [p for p in problems if p is not None]})

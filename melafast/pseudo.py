@@ -21,9 +21,10 @@ def select_pseudo(pred, low: float = 0.1, high: float = 0.9) -> np.ndarray:
     return (pred <= low) | (pred >= high)
 
 
-def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9, hard: bool = False, tta: int = 8,
+def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9, hard: bool = False, tta: int | None = None,
                   bs: int = 64, num_workers: int | None = None, images=None, log: Callable = print) -> pd.DataFrame:
-    """Predict the test set with every fold of `run` and keep the confident images as pseudo-labels.
+    """Predict the test set with every fold of `run` (TTA default: the run's) and keep the confident images as
+    pseudo-labels.
 
     Writes `out` (default `<run>/pseudo.csv`: image_name, pred, soft_target) and a histogram next to it.
     `soft_target` is the predicted probability itself (or 0/1 with `hard=True`). Train on them with
@@ -31,16 +32,17 @@ def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9,
     folds only. Test images that cannot be read are left out.
     """
     from .checkpoint import write_csv
-    from .data import check_images, load_competition
+    from .data import check_images, load_split
     from .plots import plot_pseudo
     from .submit import data_for_run, model_dirs, predict_run
     from .tta import dihedral_views
 
     select_pseudo([], low, high)  # check the thresholds before any prediction
-    dihedral_views(tta)
+    if tta is not None:
+        dihedral_views(tta)
     model_dirs(run)
     data = data_for_run(run, data)
-    _, test = load_competition(data, images=images)
+    test = load_split(data, "test", images=images)  # the training images need not be there
     if test is None or test.empty:
         raise DataError(f"{data} has no test.csv: pseudo-labels are made from test images")
     test, bad = check_images(test.reset_index(drop=True), "skip")

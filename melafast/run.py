@@ -18,7 +18,8 @@ import pandas as pd
 from . import __version__
 from .errors import DataError, MelafastError
 
-__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "resume_run", "lr_find_run", "DEFAULT_DATA",
+__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "resume_run", "lr_find_run", "seed_everything",
+           "DEFAULT_DATA",
            "KEEP_RULES", "LR_FIND_ON", "epoch_rule"]
 
 DEFAULT_DATA = Path("data")  # where users put a Kaggle download; the synthetic sample goes to data/sample
@@ -60,6 +61,7 @@ class TrainConfig:
     weights: str | None = None  # local timm checkpoint for the backbone
     pretrained: bool = True  # start from ImageNet weights
     seed: int = 42  # folds, initialisation, shuffling
+    deterministic: bool = False  # deterministic GPU algorithms, no cuDNN autotuning: reproducible GPU runs, slower
     workers: int | None = None  # DataLoader processes; None = one per core, at most 8
     out: str | None = None  # run folder; None = runs/<arch>-<size>-<date-time>
     on_bad_image: str = "error"  # error: stop and list unusable images; skip: leave them out and list them
@@ -233,15 +235,27 @@ def _fit(learn, cfg: TrainConfig, lr: float):
         learn.fit_one_cycle(cfg.epochs, slice(lr / 2 / lr_mult, lr / 2), pct_start=0.3, div=5.0)
 
 
-def _fold_learner(df, k, cfg: TrainConfig, path):
+def seed_everything(seed: int, deterministic: bool = False):
+    """Seed Python, numpy and torch. GPUs then autotune their convolutions (cuDNN benchmark), which is fastest but
+    not bit-for-bit repeatable; `deterministic` turns on deterministic algorithms instead. The CPU repeats either way.
+    """
+    import torch
     from fastai.torch_core import set_seed
 
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    set_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def _fold_learner(df, k, cfg: TrainConfig, path):
     from .data import melanoma_dls
+    from .distributed import process_device
     from .learner import melanoma_learner
 
-    from .distributed import process_device
-
-    set_seed(cfg.seed, reproducible=True)
+    seed_everything(cfg.seed, cfg.deterministic)
     dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
                        device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
@@ -306,7 +320,7 @@ def _train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
         oof["pred_selected"] = _valid_preds(learn, cfg.tta)
     if is_main():
         save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, kept_epoch=kept, keep=cfg.keep, seed=cfg.seed,
-                                             ema=cfg.ema, swa=cfg.swa))
+                                             ema=cfg.ema, swa=cfg.swa, tta=cfg.tta))
     metrics = pd.DataFrame(tracker.rows).assign(fold=k)
     return oof, metrics, kept
 

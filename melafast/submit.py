@@ -9,28 +9,16 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .checkpoint import model_dirs
 from .errors import DataError, MelafastError, RunError
 from .tta import dihedral_views
 
-__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "ensemble_runs", "crossfit_blend", "read_ensemble",
+__all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "predict_images", "ensemble_runs", "crossfit_blend",
+           "read_ensemble",
            "blend", "submission_ids", "write_submission",
            "validate_submission", "make_submission", "BLENDS"]
 
 BLENDS = ("mean", "rank")
-
-
-def model_dirs(run) -> list[Path]:
-    """The model folders of a run: its `fold*/` subfolders, or the folder itself if it is one model."""
-    run = Path(run)
-    if not run.is_dir():
-        raise RunError(f"run folder {run} does not exist")
-    if (run / "model.safetensors").is_file() or (run / "model.pth").is_file():
-        return [run]
-    dirs = sorted((d for d in run.glob("fold*") if d.is_dir()), key=lambda d: d.name)
-    done = [d for d in dirs if (d / "config.json").is_file()]
-    if not done:
-        raise RunError(f"{run} holds no trained model (no fold*/config.json): has `melafast train` finished a fold?")
-    return done
 
 
 def run_data(run) -> Path | None:
@@ -51,18 +39,18 @@ def data_for_run(run, data=None) -> Path:
     return data
 
 
-def predict_run(run, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
+def predict_run(run, df: pd.DataFrame, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, log: Callable = print) -> np.ndarray:
-    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run`.
+    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run` (`tta` default: the run's).
 
     The fold models share one pass over the images (each image is decoded once, not once per fold).
     """
-    from .checkpoint import load_predictor, predict_many
+    from .checkpoint import load_predictor
 
-    dirs = model_dirs(run)
-    log(f"predicting {len(df)} images with the {len(dirs)} model(s) of {run} (TTA x{tta})")
-    preds = predict_many([load_predictor(d) for d in dirs], df, tta=tta, bs=bs, num_workers=num_workers, device=device)
-    return np.mean(preds, axis=0)
+    predictor = load_predictor(run)
+    n = len(getattr(predictor, "predictors", [predictor]))
+    log(f"predicting {len(df)} images with the {n} model(s) of {run} (TTA x{tta or predictor.tta})")
+    return predictor.predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device)
 
 
 def _ranks(p) -> np.ndarray:
@@ -248,7 +236,7 @@ def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weigh
     return out
 
 
-def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", out="submission.csv",
+def make_submission(runs, data=None, tta: int | None = None, blend_method: str = "mean", out="submission.csv",
                     bs: int = 64, num_workers: int | None = None, images=None, on_bad_image: str = "error",
                     weights=None, log: Callable = print) -> Path:
     """Predict the test set with every fold of every run, blend, write and validate `out`.
@@ -256,11 +244,12 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
     A test image that cannot be read stops with an error, or with `on_bad_image="skip"` gets the median
     prediction (a submission must list every id).
     """
-    from .data import load_competition
+    from .data import load_split
 
     if not runs:
         raise MelafastError("name at least one run folder (--run DIR)")
-    dihedral_views(tta)
+    if tta is not None:
+        dihedral_views(tta)
     if blend_method not in BLENDS:
         raise MelafastError(f"--blend must be one of {', '.join(BLENDS)}, got {blend_method!r}")
     if weights is not None and len(weights) != len(runs):
@@ -268,7 +257,7 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
     for r in runs:
         model_dirs(r)  # fail on a bad run before any prediction starts
     data = data_for_run(runs[0], data)
-    _, test = load_competition(data, images=images)
+    test = load_split(data, "test", images=images)  # the training images need not be there
     if test is None:
         raise DataError(f"{data} has no test.csv: nothing to predict for a submission")
     ids = submission_ids(data)
@@ -281,39 +270,68 @@ def make_submission(runs, data=None, tta: int = 8, blend_method: str = "mean", o
     final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights)
     path = write_submission(ids, final, out)
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
-        f"blend {blend_method}, TTA x{tta}; validated")
+        f"blend {blend_method}, TTA {f'x{tta}' if tta else 'as each run was made'}; validated")
     return path
 
 
-def predict_split(run, data=None, split: str = "test", tta: int = 8, out="preds.csv", bs: int = 64,
-                  num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                  log: Callable = print) -> Path:
-    """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred (+ target).
-
-    On the train split every model has seen most images: the honest cross-validated scores are in the run's oof.csv.
-    """
+def _write_preds(df: pd.DataFrame, pred, ok, run, out) -> pd.DataFrame:
+    "image_name, pred (the melanoma probability), run [, target] [, image_ok], written atomically to `out`."
     from .checkpoint import write_csv
-    from .data import load_competition
 
-    if split not in ("test", "train"):
-        raise MelafastError(f"--split must be test or train, got {split!r}")
-    dihedral_views(tta)
-    model_dirs(run)
-    data = data_for_run(run, data)
-    train, test = load_competition(data, images=images)
-    df = train if split == "train" else test
-    if df is None:
-        raise DataError(f"{data} has no test.csv to predict; use --split train or another --data")
-    df = df.reset_index(drop=True)
-    ok = _usable(df, on_bad_image, log)
-    pred = _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log)
-    res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred})
+    res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run)})
     if "target" in df.columns:
         res["target"] = df["target"].to_numpy()
     if not ok.all():
         res["image_ok"] = ok
     write_csv(res, out)
-    log(f"wrote {out}: {len(res)} predictions ({split} split of {data})")
+    return res
+
+
+def predict_split(run, data=None, split: str = "test", tta: int | None = None, out="preds.csv", bs: int = 64,
+                  num_workers: int | None = None, images=None, on_bad_image: str = "error",
+                  log: Callable = print) -> Path:
+    """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred, run
+    (+ target). `tta` defaults to the run's. Only that split's CSV and images need to exist.
+
+    On the train split every model has seen most images: the honest cross-validated scores are in the run's oof.csv.
+    """
+    from .data import load_split
+
+    if split not in ("test", "train"):
+        raise MelafastError(f"--split must be test or train, got {split!r}")
+    if tta is not None:
+        dihedral_views(tta)
+    model_dirs(run)
+    data = data_for_run(run, data)
+    df = load_split(data, split, images=images)
+    if df is None:
+        raise DataError(f"{data} has no test.csv to predict; use --split train, another --data, or --images FOLDER")
+    df = df.reset_index(drop=True)
+    ok = _usable(df, on_bad_image, log)
+    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log), ok, run, out)
+    log(f"wrote {out}: {len(df)} predictions ({split} split of {data})")
+    return Path(out)
+
+
+def predict_images(run, images, meta=None, tta: int | None = None, out="preds.csv", bs: int = 64,
+                   num_workers: int | None = None, on_bad_image: str = "error", log: Callable = print) -> Path:
+    """Predict every image of a folder (or a list of image paths) with every fold model of `run`: no dataset, no
+    training images needed. `meta` (CSV or DataFrame with `image_name`) gives their metadata; images it does not
+    cover, or all of them without it, count as of unknown sex, age and site. Writes image_name, pred, run.
+    """
+    from .data import image_table
+
+    if tta is not None:
+        dihedral_views(tta)
+    model_dirs(run)
+    df = image_table(images, meta).reset_index(drop=True)
+    if meta is not None:
+        known = df[["sex", "age_approx", "anatom_site_general_challenge"]].notna().any(axis=1)
+        log(f"metadata for {int(known.sum())} of {len(df)} images" + ("" if known.all() else
+            "; the others are predicted as of unknown sex, age and site"))
+    ok = _usable(df, on_bad_image, log)
+    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log), ok, run, out)
+    log(f"wrote {out}: {len(df)} predictions from {run}")
     return Path(out)
 
 
