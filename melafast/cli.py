@@ -327,6 +327,32 @@ def ensemble_cmd(
 
 @app.command()
 @_friendly
+def report(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    data: RunDataOpt = None,
+    images: ImagesOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default <run>/report.html); "
+                                                "its figures go to <out stem>_figures/.")] = None,
+    errors: Annotated[int, typer.Option("--errors", help="Images per error grid (missed melanomas, false alarms) "
+                                        "with Grad-CAM maps; 0 leaves the grids out.")] = 8,
+    importance: Annotated[bool, typer.Option("--importance/--no-importance", help="Permutation importance of the "
+                                             "metadata (one pass over the out-of-fold images).")] = True,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the AUC intervals.")] = 1000,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+):
+    """Write an HTML report of a run: AUC with its interval, curves and operating points, calibration, subgroups,
+    the worst errors with Grad-CAM maps, what the metadata adds, training curves."""
+    from .report import run_report
+
+    if errors < 0 or bootstrap < 1:
+        raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
+    run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
+               num_workers=workers, log=typer.echo)
+
+
+@app.command()
+@_friendly
 def prepare(
     src: Annotated[Path, typer.Option("--src", help="Dataset folder to copy (train.csv, test.csv, images).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the resized copy.")],

@@ -16,6 +16,7 @@ from fastcore.foundation import L
 from fastcore.meta import delegates
 
 from .errors import MelafastError
+from . import interpret  # noqa: F401  (registers fastai's plot_top_losses for image + metadata batches)
 from .hostsync import sync_free
 from .model import MelanomaModel, melanoma_splitter
 from .progress import LineProgress, interactive

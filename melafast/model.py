@@ -148,12 +148,19 @@ class MelanomaModel(nn.Module):
                            head_drop=head_drop, drop_samples=drop_samples, mean=mean, std=std)
 
     def forward(self, x, meta=None):
+        return self.classify(self.image_features(x), meta)
+
+    def image_features(self, x):
+        """Pooled backbone features of a batch of images (N, 3, H, W) with values in [0, 1]."""
         # fastai's tensor subclasses dispatch every op through Python; plain tensors keep the backbone fast
         x = x.as_subclass(torch.Tensor)
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone(x)
+        return self.backbone(x)
+
+    def classify(self, feats, meta=None):
+        """Class logits from image features and the metadata vector: what the model adds on top of the backbone."""
         if self.meta_mlp is not None:
             if meta is None:
                 raise MelafastError("this model was built with metadata: call it with (images, meta)")

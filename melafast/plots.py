@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_curves", "plot_roc", "plot_pseudo", "save_current_figure"]
+__all__ = ["plot_curves", "plot_roc", "plot_pseudo", "save_current_figure", "plot_roc_pr", "plot_reliability", "plot_subgroups",
+           "plot_importance", "plot_cam_grid"]
 
 
 def _plt():
@@ -84,3 +85,94 @@ def plot_pseudo(pred, keep, low: float, high: float, path) -> Path:
     ax.set(xlabel="predicted melanoma probability (test images)", ylabel="images", title="pseudo-labels")
     ax.legend()
     return _save(fig, path, bbox_inches="tight")
+
+
+def plot_roc_pr(target, pred, points: pd.DataFrame, path) -> Path:
+    """ROC curve with the clinical operating points marked, and the precision-recall curve, side by side."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 5))
+    fpr, tpr, _ = roc_curve(target, pred)
+    ax_roc.plot(fpr, tpr, label=f"AUC = {roc_auc_score(target, pred):.4f}")
+    ax_roc.plot([0, 1], [0, 1], ":", color="grey")
+    for p in points.itertuples():
+        ax_roc.plot(1 - p.specificity, p.sensitivity, "o", ms=6, label=f"{p.goal}: sens {p.sensitivity:.2f}, "
+                    f"spec {p.specificity:.2f} (t = {p.threshold:.3f})")
+    ax_roc.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, out-of-fold", xlim=(0, 1), ylim=(0, 1.01))
+    precision, recall, _ = precision_recall_curve(target, pred)
+    ax_pr.plot(recall, precision, label=f"average precision = {average_precision_score(target, pred):.4f}")
+    ax_pr.axhline(np.mean(target), ls=":", color="grey", label=f"melanoma rate {np.mean(target):.3f}")
+    ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "upper right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(bins: pd.DataFrame, ece: float, brier: float, path) -> Path:
+    """Reliability diagram: observed melanoma rate against mean predicted probability per bin, images per bin below."""
+    plt = _plt()
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    ax.plot(bins["mean_pred"], bins["melanoma_rate"], "o-", label=f"model (ECE {ece:.3f}, Brier {brier:.4f})")
+    ax.set(ylabel="observed melanoma rate", title="calibration, out-of-fold", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.bar((bins["lo"] + bins["hi"]) / 2, bins["images"], width=0.09, color="tab:gray")
+    ax_n.set(xlabel="predicted melanoma probability", ylabel="images", yscale="log")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_subgroups(table: pd.DataFrame, overall: dict, path) -> Path:
+    """AUC and its bootstrap interval per subgroup (one row each, grouped by variable), the overall AUC dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(table) + 1.2))
+    y = np.arange(len(table))[::-1]
+    ok = table["auc"].notna().to_numpy()
+    ax.errorbar(table["auc"][ok], y[ok], xerr=[(table["auc"] - table["lo"])[ok], (table["hi"] - table["auc"])[ok]],
+                fmt="o", capsize=3)
+    for yy, row in zip(y[~ok], table[~ok].itertuples()):
+        ax.text(0.02, yy, row.note, va="center", fontsize=7, color="tab:gray", transform=ax.get_yaxis_transform())
+    ax.axvline(overall["auc"], ls="--", color="tab:red", lw=1, label=f"all images {overall['auc']:.3f}")
+    ax.set_yticks(y, [f"{r.variable}: {r.group} ({r.images} img, {r.melanomas} mel)" for r in table.itertuples()],
+                  fontsize=7)
+    low = min(0.5, float(np.nanmin(table["lo"])) - 0.02) if ok.any() else 0.5
+    ax.set(xlabel="ROC AUC (95% bootstrap interval)", xlim=(max(0.0, low), 1), title="subgroups")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_importance(table: pd.DataFrame, path) -> Path:
+    """Drop in out-of-fold AUC when each metadata column (or all of them) is shuffled."""
+    plt = _plt()
+    rows = table[table["column"] != "none (unshuffled)"]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.2))
+    ax.barh(rows["column"], rows["drop"], xerr=rows["sd"], color="tab:blue", capsize=3)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set(xlabel="AUC drop when shuffled (mean ± sd over repeats)", title="what the metadata adds")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 4) -> Path:
+    """Images (N, H, W, 3 uint8) with their class-activation maps (N, H, W in [0, 1]) laid over, one title each."""
+    plt = _plt()
+    n = len(images)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axs = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axs.flat:
+        ax.axis("off")
+    for ax, img, cam, t in zip(axs.flat, images, maps, titles):
+        ax.imshow(img)
+        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(t, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

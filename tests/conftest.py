@@ -41,3 +41,18 @@ def tiny_dls(sample_df):
     from melafast.data import melanoma_dls
 
     return melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(sample_dir, tmp_path_factory):
+    """A finished 2-fold run on the sample (32 px, 1 epoch after the frozen one, TTA x1): a run folder to read."""
+    from typer.testing import CliRunner
+
+    from melafast.cli import app
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    args = ["train", "--data", sample_dir, "--arch", TINY_ARCH, "--size", 32, "--bs", 16, "--epochs", 1, "--folds", 2,
+            "--no-pretrained", "--lr", "1e-2", "--workers", 0, "--tta", 1, "--out", out]
+    res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out

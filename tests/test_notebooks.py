@@ -8,8 +8,9 @@ NBS = Path(__file__).resolve().parents[1] / "nbs"
 NOTEBOOKS = sorted(NBS.glob("*.ipynb"))
 
 
-def test_the_five_tutorials_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["00_explore", "01_baseline", "02_metadata", "03_folds_tta", "04_submit"]
+def test_the_six_tutorials_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["00_explore", "01_baseline", "02_metadata", "03_folds_tta", "04_submit",
+                                          "05_interpret"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

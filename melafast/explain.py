@@ -1,0 +1,114 @@
+"""Why a model scores an image as it does: class-activation maps on the image, permutation importance of the metadata.
+
+Grad-CAM comes from captum (`LayerGradCam`), which passes the metadata vector to the model as an additional forward
+argument, so the image + metadata model needs no wrapper. The importance of the metadata reuses each image's
+backbone features: shuffling a column only reruns the metadata MLP and the head, not the backbone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import MelafastError
+
+__all__ = ["cam_layer", "grad_cam", "metadata_importance"]
+
+
+def cam_layer(model, size: int | None = None, min_cells: int = 7) -> torch.nn.Module:
+    """Where Grad-CAM looks: the backbone's deepest feature stage whose map is at least `min_cells` wide for
+    `size`-pixel images (the last stage, stride 32, from 224 px up; an earlier one for small images, whose last map
+    would be a pixel or two)."""
+    info = getattr(model.backbone, "feature_info", None)
+    if info:
+        size = size or model.config.get("size") or 224
+        fits = [f for f in info if size / f.get("reduction", 32) >= min_cells] or info[:1]
+        return model.backbone.get_submodule(fits[-1]["module"])
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise MelafastError(f"Grad-CAM needs a convolutional backbone; {model.config['arch']} has no conv layer")
+    return convs[-1]
+
+
+def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos: int = 1) -> np.ndarray:
+    """Grad-CAM heat maps of the melanoma output (class `pos`) for a batch of images (N, 3, H, W) in [0, 1]:
+    an (N, H, W) array, each map scaled to [0, 1] (all zeros where nothing pushes towards melanoma)."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model.eval()
+    extra = (meta,) if meta is not None else None
+    with torch.enable_grad():
+        layer = cam_layer(model, images.shape[-1])
+        attr = LayerGradCam(model, layer).attribute(images, target=pos, additional_forward_args=extra,
+                                                    relu_attributions=True)
+    if attr.ndim != 4:  # e.g. a vision transformer's token sequence: no spatial map to draw
+        raise MelafastError(f"Grad-CAM needs spatial feature maps; {model.config['arch']} gives {tuple(attr.shape)}")
+    maps = LayerAttribution.interpolate(attr, tuple(images.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    maps = maps.detach().float().cpu().numpy()
+    peak = maps.reshape(len(maps), -1).max(1).reshape(-1, 1, 1)
+    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0.0)
+
+
+def _features(predictor, df, bs, num_workers, device):
+    "Backbone features of `df`'s images (plain view), and the device they are on."
+    from .checkpoint import inference_settings
+    from .data import inference_dl
+
+    model = predictor.model
+    amp = inference_settings(model, device)
+    dl = inference_dl(df, predictor.config["size"], None, bs=bs, num_workers=num_workers, device=device)
+    feats = []
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+        for (img,) in dl:
+            feats.append(model.image_features(img.to(device)).float())
+    return torch.cat(feats)
+
+
+def _melanoma_probs(predictor, feats, meta_table: pd.DataFrame) -> np.ndarray:
+    meta = torch.as_tensor(predictor.meta_proc.encode(meta_table), dtype=torch.float32, device=feats.device)
+    with torch.inference_mode():
+        logits = predictor.model.classify(feats, meta).float()
+    return torch.softmax(logits, dim=-1)[:, predictor.config["pos"]].cpu().numpy()
+
+
+def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, seed: int = 0, bs: int = 64,
+                        num_workers: int | None = None, device=None, progress: bool = True) -> pd.DataFrame:
+    """Permutation importance of each metadata column, on out-of-fold rows.
+
+    `predictors` maps each fold to its model; `df` holds the OOF rows (`fold`, `target`, `fname` and the metadata
+    columns). Each fold's model scores its own rows with one column shuffled among them (`n_repeats` times); the AUC
+    over all rows is compared with the unshuffled one (plain view, no TTA). The row `all metadata` shuffles every
+    column together, which leaves the model the image alone: the image-only contribution.
+    Returns column, auc (mean over repeats), sd, drop (unshuffled AUC minus auc).
+    """
+    from .evaluate import auc
+    from .progress import progress as shown
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rng = np.random.default_rng(seed)
+    first = next(iter(predictors.values()))
+    if first.meta_proc is None:
+        raise MelafastError("this run does not use metadata (trained with --no-meta): nothing to shuffle")
+    columns = [*first.meta_proc.cat_names, *first.meta_proc.cont_names]
+    trials = {"none": 1, **{c: n_repeats for c in columns}, "all metadata": n_repeats}
+    preds = {name: np.zeros((n, len(df))) for name, n in trials.items()}
+    for k, predictor in shown(list(predictors.items()), label="metadata importance", unit="folds", display=progress):
+        rows = np.flatnonzero(df["fold"].to_numpy() == k)
+        part = df.iloc[rows].reset_index(drop=True)
+        feats = _features(predictor, part, bs, num_workers, device)
+        for name, n in trials.items():
+            for r in range(n):
+                table = part.copy()
+                shuffle = rng.permutation(len(part))
+                cols = [] if name == "none" else columns if name == "all metadata" else [name]
+                table[cols] = part[cols].to_numpy()[shuffle]
+                preds[name][r, rows] = _melanoma_probs(predictor, feats, table)
+    target = df["target"].to_numpy()
+    base = auc(target, preds["none"][0])
+    out = []
+    for name in trials:
+        aucs = [auc(target, p) for p in preds[name]]
+        out.append(dict(column="none (unshuffled)" if name == "none" else name, auc=float(np.mean(aucs)),
+                        sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0, drop=base - float(np.mean(aucs))))
+    return pd.DataFrame(out)

@@ -1,0 +1,285 @@
+"""`melafast report`: one self-contained HTML page on where a run's models succeed and fail, and its figures as PNGs.
+
+Everything comes from the run's honest out-of-fold predictions (`oof.csv`), its fold models and its data folder:
+the AUC with a patient-level bootstrap interval, ROC and precision-recall curves with clinical operating points,
+calibration, subgroup AUCs, the worst errors with Grad-CAM maps, what the metadata adds, and the training curves.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, RunError
+
+__all__ = ["run_report", "SECTIONS"]
+
+SECTIONS = {"summary": "Summary", "curves": "Curves and operating points", "calibration": "Calibration",
+            "subgroups": "Subgroups", "errors": "Worst errors, explained", "metadata": "What the metadata adds",
+            "training": "Training"}
+SITE = "anatom_site_general_challenge"
+
+
+def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{run} is not a finished melafast run folder: its config.json is missing or damaged") from None
+    if not (run / "oof.csv").is_file():
+        raise RunError(f"{run} has no oof.csv: the report is made from a run's out-of-fold predictions; let "
+                       "`melafast train` finish (or resume it with --resume)")
+    oof = pd.read_csv(run / "oof.csv", dtype={"image_name": str})
+    if oof.empty or oof["target"].nunique() < 2:
+        raise RunError(f"{run}/oof.csv needs melanomas and benign lesions for an AUC")
+    return config, oof
+
+
+def _oof_with_metadata(run, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
+    "The OOF rows with their images and metadata from the run's data folder (or `data`)."
+    from .data import add_meta_features, load_split
+    from .submit import data_for_run
+
+    data = data_for_run(run, data)
+    train = load_split(data, "train", images=images)
+    missing = oof.loc[~oof["image_name"].isin(train["image_name"]), "image_name"]
+    if len(missing):
+        raise DataError(f"{data} does not hold the images of {run}: {len(missing)} of its {len(oof)} out-of-fold "
+                        f"images are not in its train.csv (e.g. {', '.join(missing.head(3))}); pass --data PATH")
+    if config.get("settings", {}).get("extra_meta"):
+        train = add_meta_features(train)  # as in training: computed over the whole training table
+    df = oof.merge(train.drop(columns=["target", "fold"], errors="ignore"), on="image_name", how="left")
+    return df, data
+
+
+# --------------------------------------------------------------------------------------------------
+# Page building
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}">'
+
+
+def _table(df: pd.DataFrame, digits: int = 4) -> str:
+    return df.to_html(index=False, border=0, escape=True, na_rep="",
+                      float_format=lambda v: f"{v:.{digits}f}", classes="t")
+
+
+def _p(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}img{max-width:100%}
+table.t{border-collapse:collapse;font-size:.85em;margin:.6em 0}table.t td,table.t th{padding:.2em .6em;
+border-bottom:1px solid #eee;text-align:right}nav a{margin-right:1em}.note{color:#a33}"""
+
+
+def _page(run, sections: dict) -> str:
+    nav = " ".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in sections)
+    body = "\n".join(f'<section id="{k}"><h2>{html.escape(SECTIONS[k])}</h2>\n{v}\n</section>' for k, v in sections.items())
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>melafast report: "
+            f"{html.escape(Path(run).name)}</title><style>{_CSS}</style></head><body>\n<h1>melafast report: "
+            f"{html.escape(str(run))}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _summary(config, results, df, data, n_boot) -> str:
+    from .evaluate import auc, bootstrap_auc
+
+    s = config.get("settings", {})
+    ci = bootstrap_auc(df["target"], df["pred"], df.get("patient_id"), n_boot=n_boot)
+    lr = "lr_find valley per fold" if s.get("lr") is None else s["lr"]
+    settings = {k: s.get(k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta", "keep",
+                                      "aug", "upsample", "ema", "swa", "pseudo", "external", "seed")}
+    settings.update(lr=lr, lr_mult=s.get("lr_mult"), pretrained=s.get("weights") or s.get("pretrained"))
+    rows = [dict(setting=k, value=str(v)) for k, v in settings.items()]
+    rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.get("versions", {}).items()]
+    folds = pd.DataFrame([dict(fold=int(k), images=len(g), melanomas=int(g["target"].sum()), auc=auc(g["target"], g["pred"]),
+                               kept_epoch=str(results.get("kept_epochs", {}).get(str(k), "")))
+                          for k, g in df.groupby("fold")])
+    out = [_p(f"Data: {data}: {len(df)} out-of-fold images, {int(df['target'].sum())} melanomas"
+              + (f", {df['patient_id'].nunique()} patients" if "patient_id" in df else "")
+              + (f"; {config.get('n_external')} external images trained but are never scored"
+                 if config.get("n_external") else "") + "."),
+           f"<p><b>Out-of-fold ROC AUC {ci['auc']:.4f}</b> (95% bootstrap interval {ci['lo']:.4f} to {ci['hi']:.4f}, "
+           f"{ci['n_boot']} resamples of whole patients). "
+           + html.escape(f"Each fold kept {results.get('epoch_rule', 'its epoch as the run says')}.") + "</p>"]
+    if "oof_auc_selected" in results:
+        out.append(f'<p class="note">The kept epochs score {results["oof_auc_selected"]:.4f} on the same rows: '
+                   "optimistic, since they were chosen on them. The figures here use the honest last-epoch predictions.</p>")
+    return "\n".join([*out, "<h3>AUC per fold</h3>", _table(folds), "<h3>Settings</h3>", _table(pd.DataFrame(rows))])
+
+
+def _curves(df, figdir) -> tuple[str, pd.DataFrame]:
+    from .evaluate import operating_points
+    from .plots import plot_roc_pr
+
+    points = operating_points(df["target"], df["pred"])
+    fig = plot_roc_pr(df["target"], df["pred"], points, figdir / "roc_pr.png")
+    text = _p("Operating points: the best sensitivity at a given specificity and the best specificity at a given "
+              "sensitivity, with the threshold on the melanoma probability (melanoma if the probability is at least "
+              "the threshold) and the counts on the out-of-fold images.")
+    return "\n".join([_img(fig), text, _table(points)]), points
+
+
+def _calibration(config, df, figdir) -> str:
+    from .evaluate import calibration
+    from .plots import plot_reliability
+
+    cal = calibration(df["target"], df["pred"])
+    fig = plot_reliability(cal["bins"], cal["ece"], cal["brier"], figdir / "calibration.png")
+    s = config.get("settings", {})
+    notes = []
+    if (s.get("upsample") or 1) > 1:
+        notes.append(f"This run showed each training melanoma {s['upsample']} times per epoch: its probabilities "
+                     "overstate the melanoma rate and are not calibrated.")
+    if s.get("pseudo"):
+        notes.append("This run trained on pseudo-labels (soft targets from another model): its probabilities are not "
+                     "calibrated.")
+    notes.append("Averages over TTA views and fold models also pull probabilities towards the middle; rank-based "
+                 "figures (AUC, operating points) do not depend on calibration.")
+    return "\n".join([_img(fig), _p(f"Expected calibration error {cal['ece']:.4f}, Brier score {cal['brier']:.4f}."),
+                      *(f'<p class="note">{html.escape(n)}</p>' for n in notes), _table(cal["bins"])])
+
+
+def _subgroups(config, df, figdir, n_boot) -> str:
+    from .evaluate import age_band, auc, subgroup_aucs
+    from .plots import plot_subgroups
+
+    table = subgroup_aucs(df, {"sex": df["sex"], "age": age_band(df["age_approx"]), "site": df[SITE]}, n_boot=n_boot)
+    fig = plot_subgroups(table, dict(auc=auc(df["target"], df["pred"])), figdir / "subgroups.png")
+    text = ["AUC per group with a 95% bootstrap interval (whole patients resampled); groups with fewer than 5 "
+            "melanomas get no AUC. The counts of each variable add up to all out-of-fold images."]
+    if config.get("n_external"):
+        text.append(f"The run also trained on {config['n_external']} external images; they only ever train, so "
+                    "there is no out-of-fold score for them: every figure here is on the main data.")
+    return "\n".join([_img(fig), *map(_p, text), _table(table)])
+
+
+def _describe(row) -> str:
+    age = "?" if pd.isna(row.get("age_approx")) else f"{row['age_approx']:.0f}"
+    return f"{row.get('sex') if isinstance(row.get('sex'), str) else '?'}, {age}, " \
+           f"{row.get(SITE) if isinstance(row.get(SITE), str) else '?'}"
+
+
+def _errors(models, df, figdir, n_errors, bs, num_workers, device) -> str:
+    from .plots import plot_cam_grid
+
+    missed = df[df["target"] == 1].nsmallest(n_errors, "pred")
+    alarms = df[df["target"] == 0].nlargest(n_errors, "pred")
+    parts = [_p(f"The {len(missed)} melanomas scored lowest and the {len(alarms)} benign lesions scored highest, "
+                "each with its Grad-CAM map for the melanoma output of the fold model that scored it (red: regions "
+                "that raise the melanoma score), its metadata (sex, age, site) and its score.")]
+    for name, rows, title in (("missed_melanomas", missed, "melanomas scored lowest"),
+                              ("false_alarms", alarms, "benign lesions scored highest")):
+        imgs, maps, note = _cams(models, rows, device)
+        titles = [f"{r.image_name}\n{r.pred:.3f} · {_describe(r._asdict())}" for r in rows.itertuples()]
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        if note:
+            parts.append(f'<p class="note">{html.escape(note)}</p>')
+        parts.append(_img(plot_cam_grid(imgs, maps, titles, figdir / f"{name}.png", title=title)))
+    return "\n".join(parts)
+
+
+def _fold_models(run) -> dict:
+    from .checkpoint import load_predictor, model_dirs
+
+    models = {}
+    for d in model_dirs(run):
+        p = load_predictor(d)
+        models[int(p.config.get("fold", len(models)))] = p
+    return models
+
+
+def _cams(models, rows, device) -> tuple[list, list, str]:
+    "Images (uint8, as the model saw them) and Grad-CAM maps of `rows`, each by its own fold's model."
+    import torch
+
+    from .data import inference_dl
+    from .errors import MelafastError
+    from .explain import grad_cam
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    imgs, maps, note = [None] * len(rows), [None] * len(rows), ""
+    for k, part in rows.reset_index(drop=True).groupby("fold"):
+        p = models[int(k)]
+        p.model.to(device).float()
+        batch = next(iter(inference_dl(part, p.config["size"], p.meta_proc, bs=len(part), num_workers=0, device=device)))
+        img, meta = batch[0].as_subclass(torch.Tensor), (batch[1] if len(batch) > 1 else None)
+        try:
+            cams = grad_cam(p.model, img, meta, p.config["pos"])
+        except MelafastError as e:
+            cams, note = np.zeros(img.shape[:1] + img.shape[2:]), f"no Grad-CAM: {e}"
+        pixels = (img.permute(0, 2, 3, 1).clamp(0, 1) * 255).byte().cpu().numpy()
+        for j, i in enumerate(part.index):
+            imgs[i], maps[i] = pixels[j], cams[j]
+    return imgs, maps, note
+
+
+def _metadata(config, models, df, figdir, repeats, bs, num_workers, device) -> str:
+    from .explain import metadata_importance
+    from .plots import plot_importance
+
+    if not config.get("settings", {}).get("meta", True):
+        return _p("This run uses the image only (--no-meta): there is no metadata to weigh.")
+    table = metadata_importance(models, df, n_repeats=repeats, bs=bs, num_workers=num_workers, device=device)
+    text = _p(f"Permutation importance: each column's values shuffled among the out-of-fold images of each fold "
+              f"({repeats} times), the images left as they are; the AUC drop says how much the model relies on it. "
+              "'all metadata' shuffles every column together, which leaves the model the image alone: the AUC in that "
+              "row is the image's own contribution. Plain view, no TTA.")
+    return "\n".join([_img(plot_importance(table, figdir / "metadata_importance.png")), text, _table(table)])
+
+
+def _training(run) -> str:
+    parts = []
+    for name, caption in (("curves.png", "losses and validation AUC per epoch and fold"), ("roc.png", "ROC, out-of-fold")):
+        if (run / name).is_file():
+            parts += [f"<h3>{html.escape(caption)}</h3>", _img(run / name)]
+    for f in sorted(run.glob("fold*/lr_find.png")):
+        parts += [f"<h3>lr_find, {html.escape(f.parent.name)}</h3>", _img(f)]
+    if (run / "metrics.csv").is_file():
+        parts += ["<h3>metrics.csv</h3>", _table(pd.read_csv(run / "metrics.csv"))]
+    return "\n".join(parts) or _p("The run folder holds no training plots.")
+
+
+def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importance: bool = True,
+               n_boot: int = 1000, repeats: int = 5, bs: int = 64, num_workers: int | None = None, device=None,
+               log: Callable = print) -> Path:
+    """Write `out` (default `<run>/report.html`): a self-contained HTML page (figures embedded, no network needed),
+    and its figures as PNGs in `<out stem>_figures/`. `data` defaults to the run's data folder; `n_errors` images
+    per error grid (0: none); `importance=False` skips the metadata importance (one pass over the OOF images).
+    """
+    from .checkpoint import atomic_path
+
+    run = Path(run)
+    config, oof = _read_run(run)
+    results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
+    df, data = _oof_with_metadata(run, config, oof, data, images)
+    out = Path(out) if out is not None else run / "report.html"
+    figdir = out.parent / f"{out.stem}_figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    log(f"report on {run}: {len(df)} out-of-fold images from {data}")
+    sections = {"summary": _summary(config, results, df, data, n_boot)}
+    sections["curves"], _ = _curves(df, figdir)
+    sections["calibration"] = _calibration(config, df, figdir)
+    sections["subgroups"] = _subgroups(config, df, figdir, n_boot)
+    models = _fold_models(run) if n_errors > 0 or importance else {}
+    sections["errors"] = (_errors(models, df, figdir, n_errors, bs, num_workers, device) if n_errors > 0
+                          else _p("Left out (n_errors=0)."))
+    sections["metadata"] = (_metadata(config, models, df, figdir, repeats, bs, num_workers, device) if importance
+                            else _p("Left out (--no-importance)."))
+    sections["training"] = _training(run)
+    with atomic_path(out) as tmp:
+        tmp.write_text(_page(run, sections), encoding="utf-8")
+    log(f"wrote {out} and its figures in {figdir}")
+    return out
