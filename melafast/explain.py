@@ -50,17 +50,18 @@ def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos:
     return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0.0)
 
 
-def _features(predictor, df, bs, num_workers, device):
-    "Backbone features of `df`'s images (plain view), and the device they are on."
+def _features(predictor, df, bs, num_workers, device, label="", progress=True):
+    "Backbone features of `df`'s images (plain view), on `device`."
     from .checkpoint import inference_settings
     from .data import inference_dl
+    from .progress import progress as shown
 
     model = predictor.model
     amp = inference_settings(model, device)
     dl = inference_dl(df, predictor.config["size"], None, bs=bs, num_workers=num_workers, device=device)
     feats = []
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-        for (img,) in dl:
+        for (img,) in shown(dl, total=len(dl), label=label, size=lambda b: len(b[0]), display=progress):
             feats.append(model.image_features(img.to(device)).float())
     return torch.cat(feats)
 
@@ -83,7 +84,6 @@ def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, 
     Returns column, auc (mean over repeats), sd, drop (unshuffled AUC minus auc).
     """
     from .evaluate import auc
-    from .progress import progress as shown
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = np.random.default_rng(seed)
@@ -93,10 +93,10 @@ def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, 
     columns = [*first.meta_proc.cat_names, *first.meta_proc.cont_names]
     trials = {"none": 1, **{c: n_repeats for c in columns}, "all metadata": n_repeats}
     preds = {name: np.zeros((n, len(df))) for name, n in trials.items()}
-    for k, predictor in shown(list(predictors.items()), label="metadata importance", unit="folds", display=progress):
+    for k, predictor in predictors.items():
         rows = np.flatnonzero(df["fold"].to_numpy() == k)
         part = df.iloc[rows].reset_index(drop=True)
-        feats = _features(predictor, part, bs, num_workers, device)
+        feats = _features(predictor, part, bs, num_workers, device, f"metadata importance, fold {k}", progress)
         for name, n in trials.items():
             for r in range(n):
                 table = part.copy()
