@@ -135,12 +135,12 @@ class _FrozenDuringFit(Callback):
 
 @pytest.mark.parametrize("on, frozen", [("frozen", True), ("unfrozen", False)])
 def test_lr_find_runs_on_the_model_asked_for(tiny_dls, tmp_path, on, frozen):
-    from melafast.run import _find_lr
+    from melafast.fold import find_lr
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False, path=tmp_path, model_dir=".")
     spy = _FrozenDuringFit()
     learn.add_cb(spy)
-    lr = _find_lr(learn, tmp_path / "lr.png", on)
+    lr = find_lr(learn, tmp_path / "lr.png", on)
     assert spy.frozen is frozen and 1e-7 < lr < 10 and (tmp_path / "lr.png").stat().st_size > 1000
 
 

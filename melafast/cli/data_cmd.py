@@ -1,0 +1,57 @@
+"""Getting data ready: `prepare`, `download` and `sample`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import MelafastError
+from .app import app, friendly
+from .options import ImagesOpt, SeedOpt
+
+
+@app.command()
+@friendly
+def prepare(
+    src: Annotated[Path, typer.Option("--src", help="Dataset folder to copy (train.csv, test.csv, images).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the resized copy.")],
+    size: Annotated[int, typer.Option("--size", help="Shorter image side after resizing, in pixels.")] = 384,
+    images: ImagesOpt = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: one per core).")] = None,
+):
+    """Write a resized copy of a dataset (shorter side = --size, aspect kept); reruns redo only what changed."""
+    from ..prepare import prepare_dataset
+
+    prepare_dataset(src, out, size=size, workers=workers, images=images, log=typer.echo)
+
+
+@app.command()
+@friendly
+def download(
+    out: Annotated[Path, typer.Option("--out", help="Folder to download into.")] = Path("data"),
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="A Kaggle dataset owner/name instead of the competition.")] = None,
+):
+    """Download the competition (or a Kaggle dataset, e.g. a resized copy) with the Kaggle API."""
+    from ..kaggle import download as kaggle_download
+
+    kaggle_download(out, dataset=dataset, log=typer.echo)
+    typer.echo(f"done: train with  melafast train --data {out}")
+
+
+@app.command()
+@friendly
+def sample(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the synthetic dataset to.")] = Path("data/sample"),
+    n_train: Annotated[int, typer.Option("--n-train", help="Training images.")] = 240,
+    n_test: Annotated[int, typer.Option("--n-test", help="Test images.")] = 60,
+    seed: SeedOpt = 0,
+):
+    """Write a small SYNTHETIC dataset (drawn lesions) in the Kaggle layout, to try melafast without downloads."""
+    if n_train < 4 or n_test < 1:
+        raise MelafastError("--n-train must be at least 4 and --n-test at least 1")
+    from ..data import make_sample
+
+    path = make_sample(out, n_train=n_train, n_test=n_test, seed=seed)
+    typer.echo(f"wrote a SYNTHETIC sample to {path}: {n_train} train + {n_test} test images (not real patients)")

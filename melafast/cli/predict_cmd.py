@@ -1,0 +1,138 @@
+"""Using a trained run: `predict`, `submit`, `pseudo`, `ensemble` and `report`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..errors import MelafastError
+from .app import app, friendly
+from .options import BadImage, BadImageOpt, Blend, BsOpt, ImagesOpt, RunDataOpt, RunTtaOpt, Split, WorkersOpt
+
+
+@app.command()
+@friendly
+def predict(
+    run: Annotated[Path, typer.Option("--run", help="Run folder from `melafast train` (or one fold folder).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder whose --split to predict (default: "
+                                                 "the run's; only that split's CSV and images are needed).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Without --data: predict every image in this "
+                                                   "folder. With --data: where that dataset's images are.")] = None,
+    meta: Annotated[Optional[Path], typer.Option("--meta", help="With --images FOLDER: a CSV of image_name, sex, "
+                                                 "age_approx, anatom_site_general_challenge (images it lacks, or all "
+                                                 "without it, count as unknown).")] = None,
+    split: Annotated[Split, typer.Option("--split", help="Which CSV of --data to predict.")] = Split.test,
+    tta: RunTtaOpt = None,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (the melanoma probability), run "
+                                      "(and target for train).")] = Path("preds.csv"),
+    on_bad_image: BadImageOpt = BadImage.error,
+):
+    """Predict melanoma probabilities with a run's fold models: a folder of new images, or a dataset split."""
+    from ..submit import predict_images, predict_split
+
+    if data is None and images is not None:
+        predict_images(run, images, meta=meta, tta=tta, out=out, bs=bs, num_workers=workers,
+                       on_bad_image=on_bad_image.value, log=typer.echo)
+        return
+    if meta is not None:
+        raise MelafastError("--meta goes with --images FOLDER (and no --data): a dataset's metadata is in its CSV")
+    predict_split(run, data=data, split=split.value, tta=tta, out=out, bs=bs, num_workers=workers, images=images,
+                  on_bad_image=on_bad_image.value, log=typer.echo)
+
+
+@app.command()
+@friendly
+def submit(
+    run: Annotated[Optional[List[Path]], typer.Option("--run", help="Run folder; repeat to ensemble several runs.")] = None,
+    ensemble: Annotated[Optional[Path], typer.Option("--ensemble", help="Ensemble file from `melafast ensemble` "
+                                                     "(its runs, blend and weights) instead of --run.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the first run's).")] = None,
+    images: ImagesOpt = None,
+    tta: RunTtaOpt = None,
+    blend: Annotated[Blend, typer.Option("--blend", help="How runs are combined: mean probability or mean rank.")] = Blend.mean,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Submission file to write.")] = Path("submission.csv"),
+    upload: Annotated[bool, typer.Option("--upload", help="Submit to Kaggle (needs melafast[kaggle] and credentials).")] = False,
+    message: Annotated[str, typer.Option("--message", help="Kaggle submission message.")] = "melafast submission",
+    on_bad_image: BadImageOpt = BadImage.error,
+):
+    """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
+    from ..submit import make_submission, read_ensemble
+
+    if bool(run) == bool(ensemble):
+        raise MelafastError("pass either --run DIR (repeatable) or --ensemble FILE")
+    runs, method, weights = [str(r) for r in run or []], blend.value, None
+    if ensemble is not None:
+        ens = read_ensemble(ensemble)
+        runs, method, weights = ens["runs"], ens["blend"], ens["weights"]
+    path = make_submission(runs, data=data, tta=tta, blend_method=method, out=out, bs=bs, num_workers=workers,
+                           images=images, on_bad_image=on_bad_image.value, weights=weights, log=typer.echo)
+    if upload:
+        from ..kaggle import upload_submission
+
+        upload_submission(path, message)
+        typer.echo(f"uploaded {path} to Kaggle")
+
+
+@app.command()
+@friendly
+def pseudo(
+    run: Annotated[Path, typer.Option("--run", help="Trained run folder whose fold ensemble labels the test set.")],
+    data: RunDataOpt = None,
+    images: ImagesOpt = None,
+    low: Annotated[float, typer.Option("--low", help="Keep test images predicted at or below this probability.")] = 0.1,
+    high: Annotated[float, typer.Option("--high", help="Keep test images predicted at or above this probability.")] = 0.9,
+    hard: Annotated[bool, typer.Option("--hard/--soft", help="Round the kept predictions to 0/1 (default: keep the "
+                                       "probability as a soft label).")] = False,
+    tta: RunTtaOpt = None,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default <run>/pseudo.csv).")] = None,
+):
+    """Label the confident test images with a run's predictions, for `melafast train --pseudo`."""
+    from ..pseudo import pseudo_labels
+
+    pseudo_labels(run, data=data, out=out, low=low, high=high, hard=hard, tta=tta, bs=bs, num_workers=workers,
+                  images=images, log=typer.echo)
+
+
+@app.command("ensemble")
+@friendly
+def ensemble_cmd(
+    run: Annotated[List[Path], typer.Option("--run", help="Finished run folder; repeat for every run to blend.")],
+    out: Annotated[Path, typer.Option("--out", help="Ensemble file to write (for submit --ensemble).")] = Path("ensemble.json"),
+):
+    """Score equal and weighted blends of runs on their OOF predictions (weights cross-fitted); keep the best."""
+    from ..submit import ensemble_runs
+
+    ensemble_runs([str(r) for r in run], out=out, log=typer.echo)
+
+
+@app.command()
+@friendly
+def report(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    data: RunDataOpt = None,
+    images: ImagesOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default <run>/report.html); "
+                                                "its figures go to <out stem>_figures/.")] = None,
+    errors: Annotated[int, typer.Option("--errors", help="Images per error grid (missed melanomas, false alarms) "
+                                        "with Grad-CAM maps; 0 leaves the grids out.")] = 8,
+    importance: Annotated[bool, typer.Option("--importance/--no-importance", help="Permutation importance of the "
+                                             "metadata (one pass over the out-of-fold images).")] = True,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the AUC intervals.")] = 1000,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+):
+    """Write an HTML report of a run: where its models succeed and fail (AUC interval, curves, calibration, ...)."""
+    from ..report import run_report
+
+    if errors < 0 or bootstrap < 1:
+        raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
+    run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
+               num_workers=workers, log=typer.echo)

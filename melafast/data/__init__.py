@@ -1,0 +1,28 @@
+"""The data layer: competition tables and their images in, fastai DataLoaders of `(image, metadata), target` out.
+
+One concern a file, each importing only the ones above it:
+
+    tables  read train.csv / test.csv, clean the metadata, find the images (load_competition, load_split, image_table)
+    images  check that image files are usable; open them as RGB, decoding large JPEGs at reduced scale
+    folds   patient-grouped stratified folds; external and pseudo-labelled rows that only train
+    meta    the metadata vector (MetaProcessor), fitted on training rows only, and its optional extra features
+    blocks  fastai blocks and augmentations; melanoma_dls for training, inference_dl for prediction
+    sample  the synthetic sample
+"""
+
+from .tables import (CAT_NAMES, CONT_NAMES, IMAGE_EXTS, clean_metadata, find_dataset, find_image_dir, image_folder,
+                     image_table, load_competition, load_split, read_table)
+from .images import BAD_IMAGE_MODES, _OpenImage, check_images  # noqa: F401  (_OpenImage: tests count its calls)
+from .folds import add_external, add_pseudo, make_folds, read_pseudo
+from .meta import EXTRA_CONT_NAMES, MetaProcessor, MetaStack, TensorMeta, add_meta_features
+from .blocks import (AUG_PRESETS, TARGETS, SoftLabel, TensorSoftLabel, TrainOnly, default_batch_tfms, default_item_tfms,
+                     diagnosis_labels, inference_dl, melanoma_dls)
+from .sample import make_sample
+
+__all__ = [
+    "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "load_split", "image_folder", "image_table",
+    "read_table", "clean_metadata", "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls",
+    "inference_dl", "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images",
+    "BAD_IMAGE_MODES", "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES",
+    "AUG_PRESETS", "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly",
+]

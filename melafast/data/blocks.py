@@ -1,0 +1,220 @@
+"""fastai pieces: the image and metadata blocks, augmentations, and the DataLoaders for training and inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.torch_core import TensorBase
+from fastai.vision.all import (
+    Category, CategoryBlock, CategoryMap, ColReader, DataBlock, Datasets, DisplayedTransform, IndexSplitter,
+    IntToFloatTensor, Resize, ResizeMethod, TfmdDL, ToTensor, TransformBlock, aug_transforms,
+)
+
+from ..errors import DataError
+from ..hostsync import async_copies, async_copy_dl
+from .images import _OpenImage
+from .meta import MetaProcessor
+from .tables import _norm_text
+
+__all__ = ["TARGETS", "AUG_PRESETS", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
+           "diagnosis_labels", "SoftLabel", "TensorSoftLabel", "TrainOnly"]
+
+TARGETS = ("melanoma", "diagnosis")  # what melanoma_dls can train on
+
+
+class TensorSoftLabel(TensorBase):
+    """Per-class target probabilities of a batch (N, n_classes): real labels one-hot, pseudo-labels soft."""
+
+
+class SoftLabel(DisplayedTransform):
+    """Melanoma probability `p` -> target probabilities `[1 - p, p]` over the classes `vocab` = [0, 1]."""
+
+    def __init__(self):
+        self.vocab = CategoryMap([0, 1], sort=False)
+
+    def encodes(self, p: float):
+        p = float(p)
+        return TensorSoftLabel(torch.tensor([1.0 - p, p]))
+
+    def decodes(self, t: TensorSoftLabel):
+        return Category(self.vocab[int(t.argmax(-1))])
+
+
+def _image_block(size):
+    return TransformBlock(type_tfms=_OpenImage(size), batch_tfms=IntToFloatTensor)
+
+
+def default_item_tfms(size: int):
+    """Per-image transforms: squash to `size` x `size` (dermoscopy keeps the lesion centred; no crop loses it)."""
+    return [Resize(size, method=ResizeMethod.Squish)]
+
+
+AUG_PRESETS = ("light", "medium", "heavy")
+
+
+class TrainOnly(DisplayedTransform):
+    """Apply a random batch augmentation to training batches only; other batches pass through untouched.
+
+    fastai's affine augmentations (flips, turns, rotation, zoom) still resample every validation batch through an
+    identity warp (a wasted `grid_sample`, and pixels that move by 1e-6); wrapped, validation skips them.
+    """
+
+    split_idx = 0
+
+    def __init__(self, tfm):
+        super().__init__()
+        self.tfm, self.order = tfm, tfm.order
+
+    def __call__(self, b, split_idx=None, **kwargs):
+        return self.tfm(b, split_idx=split_idx, **kwargs) if split_idx == 0 else b
+
+    def decode(self, b, **kwargs):
+        return self.tfm.decode(b, **kwargs)
+
+    def setup(self, items=None, train_setup=False):
+        return self.tfm.setup(items, train_setup)
+
+    def __repr__(self):
+        return f"TrainOnly({self.tfm!r})"
+
+
+def _train_only(tfms):
+    from fastai.vision.augment import AffineCoordTfm
+
+    return [TrainOnly(t) if isinstance(t, AffineCoordTfm) and t.size is None else t for t in tfms]
+
+
+def default_batch_tfms(aug: str = "medium"):
+    """GPU batch augmentations for dermoscopy (lesions have no up or down: all 8 flips/turns in every preset).
+
+    light: flips/turns and mild lighting; medium: + rotate 20 degrees, zoom 1.15, lighting 0.2;
+    heavy: + rotate 45, zoom 1.3, slight warp, stronger lighting, saturation and hue, up to 3 erased patches.
+    """
+    from fastai.vision.augment import Hue, RandomErasing, Saturation
+
+    if aug == "light":
+        return _train_only(aug_transforms(flip_vert=True, max_rotate=0.0, max_zoom=1.0, max_lighting=0.1, max_warp=0.0))
+    if aug == "medium":
+        return _train_only(aug_transforms(flip_vert=True, max_rotate=20.0, max_zoom=1.15, max_lighting=0.2,
+                                          max_warp=0.0, p_affine=0.75, p_lighting=0.75))
+    if aug == "heavy":
+        return [*_train_only(aug_transforms(flip_vert=True, max_rotate=45.0, max_zoom=1.3, max_lighting=0.3, max_warp=0.1,
+                                p_affine=0.9, p_lighting=0.9)),
+                Saturation(max_lighting=0.3, p=0.75), Hue(max_hue=0.05, p=0.75), RandomErasing(p=0.5, max_count=3)]
+    raise DataError(f"aug must be one of {', '.join(AUG_PRESETS)}, got {aug!r}")
+
+
+def _dl_kwargs(num_workers, device):
+    import torch
+
+    kw = {}
+    if num_workers is not None:
+        kw["num_workers"] = num_workers
+        if num_workers > 0:
+            kw["persistent_workers"] = True
+    if device is not None:
+        kw["device"] = device
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if cuda:
+        kw["pin_memory"] = True
+    return kw
+
+
+def melanoma_dls(
+    df: pd.DataFrame,
+    fold: int = 0,  # rows with this `fold` form the validation set
+    size: int = 384,  # square image size fed to the model
+    bs: int = 64,  # batch size
+    meta: bool = True,  # add the metadata vector as a second input
+    item_tfms=None,  # per-image transforms; default `default_item_tfms(size)`
+    batch_tfms=None,  # per-batch (GPU) transforms; default `default_batch_tfms(aug)`
+    aug: str = "medium",  # augmentation preset when batch_tfms is None: light, medium or heavy
+    meta_proc: MetaProcessor | None = None,  # fitted metadata preprocessing; default: fit on the training rows
+    num_workers: int | None = None,  # DataLoader worker processes; default fastai's (one per core, at most 16)
+    device=None,  # where batches go; default the GPU when there is one
+    upsample: int = 1,  # each melanoma of the training split appears this many times per epoch
+    target: str = "melanoma",  # melanoma: 2 classes; diagnosis: one class per `diagnosis` value (melanoma scored)
+    **kwargs,  # passed on to `DataBlock.dataloaders`
+):
+    """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`.
+
+    Rows with `fold == -1` (external data) only ever train. The validation rows are never upsampled.
+    """
+    need = [c for c in ("fname", "target", "fold") if c not in df.columns]
+    if need:
+        hint = " (run make_folds first)" if "fold" in need else " (read the data with load_competition)"
+        raise DataError(f"melanoma_dls needs the column(s) {', '.join(need)}{hint}")
+    if size <= 0 or bs <= 0:
+        raise DataError(f"size and bs must be positive, got size={size}, bs={bs}")
+    if upsample < 1:
+        raise DataError(f"upsample must be 1 or more, got {upsample}")
+    if target not in TARGETS:
+        raise DataError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    soft = "soft_target" in df.columns
+    if soft and target != "melanoma":
+        raise DataError("soft targets (pseudo-labels) are melanoma probabilities: use them with target='melanoma'")
+    df = df.reset_index(drop=True)
+    if soft:  # rows without a soft target are labelled ones: their label is their target probability
+        df["soft_target"] = pd.to_numeric(df["soft_target"], errors="coerce").fillna(df["target"]).astype(float)
+    is_valid = (df["fold"] == fold).to_numpy()
+    if not is_valid.any():
+        raise DataError(f"fold {fold} has no rows; folds present: {sorted(df['fold'].unique().tolist())}")
+    proc = meta_proc or MetaProcessor.fit(df[~is_valid])
+    if upsample > 1:
+        extra = df[~is_valid & (df["target"] == 1).to_numpy()]
+        df = pd.concat([df, *[extra] * (upsample - 1)], ignore_index=True)
+        is_valid = (df["fold"] == fold).to_numpy()
+    if target == "diagnosis":
+        df = df.assign(diagnosis_label=diagnosis_labels(df))
+        y_col, vocab = "diagnosis_label", sorted(df["diagnosis_label"].unique())
+    else:
+        y_col, vocab = ("soft_target" if soft else "target"), [0, 1]
+    inputs, getters = [_image_block(size)], [ColReader("fname")]
+    if meta:
+        inputs.append(TransformBlock())
+        getters.append(proc)
+    dblock = DataBlock(
+        blocks=(*inputs, TransformBlock(type_tfms=SoftLabel()) if soft else CategoryBlock(vocab=vocab)), n_inp=len(inputs),
+        getters=[*getters, ColReader(y_col)], splitter=IndexSplitter(np.flatnonzero(is_valid)),
+        item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
+        batch_tfms=default_batch_tfms(aug) if batch_tfms is None else batch_tfms,
+    )
+    dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
+    dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
+    if torch.device(dls.device or "cpu").type == "cuda":
+        async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
+    dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss
+    return dls
+
+
+def diagnosis_labels(df: pd.DataFrame) -> pd.Series:
+    """One class per lower-cased `diagnosis` value; every `target == 1` row is `melanoma`, missing is `unknown`.
+
+    A row labelled benign (`target == 0`) whose diagnosis says melanoma becomes `unknown`: the target column wins.
+    """
+    if "diagnosis" not in df.columns:
+        raise DataError("target='diagnosis' needs a diagnosis column in train.csv")
+    diag = _norm_text(df["diagnosis"]).fillna("unknown")
+    diag = diag.where(~((df["target"] == 0) & (diag == "melanoma")), "unknown")
+    return diag.where(df["target"] == 0, "melanoma")
+
+
+def inference_dl(df: pd.DataFrame, size: int, meta_proc=None, bs: int = 64,
+                 num_workers: int | None = None, device=None) -> TfmdDL:
+    """An unshuffled DataLoader of `(image, meta)` (or `(image,)`) for rows with an `fname`, no labels needed.
+
+    It uses the same image opening and resizing as the validation set of `melanoma_dls`. `meta_proc` is a
+    fitted `MetaProcessor` (or a `MetaStack` of several), or None for images only.
+    """
+    if "fname" not in df.columns:
+        raise DataError("inference_dl needs an fname column (read the data with load_competition)")
+    tfms = [[ColReader("fname"), _OpenImage(size)]]
+    if meta_proc is not None:
+        tfms.append([meta_proc])
+    dsets = Datasets(df.reset_index(drop=True), tfms=tfms, n_inp=len(tfms))
+    dl = TfmdDL(dsets, bs=bs, shuffle=False, drop_last=False, after_item=[*default_item_tfms(size), ToTensor()],
+                after_batch=[IntToFloatTensor()], **_dl_kwargs(num_workers, device))
+    if dl.device is not None and dl.device.type == "cuda":
+        async_copy_dl(dl, dl.device)  # pinned batches reach the GPU without making the host wait
+    return dl
