@@ -6,7 +6,9 @@ lesion-grouped folds of the rest (or of --images of it) and is scored twice:
 
   oof      ROC AUC of its out-of-fold predictions on the cross-validation part (what `melafast train` prints)
   holdout  ROC AUC on the held-out part of its fold models as an ensemble (mean probability, as `submit` does)
-  gap      oof - holdout: how far the CV figure is from what the models do on unseen lesions
+  holdout_single  the mean ROC AUC of its fold models one by one on the held-out part (what the OOF figure,
+           made of single fold models, estimates; holdout - holdout_single is what the ensemble adds)
+  gap      oof - holdout: how far the CV figure is from what the submitted ensemble does on unseen lesions
 
 --seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
 mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
@@ -101,7 +103,7 @@ def frozen_logreg(df, hold, a, seed, tmp, device):
         clf = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(x[tr]), df["target"].to_numpy()[tr])
         oof[va] = clf.predict_proba(scaler.transform(x[va]))[:, 1]
         held.append(clf.predict_proba(scaler.transform(xh))[:, 1])
-    return {"frozen_logreg": (oof, np.mean(held, axis=0))}
+    return {"frozen_logreg": (oof, held)}
 
 
 def _features(a, device):
@@ -150,7 +152,7 @@ def plain_fastai(df, hold, a, seed, tmp, device):
             test = dls.test_dl(hold)
             held.append(learn.get_preds(dl=test)[0][:, 1].numpy())
             held_tta.append(learn.tta(dl=test)[0][:, 1].numpy())
-    return {"plain_fastai": (oof, np.mean(held, axis=0)), "plain_fastai_tta": (oof_tta, np.mean(held_tta, axis=0))}
+    return {"plain_fastai": (oof, held), "plain_fastai_tta": (oof_tta, held_tta)}
 
 
 def _valley(learn, a) -> float:
@@ -163,8 +165,8 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     "One `train_run` over the same folds; held-out predictions from its fold models as `submit` makes them."
     import pandas as pd
 
+    from melafast.checkpoint import load_predictor, predict_many
     from melafast.run import TrainConfig, train_run
-    from melafast.submit import predict_run
 
     data = Path(tmp) / f"data_{name}_{seed}"
     data.mkdir()
@@ -175,7 +177,9 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
                       **{"lr_find_on": a.lr_find_on, **a.settings, **settings})
     train_run(cfg, log=lambda m: None)
     oof = pd.read_csv(Path(cfg.out) / "oof.csv").set_index("image_name").loc[df["image_name"]]
-    held = predict_run(cfg.out, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, log=lambda m: None)
+    # each fold model's held-out predictions, in one pass over the images; their mean is what `submit` writes
+    held = predict_many(load_predictor(cfg.out).predictors, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers,
+                        progress=False)
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
         return {name: (oof["pred"].to_numpy(), held, oof["pred_selected"].to_numpy())}
     return {name: (oof["pred"].to_numpy(), held)}
@@ -210,7 +214,7 @@ def _mean_sd(values) -> dict:
 
 def summarize(per_seed: list) -> dict:
     "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
-    out = {key: _mean_sd([r[key] for r in per_seed]) for key in ("oof", "holdout", "gap")}
+    out = {key: _mean_sd([r[key] for r in per_seed]) for key in ("oof", "holdout", "holdout_single", "gap")}
     out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
     if all("oof_selected" in r for r in per_seed):
         out["oof_selected"] = _mean_sd([r["oof_selected"] for r in per_seed])
@@ -223,13 +227,14 @@ def _cell(s: dict) -> str:
 
 def markdown_table(results: list) -> str:
     "One markdown row per (result file, recipe row): OOF, held-out and gap as mean ± sd over seeds."
-    lines = ["| run | recipe | seeds | OOF AUC | held-out AUC | OOF - held-out |", "|---|---|---|---|---|---|"]
+    lines = ["| run | recipe | seeds | OOF AUC | held-out AUC, fold ensemble | held-out AUC, one fold model "
+             "| OOF - held-out |", "|---|---|---|---|---|---|---|"]
     for res in results:
         for name, r in res["recipes"].items():
             s = r["summary"]
             oof = _cell(s["oof"]) + (f" (kept epochs: {_cell(s['oof_selected'])})" if "oof_selected" in s else "")
             lines.append(f"| {res.get('label') or ''} | {name} | {len(r['per_seed'])} | {oof} | {_cell(s['holdout'])} "
-                         f"| {s['gap']['mean']:+.3f} |")
+                         f"| {_cell(s['holdout_single'])} | {s['gap']['mean']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -288,6 +293,7 @@ def main(argv=None):
         print(json.dumps({"skipped": f"needs {a.data}/train.csv and {a.weights}"}))
         return None
 
+    import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -309,7 +315,9 @@ def main(argv=None):
                 seconds = round(time.perf_counter() - t0, 1)
                 for name, (oof, held, *selected) in rows.items():
                     r = dict(seed=seed, oof=round(float(roc_auc_score(df["target"], oof)), 4),
-                             holdout=round(float(roc_auc_score(hold["target"], held)), 4), seconds=seconds)
+                             holdout=round(float(roc_auc_score(hold["target"], np.mean(held, axis=0))), 4),
+                             holdout_single=round(float(np.mean([roc_auc_score(hold["target"], h) for h in held])), 4),
+                             seconds=seconds)
                     r["gap"] = round(r["oof"] - r["holdout"], 4)
                     if selected:
                         r["oof_selected"] = round(float(roc_auc_score(df["target"], selected[0])), 4)
