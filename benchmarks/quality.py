@@ -103,7 +103,7 @@ def frozen_logreg(df, hold, a, seed, tmp, device):
         clf = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(x[tr]), df["target"].to_numpy()[tr])
         oof[va] = clf.predict_proba(scaler.transform(x[va]))[:, 1]
         held.append(clf.predict_proba(scaler.transform(xh))[:, 1])
-    return {"frozen_logreg": (oof, held)}
+    return {"frozen_logreg": dict(oof=oof, held=held)}
 
 
 def _features(a, device):
@@ -152,7 +152,7 @@ def plain_fastai(df, hold, a, seed, tmp, device):
             test = dls.test_dl(hold)
             held.append(learn.get_preds(dl=test)[0][:, 1].numpy())
             held_tta.append(learn.tta(dl=test)[0][:, 1].numpy())
-    return {"plain_fastai": (oof, held), "plain_fastai_tta": (oof_tta, held_tta)}
+    return {"plain_fastai": dict(oof=oof, held=held), "plain_fastai_tta": dict(oof=oof_tta, held=held_tta)}
 
 
 def _valley(learn, a) -> float:
@@ -178,11 +178,32 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     train_run(cfg, log=lambda m: None)
     oof = pd.read_csv(Path(cfg.out) / "oof.csv").set_index("image_name").loc[df["image_name"]]
     # each fold model's held-out predictions, in one pass over the images; their mean is what `submit` writes
-    held = predict_many(load_predictor(cfg.out).predictors, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers,
-                        progress=False)
+    models = load_predictor(cfg.out).predictors
+    held = predict_many(models, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
+    row = dict(oof=oof["pred"].to_numpy(), held=held)
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
-        return {name: (oof["pred"].to_numpy(), held, oof["pred_selected"].to_numpy())}
-    return {name: (oof["pred"].to_numpy(), held)}
+        row["selected"] = oof["pred_selected"].to_numpy()
+    if a.fresh is not None:
+        row["diag"] = _single_model_check(models, df, hold, a)
+    return {name: row}
+
+
+def _single_model_check(models, df, hold, a) -> dict:
+    """Each fold model alone, plain view (no TTA), on three sets: its own validation fold, the held-out part, and the
+    fresh images (the non-held-out images the CV subset left unused). Tells a held-out part that is easier or harder
+    than the data at large from a CV that is off."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from melafast.checkpoint import predict_many
+
+    out = {"valid": [], "holdout": [], "fresh": []}
+    for model in models:
+        own = df[df["fold"] == model.config["fold"]]
+        for key, rows in (("valid", own), ("holdout", hold), ("fresh", a.fresh)):
+            pred = predict_many([model], rows, tta=1, bs=a.bs, num_workers=a.workers, progress=False)[0]
+            out[key].append(roc_auc_score(rows["target"], pred))
+    return {f"single_tta1_{k}": round(float(np.mean(v)), 4) for k, v in out.items()}
 
 
 def melafast_image(*args):
@@ -214,7 +235,8 @@ def _mean_sd(values) -> dict:
 
 def summarize(per_seed: list) -> dict:
     "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
-    out = {key: _mean_sd([r[key] for r in per_seed]) for key in ("oof", "holdout", "holdout_single", "gap")}
+    keys = ["oof", "holdout", "holdout_single", "gap", *(k for k in per_seed[0] if k.startswith("single_tta1_"))]
+    out = {key: _mean_sd([r[key] for r in per_seed]) for key in keys}
     out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
     if all("oof_selected" in r for r in per_seed):
         out["oof_selected"] = _mean_sd([r["oof_selected"] for r in per_seed])
@@ -261,6 +283,9 @@ def _parse(argv):
                    help="cross-validate on a lesion-grouped subset of about this many images of the non-held-out part")
     p.add_argument("--holdout", type=float, default=0.2, help="share of the lesions set aside, never trained on")
     p.add_argument("--holdout-seed", type=int, default=0, help="fixes the held-out part (the same for every seed)")
+    p.add_argument("--fresh-check", action="store_true",
+                   help="melafast recipes: also score each fold model alone, plain view, on its validation fold, the "
+                        "held-out part and the images --images left unused (single_tta1_valid/holdout/fresh)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=42, help="first seed; the others follow it")
     p.add_argument("--seeds", type=int, default=1, help="repeat every recipe with this many seeds")
@@ -303,6 +328,11 @@ def main(argv=None):
     full, _ = load_competition(a.data)
     rest, hold = split_holdout(full, a.holdout, a.holdout_seed)
     cv = _subset(rest, a.images) if a.images else rest
+    a.fresh = rest[~rest["image_name"].isin(cv["image_name"])].reset_index(drop=True) if a.fresh_check else None
+    if a.fresh is not None and a.fresh["target"].nunique() < 2:
+        raise SystemExit("--fresh-check needs --images smaller than the non-held-out part (fresh images of both classes)")
+    if a.fresh is not None and a.small:
+        a.fresh = _subset(a.fresh, 300, seed=1)
     a.everything = __import__("pandas").concat([cv, hold], ignore_index=True)
     seeds = [a.seed + i for i in range(a.seeds)]
     per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}
@@ -313,14 +343,16 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 rows = RUNNERS[recipe](df, hold, a, seed, tmp, device)
                 seconds = round(time.perf_counter() - t0, 1)
-                for name, (oof, held, *selected) in rows.items():
-                    r = dict(seed=seed, oof=round(float(roc_auc_score(df["target"], oof)), 4),
+                for name, got in rows.items():
+                    held = got["held"]
+                    r = dict(seed=seed, oof=round(float(roc_auc_score(df["target"], got["oof"])), 4),
                              holdout=round(float(roc_auc_score(hold["target"], np.mean(held, axis=0))), 4),
                              holdout_single=round(float(np.mean([roc_auc_score(hold["target"], h) for h in held])), 4),
                              seconds=seconds)
                     r["gap"] = round(r["oof"] - r["holdout"], 4)
-                    if selected:
-                        r["oof_selected"] = round(float(roc_auc_score(df["target"], selected[0])), 4)
+                    if "selected" in got:
+                        r["oof_selected"] = round(float(roc_auc_score(df["target"], got["selected"])), 4)
+                    r.update(got.get("diag", {}))
                     per_seed[name].append(r)
                     _log(f"seed {seed} {name}: {r}")
     res = dict(label=a.label, data=str(a.data), cv_images=len(cv), cv_melanomas=int(cv["target"].sum()),

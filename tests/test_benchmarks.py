@@ -58,7 +58,7 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
 
     from melafast.data import load_competition
 
-    res = quality.main(["--small"])
+    res = quality.main(["--small", "--fresh-check"])
     rows = [row for r in quality.RECIPES for row in quality.ROWS[r]]
     assert list(res["recipes"]) == rows and res["seeds"] == [42, 43]
     assert 120 <= res["cv_images"] <= 200 and res["cv_melanomas"] >= 10
@@ -74,6 +74,11 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
         assert [s["seed"] for s in seeds] == [42, 43], name
         for s in seeds:
             assert 0 <= s["oof"] <= 1 and 0 <= s["holdout"] <= 1 and 0 <= s["holdout_single"] <= 1, name
+    # the single-model check of the melafast recipes: each fold model alone on three sets, all real AUCs
+    for name in ("melafast_image", "melafast_meta_tta", "melafast_best"):
+        for s in res["recipes"][name]["per_seed"]:
+            assert all(0 <= s[f"single_tta1_{k}"] <= 1 for k in ("valid", "holdout", "fresh")), name
+    assert "single_tta1_fresh" not in res["recipes"]["plain_fastai"]["per_seed"][0]
     # other seeds, other folds: the trained recipes' OOF predictions differ between seeds
     for name in ("plain_fastai", "melafast_image", "melafast_meta_tta"):
         assert len({s["oof"] for s in res["recipes"][name]["per_seed"]}) == 2, name
