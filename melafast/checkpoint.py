@@ -210,8 +210,8 @@ def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64,
         stack = MetaStack([procs[i] for i in idx])
         dl = inference_dl(df, size, stack if stack.procs else None, bs=bs, num_workers=num_workers, device=device)
         models = [predictors[i].model for i in idx]
-        amps = {inference_settings(m, device) for m in models}  # the same rule for every model: one dtype
-        amp = amps.pop()
+        for m in models:
+            amp = inference_settings(m, device)  # the same rule for every model, so one autocast dtype
         probs = predict_probs_multi(models, dl, stack.slices, n=tta, amp_dtype=amp, progress=progress)
         for i, pr in zip(idx, probs):
             out[i] = pr[:, predictors[i].config["pos"]].numpy().astype(np.float64)

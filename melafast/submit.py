@@ -165,8 +165,8 @@ def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
     result = dict(runs=[str(Path(r).resolve()) for r in runs], blend=method, weights=w, oof_auc=scores[chosen],
                   chosen=chosen, candidates=scores, n_images=len(table), **extra)
     write_json(result, out)
-    log(f"chose {chosen} (OOF AUC {scores[chosen]:.4f} on {len(table)} images, nothing fitted on the rows scored); "
-        f"wrote {out}")
+    log(f"chose {chosen} (OOF AUC {scores[chosen]:.4f} on {len(table)} images; no candidate's score was fitted on the "
+        f"rows it scores, though taking the best of {len(scores)} flatters it slightly); wrote {out}")
     return result
 
 
