@@ -257,6 +257,12 @@ def markdown_table(results: list) -> str:
             oof = _cell(s["oof"]) + (f" (kept epochs: {_cell(s['oof_selected'])})" if "oof_selected" in s else "")
             lines.append(f"| {res.get('label') or ''} | {name} | {len(r['per_seed'])} | {oof} | {_cell(s['holdout'])} "
                          f"| {_cell(s['holdout_single'])} | {s['gap']['mean']:+.3f} |")
+    checks = [(res, name, r["summary"]) for res in results for name, r in res["recipes"].items()
+              if "single_tta1_fresh" in r["summary"]]
+    if checks:  # --fresh-check: each fold model alone, plain view, on three sets
+        lines += ["", "| run | recipe | its own validation fold | held-out part | fresh images |", "|---|---|---|---|---|"]
+        lines += [f"| {res.get('label') or ''} | {name} | {_cell(s['single_tta1_valid'])} | "
+                  f"{_cell(s['single_tta1_holdout'])} | {_cell(s['single_tta1_fresh'])} |" for res, name, s in checks]
     return "\n".join(lines)
 
 
