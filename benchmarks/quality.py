@@ -20,8 +20,13 @@ Recipes (rows):
   plain_fastai       fastai as its docs teach: vision_learner, aug_transforms, fine_tune (lr_mult 100); no TTA
   plain_fastai_tta   the same models with fastai's learn.tta() (4 random-augmentation passes blended with 1 plain)
   melafast_image     melanoma_learner on the image only, no TTA
+  melafast_image_tta the same with dihedral TTA x8 (not run by default): the image-only model "trained the same
+                     way" as melafast_meta_tta, to compare with that one's predictions without metadata
   melafast_meta_tta  melafast's defaults: image + metadata, dihedral TTA x8
   melafast_best      metadata + TTA x8 + the switches in --best (default: metadata extras, upsampling x2, EMA)
+
+Recipes with metadata are also scored with every metadata field blanked at prediction (as a patient who comes with
+images only): oof_blank (each fold model on its own validation rows) and holdout_blank (the fold ensemble).
 
 --settings JSON adds TrainConfig settings to every melafast recipe (e.g. '{"lr_find_on": "unfrozen"}',
 '{"frozen_bn": false}', '{"keep": "best"}'; with keep=best a recipe also reports oof_selected, the optimistic CV
@@ -52,7 +57,7 @@ BEST = {"extra_meta": True, "upsample": 2, "ema": 0.999}  # the candidate-best r
 RECIPES = ("frozen_logreg", "plain_fastai", "melafast_image", "melafast_meta_tta", "melafast_best")
 ROWS = {"frozen_logreg": ("frozen_logreg",), "plain_fastai": ("plain_fastai", "plain_fastai_tta"),
         "melafast_image": ("melafast_image",), "melafast_meta_tta": ("melafast_meta_tta",),
-        "melafast_best": ("melafast_best",)}  # the rows each recipe's training gives
+        "melafast_best": ("melafast_best",), "melafast_image_tta": ("melafast_image_tta",)}  # rows of each recipe
 
 
 def _log(msg):
@@ -181,11 +186,30 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     models = load_predictor(cfg.out).predictors
     held = predict_many(models, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
     row = dict(oof=oof["pred"].to_numpy(), held=held)
+    if cfg.meta:  # the same models on patients who come with images only: every metadata field blanked
+        row["held_blank"] = predict_many(models, _blank(hold), tta=cfg.tta, bs=a.bs, num_workers=a.workers,
+                                         progress=False)
+        blank = _blank(df).set_index("image_name")
+        row["oof_blank"] = pd.Series(index=df["image_name"], dtype=float)
+        for m in models:
+            own = df.loc[df["fold"] == m.config["fold"], "image_name"]
+            row["oof_blank"].loc[own] = predict_many([m], blank.loc[own].reset_index(), tta=cfg.tta, bs=a.bs,
+                                                     num_workers=a.workers, progress=False)[0]
+        row["oof_blank"] = row["oof_blank"].to_numpy()
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
         row["selected"] = oof["pred_selected"].to_numpy()
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
+
+
+def _blank(df):
+    "`df` with every metadata field missing, as a table of images without metadata would read."
+    import numpy as np
+
+    from melafast.data import CAT_NAMES, CONT_NAMES, EXTRA_CONT_NAMES
+
+    return df.assign(**{c: np.nan for c in (*CAT_NAMES, *CONT_NAMES, *EXTRA_CONT_NAMES) if c in df.columns})
 
 
 def _single_model_check(models, df, hold, a) -> dict:
@@ -218,8 +242,12 @@ def melafast_best(df, hold, a, *args):
     return melafast_recipe(df, hold, a, *args, "melafast_best", **{"meta": True, "tta": 8, **a.best})
 
 
+def melafast_image_tta(*args):
+    return melafast_recipe(*args, "melafast_image_tta", meta=False, tta=8)
+
+
 RUNNERS = dict(frozen_logreg=frozen_logreg, plain_fastai=plain_fastai, melafast_image=melafast_image,
-               melafast_meta_tta=melafast_meta_tta, melafast_best=melafast_best)
+               melafast_meta_tta=melafast_meta_tta, melafast_best=melafast_best, melafast_image_tta=melafast_image_tta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +263,8 @@ def _mean_sd(values) -> dict:
 
 def summarize(per_seed: list) -> dict:
     "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
-    keys = ["oof", "holdout", "holdout_single", "gap", *(k for k in per_seed[0] if k.startswith("single_tta1_"))]
+    keys = ["oof", "holdout", "holdout_single", "gap", *(k for k in per_seed[0] if k.startswith("single_tta1_")),
+            *(k for k in ("oof_blank", "holdout_blank") if k in per_seed[0])]
     out = {key: _mean_sd([r[key] for r in per_seed]) for key in keys}
     out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
     if all("oof_selected" in r for r in per_seed):
@@ -263,6 +292,13 @@ def markdown_table(results: list) -> str:
         lines += ["", "| run | recipe | its own validation fold | held-out part | fresh images |", "|---|---|---|---|---|"]
         lines += [f"| {res.get('label') or ''} | {name} | {_cell(s['single_tta1_valid'])} | "
                   f"{_cell(s['single_tta1_holdout'])} | {_cell(s['single_tta1_fresh'])} |" for res, name, s in checks]
+    blanks = [(res, name, r["summary"]) for res in results for name, r in res["recipes"].items()
+              if "holdout_blank" in r["summary"]]
+    if blanks:  # recipes with metadata, predicted with and without it
+        lines += ["", "| run | recipe | OOF AUC, metadata | OOF AUC, every field blanked | held-out AUC, metadata "
+                  "| held-out AUC, every field blanked |", "|---|---|---|---|---|---|"]
+        lines += [f"| {res.get('label') or ''} | {name} | {_cell(s['oof'])} | {_cell(s['oof_blank'])} | "
+                  f"{_cell(s['holdout'])} | {_cell(s['holdout_blank'])} |" for res, name, s in blanks]
     return "\n".join(lines)
 
 
@@ -358,6 +394,9 @@ def main(argv=None):
                     r["gap"] = round(r["oof"] - r["holdout"], 4)
                     if "selected" in got:
                         r["oof_selected"] = round(float(roc_auc_score(df["target"], got["selected"])), 4)
+                    if "held_blank" in got:
+                        r["oof_blank"] = round(float(roc_auc_score(df["target"], got["oof_blank"])), 4)
+                        r["holdout_blank"] = round(float(roc_auc_score(hold["target"], np.mean(got["held_blank"], axis=0))), 4)
                     r.update(got.get("diag", {}))
                     per_seed[name].append(r)
                     _log(f"seed {seed} {name}: {r}")

@@ -85,6 +85,12 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
     # pretrained features + logistic regression find melanomas even at 48 px: a script that misaligned images,
     # labels or held-out rows would score about 0.5
     assert res["recipes"]["frozen_logreg"]["summary"]["holdout"]["mean"] > 0.6
-    table, check = quality.markdown_table([res]).split("\n\n")
+    # the recipes with metadata are also scored with every metadata field blanked, on both sets
+    for name in ("melafast_meta_tta", "melafast_best"):
+        for s in res["recipes"][name]["per_seed"]:
+            assert 0 <= s["oof_blank"] <= 1 and 0 <= s["holdout_blank"] <= 1, name
+    assert "holdout_blank" not in res["recipes"]["melafast_image"]["per_seed"][0]
+    table, check, blank = quality.markdown_table([res]).split("\n\n")
     assert len(table.splitlines()) == 2 + len(rows) and all(f"| {name} | 2 |" in table for name in rows)
     assert len(check.splitlines()) == 2 + 3  # the three melafast recipes' single-model check
+    assert len(blank.splitlines()) == 2 + 2  # the two recipes with metadata, with and without it
