@@ -21,7 +21,9 @@ _EXPORTS = {
     "melanoma_learner": "learner", "MelanomaLearner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
     "dihedral_tta": "tta", "dihedral_views": "tta",
     "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
-    "save_run": "checkpoint", "load_predictor": "checkpoint", "Predictor": "checkpoint", "RunPredictor": "checkpoint",
+    "save_run": "checkpoint", "save_model": "checkpoint", "load_model": "checkpoint",
+    "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
+    "MissingMetadataWarning": "inference", "MetaDropout": "data",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -41,6 +41,7 @@ class TrainConfig:
     folds: int = 5  # number of patient-grouped folds
     fold: int | None = None  # train this fold only; None = every fold
     meta: bool = True  # fuse the patient metadata with the image
+    meta_dropout: float = 0.0  # share of training rows whose patient fields are blanked (all, or one), as a hole looks
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     tta: int = 8  # dihedral views for the out-of-fold predictions: 1, 2, 4 or 8
     weights: str | None = None  # local timm checkpoint for the backbone
@@ -63,7 +64,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every value; raise `MelafastError` naming the first one that is wrong."""
         from .data import AUG_PRESETS, BAD_IMAGE_MODES, TARGETS
-        from .learner import PRECISIONS
+        from .inference import PRECISIONS
 
         checks = [
             (16 <= self.size <= 2048, f"--size must be between 16 and 2048 pixels, got {self.size}"),
@@ -82,6 +83,7 @@ class TrainConfig:
             (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.on_bad_image in BAD_IMAGE_MODES, f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
             (self.upsample >= 1, f"--upsample must be 1 or more, got {self.upsample}"),
+            (0 <= self.meta_dropout < 1, f"--meta-dropout must be in [0, 1), got {self.meta_dropout}"),
             (self.target in TARGETS, f"--target must be melanoma or diagnosis, got {self.target}"),
             (self.aug in AUG_PRESETS, f"--aug must be light, medium or heavy, got {self.aug}"),
             (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),

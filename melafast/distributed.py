@@ -14,7 +14,7 @@ import os
 import torch
 
 __all__ = ["world_size", "rank", "is_main", "init_distributed", "barrier", "broadcast_object", "process_device",
-           "to_distributed"]
+           "sync_batchnorm", "to_distributed"]
 
 
 def world_size() -> int:
@@ -69,11 +69,26 @@ def process_device() -> torch.device | None:
     return None
 
 
+def sync_batchnorm(model):
+    """`model` with every batch norm synchronised across processes, in place; returns `model`.
+
+    torch's `convert_sync_batchnorm` (what fastai's `DistributedTrainer(sync_bn=True)` calls) turns timm's
+    `BatchNormAct2d`, a batch norm with its activation fused in, into a plain `SyncBatchNorm` and drops the
+    activation: the network trained and validated would then differ from the one `load_predictor` rebuilds from its
+    weights. timm's conversion keeps the activation (`SyncBatchNormAct`). Parameters and buffers are the same
+    tensors, and the state dict keys do not change, so the saved weights load into the plain model.
+    """
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def to_distributed(learn):
     """Make `learn` train data-parallel across the launcher's processes; returns `learn`.
 
     fastai's own `DistributedTrainer` broadcasts the shuffled indices through CUDA tensors; melafast's subclass
-    keeps them on the CPU under gloo, so the same code runs on CPU-only machines.
+    keeps them on the CPU under gloo, so the same code runs on CPU-only machines. On GPUs batch norm is synchronised
+    with timm's conversion (`sync_batchnorm`), never fastai's, which would change the network.
     """
     from fastai.distributed import DistributedDL, DistributedTrainer
 
@@ -88,8 +103,9 @@ def to_distributed(learn):
             return dl if isinstance(dl, DistributedDL) else _DL(dl, device=self.learn.dls.device)
 
     cuda = torch.device(learn.dls.device or "cpu").type == "cuda"
-    # SyncBatchNorm exists only on GPUs; on CPUs each process keeps its own batch statistics
-    learn.add_cb(_Trainer(sync_bn=cuda, cpu=not cuda))
+    if cuda:  # SyncBatchNorm trains only on GPUs; on CPUs each process keeps its own batch statistics
+        learn.model = sync_batchnorm(learn.model)
+    learn.add_cb(_Trainer(sync_bn=False, cpu=not cuda))
     if not is_main() and hasattr(learn, "progress"):  # a bar or the log lines: rank 0's is enough
         learn.remove_cb(learn.progress)
     return learn

@@ -50,42 +50,31 @@ def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos:
     return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0.0)
 
 
-def _features(predictor, df, bs, num_workers, device, label="", progress=True):
-    "Backbone features of `df`'s images (plain view), on `device`."
-    from .checkpoint import inference_settings
-    from .data import inference_dl
-    from .progress import progress as shown
+def _melanoma_probs(predictor, feats, meta_table: pd.DataFrame, precision=None) -> np.ndarray:
+    from .inference import resolve_settings
 
-    model = predictor.model
-    amp = inference_settings(model, device)
-    dl = inference_dl(df, predictor.config["size"], None, bs=bs, num_workers=num_workers, device=device)
-    feats = []
-    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-        for (img,) in shown(dl, total=len(dl), label=label, size=lambda b: len(b[0]), display=progress):
-            feats.append(model.image_features(img.to(device)).float())
-    return torch.cat(feats)
-
-
-def _melanoma_probs(predictor, feats, meta_table: pd.DataFrame) -> np.ndarray:
     meta = torch.as_tensor(predictor.meta_proc.encode(meta_table), dtype=torch.float32, device=feats.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), resolve_settings(predictor.config, feats.device, precision).autocast():
         logits = predictor.model.classify(feats, meta).float()
     return torch.softmax(logits, dim=-1)[:, predictor.config["pos"]].cpu().numpy()
 
 
 def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, seed: int = 0, bs: int = 64,
-                        num_workers: int | None = None, device=None, progress: bool = True) -> pd.DataFrame:
+                        num_workers: int | None = None, device=None, progress: bool = True,
+                        precision: str | None = None) -> pd.DataFrame:
     """Permutation importance of each metadata column, on out-of-fold rows.
 
     `predictors` maps each fold to its model; `df` holds the OOF rows (`fold`, `target`, `fname` and the metadata
     columns). Each fold's model scores its own rows with one column shuffled among them (`n_repeats` times); the AUC
-    over all rows is compared with the unshuffled one (plain view, no TTA). The row `all metadata` shuffles every
+    over all rows is compared with the unshuffled one (plain view, no TTA; each model in the precision it was
+    validated with, or `precision`). The row `all metadata` shuffles every
     column together, which leaves the model the image alone: the image-only contribution.
     Returns column, auc (mean over repeats), sd, drop (unshuffled AUC minus auc).
     """
     from .evaluate import auc
+    from .inference import default_device, image_features
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else default_device()
     rng = np.random.default_rng(seed)
     first = next(iter(predictors.values()))
     if first.meta_proc is None:
@@ -96,14 +85,15 @@ def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, 
     for k, predictor in predictors.items():
         rows = np.flatnonzero(df["fold"].to_numpy() == k)
         part = df.iloc[rows].reset_index(drop=True)
-        feats = _features(predictor, part, bs, num_workers, device, f"metadata importance, fold {k}", progress)
+        feats = image_features(predictor, part, bs=bs, num_workers=num_workers, device=device,
+                               label=f"metadata importance, fold {k}", progress=progress, precision=precision)
         for name, n in trials.items():
             for r in range(n):
                 table = part.copy()
                 shuffle = rng.permutation(len(part))
                 cols = [] if name == "none" else columns if name == "all metadata" else [name]
                 table[cols] = part[cols].to_numpy()[shuffle]
-                preds[name][r, rows] = _melanoma_probs(predictor, feats, table)
+                preds[name][r, rows] = _melanoma_probs(predictor, feats, table, precision)
     target = df["target"].to_numpy()
     base = auc(target, preds["none"][0])
     out = []

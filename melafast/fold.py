@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -59,7 +58,7 @@ def _epoch_tracker(keep_best: bool = False):
 
         def add_validation(self, learn, phase: str, t0: float):
             "Score the model as it is now on the validation set (no TTA) and log it as one more row."
-            from .learner import _auc
+            from .evaluate import auc as _auc
             from .tta import dihedral_tta
 
             probs = dihedral_tta(learn, n=1, progress=False).double()
@@ -97,28 +96,27 @@ def _fit(learn, cfg: TrainConfig, lr: float):
 
 def seed_everything(seed: int, deterministic: bool = False):
     """Seed Python, numpy and torch. GPUs then autotune their convolutions (cuDNN benchmark), which is fastest but
-    not bit-for-bit repeatable; `deterministic` turns on deterministic algorithms instead. The CPU repeats either way.
+    not bit-for-bit repeatable; `deterministic` turns on deterministic algorithms instead (see
+    `inference.set_determinism` for what that guarantees). The CPU repeats either way.
     """
-    import torch
     from fastai.torch_core import set_seed
 
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    from .inference import set_determinism
+
     set_seed(seed)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
+    set_determinism(deterministic)
 
 
 def fold_learner(df, k, cfg: TrainConfig, path):
     "The seeded Learner of fold `k`: its DataLoaders and model as `cfg` says; `path` holds lr_find's checkpoint."
-    from .data import melanoma_dls
+    from .data import melanoma_dls, pseudo_for_fold
     from .distributed import process_device
     from .learner import melanoma_learner
 
     seed_everything(cfg.seed, cfg.deterministic)
-    dls = melanoma_dls(df, fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
-                       device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug)
+    dls = melanoma_dls(pseudo_for_fold(df, k), fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
+                       device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug,
+                       meta_dropout=cfg.meta_dropout)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn, path=path,
@@ -143,16 +141,32 @@ def find_lr(learn, png, on: str = "frozen") -> float:
 
 
 def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
-    """Train fold `k`; return its OOF rows (`pred`: the honest model's; `pred_selected` with keep="best"), its metric
-    rows and the epoch it kept."""
-    from .averaging import WeightEMA, WeightSWA, unwrap
-    from .checkpoint import save_run
-    from .distributed import is_main, to_distributed, world_size
+    """Train fold `k`; return its OOF rows (`pred`: the honest model's; `pred_no_meta`: the same with every patient
+    field blanked, for a model with metadata; `pred_selected` with keep="best"), its metric rows, the epoch it kept,
+    and the operations that ran without a deterministic kernel although `cfg.deterministic` asked for one."""
+    from .checkpoint import save_model
+    from .distributed import is_main
+    from .inference import record_nondeterminism
+    from .runfolder import RunFolder
 
-    fold_dir = run_dir / f"fold{k}"
+    run = RunFolder(run_dir)
+    fold_dir = run.fold_dir(k)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    learn = fold_learner(df, k, cfg, fold_dir)
-    lr = cfg.lr if cfg.lr is not None else find_lr(learn, fold_dir / "lr_find.png", cfg.lr_find_on)
+    with record_nondeterminism() as nondeterministic:
+        learn = fold_learner(df, k, cfg, fold_dir)
+        result = _fit_fold(learn, df, k, cfg, run, log)
+    if is_main():
+        save_model(learn, fold_dir, extra=dict(result.pop("extra"), nondeterministic_ops=nondeterministic))
+    return result["oof"], result["metrics"], result["kept"], nondeterministic
+
+
+def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
+    "Find the lr, fit, keep the model the rule says and predict the validation rows with it."
+    from .averaging import WeightEMA, WeightSWA, unwrap
+    from .distributed import to_distributed, world_size
+    from .evaluate import auc
+
+    lr = cfg.lr if cfg.lr is not None else find_lr(learn, run.lr_find_file(k), cfg.lr_find_on)
     if world_size() > 1:
         to_distributed(learn)
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
@@ -173,23 +187,39 @@ def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
         kept = "swa"
     elif ema is not None:  # validation scored the moving average: that is the model
         unwrap(learn.model).load_state_dict(ema.averaged_state())
-    oof = pd.DataFrame({"image_name": learn.dls.valid_ds.items["image_name"].to_numpy(),
-                        "target": learn.dls.valid_ds.items["target"].to_numpy(), "fold": k,
-                        "pred": _valid_preds(learn, cfg.tta)})
+    valid = learn.dls.valid_ds.items
+    pred, no_meta = _valid_preds(learn, cfg.tta)
+    oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(), "fold": k,
+                        "pred": pred})
+    if no_meta is not None:
+        oof["pred_no_meta"] = no_meta
     if cfg.keep == "best" and swa is None:
         if tracker.restore_best(unwrap(learn.model)):
             kept = tracker.best_epoch
-        oof["pred_selected"] = _valid_preds(learn, cfg.tta)
-    if is_main():
-        save_run(learn, fold_dir, extra=dict(fold=k, lr=lr, kept_epoch=kept, keep=cfg.keep, seed=cfg.seed,
-                                             ema=cfg.ema, swa=cfg.swa, tta=cfg.tta))
-    metrics = pd.DataFrame(tracker.rows).assign(fold=k)
-    return oof, metrics, kept
+        oof["pred_selected"] = _valid_preds(learn, cfg.tta)[0]
+    extra = dict(fold=k, lr=lr, kept_epoch=kept, keep=cfg.keep, seed=cfg.seed, ema=cfg.ema, swa=cfg.swa, tta=cfg.tta,
+                 meta_dropout=getattr(learn.dls, "meta_dropout", 0.0), valid_auc=auc(oof["target"], oof["pred"]),
+                 valid_auc_no_meta=auc(oof["target"], no_meta) if no_meta is not None else None)
+    if cfg.meta and cfg.extra_meta:  # what the file features were computed on, to recognise other files later
+        from .data import file_reference
+
+        extra["files"] = file_reference(df[df["fold"] != k])
+    return dict(oof=oof, metrics=pd.DataFrame(tracker.rows).assign(fold=k), kept=kept, extra=extra)
 
 
 def _valid_preds(learn, tta: int):
-    "Melanoma probabilities of the validation rows with `tta` dihedral views."
+    """Melanoma probabilities of the validation rows with `tta` dihedral views, and for a model with metadata the
+    same with every patient field blanked (None for an image-only model), from one pass over the images."""
+    from .averaging import unwrap
+    from .inference import predict_probs_multi
     from .learner import melanoma_probs
-    from .tta import dihedral_tta
+    from .tta import _amp_dtype
 
-    return melanoma_probs(dihedral_tta(learn, n=tta), learn.metrics[0].pos)
+    meta, pos = learn.dls.n_inp > 1, learn.metrics[0].pos
+    out = predict_probs_multi([unwrap(learn.model)], learn.dls.valid, [slice(None) if meta else None], n=tta,
+                              amp_dtype=_amp_dtype(learn), n_inp=learn.dls.n_inp,
+                              blanks=[learn.dls.meta_proc] if meta else None)
+    if not meta:
+        return melanoma_probs(out[0], pos), None
+    probs, blank = out
+    return melanoma_probs(probs[0], pos), melanoma_probs(blank[0], pos)

@@ -7,7 +7,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from fastai.callback.training import BnFreeze
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner, Metric
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import OptimWrapper
@@ -17,24 +17,15 @@ from fastcore.meta import delegates
 
 from .errors import MelafastError
 from . import interpret  # noqa: F401  (registers fastai's plot_top_losses for image + metadata batches)
+from . import tta  # noqa: F401  (attaches learn.dihedral_tta)
+from .evaluate import auc as _auc
 from .hostsync import sync_free
+from .inference import PRECISIONS, resolve_precision
 from .model import MelanomaModel, melanoma_splitter
 from .progress import LineProgress, interactive
-from .tta import dihedral_tta
 
 __all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs",
-           "melanoma_index", "resolve_precision", "PRECISIONS"]
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def _auc(targ, prob) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    targ = np.asarray(targ)
-    if len(np.unique(targ)) < 2:
-        return float("nan")  # AUC is undefined when the validation set holds one class only
-    return float(roc_auc_score(targ, np.asarray(prob)))
+           "melanoma_index", "resolve_precision", "PRECISIONS", "FrozenBN"]
 
 
 class MelanomaLearner(Learner):
@@ -60,6 +51,21 @@ class MelanomaLearner(Learner):
         finally:
             if cb is not None:
                 self.add_cb(cb)
+
+
+class FrozenBN(Callback):
+    """While training, every batch norm whose weights are frozen runs in eval mode: its running statistics stay put.
+
+    fastai's `BnFreeze` only knows `nn.BatchNorm1d/2d/3d`; this one knows every `_BatchNorm`, so it also holds the
+    `SyncBatchNorm` layers of data-parallel training and timm's `BatchNormAct2d` / `SyncBatchNormAct`.
+    """
+
+    run_after = TrainEvalCallback
+
+    def before_train(self):
+        for m in self.learn.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and not m.weight.requires_grad:
+                m.eval()
 
 
 class MelanomaAUC(Metric):
@@ -125,20 +131,6 @@ def melanoma_probs(probs, pos: int = 1) -> np.ndarray:
     return np.asarray(probs[:, pos], dtype=np.float64)
 
 
-def resolve_precision(precision: str, device) -> str:
-    """`auto` -> bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU; checks explicit choices."""
-    if precision not in PRECISIONS:
-        raise MelafastError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    cuda = torch.device(device).type == "cuda"
-    if precision == "auto":
-        if not cuda:
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision != "fp32" and not cuda:
-        raise MelafastError(f"precision {precision} needs a CUDA GPU; on the CPU use fp32 (or auto)")
-    return precision
-
-
 def _adamw(device):
     # torch's fused/foreach AdamW updates all tensors in a few kernels; fastai's optimizers loop in Python
     fast = dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
@@ -155,7 +147,7 @@ def melanoma_learner(
     precision: str = "auto",  # auto | bf16 | fp16 | fp32
     model_kwargs: dict | None = None,  # passed on to `MelanomaModel` (meta_sizes, head_drop, drop_samples, ...)
     compile: bool = False,  # torch.compile the backbone: faster steps on GPUs after a slow first one
-    frozen_bn: bool = True,  # a frozen backbone's batch-norm running statistics stay fixed too (fastai's BnFreeze)
+    frozen_bn: bool = True,  # a frozen backbone's batch-norm running statistics stay fixed too (`FrozenBN`)
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for melanoma: image + metadata model, AUC metric, AdamW, mixed precision on GPUs.
@@ -179,7 +171,7 @@ def melanoma_learner(
     kwargs.setdefault("metrics", [MelanomaAUC(pos=melanoma_index(vocab))])
     kwargs.setdefault("train_bn", False)
     if frozen_bn:  # batch-norm layers whose weights are frozen run in eval mode: their statistics stop moving too
-        kwargs["cbs"] = [*L(kwargs.get("cbs")), BnFreeze()]
+        kwargs["cbs"] = [*L(kwargs.get("cbs")), FrozenBN()]
     learn = sync_free(MelanomaLearner(dls, model, splitter=melanoma_splitter, **kwargs))
     if not interactive() and hasattr(learn, "progress"):  # a log, not a screen: one line per epoch, not a bar
         learn.remove_cb(learn.progress)
@@ -198,5 +190,3 @@ def melanoma_learner(
         learn.freeze()
     return learn
 
-
-Learner.dihedral_tta = dihedral_tta

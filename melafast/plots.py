@@ -23,7 +23,7 @@ def _plt():
 
 def _save(fig, path, **kwargs) -> Path:
     "Write `fig` as a PNG atomically (a killed run never leaves half an image) and close it."
-    from .checkpoint import atomic_path
+    from .atomic import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, **kwargs)

@@ -65,7 +65,7 @@ def prepare_dataset(src, out, size: int = 384, workers: int | None = None, image
     A rerun skips the copies already made from the same source at the same size, and redoes the others: all of them
     when the recorded size or quality differs, a copy older than its source, or one of another size.
     """
-    from .checkpoint import write_json
+    from .atomic import write_json
     from .data import load_competition
     from .progress import progress as shown
 

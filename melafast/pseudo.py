@@ -22,26 +22,32 @@ def select_pseudo(pred, low: float = 0.1, high: float = 0.9) -> np.ndarray:
 
 
 def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9, hard: bool = False, tta: int | None = None,
-                  bs: int = 64, num_workers: int | None = None, images=None, log: Callable = print) -> pd.DataFrame:
-    """Predict the test set with every fold of `run` (TTA default: the run's) and keep the confident images as
-    pseudo-labels.
+                  bs: int = 64, num_workers: int | None = None, images=None, log: Callable = print,
+                  precision: str | None = None) -> pd.DataFrame:
+    """Predict the test set with every fold model of `run` (TTA default: the run's) and keep the confident images as
+    pseudo-labels, fold by fold.
 
-    Writes `out` (default `<run>/pseudo.csv`: image_name, pred, soft_target) and a histogram next to it.
-    `soft_target` is the predicted probability itself (or 0/1 with `hard=True`). Train on them with
-    `melafast train --pseudo <run>/pseudo.csv` (library: `TrainConfig(pseudo=...)`): they join the training
-    folds only. Test images that cannot be read are left out.
+    Writes `out` (default the run's pseudo.csv) with, per image, the ensemble's prediction `pred` and soft target
+    `soft_target`, and each fold model's own `pred_fold<k>` and `soft_target_fold<k>` (empty where that model is
+    not confident); a JSON beside it naming the run and its folds; and a histogram. `soft_target` is the predicted
+    probability itself (or 0/1 with `hard=True`). Train on them with `melafast train --pseudo <csv>` (library:
+    `TrainConfig(pseudo=...)`) on the same data, folds and seed: the student's fold k then trains only on the
+    labels of the teacher's fold-k model, which never saw fold k's labels, so its CV stays honest. An image is
+    written when the ensemble or any fold model is confident about it. Test images that cannot be read are left out.
     """
-    from .checkpoint import write_csv
+    from .atomic import write_csv
     from .data import check_images, load_split
+    from .inference import load_predictor, predict_many
     from .plots import plot_pseudo
-    from .submit import data_for_run, model_dirs, predict_run
+    from .runfolder import RunFolder
     from .tta import dihedral_views
 
     select_pseudo([], low, high)  # check the thresholds before any prediction
     if tta is not None:
         dihedral_views(tta)
-    model_dirs(run)
-    data = data_for_run(run, data)
+    folder = RunFolder(run)
+    folder.model_dirs()
+    data = folder.data_for(data)
     test = load_split(data, "test", images=images)  # the training images need not be there
     if test is None or test.empty:
         raise DataError(f"{data} has no test.csv: pseudo-labels are made from test images")
@@ -50,20 +56,44 @@ def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9,
         log(f"{len(bad)} unreadable test image(s) left out: " + "; ".join(bad["image_name"].head(3)))
     if test.empty:
         raise DataError(f"none of the test images in {data} can be read: nothing to pseudo-label")
-    pred = predict_run(run, test, tta=tta, bs=bs, num_workers=num_workers, log=log)
+    predictor = load_predictor(folder.path)
+    models = getattr(predictor, "predictors", [predictor])
+    folds = [m.config.get("fold") for m in models]
+    if None in folds or len(set(folds)) != len(folds):
+        raise MelafastError(f"{run} is not a run of fold models (its models do not name distinct folds): pseudo-labels "
+                            "are made fold by fold")
+    log(f"predicting {len(test)} test images with the {len(models)} fold model(s) of {run} (TTA x{tta or predictor.tta})")
+    per_fold = predict_many(models, test, tta=tta or predictor.tta, bs=bs, num_workers=num_workers,
+                            precision=precision, log=log)
+    pred = np.mean(per_fold, axis=0)
     keep = select_pseudo(pred, low, high)
-    out = Path(out) if out is not None else Path(run) / "pseudo.csv"
+    out = Path(out) if out is not None else folder.pseudo_file
     plot_pseudo(pred, keep, low, high, out.with_suffix(".png"))
-    if not keep.any():
+    fold_keep = [select_pseudo(p, low, high) for p in per_fold]
+    written = keep | np.any(fold_keep, axis=0)
+    if not written.any():
         q = np.quantile(pred, [0, 0.05, 0.5, 0.95, 1]).round(3).tolist()
         raise DataError(f"no test image is predicted <= {low} or >= {high} (min, 5%, median, 95%, max: {q}; histogram "
                         f"in {out.with_suffix('.png')}): widen --low/--high, or train a stronger run first")
-    table = pd.DataFrame({"image_name": test["image_name"].to_numpy(), "pred": pred})[keep]
-    table["soft_target"] = (table["pred"] >= 0.5).astype(float) if hard else table["pred"]
+
+    def soft(p, kept):
+        return np.where(kept, (p >= 0.5).astype(float) if hard else p, np.nan)
+
+    table = pd.DataFrame({"image_name": test["image_name"].to_numpy(), "pred": pred, "soft_target": soft(pred, keep)})
+    for k, p, kept in zip(folds, per_fold, fold_keep):
+        table[f"pred_fold{k}"], table[f"soft_target_fold{k}"] = p, soft(p, kept)
+    table = table[written]
     write_csv(table, out)
-    n_pos = int((table["pred"] >= high).sum())
-    log(f"kept {len(table)} of {len(test)} test images (<= {low}: {len(table) - n_pos}, >= {high}: {n_pos}), "
-        f"{'hard' if hard else 'soft'} labels; wrote {out} and {out.with_suffix('.png')}")
-    log(f"next: melafast train --pseudo {out} ... (the pseudo rows train only; the CV score uses labelled images. "
-        "It reads slightly high: the pseudo-labels come from models that saw every training fold)")
+    cfg = folder.config() if folder.config_file.is_file() else {"settings": {}}
+    oof = folder.oof(need="pseudo-labels record the teacher's folds")
+    folder.write_pseudo_info(out, dict(run=str(folder.path.resolve()), folds=cfg["settings"].get("folds"),
+                                       seed=cfg["settings"].get("seed"), low=low, high=high, hard=hard,
+                                       fold_of={str(n): int(f) for n, f in zip(oof["image_name"], oof["fold"])}))
+    n_pos = int((pred[keep] >= high).sum())
+    per = ", ".join(f"fold {k}: {int(kept.sum())}" for k, kept in zip(folds, fold_keep))
+    log(f"kept {int(keep.sum())} of {len(test)} test images by the ensemble (<= {low}: {int(keep.sum()) - n_pos}, "
+        f">= {high}: {n_pos}); by each fold model: {per}; {'hard' if hard else 'soft'} labels; wrote {out}, "
+        f"{RunFolder.pseudo_info_file(out)} and {out.with_suffix('.png')}")
+    log(f"next: melafast train --pseudo {out} with the same data, --folds and --seed: fold k trains on the labels of "
+        "the teacher's fold-k model only, so the CV stays honest")
     return table

@@ -1,6 +1,6 @@
 """`melafast report`: one self-contained HTML page on where a run's models succeed and fail, and its figures as PNGs.
 
-Everything comes from the run's honest out-of-fold predictions (`oof.csv`), its fold models and its data folder:
+Everything comes from the run's honest out-of-fold predictions, its fold models and its data folder:
 the AUC with a patient-level bootstrap interval, ROC and precision-recall curves with clinical operating points,
 calibration, subgroup AUCs, the worst errors with Grad-CAM maps, what the metadata adds, and the training curves.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, RunError
+from .runfolder import RunFolder
 
 __all__ = ["run_report", "SECTIONS"]
 
@@ -26,30 +26,23 @@ SECTIONS = {"summary": "Summary", "curves": "Curves and operating points", "cali
 SITE = "anatom_site_general_challenge"
 
 
-def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
-    try:
-        config = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        raise RunError(f"{run} is not a finished melafast run folder: its config.json is missing or damaged") from None
-    if not (run / "oof.csv").is_file():
-        raise RunError(f"{run} has no oof.csv: the report is made from a run's out-of-fold predictions; let "
-                       "`melafast train` finish (or resume it with --resume)")
-    oof = pd.read_csv(run / "oof.csv", dtype={"image_name": str})
+def _read_run(run: RunFolder) -> tuple[dict, pd.DataFrame]:
+    config = run.config()
+    oof = run.oof(need="the report is made from a run's out-of-fold predictions")
     if oof.empty or oof["target"].nunique() < 2:
-        raise RunError(f"{run}/oof.csv needs melanomas and benign lesions for an AUC")
+        raise RunError(f"{run.oof_file} needs melanomas and benign lesions for an AUC")
     return config, oof
 
 
-def _oof_with_metadata(run, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
+def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
     "The OOF rows with their images and metadata from the run's data folder (or `data`)."
     from .data import add_meta_features, load_split
-    from .submit import data_for_run
 
-    data = data_for_run(run, data)
+    data = run.data_for(data)
     train = load_split(data, "train", images=images)
     missing = oof.loc[~oof["image_name"].isin(train["image_name"]), "image_name"]
     if len(missing):
-        raise DataError(f"{data} does not hold the images of {run}: {len(missing)} of its {len(oof)} out-of-fold "
+        raise DataError(f"{data} does not hold the images of {run.path}: {len(missing)} of its {len(oof)} out-of-fold "
                         f"images are not in its train.csv (e.g. {', '.join(missing.head(3))}); pass --data PATH")
     if config.get("settings", {}).get("extra_meta"):
         train = add_meta_features(train)  # as in training: computed over the whole training table
@@ -114,6 +107,16 @@ def _summary(config, results, df, data, n_boot) -> str:
            f"<p><b>Out-of-fold ROC AUC {ci['auc']:.4f}</b> (95% bootstrap interval {ci['lo']:.4f} to {ci['hi']:.4f}, "
            f"{ci['n_boot']} resamples of whole patients). "
            + html.escape(f"Each fold kept {results.get('epoch_rule', 'its epoch as the run says')}.") + "</p>"]
+    if results.get("oof_auc_no_meta") is not None:
+        drop = config.get("settings", {}).get("meta_dropout") or 0
+        out.append(_p(f"With every patient field blanked at prediction (a patient who comes with images only), the same "
+                      f"out-of-fold images score AUC {results['oof_auc_no_meta']:.4f}. "
+                      + (f"The run was trained for that path: each training row's fields were blanked with "
+                         f"probability {drop} (metadata dropout)." if drop else
+                         "The run learned that path only from training rows that happened to have holes (no metadata "
+                         "dropout): predictions without metadata rest on them.")))
+    if results.get("cv_note"):
+        out.append(f'<p class="note">{html.escape("This CV is " + results["cv_note"])}.</p>')
     if "oof_auc_selected" in results:
         out.append(f'<p class="note">The kept epochs score {results["oof_auc_selected"]:.4f} on the same rows: '
                    "optimistic, since they were chosen on them. The figures here use the honest last-epoch predictions.</p>")
@@ -172,17 +175,23 @@ def _describe(row) -> str:
            f"{row.get(SITE) if isinstance(row.get(SITE), str) else '?'}"
 
 
-def _errors(models, df, figdir, n_errors, bs, num_workers, device) -> str:
+def _errors(models, df, figdir, n_errors, bs, num_workers, device, precision=None) -> str:
     from .plots import plot_cam_grid
 
     missed = df[df["target"] == 1].nsmallest(n_errors, "pred")
     alarms = df[df["target"] == 0].nlargest(n_errors, "pred")
+    from .inference import resolve_settings
+
+    used = sorted({resolve_settings(m.config, device, precision).describe() for m in models.values()})
+    if not used:
+        used = ["fp32"]
     parts = [_p(f"The {len(missed)} melanomas scored lowest and the {len(alarms)} benign lesions scored highest, "
                 "each with its Grad-CAM map for the melanoma output of the fold model that scored it (red: regions "
-                "that raise the melanoma score), its metadata (sex, age, site) and its score.")]
+                "that raise the melanoma score), its metadata (sex, age, site) and its score. The maps were computed "
+                f"in {' / '.join(used)}: each model's own precision and layout, as its out-of-fold scores were.")]
     for name, rows, title in (("missed_melanomas", missed, "melanomas scored lowest"),
                               ("false_alarms", alarms, "benign lesions scored highest")):
-        imgs, maps, note = _cams(models, rows, device)
+        imgs, maps, note = _cams(models, rows, device, precision)
         titles = [f"{r.image_name}\n{r.pred:.3f} · {_describe(r._asdict())}" for r in rows.itertuples()]
         parts.append(f"<h3>{html.escape(title)}</h3>")
         if note:
@@ -191,33 +200,29 @@ def _errors(models, df, figdir, n_errors, bs, num_workers, device) -> str:
     return "\n".join(parts)
 
 
-def _fold_models(run) -> dict:
-    from .checkpoint import load_predictor, model_dirs
+def _fold_models(run: RunFolder) -> dict:
+    from .inference import load_predictor
 
     models = {}
-    for d in model_dirs(run):
+    for d in run.model_dirs():
         p = load_predictor(d)
         models[int(p.config.get("fold", len(models)))] = p
     return models
 
 
-def _cams(models, rows, device) -> tuple[list, list, str]:
+def _cams(models, rows, device, precision=None) -> tuple[list, list, str]:
     "Images (uint8, as the model saw them) and Grad-CAM maps of `rows`, each by its own fold's model."
-    import torch
-
-    from .data import inference_dl
     from .errors import MelafastError
     from .explain import grad_cam
+    from .inference import model_batch
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     imgs, maps, note = [None] * len(rows), [None] * len(rows), ""
     for k, part in rows.reset_index(drop=True).groupby("fold"):
         p = models[int(k)]
-        p.model.to(device).float()
-        batch = next(iter(inference_dl(part, p.config["size"], p.meta_proc, bs=len(part), num_workers=0, device=device)))
-        img, meta = batch[0].as_subclass(torch.Tensor), (batch[1] if len(batch) > 1 else None)
+        s, img, meta = model_batch(p, part, device, precision)
         try:
-            cams = grad_cam(p.model, img, meta, p.config["pos"])
+            with s.autocast():
+                cams = grad_cam(p.model, img, meta, p.config["pos"])
         except MelafastError as e:
             cams, note = np.zeros(img.shape[:1] + img.shape[2:]), f"no Grad-CAM: {e}"
         pixels = (img.permute(0, 2, 3, 1).clamp(0, 1) * 255).byte().cpu().numpy()
@@ -226,13 +231,14 @@ def _cams(models, rows, device) -> tuple[list, list, str]:
     return imgs, maps, note
 
 
-def _metadata(config, models, df, figdir, repeats, bs, num_workers, device) -> str:
+def _metadata(config, models, df, figdir, repeats, bs, num_workers, device, precision=None) -> str:
     from .explain import metadata_importance
     from .plots import plot_importance
 
     if not config.get("settings", {}).get("meta", True):
         return _p("This run uses the image only (--no-meta): there is no metadata to weigh.")
-    table = metadata_importance(models, df, n_repeats=repeats, bs=bs, num_workers=num_workers, device=device)
+    table = metadata_importance(models, df, n_repeats=repeats, bs=bs, num_workers=num_workers, device=device,
+                                precision=precision)
     text = _p(f"Permutation importance: each column's values shuffled among the out-of-fold images of each fold "
               f"({repeats} times), the images left as they are; the AUC drop says how much the model relies on it. "
               "'all metadata' shuffles every column together, which leaves the model the image alone: the AUC in that "
@@ -240,32 +246,34 @@ def _metadata(config, models, df, figdir, repeats, bs, num_workers, device) -> s
     return "\n".join([_img(plot_importance(table, figdir / "metadata_importance.png")), text, _table(table)])
 
 
-def _training(run) -> str:
+def _training(run: RunFolder) -> str:
     parts = []
-    for name, caption in (("curves.png", "losses and validation AUC per epoch and fold"), ("roc.png", "ROC, out-of-fold")):
-        if (run / name).is_file():
-            parts += [f"<h3>{html.escape(caption)}</h3>", _img(run / name)]
-    for f in sorted(run.glob("fold*/lr_find.png")):
+    for path, caption in ((run.curves_file, "losses and validation AUC per epoch and fold"), (run.roc_file, "ROC, out-of-fold")):
+        if path.is_file():
+            parts += [f"<h3>{html.escape(caption)}</h3>", _img(path)]
+    for f in run.lr_find_files():
         parts += [f"<h3>lr_find, {html.escape(f.parent.name)}</h3>", _img(f)]
-    if (run / "metrics.csv").is_file():
-        parts += ["<h3>metrics.csv</h3>", _table(pd.read_csv(run / "metrics.csv"))]
+    metrics = run.metrics()
+    if metrics is not None:
+        parts += [f"<h3>{html.escape(run.metrics_file.name)}</h3>", _table(metrics)]
     return "\n".join(parts) or _p("The run folder holds no training plots.")
 
 
 def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importance: bool = True,
                n_boot: int = 1000, repeats: int = 5, bs: int = 64, num_workers: int | None = None, device=None,
-               log: Callable = print) -> Path:
-    """Write `out` (default `<run>/report.html`): a self-contained HTML page (figures embedded, no network needed),
+               log: Callable = print, precision: str | None = None) -> Path:
+    """Write `out` (default the run's report.html): a self-contained HTML page (figures embedded, no network needed),
     and its figures as PNGs in `<out stem>_figures/`. `data` defaults to the run's data folder; `n_errors` images
     per error grid (0: none); `importance=False` skips the metadata importance (one pass over the OOF images).
+    The model passes (Grad-CAM, importance) run each model in the precision it was validated with, or `precision`.
     """
-    from .checkpoint import atomic_path
+    from .atomic import write_text
 
-    run = Path(run)
-    config, oof = _read_run(run)
-    results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
-    df, data = _oof_with_metadata(run, config, oof, data, images)
-    out = Path(out) if out is not None else run / "report.html"
+    folder = RunFolder(run)
+    config, oof = _read_run(folder)
+    results = folder.results()
+    df, data = _oof_with_metadata(folder, config, oof, data, images)
+    out = Path(out) if out is not None else folder.report_file
     figdir = out.parent / f"{out.stem}_figures"
     figdir.mkdir(parents=True, exist_ok=True)
     log(f"report on {run}: {len(df)} out-of-fold images from {data}")
@@ -273,13 +281,12 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     sections["curves"], _ = _curves(df, figdir)
     sections["calibration"] = _calibration(config, df, figdir)
     sections["subgroups"] = _subgroups(config, df, figdir, n_boot)
-    models = _fold_models(run) if n_errors > 0 or importance else {}
-    sections["errors"] = (_errors(models, df, figdir, n_errors, bs, num_workers, device) if n_errors > 0
+    models = _fold_models(folder) if n_errors > 0 or importance else {}
+    sections["errors"] = (_errors(models, df, figdir, n_errors, bs, num_workers, device, precision) if n_errors > 0
                           else _p("Left out (n_errors=0)."))
-    sections["metadata"] = (_metadata(config, models, df, figdir, repeats, bs, num_workers, device) if importance
-                            else _p("Left out (--no-importance)."))
-    sections["training"] = _training(run)
-    with atomic_path(out) as tmp:
-        tmp.write_text(_page(run, sections), encoding="utf-8")
+    sections["metadata"] = (_metadata(config, models, df, figdir, repeats, bs, num_workers, device, precision)
+                            if importance else _p("Left out (--no-importance)."))
+    sections["training"] = _training(folder)
+    write_text(_page(run, sections), out)
     log(f"wrote {out} and its figures in {figdir}")
     return out

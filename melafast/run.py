@@ -1,12 +1,12 @@
 """A cross-validated run folder: train every fold, keep score of them, write the results; resume; lr-find.
 
-The settings are `config.TrainConfig`; training one fold is `fold.train_fold`; this module is the run folder's
-bookkeeping: config.json, oof.csv, metrics.csv, results.json, the plots and the CV table.
+The settings are `config.TrainConfig`; training one fold is `fold.train_fold`; the folder's layout and files are
+`runfolder.RunFolder`'s; this module assembles the training table (`build_table`, shared with lr-find), trains the
+folds, and writes the CV figures, the plots and the CV table.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -24,8 +24,8 @@ from .errors import DataError, MelafastError
 from .fold import fold_learner, phase_lr_find, seed_everything
 from .fold import train_fold as _train_fold  # a module global: the tests interrupt a run through it
 
-__all__ = ["TrainConfig", "RunResult", "resolve_data", "train_run", "resume_run", "lr_find_run", "seed_everything",
-           "DEFAULT_DATA", "KEEP_RULES", "LR_FIND_ON", "epoch_rule"]
+__all__ = ["TrainConfig", "RunResult", "RunTable", "build_table", "resolve_data", "train_run", "resume_run",
+           "lr_find_run", "seed_everything", "DEFAULT_DATA", "KEEP_RULES", "LR_FIND_ON", "epoch_rule"]
 
 DEFAULT_DATA = Path("data")  # where users put a Kaggle download; the synthetic sample goes to data/sample
 
@@ -39,6 +39,7 @@ class RunResult:
     oof_auc: float = float("nan")  # AUC over all out-of-fold predictions together: honest (last epoch or SWA)
     keep: str = "last"  # the epoch rule the run used
     oof_auc_selected: float | None = None  # with keep="best": the AUC of the kept epochs (optimistic), else None
+    oof_auc_no_meta: float | None = None  # with metadata: the OOF AUC with every patient field blanked, else None
 
 
 def resolve_data(data=None, log: Callable = print) -> Path:
@@ -68,19 +69,83 @@ def _versions() -> dict:
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)")
 
 
+@dataclass
+class RunTable:
+    """The rows a run trains and validates on, as `build_table` assembles them, and how they came together."""
+
+    df: pd.DataFrame  # every row: the main table with its folds, then external and pseudo-labelled rows (fold -1)
+    data: Path  # the dataset folder
+    n_main: int  # rows of the main table (the ones the CV scores)
+    n_external: int = 0  # external training rows
+    n_pseudo: int = 0  # pseudo-labelled test rows
+    bad: pd.DataFrame | None = None  # unusable images left out (--on-bad-image skip)
+    pseudo_per_fold: bool = False  # fold k trains on the teacher's fold-k labels only (else the ensemble's)
+
+
+def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
+    """The training table of `cfg`, the one `train` and `lr-find` both use: the dataset (its unusable images checked),
+    the extra metadata features, patient-grouped folds, then external rows and pseudo-labels, which only train."""
+    from .data import (add_external, add_meta_features, add_pseudo, check_images, check_teacher_folds, load_competition,
+                       make_folds, read_pseudo)
+    from .runfolder import RunFolder
+
+    workers = max(cfg.workers if cfg.workers is not None else (os.cpu_count() or 1), 2)
+    data = resolve_data(cfg.data, log)
+    train, test = load_competition(data, images=cfg.images)
+    train, bad = check_images(train, cfg.on_bad_image, workers=workers)
+    df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
+    table = RunTable(df, data, len(df), bad=bad)
+    for path in cfg.external:
+        ext, _ = load_competition(path)
+        ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=workers)
+        ext = add_meta_features(ext) if cfg.extra_meta else ext
+        table.df, n_dup = add_external(table.df, ext)
+        added = table.df.iloc[len(table.df) - (len(ext) - n_dup):]
+        shared = int(added["home_fold"].notna().sum())
+        log(f"external data {path}: {len(ext) - n_dup} training rows added ({int(ext['target'].sum())} melanomas in "
+            f"the file), {n_dup} already present dropped" + (f", {len(ext_bad)} unusable images skipped" if len(ext_bad) else "")
+            + (f"; {shared} of them belong to {added['patient_id'][added['home_fold'].notna()].nunique()} patient(s) of "
+               "the main table and train every fold but the one that validates their patient" if shared else ""))
+    table.n_external = len(table.df) - table.n_main
+    if cfg.pseudo:
+        pseudo = read_pseudo(cfg.pseudo)
+        info = RunFolder.pseudo_info(cfg.pseudo)
+        if test is not None:
+            test = add_meta_features(test) if cfg.extra_meta else test  # per-patient counts over the whole test set
+            test = test[test["image_name"].isin(pseudo["image_name"])]
+            test, test_bad = check_images(test, cfg.on_bad_image, workers=workers)
+            pseudo = pseudo[~pseudo["image_name"].isin(test_bad["image_name"])]
+        table.pseudo_per_fold = any(c.startswith("soft_target_fold") for c in pseudo.columns)
+        if table.pseudo_per_fold:
+            check_teacher_folds(table.df, info.get("fold_of", {}), cfg.pseudo, info.get("run", ""))
+        n_before = len(table.df)
+        table.df = add_pseudo(table.df, test, pseudo)
+        added = table.df.iloc[n_before:]
+        table.n_pseudo = len(added)
+        how = ("fold k trains only on the pseudo-labels of the teacher's fold-k model, so the CV stays honest"
+               if table.pseudo_per_fold else "the labels come from the teacher's whole fold ensemble, which saw every "
+               "fold's labels: the CV is optimistic")
+        log(f"pseudo-labels {cfg.pseudo}: {len(added)} soft-labelled test images join the training folds; {how}; "
+            "validation keeps the labelled images only")
+    return table
+
+
 def _auc(target, pred) -> float:
-    from .learner import _auc as auc
+    from .evaluate import auc
 
     return auc(target, pred)
 
 
 def _cv_table(oof: pd.DataFrame, kept: dict) -> str:
     selected = "pred_selected" in oof.columns
+    no_meta = "pred_no_meta" in oof.columns
     head = f"{'fold':>5} {'images':>7} {'melanomas':>10} {'epoch kept':>11} {'AUC':>8}"
+    head += f" {'AUC, no metadata':>17}" if no_meta else ""
     lines = [head + (f" {'AUC at kept epoch (optimistic)':>31}" if selected else "")]
 
     def row(name, rows, epoch):
         line = f"{name:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {epoch:>11} {_auc(rows['target'], rows['pred']):>8.4f}"
+        line += f" {_auc(rows['target'], rows['pred_no_meta']):>17.4f}" if no_meta else ""
         return line + (f" {_auc(rows['target'], rows['pred_selected']):>31.4f}" if selected else "")
 
     lines += [row(k, rows, kept[k]) for k, rows in oof.groupby("fold")]
@@ -88,36 +153,14 @@ def _cv_table(oof: pd.DataFrame, kept: dict) -> str:
     return "\n".join(lines)
 
 
-def _finished_folds(run_dir: Path, log: Callable) -> tuple[list, list, dict]:
-    "OOF rows, metric rows and kept epochs of the folds a run folder already completed."
-    oof_csv, metrics_csv = run_dir / "oof.csv", run_dir / "metrics.csv"
-    if not (oof_csv.is_file() and metrics_csv.is_file()):
-        return [], [], {}
-    oof, metrics = pd.read_csv(oof_csv), pd.read_csv(metrics_csv)
-    oofs, mets, kept = [], [], {}
-    for k, rows in oof.groupby("fold"):
-        fold_dir = run_dir / f"fold{k}"
-        if not ((fold_dir / "model.safetensors").is_file() and (fold_dir / "config.json").is_file()):
-            continue
-        oofs.append(rows)
-        mets.append(metrics[metrics["fold"] == k])
-        fold_cfg = json.loads((fold_dir / "config.json").read_text())
-        kept[int(k)] = fold_cfg.get("kept_epoch", fold_cfg.get("best_epoch"))  # best_epoch: saved before --keep
-    if kept:
-        log(f"resuming {run_dir}: fold(s) {', '.join(map(str, sorted(kept)))} already finished and kept")
-    return oofs, mets, kept
-
-
 def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> RunResult:
-    """Train `cfg.folds` fold models (or `cfg.fold` only) and write the run folder:
-
-    config.json, fold*/{model.safetensors, config.json[, lr_find.png]}, metrics.csv, oof.csv,
-    curves.png, roc.png, results.json. Returns the per-fold and overall out-of-fold AUCs.
-    With `resume=True` the folds already finished in `cfg.out` are kept and the others trained (see `resume_run`).
+    """Train `cfg.folds` fold models (or `cfg.fold` only) and write the run folder (see `RunFolder`): its config,
+    the fold models, metrics, out-of-fold predictions, plots and results. Returns the per-fold and overall
+    out-of-fold AUCs. With `resume=True` the folds already finished in `cfg.out` are kept and the others trained
+    (see `resume_run`).
     """
-    from .checkpoint import write_csv, write_json
-    from .data import add_external, add_meta_features, add_pseudo, check_images, load_competition, make_folds, read_pseudo
     from .distributed import barrier, broadcast_object, init_distributed, is_main
+    from .runfolder import RunFolder
 
     cfg.validate()
     if init_distributed():
@@ -129,52 +172,30 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
             barrier()  # let rank 0 write the sample first, if there is one to write
     if cfg.workers is None:
         cfg.workers = min(8, os.cpu_count() or 1)
-    data = resolve_data(cfg.data, log)
+    table = build_table(cfg, log)  # rank 0 first: it writes the synthetic sample when there is one to write
     if is_main():
         barrier()
-    train, test = load_competition(data, images=cfg.images)
-    train, bad = check_images(train, cfg.on_bad_image, workers=max(cfg.workers, 2))
-    df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
-    n_main = len(df)
-    for path in cfg.external:
-        ext, _ = load_competition(path)
-        ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=max(cfg.workers, 2))
-        ext = add_meta_features(ext) if cfg.extra_meta else ext
-        df, n_dup = add_external(df, ext)
-        log(f"external data {path}: {len(ext) - n_dup} training rows added ({int(ext['target'].sum())} melanomas in "
-            f"the file), {n_dup} already present dropped" + (f", {len(ext_bad)} unusable images skipped" if len(ext_bad) else ""))
-    n_external = len(df) - n_main
-    if cfg.pseudo:
-        table = read_pseudo(cfg.pseudo)
-        if test is not None:
-            test = add_meta_features(test) if cfg.extra_meta else test  # per-patient counts over the whole test set
-            test = test[test["image_name"].isin(table["image_name"])]
-            test, test_bad = check_images(test, cfg.on_bad_image, workers=max(cfg.workers, 2))
-            table = table[~table["image_name"].isin(test_bad["image_name"])]
-        n_before = len(df)
-        df = add_pseudo(df, test, table)
-        pseudo = df.iloc[n_before:]
-        log(f"pseudo-labels {cfg.pseudo}: {len(pseudo)} soft-labelled test images join the training folds "
-            f"(mean soft target {pseudo['soft_target'].mean():.3f}; {int((pseudo['soft_target'] >= 0.5).sum())} "
-            "above 0.5); validation keeps the labelled images only")
-    run_dir = Path(broadcast_object(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    oofs, metrics, kept = _finished_folds(run_dir, log) if resume else ([], [], {})
+    run = RunFolder(broadcast_object(cfg.out or f"runs/{cfg.arch}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run.path.mkdir(parents=True, exist_ok=True)
+    oofs, metrics, kept = run.finished_folds() if resume else ([], [], {})
+    if kept:
+        log(f"resuming {run.path}: fold(s) {', '.join(map(str, sorted(kept)))} already finished and kept")
     barrier()  # every process has read the finished folds before rank 0 writes anything
+    df, n_main = table.df, table.n_main
     if is_main():
-        if len(bad):
-            write_csv(bad, run_dir / "skipped_images.csv")
-            log(f"skipped {len(bad)} unusable image(s), listed in {run_dir / 'skipped_images.csv'}: "
-                + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(3).itertuples()))
+        if table.bad is not None and len(table.bad):
+            run.write_skipped(table.bad)
+            log(f"skipped {len(table.bad)} unusable image(s), listed in {run.skipped_file}: "
+                + "; ".join(f"{r.image_name} ({r.problem})" for r in table.bad.head(3).itertuples()))
         if not resume:
             main = df.iloc[:n_main]
-            write_json(dict(settings=asdict(cfg), data=str(data), n_train=n_main, n_melanoma=int(main["target"].sum()),
-                            n_external=n_external, n_pseudo=len(df) - n_main - n_external, versions=_versions(),
-                            command=" ".join(sys.argv)),
-                       run_dir / "config.json")
-    log(f"run folder {run_dir}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from "
-        f"{cfg.data or data}")  # the folder as the user named it; config.json records the full path
-    result = _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, kept)
+            run.write_config(dict(settings=asdict(cfg), data=str(table.data), n_train=n_main,
+                                  n_melanoma=int(main["target"].sum()), n_external=table.n_external,
+                                  n_pseudo=table.n_pseudo, pseudo_per_fold=table.pseudo_per_fold, versions=_versions(),
+                                  command=" ".join(sys.argv)))
+    log(f"run folder {run.path}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from "
+        f"{cfg.data or table.data}")  # the folder as the user named it; config.json records the full path
+    result = _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table)
     barrier()
     return result
 
@@ -183,42 +204,60 @@ def _quiet(msg):
     pass
 
 
-def _train_folds(df, cfg, run_dir, resume, log, oofs, metrics, kept) -> RunResult:
+def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunResult:
     "Train the folds not in `kept` yet; rank 0 writes the run folder's CSVs, plots and results as they finish."
-    from .checkpoint import write_csv, write_json
     from .distributed import is_main
     from .plots import plot_curves, plot_roc
 
     log(f"each fold keeps {epoch_rule(cfg.keep, cfg.swa)}")
+    nondeterministic = set()
     for k in range(cfg.folds) if cfg.fold is None else [cfg.fold]:
         if k in kept:
             continue
         if resume:
             log(f"fold {k} did not finish before: training it from scratch")
-        oof, m, kept[k] = _train_fold(df, k, cfg, run_dir, log)
+        oof, m, kept[k], ops = _train_fold(df, k, cfg, run.path, log)
+        nondeterministic.update(ops)
         if not is_main():
             continue
         oofs.append(oof)
         metrics.append(m)
-        write_csv(pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable"), run_dir / "oof.csv")
+        run.write_oof(pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable"))
         all_metrics = pd.concat(metrics, ignore_index=True).sort_values(["fold"], kind="stable")
-        write_csv(all_metrics[["fold", *m.columns.drop("fold")]], run_dir / "metrics.csv")
-        plot_curves(all_metrics, run_dir / "curves.png")
+        run.write_metrics(all_metrics[["fold", *m.columns.drop("fold")]])
+        plot_curves(all_metrics, run.curves_file)
     if not is_main():
-        return RunResult(run_dir, keep=cfg.keep)
+        return RunResult(run.path, keep=cfg.keep)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
-    result = RunResult(run_dir, _fold_aucs(oof, "pred"), _auc(oof["target"], oof["pred"]), keep=cfg.keep)
+    result = RunResult(run.path, _fold_aucs(oof, "pred"), _auc(oof["target"], oof["pred"]), keep=cfg.keep)
     results = dict(keep=cfg.keep, epoch_rule=epoch_rule(cfg.keep, cfg.swa), oof_auc=result.oof_auc,
                    fold_aucs=result.fold_aucs, tta=cfg.tta, kept_epochs=kept)
+    if "pred_no_meta" in oof.columns and oof["pred_no_meta"].notna().all():  # not in folds saved before it existed
+        result.oof_auc_no_meta = _auc(oof["target"], oof["pred_no_meta"])
+        results.update(oof_auc_no_meta=result.oof_auc_no_meta, fold_aucs_no_meta=_fold_aucs(oof, "pred_no_meta"),
+                       no_meta_note="every patient field blanked at prediction, as for images that come without "
+                                    f"metadata (metadata dropout in training: {cfg.meta_dropout})")
     if "pred_selected" in oof.columns and oof["pred_selected"].notna().all():  # not in folds saved before --keep
         result.oof_auc_selected = _auc(oof["target"], oof["pred_selected"])
         results.update(oof_auc_selected=result.oof_auc_selected, fold_aucs_selected=_fold_aucs(oof, "pred_selected"),
                        selected_note="optimistic: each fold's epoch was chosen on the rows these AUCs score")
+    if cfg.pseudo and not table.pseudo_per_fold:
+        results["cv_note"] = ("optimistic: the pseudo-labels came from the teacher's whole fold ensemble, which saw the "
+                              "labels of every fold (make per-fold pseudo-labels with this melafast's `melafast pseudo`)")
+    if cfg.deterministic:
+        results["nondeterministic_ops"] = sorted(nondeterministic)
     if oof["target"].nunique() == 2:
-        plot_roc(oof["target"], oof["pred"], run_dir / "roc.png", title=f"{cfg.arch} {cfg.size}px, out-of-fold, TTA x{cfg.tta}")
-    write_json(results, run_dir / "results.json")
-    log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d; %s)\n%s"
-        % (cfg.tta, "each fold's last epoch" if cfg.keep == "last" or cfg.swa else "AUC: last epoch, honest", _cv_table(oof, kept)))
+        plot_roc(oof["target"], oof["pred"], run.roc_file, title=f"{cfg.arch} {cfg.size}px, out-of-fold, TTA x{cfg.tta}")
+    run.write_results(results)
+    rule = "each fold's last epoch" if cfg.keep == "last" or cfg.swa else "AUC: last epoch, honest"
+    note = "; OPTIMISTIC: pseudo-labels from the teacher's whole ensemble" if "cv_note" in results else ""
+    log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d; %s%s)\n%s"
+        % (cfg.tta, rule, note, _cv_table(oof, kept)))
+    if cfg.deterministic:
+        ops = results["nondeterministic_ops"]
+        log("--deterministic: every operation ran a deterministic kernel" if not ops else
+            f"--deterministic: torch has no deterministic kernel for {', '.join(ops)}: those ran as they are, so "
+            "a rerun may differ in the last digits")
     return result
 
 
@@ -232,22 +271,24 @@ def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> Ru
     Finished folds are kept; a fold that did not finish is trained again from scratch.
     """
     from .errors import RunError
+    from .runfolder import RunFolder
 
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
+    run = RunFolder(run_dir)
+    if not run.config_file.is_file():
+        raise RunError(f"nothing to resume: {run.config_file} does not exist (is {run_dir} a melafast run folder?)")
     try:
-        saved = json.loads(cfg_file.read_text())
+        saved = run.config()
         settings = dict(saved["settings"])
-        settings.update(data=saved["data"], out=str(run_dir), workers=workers)
+        settings.update(data=saved["data"], out=str(run.path), workers=workers)
         if "lr_mult" not in settings:  # saved before --lr-mult existed: pretrained backbones then trained at lr/100
             settings["lr_mult"] = 100.0 if settings.get("pretrained", True) or settings.get("weights") else 1.0
         settings.setdefault("keep", "best")  # saved before --keep existed: folds then kept their best epoch
         settings.setdefault("frozen_bn", False)  # and frozen epochs let batch-norm statistics move
+        settings.setdefault("meta_dropout", 0.0)  # and metadata was never blanked on purpose
         cfg = TrainConfig(**settings)
-    except FileNotFoundError:
-        raise RunError(f"nothing to resume: {cfg_file} does not exist (is {run_dir} a melafast run folder?)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise RunError(f"cannot resume {run_dir}: its config.json is damaged or from another version ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"cannot resume {run_dir}: its {run.config_file.name} is damaged or from another version "
+                       f"({e})") from None
     return train_run(cfg, log=log, resume=True)
 
 
@@ -255,15 +296,12 @@ def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):
     """Run fastai's lr_find on fold 0 of `cfg`'s data and model; save the plot; return the suggestions."""
     from fastai.callback.schedule import minimum, slide, steep, valley
 
-    from .data import load_competition, make_folds
     from .plots import save_current_figure
 
     cfg.validate()
-    data = resolve_data(cfg.data, log)
-    train, _ = load_competition(data, images=cfg.images)
-    df = make_folds(train, n_folds=cfg.folds, seed=cfg.seed)
+    table = build_table(cfg, log)  # the rows `train` would use: extra metadata, external and pseudo rows included
     with tempfile.TemporaryDirectory() as tmp:
-        learn = fold_learner(df, cfg.fold or 0, cfg, Path(tmp))
+        learn = fold_learner(table.df, cfg.fold or 0, cfg, Path(tmp))
         sugg = phase_lr_find(learn, cfg.lr_find_on, (valley, slide, minimum, steep))
     out = Path(out or "lr_find.png")
     out.parent.mkdir(parents=True, exist_ok=True)

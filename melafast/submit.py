@@ -9,8 +9,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .checkpoint import model_dirs
 from .errors import DataError, MelafastError, RunError
+from .runfolder import RunFolder
 from .tta import dihedral_views
 
 __all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "predict_images", "ensemble_runs", "crossfit_blend",
@@ -21,36 +21,35 @@ __all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "predict_im
 BLENDS = ("mean", "rank")
 
 
+def model_dirs(run) -> list[Path]:
+    """The model folders of a run: its `fold*/` subfolders, or the folder itself if it is one model."""
+    return RunFolder(run).model_dirs()
+
+
 def run_data(run) -> Path | None:
-    """The dataset folder a run was trained on, from its config.json (None if not recorded)."""
-    cfg = Path(run) / "config.json"
-    try:
-        data = json.loads(cfg.read_text()).get("data")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return Path(data) if isinstance(data, str) else None
+    """The dataset folder a run was trained on (None if not recorded)."""
+    return RunFolder(run).data
 
 
 def data_for_run(run, data=None) -> Path:
     """`data` if given, else the dataset folder `run` was trained on; an error when neither is known."""
-    data = Path(data) if data is not None else run_data(run)
-    if data is None:
-        raise MelafastError(f"{run} does not record its dataset: pass --data PATH")
-    return data
+    return RunFolder(run).data_for(data)
 
 
 def predict_run(run, df: pd.DataFrame, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
-                device=None, log: Callable = print) -> np.ndarray:
-    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run` (`tta` default: the run's).
+                device=None, log: Callable = print, precision: str | None = None) -> np.ndarray:
+    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run` (`tta` default: the run's),
+    each in the precision and memory layout it was validated with unless `precision` says otherwise.
 
-    The fold models share one pass over the images (each image is decoded once, not once per fold).
+    The fold models share one pass over the images (each image is decoded once, not once per fold). `log` is told
+    when some images come without any metadata, and how the run does on that path.
     """
-    from .checkpoint import load_predictor
+    from .inference import load_predictor
 
     predictor = load_predictor(run)
     n = len(getattr(predictor, "predictors", [predictor]))
     log(f"predicting {len(df)} images with the {n} model(s) of {run} (TTA x{tta or predictor.tta})")
-    return predictor.predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device)
+    return predictor.predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device, precision=precision, log=log)
 
 
 def _ranks(p) -> np.ndarray:
@@ -68,26 +67,35 @@ def blend(preds: list, method: str = "mean", weights=None) -> np.ndarray:
     return np.tensordot(w, np.stack(preds), axes=1)
 
 
-def _oof_table(runs) -> pd.DataFrame:
+def _submitted_preds(oof: pd.DataFrame) -> tuple[str, bool]:
+    """The out-of-fold column of the models `submit` loads, and whether it is optimistic: with --keep best the saved
+    models are the kept epochs (`pred_selected`, chosen on these rows), else the honest last-epoch models (`pred`)."""
+    if "pred_selected" in oof.columns and oof["pred_selected"].notna().all():
+        return "pred_selected", True
+    return "pred", False
+
+
+def _oof_table(runs) -> tuple[pd.DataFrame, list]:
     """The runs' out-of-fold predictions side by side (pred0, pred1, ...) on the images every run scored, with the
-    first run's fold of each image."""
-    table = None
+    first run's fold of each image: each run's predictions of the models it saved, the ones `submit` predicts with.
+    Also the runs whose figures are optimistic (their saved models were chosen on these rows)."""
+    table, optimistic = None, []
     for i, r in enumerate(runs):
-        f = Path(r) / "oof.csv"
-        if not f.is_file():
-            raise RunError(f"{r} has no oof.csv: ensembles are weighed on out-of-fold predictions of finished runs")
-        oof = pd.read_csv(f, dtype={"image_name": str})
-        cols = ["image_name", "target", "fold", "pred"] if i == 0 else ["image_name", "pred"]
-        oof = oof[cols].rename(columns={"pred": f"pred{i}"})
+        oof = RunFolder(r).oof(need="ensembles are weighed on out-of-fold predictions of finished runs")
+        col, chosen = _submitted_preds(oof)
+        if chosen:
+            optimistic.append(str(r))
+        cols = ["image_name", "target", "fold", col] if i == 0 else ["image_name", col]
+        oof = oof[cols].rename(columns={col: f"pred{i}"})
         table = oof if table is None else table.merge(oof, on="image_name")
     if table is None or table.empty or table["target"].nunique() < 2:
         raise RunError("the runs share no out-of-fold images with both classes: were they trained on the same data?")
-    return table
+    return table, optimistic
 
 
 def _search_weights(ranks: list, target, step: float = 0.05, rounds: int = 20) -> np.ndarray:
     "Weights of a blend of rank vectors that maximise its AUC on `target`, by coordinate steps from equal weights."
-    from .learner import _auc
+    from .evaluate import auc as _auc
 
     w = np.full(len(ranks), 1 / len(ranks))
     best = _auc(target, blend(ranks, "mean", w))
@@ -133,12 +141,15 @@ def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
     The weighted blend is chosen only when that honest score beats both equal blends; its weights for the test set
     are then searched on every OOF row.
     """
-    from .checkpoint import write_json
-    from .learner import _auc
+    from .atomic import write_json
+    from .evaluate import auc as _auc
 
     if len(runs) < 2:
         raise MelafastError("an ensemble needs at least two runs (--run A --run B)")
-    table = _oof_table(runs)
+    table, optimistic = _oof_table(runs)
+    if optimistic:
+        log(f"  {', '.join(optimistic)} kept each fold's best epoch (--keep best): scored on the predictions of those "
+            "models, the ones submit uses, which were chosen on these rows: the figures below are optimistic")
     target, folds = table["target"].to_numpy(), table["fold"].to_numpy()
     preds = [table[f"pred{i}"].to_numpy() for i in range(len(runs))]
     equal = [1 / len(runs)] * len(runs)
@@ -164,6 +175,8 @@ def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
     method, w = candidates[chosen]
     result = dict(runs=[str(Path(r).resolve()) for r in runs], blend=method, weights=w, oof_auc=scores[chosen],
                   chosen=chosen, candidates=scores, n_images=len(table), **extra)
+    if optimistic:
+        result["optimistic"] = optimistic
     write_json(result, out)
     log(f"chose {chosen} (OOF AUC {scores[chosen]:.4f} on {len(table)} images; no candidate's score was fitted on the "
         f"rows it scores, though taking the best of {len(scores)} flatters it slightly); wrote {out}")
@@ -204,7 +217,7 @@ def validate_submission(path, ids) -> None:
 
 def write_submission(ids, preds, path) -> Path:
     """Write `image_name,target` atomically and validate it."""
-    from .checkpoint import atomic_path
+    from .atomic import atomic_path
 
     path = Path(path)
     sub = pd.DataFrame({"image_name": list(ids), "target": np.clip(np.asarray(preds, dtype=np.float64), 0, 1)})
@@ -225,10 +238,10 @@ def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
     return df.index.isin(good.index)
 
 
-def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weights=None) -> np.ndarray:
+def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weights=None, precision=None) -> np.ndarray:
     "Blend of every run's prediction on the usable rows; unusable rows get the median of those predictions."
     good = df[ok]
-    preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log) for r in runs]
+    preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log, precision=precision) for r in runs]
     out = np.empty(len(df))
     out[ok] = blend(preds, blend_method, weights) if len(preds) > 1 else preds[0]
     if not ok.all():
@@ -238,7 +251,7 @@ def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weigh
 
 def make_submission(runs, data=None, tta: int | None = None, blend_method: str = "mean", out="submission.csv",
                     bs: int = 64, num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                    weights=None, log: Callable = print) -> Path:
+                    weights=None, log: Callable = print, precision: str | None = None) -> Path:
     """Predict the test set with every fold of every run, blend, write and validate `out`.
 
     A test image that cannot be read stops with an error, or with `on_bad_image="skip"` gets the median
@@ -267,7 +280,7 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
         raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
     test = test.loc[ids].reset_index(drop=True)
     ok = _usable(test, on_bad_image, log)
-    final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights)
+    final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
     path = write_submission(ids, final, out)
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
         f"blend {blend_method}, TTA {f'x{tta}' if tta else 'as each run was made'}; validated")
@@ -276,7 +289,7 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
 
 def _write_preds(df: pd.DataFrame, pred, ok, run, out) -> pd.DataFrame:
     "image_name, pred (the melanoma probability), run [, target] [, image_ok], written atomically to `out`."
-    from .checkpoint import write_csv
+    from .atomic import write_csv
 
     res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run)})
     if "target" in df.columns:
@@ -289,7 +302,7 @@ def _write_preds(df: pd.DataFrame, pred, ok, run, out) -> pd.DataFrame:
 
 def predict_split(run, data=None, split: str = "test", tta: int | None = None, out="preds.csv", bs: int = 64,
                   num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                  log: Callable = print) -> Path:
+                  log: Callable = print, precision: str | None = None) -> Path:
     """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred, run
     (+ target). `tta` defaults to the run's. Only that split's CSV and images need to exist.
 
@@ -308,13 +321,15 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
         raise DataError(f"{data} has no test.csv to predict; use --split train, another --data, or --images FOLDER")
     df = df.reset_index(drop=True)
     ok = _usable(df, on_bad_image, log)
-    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log), ok, run, out)
+    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log, precision=precision), ok, run,
+                 out)
     log(f"wrote {out}: {len(df)} predictions ({split} split of {data})")
     return Path(out)
 
 
 def predict_images(run, images, meta=None, tta: int | None = None, out="preds.csv", bs: int = 64,
-                   num_workers: int | None = None, on_bad_image: str = "error", log: Callable = print) -> Path:
+                   num_workers: int | None = None, on_bad_image: str = "error", log: Callable = print,
+                   precision: str | None = None) -> Path:
     """Predict every image of a folder (or a list of image paths) with every fold model of `run`: no dataset, no
     training images needed. `meta` (CSV or DataFrame with `image_name`) gives their metadata; images it does not
     cover, or all of them without it, count as of unknown sex, age and site. Writes image_name, pred, run.
@@ -330,7 +345,8 @@ def predict_images(run, images, meta=None, tta: int | None = None, out="preds.cs
         log(f"metadata for {int(known.sum())} of {len(df)} images" + ("" if known.all() else
             "; the others are predicted as of unknown sex, age and site"))
     ok = _usable(df, on_bad_image, log)
-    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log), ok, run, out)
+    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log, precision=precision), ok, run,
+                 out)
     log(f"wrote {out}: {len(df)} predictions from {run}")
     return Path(out)
 

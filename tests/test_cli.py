@@ -55,9 +55,9 @@ def test_train_writes_a_complete_run_folder(trained_run, sample_dir):
         assert (out / f"fold{k}" / "model.safetensors").stat().st_size > 10_000
     train = pd.read_csv(sample_dir / "train.csv")
     oof = pd.read_csv(out / "oof.csv")
-    assert list(oof.columns) == ["image_name", "target", "fold", "pred"]
+    assert list(oof.columns) == ["image_name", "target", "fold", "pred", "pred_no_meta"]
     assert sorted(oof["image_name"]) == sorted(train["image_name"]) and len(oof) == len(train)
-    assert oof["pred"].between(0, 1).all()
+    assert oof["pred"].between(0, 1).all() and oof["pred_no_meta"].between(0, 1).all()
     merged = oof.merge(train, on="image_name", suffixes=("", "_csv"))
     assert (merged["target"] == merged["target_csv"]).all()
     metrics = pd.read_csv(out / "metrics.csv")
@@ -65,6 +65,8 @@ def test_train_writes_a_complete_run_folder(trained_run, sample_dir):
     assert len(metrics) == 2 * 2 and metrics["phase"].tolist() == ["frozen", "unfrozen"] * 2
     results = json.loads((out / "results.json").read_text())
     assert results["oof_auc"] == pytest.approx(roc_auc_score(oof["target"], oof["pred"]))
+    assert results["oof_auc_no_meta"] == pytest.approx(roc_auc_score(oof["target"], oof["pred_no_meta"]))
+    assert "AUC, no metadata" in output  # the CV table's second column
     for png in ("curves.png", "roc.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.width > 300

@@ -66,12 +66,17 @@ def test_load_ham10000():
 
 def test_clean_metadata_holes_and_spelling():
     df = pd.DataFrame({"image_name": list("abcde"), "sex": [" Male ", "FEMALE", "unknown", "", None],
-                       "age_approx": ["45", "abc", -5, None, 60.0],
+                       "age_approx": ["45", "n/a", "", None, 60.0],
                        "anatom_site_general_challenge": [" Torso", "HEAD/NECK ", "", None, "palms/soles"],
                        "patient_id": ["p1", " ", None, "p2", "p3"], "target": [0, 1, 0, 0, 1]})
     out = clean_metadata(df)
     assert out["sex"].tolist()[:2] == ["male", "female"] and out["sex"].iloc[2:].isna().all()
     assert out["age_approx"].iloc[0] == 45.0 and out["age_approx"].iloc[1:4].isna().all()
+    # a value that cannot be an age is an error naming it, not a silent hole (it would take the missing path)
+    for age in ("abc", -5, 130):
+        with pytest.raises(DataError, match=f"cannot be an age in years.*{age!r}.*row 3"):
+            clean_metadata(df.assign(age_approx=["45", age, "", None, 60.0]), "t.csv")
+    assert clean_metadata(df.assign(sex=["M", "f", "?", "n/a", "Female"]))["sex"].tolist()[:2] == ["male", "female"]
     assert out["anatom_site_general_challenge"].tolist()[:2] == ["torso", "head/neck"]
     assert out["anatom_site_general_challenge"].iloc[2:4].isna().all()
     assert out["patient_id"].isna().tolist() == [False, True, True, False, False]

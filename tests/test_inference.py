@@ -163,14 +163,83 @@ def test_inference_model_is_channels_last_where_training_is(tiny_dls):
 
 
 def test_predictor_runs_with_the_training_speed_settings(run, new_images, monkeypatch):
-    "predict_many puts every model through inference_settings on the device it predicts on."
-    from melafast import checkpoint
+    "predict_many sets every model up for the device it predicts on, with the settings it was validated with."
+    from melafast import inference
 
     seen = []
-    real = checkpoint.inference_settings
-    monkeypatch.setattr(checkpoint, "inference_settings", lambda m, d, **k: seen.append(str(d)) or real(m, d, **k))
-    checkpoint.load_predictor(run).predict(new_images[0], num_workers=0, progress=False)
-    assert seen == ["cpu", "cpu"]
+    real = inference._prepare
+    monkeypatch.setattr(inference, "_prepare", lambda m, s: seen.append((str(s.device), s.precision)) or real(m, s))
+    inference.load_predictor(run).predict(new_images[0], num_workers=0, progress=False)
+    assert seen == [("cpu", "fp32"), ("cpu", "fp32")]
+
+
+def test_each_fold_records_the_precision_and_layout_it_was_validated_with(run):
+    for k in (0, 1):
+        cfg = json.loads((run / f"fold{k}" / "config.json").read_text())
+        assert cfg["precision"] == "fp32" and cfg["channels_last"] is False  # what training resolved to on the CPU
+
+
+def test_prediction_precision_is_the_validated_one_not_the_devices_best(monkeypatch):
+    "A run validated in fp32 (or fp16) is not predicted in bf16 just because the GPU has it."
+    from melafast.errors import MelafastError
+    from melafast.inference import resolve_settings
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a bf16 GPU, seen from the CPU
+    for validated in ("fp32", "fp16", "bf16"):
+        s = resolve_settings({"precision": validated, "channels_last": True}, "cuda")
+        assert (s.precision, s.channels_last, s.note) == (validated, True, "")
+    assert resolve_settings({"precision": "fp32", "channels_last": False}, "cuda").channels_last is False
+    old = resolve_settings({}, "cuda")  # saved before the precision was recorded: the rule of that time, said
+    assert old.precision == "bf16" and "does not record" in old.note
+    asked = resolve_settings({"precision": "fp32"}, "cuda", precision="bf16")
+    assert asked.precision == "bf16" and "as asked" in asked.note
+    cpu = resolve_settings({"precision": "bf16", "channels_last": True}, "cpu")
+    assert cpu.precision == "fp32" and "validated in bf16" in cpu.note
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_settings({"precision": "bf16"}, "cuda").precision == "fp32"
+    with pytest.raises(MelafastError, match="no bf16"):
+        resolve_settings({"precision": "fp32"}, "cuda", precision="bf16")
+
+
+def test_a_run_validated_in_bf16_says_so_where_it_cannot_run_it(run, new_images, tmp_path):
+    folder, _ = new_images
+    fp32 = pd.read_csv(_predict(run, folder, tmp_path / "a.csv").out)["pred"]
+    for k in (0, 1):  # as a GPU run would have written them
+        cfg_file = run / f"fold{k}" / "config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "precision": "bf16"}))
+    res = _predict(run, folder, tmp_path / "b.csv")
+    assert "validated in bf16, which this cpu cannot run: predicting in fp32" in res.output
+    assert np.allclose(pd.read_csv(tmp_path / "b.csv")["pred"], fp32)
+    res = _predict(run, folder, tmp_path / "c.csv", "--precision", "fp32")
+    assert res.exit_code == 0 and "cannot run" not in res.output
+    res = _predict(run, folder, tmp_path / "d.csv", "--precision", "bf16")
+    assert res.exit_code == 1 and "needs a CUDA GPU" in res.stderr and res.stderr.count("\n") == 1
+
+
+def _predict(run, folder, out, *args):
+    res = invoke("predict", "--run", run, "--images", folder, "--out", out, "--workers", 0, *args)
+    res.out = out
+    return res
+
+
+def test_predict_can_be_deterministic_and_says_what_it_could_not_make_so(run, new_images, tmp_path,
+                                                                       restore_backend_flags):
+    import warnings
+
+    from melafast.inference import record_nondeterminism
+
+    res = invoke("predict", "--run", run, "--images", new_images[0], "--out", tmp_path / "p.csv", "--workers", 0,
+                 "--deterministic")
+    assert res.exit_code == 0, res.output
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    with warnings.catch_warnings(record=True) as other, record_nondeterminism() as ops:
+        warnings.simplefilter("always")
+        for op in ("adaptive_avg_pool2d_backward_cuda", "adaptive_avg_pool2d_backward_cuda", "index_add_cuda_"):
+            warnings.warn(f"{op} does not have a deterministic implementation, but you set "
+                          "'torch.use_deterministic_algorithms(True, warn_only=True)'. You can file an issue ...")
+        warnings.warn("something else")
+    assert ops == ["adaptive_avg_pool2d_backward_cuda", "index_add_cuda_"]
+    assert [str(w.message) for w in other] == ["something else"]  # other warnings pass through
 
 
 # --------------------------------------------------------------------------------------------------

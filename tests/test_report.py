@@ -1,6 +1,7 @@
 """melafast report: every section present and self-contained; statistics checked against independent computations."""
 
 import base64
+import json
 import shutil
 from html.parser import HTMLParser
 
@@ -64,6 +65,11 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     html = (run / "report.html").read_text()
     oof = pd.read_csv(run / "oof.csv")
     assert f"Out-of-fold ROC AUC {roc_auc_score(oof['target'], oof['pred']):.4f}" in html
+    # the second CV figure: every patient field blanked, and whether the run was trained for that path
+    assert f"score AUC {roc_auc_score(oof['target'], oof['pred_no_meta']):.4f}" in html
+    drop = json.loads((run / "config.json").read_text())["settings"]["meta_dropout"]
+    assert (f"probability {drop} (metadata dropout)" in html) if drop else ("no metadata dropout" in html)
+    assert "The maps were computed in fp32 on cpu" in html  # the precision the Grad-CAM pass used, said
 
 
 def test_report_errors_are_one_line(run, sample_dir, tmp_path):

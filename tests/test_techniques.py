@@ -38,7 +38,8 @@ def _renamed_copy(src, dest, prefix="EXT_"):
     for f in (src / "jpeg" / "train").iterdir():
         shutil.copy(f, dest / "jpeg" / "train" / f"{prefix}{f.name}")
     df = pd.read_csv(src / "train.csv")
-    df.assign(image_name=prefix + df["image_name"]).to_csv(dest / "train.csv", index=False)
+    df.assign(image_name=prefix + df["image_name"], patient_id=prefix + df["patient_id"]).to_csv(dest / "train.csv",
+                                                                                                 index=False)
     return dest
 
 
@@ -56,9 +57,26 @@ def test_external_data_trains_but_is_never_scored(sample_dir, tmp_path):
 
 
 def test_add_external_drops_duplicates(sample_df):
-    ext = sample_df.head(5).drop(columns="fold")
+    ext = sample_df.head(5).drop(columns="fold").assign(patient_id="OTHER")
     both, n_dup = add_external(sample_df, pd.concat([ext, ext.assign(image_name=ext["image_name"] + "_x")]))
     assert n_dup == 5 and len(both) == len(sample_df) + 5 and (both["fold"] == -1).sum() == 5
+
+
+def test_external_rows_of_a_main_patient_never_train_the_fold_that_validates_that_patient(sample_df):
+    "Another dataset's images of a patient in the main table: in training everywhere but in that patient's fold."
+    ext = sample_df.drop(columns="fold").assign(image_name=lambda d: "EXT_" + d["image_name"])
+    ext.loc[ext.index[:6], "patient_id"] = "SOMEONE_ELSE"
+    both, _ = add_external(sample_df, ext)
+    added = both[both["fold"] == -1]
+    own = sample_df.set_index("image_name")["fold"]
+    shared = added["patient_id"] != "SOMEONE_ELSE"
+    assert (added.loc[shared, "home_fold"].to_numpy() == own.loc[added.loc[shared, "image_name"].str[4:]].to_numpy()).all()
+    assert added.loc[~shared, "home_fold"].isna().all()
+    for k in (0, 1):
+        trained = set(melanoma_dls(both, fold=k, size=32, bs=8, num_workers=0).train_ds.items["image_name"])
+        ext_in = {n for n in added["image_name"] if n in trained}
+        expected = set(added.loc[~(added["home_fold"] == k), "image_name"])
+        assert ext_in == expected and not (set(sample_df.loc[sample_df["fold"] == k, "image_name"]) & trained)
 
 
 def test_diagnosis_labels():
@@ -191,16 +209,34 @@ def test_ensemble_scores_blends_honestly_and_submit_uses_it(sample_dir, tmp_path
     assert res.exit_code == 1 and "either --run DIR" in res.stderr
 
 
-def _oof_runs(tmp_path, preds: dict, target, folds):
-    "Run folders holding only an oof.csv with these predictions."
+def _oof_runs(tmp_path, preds: dict, target, folds, selected: dict | None = None):
+    "Run folders holding only an oof.csv with these predictions (and the kept epochs' ones, as --keep best writes)."
     names = [f"IMG_{i:04d}" for i in range(len(target))]
     runs = []
     for name, pred in preds.items():
         (tmp_path / name).mkdir(parents=True)
-        pd.DataFrame({"image_name": names, "target": target, "fold": folds, "pred": pred}).to_csv(
-            tmp_path / name / "oof.csv", index=False)
+        oof = pd.DataFrame({"image_name": names, "target": target, "fold": folds, "pred": pred})
+        if selected:
+            oof["pred_selected"] = selected[name]
+        oof.to_csv(tmp_path / name / "oof.csv", index=False)
         runs.append(str(tmp_path / name))
     return runs
+
+
+def test_ensemble_of_keep_best_runs_scores_the_models_submit_uses(tmp_path):
+    "With --keep best, submit loads the kept epochs' models: the ensemble weighs and scores those, said optimistic."
+    from sklearn.metrics import roc_auc_score
+
+    from melafast.submit import blend, ensemble_runs
+
+    rng = np.random.default_rng(2)
+    target, folds = rng.integers(0, 2, 200), np.tile([0, 1], 100)
+    last = {n: rng.normal(0, 1, 200) for n in ("a", "b")}  # the last epochs: noise
+    best = {n: target + rng.normal(0, 1, 200) for n in ("a", "b")}  # the kept epochs: what submit predicts with
+    logs = []
+    ens = ensemble_runs(_oof_runs(tmp_path, last, target, folds, best), out=tmp_path / "e.json", log=logs.append)
+    assert ens["candidates"]["mean"] == pytest.approx(roc_auc_score(target, blend([best["a"], best["b"]], "mean")))
+    assert ens["oof_auc"] > 0.7 and len(ens["optimistic"]) == 2 and any("optimistic" in line for line in logs)
 
 
 def test_crossfit_never_scores_a_fold_with_weights_fitted_on_its_labels():
@@ -305,9 +341,28 @@ def test_pseudo_labels_then_train_on_them(sample_dir, tmp_path):
                                    "--out", str(tmp_path / "preds.csv")], catch_exceptions=False)
     preds = pd.read_csv(tmp_path / "preds.csv").set_index("image_name")["pred"]
     assert np.allclose(table.set_index("image_name")["pred"], preds.loc[table["image_name"]])
+    # fold by fold: each fold model's own labels, and the teacher's folds beside them
+    from melafast.data import load_competition
+    from melafast.inference import load_predictor
+
+    test = load_competition(sample_dir)[1].set_index("image_name").loc[table["image_name"]].reset_index()
+    for k in (0, 1):
+        own = load_predictor(first / f"fold{k}").predict(test, tta=1, num_workers=0, progress=False)
+        assert np.allclose(table[f"pred_fold{k}"], own) and np.allclose(table[f"soft_target_fold{k}"], own)
+    assert np.allclose(table["pred"], (table["pred_fold0"] + table["pred_fold1"]) / 2)
+    teacher = pd.read_csv(first / "oof.csv")
+    info = json.loads((first / "pseudo.json").read_text())
+    assert info["fold_of"] == dict(zip(teacher["image_name"], teacher["fold"])) and info["seed"] == 42
     out = _train("--data", sample_dir, "--pseudo", first / "pseudo.csv", "--out", second)
     assert "16 soft-labelled test images join the training folds" in out
+    assert "fold k trains only on the pseudo-labels of the teacher's fold-k model" in out
     assert json.loads((second / "config.json").read_text())["n_pseudo"] == 16
+    assert "cv_note" not in json.loads((second / "results.json").read_text())
+    # other folds than the teacher's: one clear error, nothing trained
+    res = CliRunner().invoke(app, ["train", "--data", str(sample_dir), "--arch", TINY_ARCH, "--folds", "2", "--seed", "7",
+                                   "--no-pretrained", "--pseudo", str(first / "pseudo.csv"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "folds differ" in res.stderr
+    assert not (tmp_path / "x" / "fold0").exists()
     oof = pd.read_csv(second / "oof.csv")
     assert len(oof) == 64 and not oof["image_name"].isin(table["image_name"]).any()
     n_valid = (oof["fold"] == 0).sum()
@@ -375,6 +430,27 @@ def test_train_with_swa_keeps_and_scores_the_average(sample_dir, tmp_path):
 def test_averaging_and_pseudo_option_errors(sample_dir, args, msg):
     res = CliRunner().invoke(app, ["train", "--data", str(sample_dir), "--epochs", "2", *[str(a) for a in args]])
     assert res.exit_code == 1 and msg in res.stderr, res.output
+
+
+def test_each_fold_trains_on_its_own_teachers_pseudo_labels(sample_dir, sample_df, tmp_path):
+    from melafast.data import add_pseudo, load_competition, pseudo_for_fold
+    from melafast.run import TrainConfig, build_table
+
+    _, test = load_competition(sample_dir)
+    table = pd.DataFrame({"image_name": test["image_name"][:3], "soft_target": [0.05, np.nan, 0.95],
+                          "soft_target_fold0": [0.02, 0.97, np.nan], "soft_target_fold1": [0.08, np.nan, 0.93]})
+    both = add_pseudo(sample_df, test, table)
+    f0, f1 = pseudo_for_fold(both, 0), pseudo_for_fold(both, 1)
+    pseudo0, pseudo1 = f0[f0["fold"] == -1], f1[f1["fold"] == -1]
+    assert pseudo0["soft_target"].tolist() == [0.02, 0.97] and pseudo0["target"].tolist() == [0, 1]
+    assert pseudo1["soft_target"].tolist() == [0.08, 0.93] and len(f0) == len(sample_df) + 2
+    assert not any(c.startswith("soft_target_fold") for c in f0.columns)
+    assert (f0.iloc[: len(sample_df)]["soft_target"] == sample_df["target"]).all()  # labelled rows keep their label
+    # a table from before per-fold labels still trains, but the CV is then said to be optimistic
+    table[["image_name", "soft_target"]].fillna(0.5).to_csv(tmp_path / "old.csv", index=False)
+    logs = []
+    built = build_table(TrainConfig(data=str(sample_dir), folds=2, pseudo=str(tmp_path / "old.csv"), workers=0), logs.append)
+    assert not built.pseudo_per_fold and built.n_pseudo == 3 and any("the CV is optimistic" in line for line in logs)
 
 
 def test_read_pseudo_checks_the_file(tmp_path):

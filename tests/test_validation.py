@@ -38,7 +38,7 @@ def test_keep_best_reports_the_honest_and_the_selected_cv(best_run):
     metrics, oof = pd.read_csv(run / "metrics.csv"), pd.read_csv(run / "oof.csv")
     results = json.loads((run / "results.json").read_text())
     assert results["keep"] == "best" and "optimistic" in results["epoch_rule"] and "optimistic" in output
-    assert list(oof.columns) == ["image_name", "target", "fold", "pred", "pred_selected"]
+    assert list(oof.columns) == ["image_name", "target", "fold", "pred", "pred_no_meta", "pred_selected"]
     for k, rows in oof.groupby("fold"):
         epochs = metrics[metrics["fold"] == k]
         assert len(epochs) == 4  # 1 frozen + 3
@@ -142,6 +142,36 @@ def test_lr_find_runs_on_the_model_asked_for(tiny_dls, tmp_path, on, frozen):
     learn.add_cb(spy)
     lr = find_lr(learn, tmp_path / "lr.png", on)
     assert spy.frozen is frozen and 1e-7 < lr < 10 and (tmp_path / "lr.png").stat().st_size > 1000
+
+
+def test_lr_find_sees_the_rows_train_would_use(sample_dir, tmp_path, monkeypatch):
+    "`melafast lr-find` (which data-parallel runs rely on) builds its table as `train` does: extras and external rows."
+    import shutil
+
+    from melafast import run as run_module
+
+    ext = tmp_path / "ext"
+    shutil.copytree(sample_dir, ext)
+    train = pd.read_csv(ext / "train.csv")
+    for f in (ext / "jpeg" / "train").iterdir():
+        f.rename(f.with_name("EXT_" + f.name))
+    train.assign(image_name="EXT_" + train["image_name"], patient_id="EXT_" + train["patient_id"]).to_csv(
+        ext / "train.csv", index=False)
+    seen = {}
+
+    def spy(learn, on, funcs):
+        seen["dls"] = learn.dls
+        learn.freeze()
+        return type("Sugg", (), {"_asdict": lambda self: {"valley": 1e-3}})()
+
+    monkeypatch.setattr(run_module, "phase_lr_find", spy)
+    cfg = TrainConfig(data=str(sample_dir), arch=TINY_ARCH, size=32, bs=16, folds=2, fold=0, pretrained=False,
+                      workers=0, extra_meta=True, external=[str(ext)])
+    run_module.lr_find_run(cfg, out=tmp_path / "lr.png", log=silent)
+    dls = seen["dls"]
+    assert dls.meta_proc.cont_names == ["age_approx", "n_images", "log_file_size"]
+    names = dls.train_ds.items["image_name"]
+    assert names.str.startswith("EXT_").sum() == 64 and len(dls.valid_ds) + len(names) == 128
 
 
 # --------------------------------------------------------------------------------------------------

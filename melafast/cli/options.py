@@ -50,6 +50,9 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader
 TtaOpt = Annotated[int, typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8.")]
 RunTtaOpt = Annotated[Optional[int], typer.Option("--tta", help="Dihedral TTA views: 1, 2, 4 or 8 (default: the "
                                                   "run's, as it scored its out-of-fold predictions).")]
+RunPrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Precision to predict in (default: "
+                                                          "each model's own, the one its out-of-fold predictions "
+                                                          "were made with; fp32 where the device lacks it).")]
 RunDataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")]
 
 

@@ -9,7 +9,12 @@ import typer
 
 from ..errors import MelafastError
 from .app import app, friendly
-from .options import BadImage, BadImageOpt, Blend, BsOpt, ImagesOpt, RunDataOpt, RunTtaOpt, Split, WorkersOpt
+from .options import (BadImage, BadImageOpt, Blend, BsOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, RunTtaOpt, Split,
+                      WorkersOpt)
+
+
+def _value(choice):
+    return None if choice is None else choice.value
 
 
 @app.command()
@@ -30,18 +35,24 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (the melanoma probability), run "
                                       "(and target for train).")] = Path("preds.csv"),
     on_bad_image: BadImageOpt = BadImage.error,
+    precision: RunPrecisionOpt = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU kernels, no cuDNN autotuning: "
+                                                "the same images give the same bits on this machine and software, "
+                                                "slower. (The CPU repeats anyway.)")] = False,
 ):
     """Predict melanoma probabilities with a run's fold models: a folder of new images, or a dataset split."""
+    from ..inference import set_determinism
     from ..submit import predict_images, predict_split
 
+    if meta is not None and not (data is None and images is not None):
+        raise MelafastError("--meta goes with --images FOLDER (and no --data): a dataset's metadata is in its CSV")
+    set_determinism(deterministic)
     if data is None and images is not None:
         predict_images(run, images, meta=meta, tta=tta, out=out, bs=bs, num_workers=workers,
-                       on_bad_image=on_bad_image.value, log=typer.echo)
+                       on_bad_image=on_bad_image.value, log=typer.echo, precision=_value(precision))
         return
-    if meta is not None:
-        raise MelafastError("--meta goes with --images FOLDER (and no --data): a dataset's metadata is in its CSV")
     predict_split(run, data=data, split=split.value, tta=tta, out=out, bs=bs, num_workers=workers, images=images,
-                  on_bad_image=on_bad_image.value, log=typer.echo)
+                  on_bad_image=on_bad_image.value, log=typer.echo, precision=_value(precision))
 
 
 @app.command()
@@ -60,6 +71,7 @@ def submit(
     upload: Annotated[bool, typer.Option("--upload", help="Submit to Kaggle (needs melafast[kaggle] and credentials).")] = False,
     message: Annotated[str, typer.Option("--message", help="Kaggle submission message.")] = "melafast submission",
     on_bad_image: BadImageOpt = BadImage.error,
+    precision: RunPrecisionOpt = None,
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
     from ..submit import make_submission, read_ensemble
@@ -71,7 +83,8 @@ def submit(
         ens = read_ensemble(ensemble)
         runs, method, weights = ens["runs"], ens["blend"], ens["weights"]
     path = make_submission(runs, data=data, tta=tta, blend_method=method, out=out, bs=bs, num_workers=workers,
-                           images=images, on_bad_image=on_bad_image.value, weights=weights, log=typer.echo)
+                           images=images, on_bad_image=on_bad_image.value, weights=weights, log=typer.echo,
+                           precision=_value(precision))
     if upload:
         from ..kaggle import upload_submission
 
@@ -93,12 +106,13 @@ def pseudo(
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (default <run>/pseudo.csv).")] = None,
+    precision: RunPrecisionOpt = None,
 ):
     """Label the confident test images with a run's predictions, for `melafast train --pseudo`."""
     from ..pseudo import pseudo_labels
 
     pseudo_labels(run, data=data, out=out, low=low, high=high, hard=hard, tta=tta, bs=bs, num_workers=workers,
-                  images=images, log=typer.echo)
+                  images=images, log=typer.echo, precision=_value(precision))
 
 
 @app.command("ensemble")
@@ -128,6 +142,7 @@ def report(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the AUC intervals.")] = 1000,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
+    precision: RunPrecisionOpt = None,
 ):
     """Write an HTML report of a run: where its models succeed and fail (AUC interval, curves, calibration, ...)."""
     from ..report import run_report
@@ -135,4 +150,4 @@ def report(
     if errors < 0 or bootstrap < 1:
         raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
     run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
-               num_workers=workers, log=typer.echo)
+               num_workers=workers, log=typer.echo, precision=_value(precision))

@@ -35,13 +35,18 @@ def train(
     folds: FoldsOpt = 5,
     fold: Annotated[str, typer.Option("--fold", help="'all', or one fold number to train only that fold.")] = "all",
     meta: MetaOpt = True,
+    meta_dropout: Annotated[float, typer.Option("--meta-dropout", help="Share of training rows whose patient fields "
+                                                "are blanked (all, or one at random), so that images without metadata "
+                                                "meet a trained missing path.")] = 0.0,
     precision: PrecisionOpt = Precision.auto,
     tta: TtaOpt = 8,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = True,
     seed: SeedOpt = 42,
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU algorithms and no cuDNN "
-                                                "autotuning: bit-for-bit repeatable on a GPU, slower. (The CPU "
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU kernels and no cuDNN "
+                                                "autotuning: the same seed gives the same bits on this machine and "
+                                                "software, slower; the few operations torch has no deterministic "
+                                                "kernel for still run and are listed in results.json. (The CPU "
                                                 "repeats anyway.)")] = False,
     workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<arch>-<size>-<time>).")] = None,
@@ -74,7 +79,7 @@ def train(
         cfg = TrainConfig(data=as_str(data), images=as_str(images), arch=arch, size=size, epochs=epochs,
                           freeze_epochs=freeze_epochs, bs=bs, lr=parse_lr(lr), lr_find_on=lr_find_on.value,
                           lr_mult=lr_mult, keep=keep.value, frozen_bn=frozen_bn, folds=folds,
-                          fold=parse_fold(fold), meta=meta, precision=precision.value, tta=tta, weights=as_str(weights),
+                          fold=parse_fold(fold), meta=meta, meta_dropout=meta_dropout, precision=precision.value, tta=tta, weights=as_str(weights),
                           pretrained=pretrained, seed=seed, deterministic=deterministic, workers=workers, out=as_str(out),
                           on_bad_image=on_bad_image.value, compile=compile,
                           external=[str(p) for p in external or []], upsample=upsample, target=target.value,

@@ -13,8 +13,9 @@ One concern a file, each importing only the ones above it:
 from .tables import (CAT_NAMES, CONT_NAMES, IMAGE_EXTS, clean_metadata, find_dataset, find_image_dir, image_folder,
                      image_table, load_competition, load_split, read_table)
 from .images import BAD_IMAGE_MODES, _OpenImage, check_images  # noqa: F401  (_OpenImage: tests count its calls)
-from .folds import add_external, add_pseudo, make_folds, read_pseudo
-from .meta import EXTRA_CONT_NAMES, MetaProcessor, MetaStack, TensorMeta, add_meta_features
+from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
+from .meta import (EXTRA_CONT_NAMES, FILE_FEATURES, META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta,
+                   add_meta_features, check_file_features, file_reference)
 from .blocks import (AUG_PRESETS, TARGETS, SoftLabel, TensorSoftLabel, TrainOnly, default_batch_tfms, default_item_tfms,
                      diagnosis_labels, inference_dl, melanoma_dls)
 from .sample import make_sample
@@ -25,4 +26,6 @@ __all__ = [
     "inference_dl", "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images",
     "BAD_IMAGE_MODES", "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES",
     "AUG_PRESETS", "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly",
+    "FILE_FEATURES", "META_DROPOUT", "MetaDropout", "check_file_features", "file_reference", "pseudo_for_fold",
+    "check_teacher_folds",
 ]

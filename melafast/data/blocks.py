@@ -14,7 +14,7 @@ from fastai.vision.all import (
 from ..errors import DataError
 from ..hostsync import async_copies, async_copy_dl
 from .images import _OpenImage
-from .meta import MetaProcessor
+from .meta import META_DROPOUT, MetaDropout, MetaProcessor
 from .tables import _norm_text
 
 __all__ = ["TARGETS", "AUG_PRESETS", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
@@ -135,11 +135,14 @@ def melanoma_dls(
     device=None,  # where batches go; default the GPU when there is one
     upsample: int = 1,  # each melanoma of the training split appears this many times per epoch
     target: str = "melanoma",  # melanoma: 2 classes; diagnosis: one class per `diagnosis` value (melanoma scored)
+    meta_dropout: float = META_DROPOUT,  # training rows' patient fields blanked with this probability (`MetaDropout`)
     **kwargs,  # passed on to `DataBlock.dataloaders`
 ):
     """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`.
 
-    Rows with `fold == -1` (external data) only ever train. The validation rows are never upsampled.
+    Rows with `fold == -1` (external data, pseudo-labels) only ever train, except in the fold named by their
+    `home_fold` (external rows of a patient whom this fold validates): there they are left out. The validation
+    rows are never upsampled, and their metadata is never blanked.
     """
     need = [c for c in ("fname", "target", "fold") if c not in df.columns]
     if need:
@@ -151,9 +154,13 @@ def melanoma_dls(
         raise DataError(f"upsample must be 1 or more, got {upsample}")
     if target not in TARGETS:
         raise DataError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if not 0 <= meta_dropout < 1:
+        raise DataError(f"meta_dropout must be in [0, 1), got {meta_dropout}")
     soft = "soft_target" in df.columns
     if soft and target != "melanoma":
         raise DataError("soft targets (pseudo-labels) are melanoma probabilities: use them with target='melanoma'")
+    if "home_fold" in df.columns:  # another dataset's images of a patient validated here must not train this fold
+        df = df[~(pd.to_numeric(df["home_fold"], errors="coerce") == fold).to_numpy()]
     df = df.reset_index(drop=True)
     if soft:  # rows without a soft target are labelled ones: their label is their target probability
         df["soft_target"] = pd.to_numeric(df["soft_target"], errors="coerce").fillna(df["target"]).astype(float)
@@ -171,17 +178,21 @@ def melanoma_dls(
     else:
         y_col, vocab = ("soft_target" if soft else "target"), [0, 1]
     inputs, getters = [_image_block(size)], [ColReader("fname")]
+    batch_tfms = default_batch_tfms(aug) if batch_tfms is None else list(batch_tfms)
     if meta:
         inputs.append(TransformBlock())
         getters.append(proc)
+        if meta_dropout:
+            batch_tfms.append(MetaDropout(proc, meta_dropout))
     dblock = DataBlock(
         blocks=(*inputs, TransformBlock(type_tfms=SoftLabel()) if soft else CategoryBlock(vocab=vocab)), n_inp=len(inputs),
         getters=[*getters, ColReader(y_col)], splitter=IndexSplitter(np.flatnonzero(is_valid)),
         item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
-        batch_tfms=default_batch_tfms(aug) if batch_tfms is None else batch_tfms,
+        batch_tfms=batch_tfms,
     )
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
+    dls.meta_dropout = meta_dropout if meta else 0.0
     if torch.device(dls.device or "cpu").type == "cuda":
         async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
     dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss

@@ -1,4 +1,5 @@
-"""The metadata vector: age, sex and site (and optional extras) encoded with statistics fitted on training rows."""
+"""The metadata vector: age, sex and site (and optional extras) encoded with statistics fitted on training rows;
+metadata dropout, which blanks fields of training rows as a real hole looks; and the file features' own checks."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from fastai.torch_core import TensorBase
+from fasttransform import Transform
 
 from ..errors import DataError
 from .tables import CAT_NAMES, CONT_NAMES
 
-__all__ = ["EXTRA_CONT_NAMES", "MetaProcessor", "MetaStack", "TensorMeta", "add_meta_features"]
+__all__ = ["EXTRA_CONT_NAMES", "FILE_FEATURES", "META_DROPOUT", "MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout",
+           "add_meta_features", "file_reference", "check_file_features"]
 
 EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features
+FILE_FEATURES = ("log_file_size",)  # read off the image file, never missing: not a patient field, never blanked
+META_DROPOUT = 0.0  # default share of training rows whose patient fields are blanked (see MetaDropout)
 
 
 def _missing(v) -> bool:
@@ -62,6 +68,41 @@ class MetaProcessor:
         for c in self.cat_names:
             names += [f"{c}={v}" for v in self.vocab[c]] + [f"{c}=unknown", f"{c}_missing"]
         return names
+
+    @property
+    def patient_columns(self) -> list[str]:
+        """The columns that describe the patient or lesion (what a hole can hide); not those read off the file."""
+        return [c for c in (*self.cont_names, *self.cat_names) if c not in FILE_FEATURES]
+
+    def slots(self) -> dict:
+        """Where each column sits in the vector: column -> (slice of its value slots, index of its missing flag)."""
+        out, i = {}, 0
+        for c in self.cont_names:
+            out[c] = (slice(i, i + 1), i + 1)
+            i += 2
+        for c in self.cat_names:
+            n = len(self.vocab[c]) + 1  # the training vocabulary and the unknown slot
+            out[c] = (slice(i, i + n), i + n)
+            i += n + 1
+        return out
+
+    def blank(self, x, columns=None, rows=None):
+        """Encoded vectors `x` (N, n_features) with `columns` (default: every patient column) blanked, exactly as
+        `encode_row` writes a missing value: value slots 0, missing flag 1. `rows` (bool (N,) or (N, n_columns)
+        tensor) limits it to some rows, per column; without host syncs, so it runs inside the GPU batch pipeline."""
+        import torch
+
+        columns = self.patient_columns if columns is None else columns
+        slots, out = self.slots(), x.clone()
+        for j, c in enumerate(columns):
+            values, flag = slots[c]
+            mask = None if rows is None else (rows if rows.ndim == 1 else rows[:, j])
+            if mask is None:
+                out[:, values], out[:, flag] = 0.0, 1.0
+            else:
+                out[:, values] = torch.where(mask[:, None], torch.zeros_like(out[:, values]), out[:, values])
+                out[:, flag] = torch.where(mask, torch.ones_like(out[:, flag]), out[:, flag])
+        return out
 
     @property
     def n_features(self) -> int:
@@ -133,20 +174,110 @@ class MetaStack:
         return TensorMeta(torch.from_numpy(np.concatenate([p.encode_row(row) for p in self.procs])))
 
 
+class MetaDropout(Transform):
+    """Metadata dropout, on training batches only: each row's patient fields are blanked with probability `p`, all
+    of them together or one chosen at random (half the time each), exactly as `MetaProcessor` encodes a real hole.
+
+    A model trained with metadata meets images that come without any (deployments, public test sets) through its
+    missing-value path; without this it learns that path only from the training rows that happened to have holes,
+    which are not like new patients. Fields read off the image file (`FILE_FEATURES`) are never blanked.
+    """
+
+    split_idx, order = 0, 5
+
+    def __init__(self, proc: MetaProcessor, p: float = 0.5):
+        super().__init__()
+        self.proc, self.p, self.columns = proc, p, proc.patient_columns
+
+    def encodes(self, x: TensorMeta):
+        import torch
+
+        if not self.p or not self.columns:
+            return x
+        n, dev = x.shape[0], x.device
+        drop = torch.rand(n, device=dev) < self.p
+        every = torch.rand(n, device=dev) < 0.5
+        one = torch.randint(len(self.columns), (n,), device=dev)
+        which = drop[:, None] & (every[:, None] | (one[:, None] == torch.arange(len(self.columns), device=dev)))
+        return TensorMeta(self.proc.blank(x.as_subclass(torch.Tensor), self.columns, which))
+
+
 def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
-    """Add the winners' extra metadata: `n_images` (images of the same patient in this table; 1 without an id)
-    and `log_file_size` (log of the image file's bytes, which tracks the camera and resolution).
+    """Add the winners' extra metadata: `n_images` (images of the same patient in this table; missing for an image
+    without a patient id, and for every image of a table without the column) and `log_file_size` (log of the image
+    file's bytes, which tracks the camera and resolution).
 
     Compute them on each table separately (train, test) and on the same image copies you will predict on.
     """
     out = df.copy()
     if "patient_id" in out.columns and out["patient_id"].notna().any():
         counts = out.groupby("patient_id")["image_name"].transform("size")
-        out["n_images"] = counts.where(out["patient_id"].notna(), 1).astype(float)
+        out["n_images"] = counts.where(out["patient_id"].notna(), np.nan).astype(float)
     else:
-        out["n_images"] = 1.0
+        out["n_images"] = np.nan  # unknown, not 1: the model takes its missing-value path
     out["log_file_size"] = np.log1p([os.path.getsize(f) for f in out["fname"]])
     return out
+
+
+def _prepared_size(fname: str) -> int | None:
+    "The --size of the `melafast prepare` copy an image belongs to (its prepare.json, up to 3 folders up), if any."
+    from ..prepare import RECORD
+
+    for parent in list(Path(fname).parents)[:3]:
+        record = parent / RECORD
+        if record.is_file():
+            try:
+                return int(json.loads(record.read_text())["size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def _sample(fnames, n: int = 200) -> list:
+    fnames = list(fnames)
+    return [fnames[i] for i in np.linspace(0, len(fnames) - 1, min(n, len(fnames))).astype(int)] if fnames else []
+
+
+def _median_side(fnames) -> float:
+    from PIL import Image
+
+    sides = []
+    for f in fnames:
+        with Image.open(f) as im:
+            sides.append(min(im.size))
+    return float(np.median(sides))
+
+
+def file_reference(df: pd.DataFrame) -> dict:
+    """What the file features of a training table were computed on: the images' median shorter side (from up to
+    200 headers), the median log file size, and the `melafast prepare` size when the images are such a copy."""
+    sample = _sample(df["fname"])
+    return dict(median_side=_median_side(sample), median_log_size=float(np.median(np.log1p([os.path.getsize(f)
+                for f in sample]))), prepared_size=_prepared_size(sample[0]) if sample else None)
+
+
+def check_file_features(config: dict, df: pd.DataFrame):
+    """Stop with a clear error when the images of `df` are clearly of another kind than those a model's file
+    features (`log_file_size`) were trained on: another resolution, or file sizes far off the training ones."""
+    ref, proc = config.get("files"), config.get("meta_proc") or {}
+    if not ref or "log_file_size" not in proc.get("cont_names", []) or df.empty:
+        return
+    sample = _sample(df["fname"])
+    side = _median_side(sample)
+    z = (float(np.median(np.log1p([os.path.getsize(f) for f in sample]))) - proc["means"]["log_file_size"]) / \
+        proc["stds"]["log_file_size"]
+    other_size = not 0.8 <= side / ref["median_side"] <= 1.25
+    other_files = len(sample) >= 10 and abs(z) > 3
+    if not (other_size or other_files):
+        return
+    made = f"; made by `melafast prepare --size {ref['prepared_size']}`" if ref.get("prepared_size") else ""
+    fix = (f"melafast prepare --src FOLDER --size {ref['prepared_size']} --out COPY" if ref.get("prepared_size")
+           else f"resize them as the training images were (shorter side about {ref['median_side']:.0f} px)")
+    raise DataError(f"this model was trained with --extra-meta on images of about {ref['median_side']:.0f} px "
+                    f"(shorter side{made}), and its log_file_size feature depends on how the files were made; the "
+                    f"images to predict are about {side:.0f} px, their file sizes {z:+.1f} training standard "
+                    f"deviations off. Predict copies made the same way ({fix}), or use a run trained without "
+                    "--extra-meta")
 
 
 

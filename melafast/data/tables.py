@@ -16,7 +16,8 @@ __all__ = ["IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "read_table", "clean_metadat
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 CAT_NAMES = ("sex", "anatom_site_general_challenge")  # categorical metadata of the competition CSVs
 CONT_NAMES = ("age_approx",)  # continuous metadata of the competition CSVs
-_SEXES = ("male", "female")
+_SEXES = {"male": "male", "female": "female", "m": "male", "f": "female"}  # spellings of sex that are read
+_HOLES = {"", "na", "n/a", "nan", "none", "null", "unknown", "missing", "?", "-"}  # how tables write "not known"
 
 
 def read_table(csv, required=("image_name",)) -> pd.DataFrame:
@@ -53,20 +54,49 @@ def _norm_text(s: pd.Series) -> pd.Series:
     return s.map(lambda v: v.strip().lower() if isinstance(v, str) and v.strip() else np.nan).astype(object)
 
 
-def clean_metadata(df: pd.DataFrame) -> pd.DataFrame:
+def _hole(v) -> bool:
+    "True for a value that says 'not known': empty, NaN, None, or a word such as unknown or n/a."
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return True
+    return isinstance(v, str) and v.strip().lower() in _HOLES
+
+
+def _refuse(df: pd.DataFrame, bad: pd.Series, column: str, what: str, source) -> None:
+    "Raise one DataError naming the values of `column` that cannot be what the column means."
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad.to_numpy())[0])
+    values = ", ".join(repr(v) for v in pd.unique(df.loc[bad, column].astype(object))[:5])
+    raise DataError(f"{source or 'the metadata'}: {int(bad.sum())} value(s) of {column} cannot be {what}: {values} "
+                    f"(first in row {i + 2}, image {df['image_name'].iloc[i] if 'image_name' in df else '?'}); correct "
+                    "them, or leave the cells empty where the value is not known")
+
+
+def clean_metadata(df: pd.DataFrame, source=None) -> pd.DataFrame:
     """Return a copy with `sex` in {male, female} or missing, float `age_approx`, normalised site names.
 
-    Metadata columns absent from the CSV are added as all-missing, so external datasets without them still work.
+    Holes (empty cells, NaN, `unknown`, `n/a`, ...) become missing, which the models treat as unknown. A value that
+    cannot be what its column means (a sex that is not male/female/m/f, an age that is not a number from 0 to 120, a
+    site that is a bare number) raises `DataError` naming `source`, the column and the values: read as missing it
+    would send the image down the model's missing-metadata path without a word. Metadata columns absent from the
+    table are added as all-missing, so datasets without them still work.
     """
     df = df.copy()
     for c in (*CAT_NAMES, *CONT_NAMES):
         if c not in df.columns:
             df[c] = np.nan
-    sex = _norm_text(df["sex"])
-    df["sex"] = sex.where(sex.isin(_SEXES), np.nan)
-    age = pd.to_numeric(df["age_approx"], errors="coerce").astype(float)
-    df["age_approx"] = age.where((age >= 0) & (age <= 120))  # out of range is a data-entry error, not an age
-    df["anatom_site_general_challenge"] = _norm_text(df["anatom_site_general_challenge"])
+    holes = {c: df[c].map(_hole).astype(bool) for c in (*CAT_NAMES, *CONT_NAMES)}
+    sex = df["sex"].map(lambda v: _SEXES.get(v.strip().lower()) if isinstance(v, str) else None)
+    _refuse(df, ~holes["sex"] & sex.isna(), "sex", "a sex (male, female, m or f)", source)
+    df["sex"] = sex.where(sex.notna(), np.nan).astype(object)
+    age = pd.to_numeric(df["age_approx"].where(~holes["age_approx"]), errors="coerce").astype(float)
+    _refuse(df, ~holes["age_approx"] & ~age.between(0, 120), "age_approx", "an age in years (0 to 120)", source)
+    df["age_approx"] = age
+    site = df["anatom_site_general_challenge"]
+    _refuse(df, ~holes["anatom_site_general_challenge"] & pd.to_numeric(site, errors="coerce").notna(),
+            "anatom_site_general_challenge", "a body site (a name such as torso; numbers are codes of some other "
+            "table)", source)
+    df["anatom_site_general_challenge"] = _norm_text(site.where(~holes["anatom_site_general_challenge"]))
     if "patient_id" in df.columns:
         df["patient_id"] = df["patient_id"].map(lambda v: v.strip() if isinstance(v, str) and v.strip() else np.nan).astype(object)
     if "target" in df.columns:
@@ -139,7 +169,7 @@ def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:
     if split == "test" and not csv.is_file():
         return None
     root = Path(images).expanduser().resolve() if images is not None else path
-    df = clean_metadata(read_table(csv, required=("image_name", "target") if split == "train" else ("image_name",)))
+    df = clean_metadata(read_table(csv, required=("image_name", "target") if split == "train" else ("image_name",)), csv)
     return _attach_fnames(df, find_image_dir(root, df["image_name"].tolist(), split), csv.name)
 
 
@@ -188,11 +218,14 @@ def image_table(images, meta=None) -> pd.DataFrame:
         if missing:
             raise DataError(f"{len(missing)} image file(s) not found: {', '.join(missing[:3])}")
         df = pd.DataFrame({"image_name": [p.stem for p in paths], "fname": [str(p.expanduser().resolve()) for p in paths]})
+    source = None
     if meta is not None:
         table = read_table(meta) if not isinstance(meta, pd.DataFrame) else meta
+        source = meta if not isinstance(meta, pd.DataFrame) else "the metadata table"
+        table = clean_metadata(table, source)  # its own rows, so that an error names the row of that table
         cols = [c for c in table.columns if c not in ("fname", "target") and (c == "image_name" or c not in df.columns)]
         df = df.merge(table[cols].astype({"image_name": str}), on="image_name", how="left")
-    return clean_metadata(df)
+    return clean_metadata(df, source)
 
 
 def find_dataset(path) -> Path | None:

@@ -1,0 +1,150 @@
+"""Patients who come without metadata: the missing path trained on purpose (metadata dropout), scored, and said."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_ARCH
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from melafast.cli import app
+from melafast.data import MetaDropout, MetaProcessor, TensorMeta, melanoma_dls
+
+FIELDS = ["sex", "age_approx", "anatom_site_general_challenge"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _blanked(row, columns):
+    return {**row, **{c: np.nan for c in columns}}
+
+
+def test_dropout_blanks_fields_exactly_as_a_real_hole_is_encoded(sample_df):
+    proc = MetaProcessor.fit(sample_df)
+    rows = sample_df.to_dict("records")
+    x = TensorMeta(torch.from_numpy(proc.encode(sample_df)))
+    torch.manual_seed(0)
+    out = MetaDropout(proc, p=1.0)(x, split_idx=0)  # every row dropped: all fields, or one at random
+    kinds = []
+    for row, got in zip(rows, out):
+        every = torch.from_numpy(proc.encode_row(_blanked(row, FIELDS)))
+        if torch.equal(got, every):
+            kinds.append("all")
+            continue
+        one = [c for c in FIELDS if torch.equal(got, torch.from_numpy(proc.encode_row(_blanked(row, [c]))))]
+        assert one, "a dropped row must look exactly like a row with real holes"
+        kinds.append("one")
+    assert 10 < kinds.count("all") < 54  # about half of 64 rows each way
+    assert torch.equal(MetaDropout(proc, p=1.0)(x, split_idx=1), x)  # validation batches are never touched
+    # the share of rows touched follows p
+    big = TensorMeta(x.repeat(50, 1))
+    changed = (MetaDropout(proc, p=0.3)(big, split_idx=0) != big).any(1).float().mean().item()
+    assert abs(changed - 0.3) < 0.03
+
+
+def test_dataloaders_blank_training_batches_only(sample_df):
+    dls = melanoma_dls(sample_df, fold=0, size=32, bs=32, num_workers=0, meta_dropout=0.5)
+    proc = dls.meta_proc
+    flags = [i for i, name in enumerate(proc.feature_names) if name.endswith("_missing")]
+    torch.manual_seed(1)
+    _, meta, _ = dls.train.new(shuffle=False).one_batch()
+    train_rows = dls.train_ds.items.iloc[:32]
+    clean = torch.from_numpy(proc.encode(train_rows))
+    assert isinstance(meta, TensorMeta)
+    changed = (meta != clean).any(1)
+    assert 4 <= int(changed.sum()) <= 28 and (meta[changed][:, flags].sum(1) > clean[changed][:, flags].sum(1)).all()
+    _, vmeta, _ = dls.valid.one_batch()
+    assert torch.equal(vmeta.as_subclass(torch.Tensor),
+                       torch.from_numpy(proc.encode(dls.valid_ds.items.iloc[: len(vmeta)])))
+    assert dls.meta_dropout == 0.5
+    with pytest.raises(Exception, match="meta_dropout must be in"):
+        melanoma_dls(sample_df, fold=0, size=32, bs=8, num_workers=0, meta_dropout=1.0)
+
+
+def test_cv_without_metadata_is_what_predict_gives_without_metadata(tiny_run, sample_dir):
+    "results.json's second OOF AUC is the one a patient without metadata meets through `predict`."
+    from melafast.data import load_competition
+    from melafast.inference import load_predictor
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    oof = pd.read_csv(tiny_run / "oof.csv")
+    train = load_competition(sample_dir)[0].set_index("image_name")
+    for k, rows in oof.groupby("fold"):
+        images = train.loc[rows["image_name"]].reset_index().assign(**{c: np.nan for c in FIELDS})
+        with pytest.warns(UserWarning, match=f"{len(rows)} of {len(rows)} images have no metadata"):
+            pred = load_predictor(tiny_run / f"fold{k}").predict(images, num_workers=0, progress=False)
+        assert np.allclose(pred, rows["pred_no_meta"], atol=1e-6)
+        assert results["fold_aucs_no_meta"][str(k)] == pytest.approx(roc_auc_score(rows["target"], pred))
+    assert results["oof_auc_no_meta"] == pytest.approx(roc_auc_score(oof["target"], oof["pred_no_meta"]))
+    assert not np.allclose(oof["pred"], oof["pred_no_meta"], atol=1e-4)  # the metadata matters to this model
+
+
+def test_predict_says_when_it_predicts_without_metadata(tiny_run, sample_dir, tmp_path):
+    results = json.loads((tiny_run / "results.json").read_text())
+    res = invoke("predict", "--run", tiny_run, "--images", sample_dir / "jpeg" / "test", "--out", tmp_path / "p.csv",
+                 "--workers", 0)
+    assert res.exit_code == 0, res.output
+    assert "16 of 16 images have no metadata" in res.output and "missing-metadata path" in res.output
+    assert f"{results['oof_auc_no_meta']:.4f}" in res.output and f"{results['oof_auc']:.4f}" in res.output
+    res = invoke("predict", "--run", tiny_run, "--images", sample_dir / "jpeg" / "test", "--meta",
+                 sample_dir / "test.csv", "--out", tmp_path / "p.csv", "--workers", 0)
+    assert res.exit_code == 0 and "have no metadata" not in res.output
+
+
+def test_a_metadata_csv_with_impossible_values_is_one_error_line(tiny_run, sample_dir, tmp_path):
+    meta = pd.read_csv(sample_dir / "test.csv")
+    for column, value, what in (("sex", "X", "cannot be a sex"), ("age_approx", "forty", "cannot be an age"),
+                                ("age_approx", 250, "cannot be an age"), ("anatom_site_general_challenge", 3,
+                                                                          "cannot be a body site")):
+        bad = meta.astype({column: object})
+        bad.loc[2, column] = value
+        bad.to_csv(tmp_path / "bad.csv", index=False)
+        res = invoke("predict", "--run", tiny_run, "--images", sample_dir / "jpeg" / "test", "--meta",
+                     tmp_path / "bad.csv", "--out", tmp_path / "p.csv", "--workers", 0)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+        assert what in res.stderr and repr(value) in res.stderr and "row 4" in res.stderr and "bad.csv" in res.stderr
+    holes = meta.astype({"sex": object})
+    holes.loc[2, "sex"], holes.loc[3, "age_approx"] = "unknown", np.nan  # real holes are fine
+    holes.to_csv(tmp_path / "holes.csv", index=False)
+    res = invoke("predict", "--run", tiny_run, "--images", sample_dir / "jpeg" / "test", "--meta", tmp_path / "holes.csv",
+                 "--out", tmp_path / "p.csv", "--workers", 0)
+    assert res.exit_code == 0, res.output
+
+
+def test_images_per_patient_is_unknown_without_a_patient_id(sample_dir):
+    from melafast.data import add_meta_features, load_competition
+
+    train = load_competition(sample_dir)[0]
+    assert add_meta_features(train.drop(columns="patient_id"))["n_images"].isna().all()  # never 1 for everyone
+    partly = add_meta_features(train.assign(patient_id=train["patient_id"].where(train.index % 2 == 0)))
+    assert partly["n_images"][1::2].isna().all() and partly["n_images"][::2].notna().all()
+
+
+def test_extra_meta_refuses_files_of_another_kind(sample_dir, tmp_path):
+    "File sizes of 3x larger copies are far off those the model learned: a clear error, not a silent shift."
+    from PIL import Image
+
+    run = tmp_path / "run"
+    res = invoke("train", "--data", sample_dir, "--arch", TINY_ARCH, "--size", 32, "--bs", 16, "--epochs", 1,
+                 "--freeze-epochs", 0, "--folds", 2, "--fold", 0, "--no-pretrained", "--lr", "1e-2", "--workers", 0,
+                 "--tta", 1, "--extra-meta", "--out", run)
+    assert res.exit_code == 0, res.output
+    files = json.loads((run / "fold0" / "config.json").read_text())["files"]
+    assert files["median_side"] == 64 and files["prepared_size"] is None
+    big = tmp_path / "big"
+    big.mkdir()
+    for f in sorted((sample_dir / "jpeg" / "test").iterdir()):
+        Image.open(f).resize((192, 192)).save(big / f.name, quality=95)
+    res = invoke("predict", "--run", run, "--images", big, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    assert "trained with --extra-meta on images of about 64 px" in res.stderr and "about 192 px" in res.stderr
+    same = tmp_path / "same"
+    shutil.copytree(sample_dir / "jpeg" / "test", same)
+    res = invoke("predict", "--run", run, "--images", same, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert res.exit_code == 0, res.output
