@@ -53,6 +53,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMALL_HOLDOUT = 0.02  # --small: the held-out share of the lesions (about 200 images), enough to check the script
 BEST = {"extra_meta": True, "upsample": 2, "ema": 0.999}  # the candidate-best recipe's switches
 RECIPES = ("frozen_logreg", "plain_fastai", "melafast_image", "melafast_meta_tta", "melafast_best")
 ROWS = {"frozen_logreg": ("frozen_logreg",), "plain_fastai": ("plain_fastai", "plain_fastai_tta"),
@@ -182,34 +183,19 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
                       **{"lr_find_on": a.lr_find_on, **a.settings, **settings})
     train_run(cfg, log=lambda m: None)
     oof = pd.read_csv(Path(cfg.out) / "oof.csv").set_index("image_name").loc[df["image_name"]]
-    # each fold model's held-out predictions, in one pass over the images; their mean is what `submit` writes
+    # each fold model's held-out predictions, in one pass over the images; their mean is what `submit` writes; for
+    # a recipe with metadata the same pass also gives them with every field blanked (a patient without metadata)
     models = load_predictor(cfg.out).predictors
-    held = predict_many(models, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
+    held, held_blank = predict_many(models, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False,
+                                    blank=True)
     row = dict(oof=oof["pred"].to_numpy(), held=held)
-    if cfg.meta:  # the same models on patients who come with images only: every metadata field blanked
-        row["held_blank"] = predict_many(models, _blank(hold), tta=cfg.tta, bs=a.bs, num_workers=a.workers,
-                                         progress=False)
-        blank = _blank(df).set_index("image_name")
-        row["oof_blank"] = pd.Series(index=df["image_name"], dtype=float)
-        for m in models:
-            own = df.loc[df["fold"] == m.config["fold"], "image_name"]
-            row["oof_blank"].loc[own] = predict_many([m], blank.loc[own].reset_index(), tta=cfg.tta, bs=a.bs,
-                                                     num_workers=a.workers, progress=False)[0]
-        row["oof_blank"] = row["oof_blank"].to_numpy()
+    if cfg.meta:  # train scored its OOF rows without metadata too, as `pred_no_meta`
+        row["held_blank"], row["oof_blank"] = held_blank, oof["pred_no_meta"].to_numpy()
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
         row["selected"] = oof["pred_selected"].to_numpy()
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
-
-
-def _blank(df):
-    "`df` with every metadata field missing, as a table of images without metadata would read."
-    import numpy as np
-
-    from melafast.data import CAT_NAMES, CONT_NAMES, EXTRA_CONT_NAMES
-
-    return df.assign(**{c: np.nan for c in (*CAT_NAMES, *CONT_NAMES, *EXTRA_CONT_NAMES) if c in df.columns})
 
 
 def _single_model_check(models, df, hold, a) -> dict:
@@ -339,7 +325,7 @@ def _parse(argv):
     a = p.parse_args(argv)
     if a.small:
         a.arch, a.images, a.size, a.epochs, a.folds, a.bs, a.lr = "tf_efficientnet_lite0", 160, 48, 1, 2, 32, 2e-3
-        a.holdout, a.seeds, a.workers = 0.05, max(a.seeds, 2), min(a.workers, 2)
+        a.holdout, a.seeds, a.workers = SMALL_HOLDOUT, max(a.seeds, 2), min(a.workers, 2)
     a.weights = Path(a.weights or SHARED / "weights" / f"{a.arch}.safetensors")
     from melafast.run import TrainConfig
 
@@ -374,7 +360,7 @@ def main(argv=None):
     if a.fresh is not None and a.fresh["target"].nunique() < 2:
         raise SystemExit("--fresh-check needs --images smaller than the non-held-out part (fresh images of both classes)")
     if a.fresh is not None and a.small:
-        a.fresh = _subset(a.fresh, 300, seed=1)
+        a.fresh = _subset(a.fresh, 150, seed=1)
     a.everything = __import__("pandas").concat([cv, hold], ignore_index=True)
     seeds = [a.seed + i for i in range(a.seeds)]
     per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}

@@ -1,19 +1,94 @@
-"""The settings of a training run: one typed dataclass, checked in one place, saved as the run's config.json."""
+"""The settings of a training run, each declared once: name, type, default, choices or range, and one line of help.
+
+`TrainConfig` is a typed dataclass (saved as the run's config.json); its per-setting checks (`validate`), the
+`melafast train` and `lr-find` options (`cli.train_cmd` builds them from these fields) and the value an old run
+folder gets on resume all derive from the `setting(...)` of each field. A new setting is one declaration plus its
+use. This module is a leaf: it imports nothing of melafast, so every layer reads the choices from here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import MelafastError
 
-__all__ = ["TrainConfig", "KEEP_RULES", "LR_FIND_ON", "epoch_rule"]
+__all__ = ["TrainConfig", "Setting", "setting", "settings_of", "epoch_rule", "KEEP_RULES", "LR_FIND_ON", "PRECISIONS",
+           "AUG_PRESETS", "TARGETS", "BAD_IMAGE_MODES", "BLENDS", "TTA_VIEWS", "META_DROPOUT"]
 
-KEEP_RULES = ("last", "best")  # which epoch a fold keeps (TrainConfig.keep)
-LR_FIND_ON = ("frozen", "unfrozen")  # which model `--lr auto` runs lr_find on (TrainConfig.lr_find_on)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on GPUs that have it, fp16 on older ones, fp32 on the CPU
+AUG_PRESETS = ("light", "medium", "heavy")  # batch augmentation presets (all flip and turn)
+TARGETS = ("melanoma", "diagnosis")  # what a model is trained to predict (melanoma is what is scored)
+BAD_IMAGE_MODES = ("error", "skip")  # what to do with an image file that cannot be used
+KEEP_RULES = ("last", "best")  # which epoch a fold keeps
+LR_FIND_ON = ("frozen", "unfrozen")  # which model `--lr auto` runs lr_find on
+BLENDS = ("mean", "rank")  # how runs are blended
+TTA_VIEWS = (1, 2, 4, 8)  # dihedral TTA views
+_SAME = object()  # a setting whose value did not change meaning when it was introduced: old runs get the default
+META_DROPOUT = 0.0  # the default share of training rows whose patient fields are blanked (README: "Patients who ...")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a field of `TrainConfig` is, for its checks and its command-line option."""
+
+    help: str  # one line, shown by --help
+    choices: tuple | None = None  # the values allowed
+    low: float | None = None  # smallest value allowed (or the last not allowed, with open_low)
+    open_low: bool = False  # `low` itself is not allowed
+    high: float | None = None  # largest value allowed (or the first not allowed, with open_high)
+    open_high: bool = False  # `high` itself is not allowed
+    must: str | None = None  # the rule in words, when the generated one would read worse ("positive")
+    flag: str | None = None  # the option's name(s) when not --name (a bool's "--yes/--no" pair)
+    kind: str | None = None  # how the command line reads it: path, paths, lr (a number or auto), fold (all or K)
+    cli: bool = True  # an option of `melafast train`
+    before: object = _SAME  # the value a run saved before the setting existed had in effect (for resuming it)
+
+    def option(self, name: str) -> str:
+        return (self.flag or f"--{name.replace('_', '-')}").split("/")[0]
+
+    def rule(self) -> str | None:
+        "The check in words: what the value must be."
+        if self.must:
+            return self.must
+        if self.choices:
+            c = [str(v) for v in self.choices]
+            return f"{', '.join(c[:-1])} or {c[-1]}"
+        if self.low is not None and self.high is not None:
+            return (f"in [{self.low:g}, {self.high:g})" if self.open_high else
+                    f"between {self.low:g} and {self.high:g}")
+        if self.low is not None:
+            return f"more than {self.low:g}" if self.open_low else f"{self.low:g} or more"
+        return None
+
+    def ok(self, value) -> bool:
+        if value is None:
+            return True  # None is each optional setting's "off" / "automatic"
+        if self.choices is not None:
+            return value in self.choices
+        if self.low is not None and (value < self.low or (value == self.low and self.open_low)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and not self.open_high)
+
+
+def setting(default, help: str, **kw):
+    """A `TrainConfig` field: its default and its `Setting` (see there for the keywords)."""
+    meta = {"setting": Setting(help, **kw)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def settings_of(cls) -> dict:
+    """name -> (Setting, default) of every declared field of `cls`, in declaration order."""
+    out = {}
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        out[f.name] = (f.metadata["setting"], default)
+    return out
 
 
 def epoch_rule(keep: str, swa: int = 0) -> str:
-    """How a fold's model is chosen, in words, for the run's log and results.json."""
+    """How a fold's model is chosen, in words, for the run's log and its results."""
     if swa:
         return f"the mean of the weights after the last {swa} epochs (SWA): nothing chosen on the validation rows"
     if keep == "last":
@@ -26,68 +101,75 @@ def epoch_rule(keep: str, swa: int = 0) -> str:
 class TrainConfig:
     """Every setting of a training run; saved as the run folder's config.json."""
 
-    data: str | None = None  # dataset folder; None = data/ (the synthetic sample is written there when empty)
-    images: str | None = None  # image folder, when the automatic detection is not enough
-    arch: str = "efficientnet_b3"  # any timm model name
-    size: int = 384  # square input size in pixels
-    epochs: int = 10  # epochs with the whole network training
-    freeze_epochs: int = 1  # epochs before those with the backbone frozen (metadata MLP + head only)
-    bs: int = 64  # batch size
-    lr: float | None = None  # base learning rate; None = lr_find's valley, found per fold
-    lr_find_on: str = "frozen"  # with lr None: run lr_find on the frozen model (head only) or the unfrozen one
-    lr_mult: float = 1.0  # head lr / backbone lr once unfrozen (fastai's fine_tune uses 100; 1 measured better)
-    keep: str = "last"  # which epoch each fold keeps: last (honest CV) or best (chosen on the scored rows: optimistic)
-    frozen_bn: bool = True  # frozen epochs leave the backbone's batch-norm running statistics unchanged
-    folds: int = 5  # number of patient-grouped folds
-    fold: int | None = None  # train this fold only; None = every fold
-    meta: bool = True  # fuse the patient metadata with the image
-    meta_dropout: float = 0.0  # share of training rows whose patient fields are blanked (all, or one), as a hole looks
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    tta: int = 8  # dihedral views for the out-of-fold predictions: 1, 2, 4 or 8
-    weights: str | None = None  # local timm checkpoint for the backbone
-    pretrained: bool = True  # start from ImageNet weights
-    seed: int = 42  # folds, initialisation, shuffling
-    deterministic: bool = False  # deterministic GPU algorithms, no cuDNN autotuning: reproducible GPU runs, slower
-    workers: int | None = None  # DataLoader processes; None = one per core, at most 8
-    out: str | None = None  # run folder; None = runs/<arch>-<size>-<date-time>
-    on_bad_image: str = "error"  # error: stop and list unusable images; skip: leave them out and list them
-    compile: bool = False  # torch.compile the backbone
-    external: list = field(default_factory=list)  # extra datasets (same CSV format): training rows only, never scored
-    upsample: int = 1  # melanomas of the training split appear this many times per epoch
-    target: str = "melanoma"  # melanoma (2 classes) or diagnosis (one class per diagnosis; melanoma is scored)
-    extra_meta: bool = False  # add images-per-patient and log file size to the metadata
-    aug: str = "medium"  # augmentation preset: light, medium or heavy
-    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.999); None = off
-    swa: int = 0  # average the weights of the last `swa` epochs (batch norm recomputed) and keep that; 0 = off
-    pseudo: str | None = None  # pseudo-label CSV from `melafast pseudo`: soft-labelled test rows join training
+    data: str | None = setting(None, "Dataset folder with train.csv (default data/; the synthetic sample is written to "
+                               "data/sample when data/ is empty).", kind="path")
+    images: str | None = setting(None, "Image folder, if detection does not find it.", kind="path")
+    arch: str = setting("efficientnet_b3", "timm architecture name.")
+    size: int = setting(384, "Square image size in pixels.", low=16, high=2048, must="between 16 and 2048 pixels")
+    epochs: int = setting(10, "Epochs with the whole network training.", low=0)
+    freeze_epochs: int = setting(1, "Epochs first with the backbone frozen (metadata MLP and head only).", low=0)
+    bs: int = setting(64, "Batch size (per process when data-parallel).", low=1, must="positive")
+    lr: float | None = setting(None, "Base learning rate, or 'auto' for lr_find's valley per fold.", kind="lr",
+                               low=0, open_low=True, must="positive or 'auto'")
+    lr_find_on: str = setting("frozen", "Model lr_find runs on: frozen (head only, what the first epochs train) or "
+                              "unfrozen (the whole network).", choices=LR_FIND_ON)
+    lr_mult: float = setting(1.0, "Head learning rate / backbone learning rate once unfrozen (fastai's fine_tune "
+                             "uses 100).", low=1)  # before it existed: 100 for pretrained backbones (resume_run)
+    keep: str = setting("last", "Epoch each fold keeps: last (the CV is honest) or best (chosen on the validation "
+                        "rows: optimistic; the honest last-epoch CV is reported too).", choices=KEEP_RULES,
+                        before="best")
+    frozen_bn: bool = setting(True, "During frozen epochs keep the backbone's batch-norm statistics fixed, or let "
+                              "them adapt to the data.", flag="--frozen-bn/--adapt-bn", before=False)
+    folds: int = setting(5, "Number of patient-grouped folds.", low=2, must="at least 2")
+    fold: int | None = setting(None, "'all', or one fold number to train only that fold.", kind="fold")
+    meta: bool = setting(True, "Fuse patient metadata with the image.", flag="--meta/--no-meta")
+    meta_dropout: float = setting(META_DROPOUT, "Share of training rows whose patient fields are blanked (all of "
+                                  "them, or one), as a real hole looks: trains the path images without metadata take.",
+                                  low=0, high=1, open_high=True, before=0.0)
+    precision: str = setting("auto", "auto: bf16 on new GPUs, fp16 on old, fp32 on the CPU.", choices=PRECISIONS)
+    tta: int = setting(8, "Dihedral TTA views for the out-of-fold predictions.", choices=TTA_VIEWS)
+    weights: str | None = setting(None, "Local timm backbone checkpoint (.safetensors/.pth).", kind="path")
+    pretrained: bool = setting(True, "Start from ImageNet weights.", flag="--pretrained/--no-pretrained")
+    seed: int = setting(42, "Seed for folds, initialisation and shuffling.")
+    deterministic: bool = setting(False, "Deterministic GPU kernels, no cuDNN autotuning: the same seed gives the same "
+                                  "bits on this machine and software, slower; operations torch has no deterministic "
+                                  "kernel for still run and are listed. (The CPU repeats anyway.)",
+                                  flag="--deterministic")
+    workers: int | None = setting(None, "DataLoader processes (default: one per core, max 8).", low=0)
+    out: str | None = setting(None, "Run folder (default runs/<arch>-<size>-<time>).", kind="path")
+    on_bad_image: str = setting("error", "Unreadable, empty or truncated images: error (stop, listing them) or skip "
+                                "(leave them out).", choices=BAD_IMAGE_MODES)
+    compile: bool = setting(False, "torch.compile the backbone (GPU; the first epoch pays minutes of compilation).",
+                            flag="--compile/--no-compile")
+    external: list = setting([], "Extra dataset in the same CSV format (repeatable): training rows only, never "
+                             "scored.", kind="paths")
+    upsample: int = setting(1, "Show each training melanoma K times per epoch.", low=1)
+    target: str = setting("melanoma", "melanoma (2 classes) or diagnosis (one class per diagnosis; the melanoma "
+                          "probability is scored).", choices=TARGETS)
+    extra_meta: bool = setting(False, "Add images per patient and log file size to the metadata.",
+                               flag="--extra-meta/--no-extra-meta")
+    aug: str = setting("medium", "Augmentation preset (all presets flip and turn).", choices=AUG_PRESETS)
+    ema: float | None = setting(None, "Validate and keep an exponential moving average of the weights with this decay "
+                                "(e.g. 0.999).", low=0, high=1, open_high=True)
+    swa: int = setting(0, "Average the weights of the last N epochs (SWA; batch-norm statistics recomputed), validate "
+                       "and keep that average. 0 = off.", low=0, must="0 (off) or a number of epochs")
+    pseudo: str | None = setting(None, "Pseudo-label CSV from `melafast pseudo`: its soft-labelled test images join "
+                                 "the training folds.", kind="path")
 
     def validate(self) -> "TrainConfig":
-        """Check every value; raise `MelafastError` naming the first one that is wrong."""
-        from .data import AUG_PRESETS, BAD_IMAGE_MODES, TARGETS
-        from .inference import PRECISIONS
+        """Check every value; raise `MelafastError` naming the first one that is wrong and what it must be.
 
+        Each setting's own rule comes from its declaration; the rules between settings follow.
+        """
+        for name, (s, _) in settings_of(type(self)).items():
+            value = getattr(self, name)
+            if not s.ok(value):
+                raise MelafastError(f"{s.option(name)} must be {s.rule()}, got {value}")
         checks = [
-            (16 <= self.size <= 2048, f"--size must be between 16 and 2048 pixels, got {self.size}"),
-            (self.bs > 0, f"--bs must be positive, got {self.bs}"),
-            (self.epochs >= 0 and self.freeze_epochs >= 0 and self.epochs + self.freeze_epochs > 0,
-             f"--epochs and --freeze-epochs must be >= 0 and not both 0, got {self.epochs} and {self.freeze_epochs}"),
-            (self.lr is None or self.lr > 0, f"--lr must be positive or 'auto', got {self.lr}"),
-            (self.lr_mult >= 1, f"--lr-mult must be 1 or more, got {self.lr_mult}"),
-            (self.lr_find_on in LR_FIND_ON, f"--lr-find-on must be frozen or unfrozen, got {self.lr_find_on}"),
-            (self.keep in KEEP_RULES, f"--keep must be last or best, got {self.keep}"),
+            (self.epochs + self.freeze_epochs > 0, "--epochs and --freeze-epochs must not both be 0"),
             (not (self.swa and self.keep == "best"), "--swa keeps the average of the last epochs: --keep best does not "
              "apply (leave --keep last)"),
-            (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
             (self.fold is None or 0 <= self.fold < self.folds, f"--fold must be 'all' or 0..{self.folds - 1}, got {self.fold}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
-            (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
-            (self.on_bad_image in BAD_IMAGE_MODES, f"--on-bad-image must be error or skip, got {self.on_bad_image}"),
-            (self.upsample >= 1, f"--upsample must be 1 or more, got {self.upsample}"),
-            (0 <= self.meta_dropout < 1, f"--meta-dropout must be in [0, 1), got {self.meta_dropout}"),
-            (self.target in TARGETS, f"--target must be melanoma or diagnosis, got {self.target}"),
-            (self.aug in AUG_PRESETS, f"--aug must be light, medium or heavy, got {self.aug}"),
-            (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
-            (self.swa >= 0, f"--swa must be 0 (off) or a number of epochs, got {self.swa}"),
             (self.swa <= (self.epochs or self.freeze_epochs), f"--swa {self.swa} averages more epochs than the last "
              f"phase of training has ({self.epochs or self.freeze_epochs})"),
             (not (self.swa and self.ema is not None), "--swa and --ema both average the weights: choose one"),
@@ -97,9 +179,18 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise MelafastError(msg)
-        from .model import check_arch
-        from .tta import dihedral_views
-
-        dihedral_views(self.tta)
-        check_arch(self.arch)
         return self
+
+    @classmethod
+    def from_saved(cls, settings: dict) -> "TrainConfig":
+        """A config from a saved run's settings: a setting the run predates gets the value that was in effect then
+        (its declared `before`), or its default; names this melafast does not know are an error (a newer run)."""
+        known = settings_of(cls)
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise MelafastError(f"settings this melafast does not know: {', '.join(unknown)}")
+        values = dict(settings)
+        for name, (s, _) in known.items():
+            if name not in values and s.before is not _SAME:
+                values[name] = s.before
+        return cls(**values)

@@ -8,76 +8,72 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
 
+from .averaging import unwrap
 from .config import TrainConfig
 
-__all__ = ["seed_everything", "train_fold", "fold_learner", "find_lr", "phase_lr_find"]
+__all__ = ["seed_everything", "train_fold", "fold_learner", "find_lr", "phase_lr_find", "EpochTracker"]
 
 
-def _epoch_tracker(keep_best: bool = False):
-    import torch
-    from fastai.callback.core import Callback
-    from fastai.learner import Recorder
+class EpochTracker(Callback):
+    "Log every epoch of every fit; with `keep_best`, also copy the weights of the epoch with the best validation AUC."
+    order = Recorder.order + 1
 
-    from .averaging import unwrap
+    def __init__(self, keep_best: bool = False):
+        self.keep_best = keep_best
+        self.rows, self.best_auc, self.best_state, self.best_epoch = [], -np.inf, None, None
 
-    class EpochTracker(Callback):
-        "Log every epoch of every fit; with `keep_best`, also copy the weights of the epoch with the best validation AUC."
-        order = Recorder.order + 1
+    def before_epoch(self):
+        self.t0 = time.time()
 
-        def __init__(self):
-            self.rows, self.best_auc, self.best_state, self.best_epoch = [], -np.inf, None, None
+    def after_epoch(self):
+        vals = dict(zip(self.recorder.metric_names[1:], self.learn.final_record))
+        frozen = getattr(self.opt, "frozen_idx", 0) > 0
+        auc = vals.get("melanoma_auc")
+        auc = float(auc) if auc is not None else float("nan")
+        epoch = len(self.rows)
+        self.rows.append(dict(epoch=epoch, phase="frozen" if frozen else "unfrozen",
+                              train_loss=float(vals["train_loss"]), valid_loss=float(vals["valid_loss"]),
+                              melanoma_auc=auc, seconds=round(time.time() - self.t0, 2)))
+        if not self.keep_best:
+            return
+        # an undefined AUC (one class in validation) keeps the latest weights until a real AUC appears
+        better = auc > self.best_auc if not np.isnan(auc) else np.isneginf(self.best_auc)
+        if better:
+            self.best_auc = auc if not np.isnan(auc) else -np.inf
+            self.best_epoch = epoch
+            # the weights that were just validated: the moving average when there is one
+            ema = getattr(self.learn, "weight_ema", None)
+            state = ema.averaged_state() if ema is not None else unwrap(self.model).state_dict()
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
-        def before_epoch(self):
-            self.t0 = time.time()
+    @property
+    def last_epoch(self):
+        return self.rows[-1]["epoch"] if self.rows else None
 
-        def after_epoch(self):
-            vals = dict(zip(self.recorder.metric_names[1:], self.learn.final_record))
-            frozen = getattr(self.opt, "frozen_idx", 0) > 0
-            auc = vals.get("melanoma_auc")
-            auc = float(auc) if auc is not None else float("nan")
-            epoch = len(self.rows)
-            self.rows.append(dict(epoch=epoch, phase="frozen" if frozen else "unfrozen",
-                                  train_loss=float(vals["train_loss"]), valid_loss=float(vals["valid_loss"]),
-                                  melanoma_auc=auc, seconds=round(time.time() - self.t0, 2)))
-            if not keep_best:
-                return
-            # an undefined AUC (one class in validation) keeps the latest weights until a real AUC appears
-            better = auc > self.best_auc if not np.isnan(auc) else np.isneginf(self.best_auc)
-            if better:
-                self.best_auc = auc if not np.isnan(auc) else -np.inf
-                self.best_epoch = epoch
-                # the weights that were just validated: the moving average when there is one
-                ema = getattr(self.learn, "weight_ema", None)
-                state = ema.averaged_state() if ema is not None else unwrap(self.model).state_dict()
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    def add_validation(self, learn, phase: str, t0: float):
+        "Score the model as it is now on the validation set (no TTA) and log it as one more row."
+        from .evaluate import auc as _auc
+        from .tta import dihedral_tta
 
-        @property
-        def last_epoch(self):
-            return self.rows[-1]["epoch"] if self.rows else None
+        probs = dihedral_tta(learn, n=1, progress=False).double()
+        items, vocab = learn.dls.valid_ds.items, list(learn.dls.vocab)
+        labels = items["diagnosis_label"] if "diagnosis_label" in items.columns else items["target"]
+        idx = torch.tensor([vocab.index(v) for v in labels])
+        loss = float(torch.nn.functional.nll_loss(probs.clamp_min(1e-7).log(), idx))
+        auc = _auc(items["target"].to_numpy(), probs[:, learn.metrics[0].pos].numpy())
+        self.rows.append(dict(epoch=len(self.rows), phase=phase, train_loss=float("nan"), valid_loss=loss,
+                              melanoma_auc=auc, seconds=round(time.time() - t0, 2)))
 
-        def add_validation(self, learn, phase: str, t0: float):
-            "Score the model as it is now on the validation set (no TTA) and log it as one more row."
-            from .evaluate import auc as _auc
-            from .tta import dihedral_tta
-
-            probs = dihedral_tta(learn, n=1, progress=False).double()
-            items, vocab = learn.dls.valid_ds.items, list(learn.dls.vocab)
-            labels = items["diagnosis_label"] if "diagnosis_label" in items.columns else items["target"]
-            idx = torch.tensor([vocab.index(v) for v in labels])
-            loss = float(torch.nn.functional.nll_loss(probs.clamp_min(1e-7).log(), idx))
-            auc = _auc(items["target"].to_numpy(), probs[:, learn.metrics[0].pos].numpy())
-            self.rows.append(dict(epoch=len(self.rows), phase=phase, train_loss=float("nan"), valid_loss=loss,
-                                  melanoma_auc=auc, seconds=round(time.time() - t0, 2)))
-
-        def restore_best(self, model) -> bool:
-            "Load the best epoch's weights into `model`; False when no epoch had a defined AUC (nothing to load)."
-            if self.best_state is None:
-                return False
-            model.load_state_dict(self.best_state)
-            return True
-
-    return EpochTracker()
+    def restore_best(self, model) -> bool:
+        "Load the best epoch's weights into `model`; False when no epoch had a defined AUC (nothing to load)."
+        if self.best_state is None:
+            return False
+        model.load_state_dict(self.best_state)
+        return True
 
 
 def _fit(learn, cfg: TrainConfig, lr: float):
@@ -162,7 +158,7 @@ def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
 
 def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
     "Find the lr, fit, keep the model the rule says and predict the validation rows with it."
-    from .averaging import WeightEMA, WeightSWA, unwrap
+    from .averaging import WeightEMA, WeightSWA
     from .distributed import to_distributed, world_size
     from .evaluate import auc
 
@@ -170,7 +166,7 @@ def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
     if world_size() > 1:
         to_distributed(learn)
     log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
-    tracker = _epoch_tracker(keep_best=cfg.keep == "best")
+    tracker = EpochTracker(keep_best=cfg.keep == "best")
     ema = WeightEMA(cfg.ema) if cfg.ema is not None else None
     swa = WeightSWA(cfg.swa) if cfg.swa else None
     cbs = [tracker, *([ema] if ema else []), *([swa] if swa else [])]
@@ -210,7 +206,6 @@ def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
 def _valid_preds(learn, tta: int):
     """Melanoma probabilities of the validation rows with `tta` dihedral views, and for a model with metadata the
     same with every patient field blanked (None for an image-only model), from one pass over the images."""
-    from .averaging import unwrap
     from .inference import predict_probs_multi
     from .learner import melanoma_probs
     from .tta import _amp_dtype

@@ -37,7 +37,7 @@ def save_current_figure(path) -> Path:
 
 
 def plot_curves(metrics: pd.DataFrame, path) -> Path:
-    """Train/valid loss and valid AUC per epoch, one line per fold, from a run's metrics.csv rows."""
+    """Train/valid loss and valid AUC per epoch, one line per fold, from a run's per-epoch metric rows."""
     plt = _plt()
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, rows in metrics.groupby("fold"):

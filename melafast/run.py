@@ -130,6 +130,14 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     return table
 
 
+def _check(cfg: TrainConfig):
+    "Every setting as declared, and an architecture timm knows (with the closest names when it does not)."
+    from .model import check_arch
+
+    cfg.validate()
+    check_arch(cfg.arch)
+
+
 def _auc(target, pred) -> float:
     from .evaluate import auc
 
@@ -162,7 +170,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     from .distributed import barrier, broadcast_object, init_distributed, is_main
     from .runfolder import RunFolder
 
-    cfg.validate()
+    _check(cfg)
     if init_distributed():
         if cfg.lr is None:
             raise MelafastError("--lr auto is not available with several processes (each would find its own): "
@@ -282,11 +290,8 @@ def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> Ru
         settings.update(data=saved["data"], out=str(run.path), workers=workers)
         if "lr_mult" not in settings:  # saved before --lr-mult existed: pretrained backbones then trained at lr/100
             settings["lr_mult"] = 100.0 if settings.get("pretrained", True) or settings.get("weights") else 1.0
-        settings.setdefault("keep", "best")  # saved before --keep existed: folds then kept their best epoch
-        settings.setdefault("frozen_bn", False)  # and frozen epochs let batch-norm statistics move
-        settings.setdefault("meta_dropout", 0.0)  # and metadata was never blanked on purpose
-        cfg = TrainConfig(**settings)
-    except (KeyError, TypeError, ValueError) as e:
+        cfg = TrainConfig.from_saved(settings)  # the other settings it predates: what was in effect then
+    except (KeyError, TypeError, ValueError, MelafastError) as e:
         raise RunError(f"cannot resume {run_dir}: its {run.config_file.name} is damaged or from another version "
                        f"({e})") from None
     return train_run(cfg, log=log, resume=True)
@@ -298,7 +303,7 @@ def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):
 
     from .plots import save_current_figure
 
-    cfg.validate()
+    _check(cfg)
     table = build_table(cfg, log)  # the rows `train` would use: extra metadata, external and pseudo rows included
     with tempfile.TemporaryDirectory() as tmp:
         learn = fold_learner(table.df, cfg.fold or 0, cfg, Path(tmp))

@@ -121,6 +121,14 @@ class RunFolder:
                            "finished a fold?")
         return done
 
+    def unfinished_folds(self) -> list[int]:
+        """The folds the run's settings ask for that have no saved model (an interrupted run); [] for one model."""
+        if self.is_single_model() or not self.config_file.is_file():
+            return []
+        s = self.settings
+        wanted = [s["fold"]] if s.get("fold") is not None else range(int(s.get("folds", 0)))
+        return [k for k in wanted if not (is_model_dir(self.fold_dir(k)) and (self.fold_dir(k) / MODEL_CONFIG).is_file())]
+
     def is_single_model(self) -> bool:
         """True when the folder is one model's folder rather than a run of fold models."""
         return not any(self.path.glob(f"fold*/{MODEL_CONFIG}"))

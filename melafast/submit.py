@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .config import BLENDS
 from .errors import DataError, MelafastError, RunError
 from .runfolder import RunFolder
 from .tta import dihedral_views
@@ -18,7 +19,6 @@ __all__ = ["model_dirs", "run_data", "predict_run", "predict_split", "predict_im
            "blend", "submission_ids", "write_submission",
            "validate_submission", "make_submission", "BLENDS"]
 
-BLENDS = ("mean", "rank")
 
 
 def model_dirs(run) -> list[Path]:
@@ -34,22 +34,6 @@ def run_data(run) -> Path | None:
 def data_for_run(run, data=None) -> Path:
     """`data` if given, else the dataset folder `run` was trained on; an error when neither is known."""
     return RunFolder(run).data_for(data)
-
-
-def predict_run(run, df: pd.DataFrame, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
-                device=None, log: Callable = print, precision: str | None = None) -> np.ndarray:
-    """Melanoma probabilities for the rows of `df`: the mean over every fold model of `run` (`tta` default: the run's),
-    each in the precision and memory layout it was validated with unless `precision` says otherwise.
-
-    The fold models share one pass over the images (each image is decoded once, not once per fold). `log` is told
-    when some images come without any metadata, and how the run does on that path.
-    """
-    from .inference import load_predictor
-
-    predictor = load_predictor(run)
-    n = len(getattr(predictor, "predictors", [predictor]))
-    log(f"predicting {len(df)} images with the {n} model(s) of {run} (TTA x{tta or predictor.tta})")
-    return predictor.predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device, precision=precision, log=log)
 
 
 def _ranks(p) -> np.ndarray:
@@ -227,28 +211,6 @@ def write_submission(ids, preds, path) -> Path:
     return path
 
 
-def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
-    "Boolean mask of the rows whose image can be read; with `skip`, the others are reported, else an error."
-    from .data import check_images
-
-    good, bad = check_images(df, on_bad_image)
-    if len(bad):
-        log(f"{len(bad)} unusable image(s) get the median prediction: "
-            + "; ".join(f"{r.image_name} ({r.problem})" for r in bad.head(5).itertuples()))
-    return df.index.isin(good.index)
-
-
-def _predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weights=None, precision=None) -> np.ndarray:
-    "Blend of every run's prediction on the usable rows; unusable rows get the median of those predictions."
-    good = df[ok]
-    preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log, precision=precision) for r in runs]
-    out = np.empty(len(df))
-    out[ok] = blend(preds, blend_method, weights) if len(preds) > 1 else preds[0]
-    if not ok.all():
-        out[~ok] = np.median(out[ok]) if ok.any() else 0.5
-    return out
-
-
 def make_submission(runs, data=None, tta: int | None = None, blend_method: str = "mean", out="submission.csv",
                     bs: int = 64, num_workers: int | None = None, images=None, on_bad_image: str = "error",
                     weights=None, log: Callable = print, precision: str | None = None) -> Path:
@@ -280,75 +242,11 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
         raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
     test = test.loc[ids].reset_index(drop=True)
     ok = _usable(test, on_bad_image, log)
-    final = _predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
+    final = predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
     path = write_submission(ids, final, out)
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
         f"blend {blend_method}, TTA {f'x{tta}' if tta else 'as each run was made'}; validated")
     return path
-
-
-def _write_preds(df: pd.DataFrame, pred, ok, run, out) -> pd.DataFrame:
-    "image_name, pred (the melanoma probability), run [, target] [, image_ok], written atomically to `out`."
-    from .atomic import write_csv
-
-    res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run)})
-    if "target" in df.columns:
-        res["target"] = df["target"].to_numpy()
-    if not ok.all():
-        res["image_ok"] = ok
-    write_csv(res, out)
-    return res
-
-
-def predict_split(run, data=None, split: str = "test", tta: int | None = None, out="preds.csv", bs: int = 64,
-                  num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                  log: Callable = print, precision: str | None = None) -> Path:
-    """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred, run
-    (+ target). `tta` defaults to the run's. Only that split's CSV and images need to exist.
-
-    On the train split every model has seen most images: the honest cross-validated scores are in the run's oof.csv.
-    """
-    from .data import load_split
-
-    if split not in ("test", "train"):
-        raise MelafastError(f"--split must be test or train, got {split!r}")
-    if tta is not None:
-        dihedral_views(tta)
-    model_dirs(run)
-    data = data_for_run(run, data)
-    df = load_split(data, split, images=images)
-    if df is None:
-        raise DataError(f"{data} has no test.csv to predict; use --split train, another --data, or --images FOLDER")
-    df = df.reset_index(drop=True)
-    ok = _usable(df, on_bad_image, log)
-    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log, precision=precision), ok, run,
-                 out)
-    log(f"wrote {out}: {len(df)} predictions ({split} split of {data})")
-    return Path(out)
-
-
-def predict_images(run, images, meta=None, tta: int | None = None, out="preds.csv", bs: int = 64,
-                   num_workers: int | None = None, on_bad_image: str = "error", log: Callable = print,
-                   precision: str | None = None) -> Path:
-    """Predict every image of a folder (or a list of image paths) with every fold model of `run`: no dataset, no
-    training images needed. `meta` (CSV or DataFrame with `image_name`) gives their metadata; images it does not
-    cover, or all of them without it, count as of unknown sex, age and site. Writes image_name, pred, run.
-    """
-    from .data import image_table
-
-    if tta is not None:
-        dihedral_views(tta)
-    model_dirs(run)
-    df = image_table(images, meta).reset_index(drop=True)
-    if meta is not None:
-        known = df[["sex", "age_approx", "anatom_site_general_challenge"]].notna().any(axis=1)
-        log(f"metadata for {int(known.sum())} of {len(df)} images" + ("" if known.all() else
-            "; the others are predicted as of unknown sex, age and site"))
-    ok = _usable(df, on_bad_image, log)
-    _write_preds(df, _predict_usable([run], df, ok, tta, bs, num_workers, "mean", log, precision=precision), ok, run,
-                 out)
-    log(f"wrote {out}: {len(df)} predictions from {run}")
-    return Path(out)
 
 
 def read_ensemble(path) -> dict:
@@ -361,3 +259,8 @@ def read_ensemble(path) -> dict:
     if method not in BLENDS or len(weights) != len(runs) or not runs or sum(weights) <= 0:
         raise MelafastError(f"{path}: inconsistent ensemble (blend {method!r}, {len(runs)} runs, {len(weights)} weights)")
     return dict(runs=runs, blend=method, weights=weights)
+
+
+# predicting lives in melafast.predict; these names stay importable from here
+from .predict import predict_images, predict_run, predict_split, predict_usable  # noqa: E402
+from .predict import _usable  # noqa: E402

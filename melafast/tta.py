@@ -56,7 +56,7 @@ def dihedral_tta(self: Learner, dl=None, n: int = 8, progress: bool = True) -> t
     return predict_probs(model, dl, n=n, amp_dtype=_amp_dtype(self), n_inp=self.dls.n_inp, progress=progress)
 
 
-dihedral_tta = Learner.dihedral_tta  # fastcore's @patch returns nothing: the function, callable as dihedral_tta(learn)
+dihedral_tta = Learner.dihedral_tta  # noqa: F811 (fastcore's @patch returns nothing: the function, callable as dihedral_tta(learn)
 
 
 def __getattr__(name):  # the loop lived here before melafast.inference: keep old imports working

@@ -1,12 +1,28 @@
-"""Shared fixtures: a small synthetic dataset, and the optional real data in ../shared."""
+"""Shared fixtures: a small synthetic dataset, runs trained once per session and shared, and the optional real data
+in ../shared.
 
+`make_run(**settings)` trains each distinct set of settings once per test session, whichever xdist worker asks
+first (the others wait for it, through a file lock), and hands every test the same finished run folder; a test that
+writes into a run takes `copy_run(...)` of it. Everything shared lives under one folder per session.
+"""
+
+import hashlib
+import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: tiny models gain nothing from sharing two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # this worker, and the processes it starts (notebooks, torchrun)
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MELAFAST_SHARED", REPO.parent / "shared"))
@@ -20,12 +36,47 @@ needs_ham = pytest.mark.skipif(not HAM.is_dir(), reason="../shared/data/ham10000
 needs_isic_meta = pytest.mark.skipif(not ISIC_META.is_file(), reason="../shared/data/isic2020_meta not present")
 needs_lite0 = pytest.mark.skipif(not LITE0.is_file(), reason="../shared/weights not present")
 
+# the tiny run every shared run starts from: 64 sample images, 32 px, 1 frozen + 1 epoch, 2 folds, TTA x1
+TINY = dict(arch=TINY_ARCH, size=32, bs=16, epochs=1, folds=2, lr="1e-2", pretrained=False, workers=0, tta=1)
+
+# the slowest tests start first, so that the workers finish together rather than one waiting on a long tail
+FIRST = ("test_quality_small", "test_notebook_runs", "test_the_main_job", "test_two_processes", "test_saved_fold_model",
+         "test_prediction_memory", "test_real_images", "test_throughput", "test_piped_train")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        hits = [i for i, name in enumerate(FIRST) if item.name.startswith(name)]
+        return hits[0] if hits else len(FIRST)
+
+    items.sort(key=rank)  # stable: the others keep their order
+
 
 @pytest.fixture(scope="session")
-def sample_dir(tmp_path_factory):
+def shared_root(tmp_path_factory):
+    "One folder per test session that every xdist worker sees (each worker's own temp folder sits inside it)."
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _once(root: Path, name: str, make):
+    "`make(path)` once per session for `root/name`, whichever worker comes first; the path when it is done."
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            make(path)
+            done.touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_dir(shared_root):
     from melafast.data import make_sample
 
-    return make_sample(tmp_path_factory.mktemp("sample"), n_train=64, n_test=16, seed=1, px=64)
+    return _once(shared_root, "sample", lambda p: make_sample(p, n_train=64, n_test=16, seed=1, px=64))
 
 
 @pytest.fixture(scope="session")
@@ -43,16 +94,57 @@ def tiny_dls(sample_df):
     return melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0)
 
 
+def _cli_args(settings: dict) -> list:
+    "`melafast train` arguments for `settings` (True/False switches as --x/--no-x)."
+    args = ["train"]
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                args += [flag, str(v)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 @pytest.fixture(scope="session")
-def tiny_run(sample_dir, tmp_path_factory):
-    """A finished 2-fold run on the sample (32 px, 1 epoch after the frozen one, TTA x1): a run folder to read."""
+def make_run(shared_root, sample_dir):
+    """make_run(**settings) -> the folder of a finished `melafast train` run: the tiny run (`TINY`) on the sample,
+    with `settings` on top; trained once per session for each distinct set of settings. Its printed output is in
+    `run_output(path)`. Do not write into it: take `copy_run(path, tmp_path)`."""
     from typer.testing import CliRunner
 
     from melafast.cli import app
 
-    out = tmp_path_factory.mktemp("tiny_run") / "run"
-    args = ["train", "--data", sample_dir, "--arch", TINY_ARCH, "--size", 32, "--bs", 16, "--epochs", 1, "--folds", 2,
-            "--no-pretrained", "--lr", "1e-2", "--workers", 0, "--tta", 1, "--out", out]
-    res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return out
+    def make(**settings):
+        settings = {"data": sample_dir, **TINY, **settings}
+        key = json.dumps({k: str(v) for k, v in sorted(settings.items())})
+        name = "run-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+        def train(path):
+            res = CliRunner().invoke(app, _cli_args({**settings, "out": path}), catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            path.with_suffix(".log").write_text(res.output)
+
+        return _once(shared_root, name, train)
+
+    return make
+
+
+def run_output(run: Path) -> str:
+    "What `melafast train` printed while it made the shared run `run`."
+    return run.with_suffix(".log").read_text()
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    "A private copy of a shared run that a test may write into."
+    shutil.copytree(run, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(make_run):
+    """A finished 2-fold run on the sample (32 px, 1 epoch after the frozen one, TTA x1): a run folder to read."""
+    return make_run()

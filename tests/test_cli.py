@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HAM, LITE0, TINY_ARCH, needs_ham, needs_lite0
+from conftest import HAM, LITE0, TINY_ARCH, needs_ham, needs_lite0, run_output
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -36,11 +36,10 @@ def _train_args(data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained_run(sample_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    res = invoke(*_train_args(sample_dir, out))
-    assert res.exit_code == 0, res.output
-    return out, res.output
+def trained_run(make_run):
+    "The session's tiny run with TTA x2 (shared with test_reliability), and what `melafast train` printed."
+    out = make_run(tta=2)
+    return out, run_output(out)
 
 
 def test_train_writes_a_complete_run_folder(trained_run, sample_dir):
@@ -195,12 +194,8 @@ def test_real_images_with_local_weights(tmp_path):
     assert sub["target"].between(0, 1).all() and sub["target"].notna().all()
 
 
-def test_train_one_fold_with_lr_auto(sample_dir, tmp_path):
-    out = tmp_path / "run"
-    args = _train_args(sample_dir, out)
-    args[args.index("--lr") + 1] = "auto"
-    res = invoke(*args, "--fold", 1)
-    assert res.exit_code == 0, res.output
+def test_train_one_fold_with_lr_auto(make_run, sample_dir):
+    out = make_run(lr="auto", fold=1, tta=2)
     assert (out / "fold1" / "lr_find.png").stat().st_size > 1000 and not (out / "fold0").exists()
     assert not list((out / "fold1").glob("*.pth"))  # lr_find's temporary checkpoint is cleaned up
     lr = json.loads((out / "fold1" / "config.json").read_text())["lr"]

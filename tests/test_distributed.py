@@ -67,8 +67,9 @@ def test_saved_fold_model_reproduces_its_out_of_fold_predictions(ddp_run, odd_sa
     predictor = load_predictor(ddp_run / "fold0")
     pred = predictor.predict(train, num_workers=0, progress=False)
     assert np.allclose(pred, oof["pred"], atol=1e-5)
-    blank = predictor.predict(train.assign(sex=np.nan, age_approx=np.nan, anatom_site_general_challenge=np.nan),
-                              num_workers=0, progress=False)
+    with pytest.warns(UserWarning, match="31 of 31 images have no metadata"):
+        blank = predictor.predict(train.assign(sex=np.nan, age_approx=np.nan, anatom_site_general_challenge=np.nan),
+                                  num_workers=0, progress=False)
     assert np.allclose(blank, oof["pred_no_meta"], atol=1e-5)
 
 

@@ -73,12 +73,14 @@ def test_predict_without_metadata_uses_the_missing_value_path(run, new_images, t
     from melafast.checkpoint import load_predictor
 
     predictor = load_predictor(run)
-    assert np.allclose(predictor.predict(folder, num_workers=0, progress=False), plain["pred"], atol=1e-6)
+    with pytest.warns(UserWarning, match="16 of 16 images have no metadata"):
+        assert np.allclose(predictor.predict(folder, num_workers=0, progress=False), plain["pred"], atol=1e-6)
     with_meta = predictor.predict(folder, meta=meta, num_workers=0, progress=False)
     assert not np.allclose(with_meta, plain["pred"], atol=1e-4)  # the metadata matters to this model
     # half the metadata: those rows match the full-metadata prediction, the others the no-metadata one
     pd.read_csv(meta).iloc[:8].to_csv(tmp_path / "half.csv", index=False)
-    half = predictor.predict(folder, meta=tmp_path / "half.csv", num_workers=0, progress=False)
+    with pytest.warns(UserWarning, match="8 of 16 images have no metadata"):
+        half = predictor.predict(folder, meta=tmp_path / "half.csv", num_workers=0, progress=False)
     names = sorted(p.stem for p in folder.iterdir())
     known = np.isin(names, pd.read_csv(meta)["image_name"].iloc[:8])
     assert np.allclose(half[known], with_meta[known], atol=1e-6)
@@ -164,12 +166,12 @@ def test_inference_model_is_channels_last_where_training_is(tiny_dls):
 
 def test_predictor_runs_with_the_training_speed_settings(run, new_images, monkeypatch):
     "predict_many sets every model up for the device it predicts on, with the settings it was validated with."
-    from melafast import inference
+    from melafast.inference import load_predictor, loop
 
     seen = []
-    real = inference._prepare
-    monkeypatch.setattr(inference, "_prepare", lambda m, s: seen.append((str(s.device), s.precision)) or real(m, s))
-    inference.load_predictor(run).predict(new_images[0], num_workers=0, progress=False)
+    real = loop._prepare
+    monkeypatch.setattr(loop, "_prepare", lambda m, s: seen.append((str(s.device), s.precision)) or real(m, s))
+    load_predictor(run).predict(new_images[0], meta=new_images[1], num_workers=0, progress=False)
     assert seen == [("cpu", "fp32"), ("cpu", "fp32")]
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_ARCH
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -126,15 +125,11 @@ def test_images_per_patient_is_unknown_without_a_patient_id(sample_dir):
     assert partly["n_images"][1::2].isna().all() and partly["n_images"][::2].notna().all()
 
 
-def test_extra_meta_refuses_files_of_another_kind(sample_dir, tmp_path):
+def test_extra_meta_refuses_files_of_another_kind(sample_dir, make_run, tmp_path):
     "File sizes of 3x larger copies are far off those the model learned: a clear error, not a silent shift."
     from PIL import Image
 
-    run = tmp_path / "run"
-    res = invoke("train", "--data", sample_dir, "--arch", TINY_ARCH, "--size", 32, "--bs", 16, "--epochs", 1,
-                 "--freeze-epochs", 0, "--folds", 2, "--fold", 0, "--no-pretrained", "--lr", "1e-2", "--workers", 0,
-                 "--tta", 1, "--extra-meta", "--out", run)
-    assert res.exit_code == 0, res.output
+    run = make_run(extra_meta=True, fold=0)  # shared with test_techniques
     files = json.loads((run / "fold0" / "config.json").read_text())["files"]
     assert files["median_side"] == 64 and files["prepared_size"] is None
     big = tmp_path / "big"

@@ -14,6 +14,7 @@ def test_the_six_tutorials_exist():
                                           "05_interpret"]
 
 
+@pytest.mark.xdist_group("notebooks")  # one worker runs them in order: 05 reads the run 04 trains, all share nbs/
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path):
     import nbformat

@@ -117,22 +117,16 @@ def test_async_copies_move_batches_in_a_batch_transform(sample_df):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_fold_models_share_one_pass_over_the_images(sample_dir, tmp_path, monkeypatch):
+def test_fold_models_share_one_pass_over_the_images(sample_dir, tiny_run, monkeypatch):
     import numpy as np
-    from typer.testing import CliRunner
 
     from melafast import data as data_mod
     from melafast.checkpoint import load_predictor
-    from melafast.cli import app
     from melafast.data import inference_dl, load_competition
     from melafast.submit import model_dirs, predict_run
     from melafast.tta import predict_probs
 
-    run = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", "--data", str(sample_dir), "--arch", TINY_ARCH, "--size", "32", "--bs", "16",
-                                   "--epochs", "1", "--folds", "2", "--no-pretrained", "--lr", "1e-2", "--workers", "0",
-                                   "--tta", "1", "--out", str(run)], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
+    run = tiny_run  # 2 fold models
     _, test = load_competition(sample_dir)
     opened = []
     real_call = data_mod._OpenImage.__call__

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH, copy_run
 from typer.testing import CliRunner
 
 from melafast import run as run_mod
@@ -70,9 +71,13 @@ def _comparable(run):
 
 
 @pytest.fixture(scope="module")
-def full_run(sample_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "run"
-    return train_run(_cfg(sample_dir, out), log=silent)
+def full_run(make_run):
+    "The session's tiny run with TTA x2, trained by `melafast train` with the settings of `_cfg` (shared with test_cli)."
+    from melafast.run import RunResult
+
+    path = make_run(tta=2)
+    results = json.loads((path / "results.json").read_text())
+    return RunResult(path, {int(k): v for k, v in results["fold_aucs"].items()}, results["oof_auc"])
 
 
 def test_same_seed_same_run_on_cpu(sample_dir, full_run, tmp_path):
@@ -111,9 +116,10 @@ def test_resume_after_an_interruption(sample_dir, full_run, tmp_path, monkeypatc
     assert resumed.oof_auc == pytest.approx(full_run.oof_auc)
 
 
-def test_cli_resume_of_a_finished_run_trains_nothing(full_run):
-    before = {p: p.stat().st_mtime_ns for p in full_run.path.glob("fold*/model.safetensors")}
-    res = CliRunner().invoke(app, ["train", "--resume", str(full_run.path), "--workers", "0"], catch_exceptions=False)
+def test_cli_resume_of_a_finished_run_trains_nothing(full_run, tmp_path):
+    run = copy_run(full_run.path, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in run.glob("fold*/model.safetensors")}
+    res = CliRunner().invoke(app, ["train", "--resume", str(run), "--workers", "0"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "fold(s) 0, 1 already finished" in res.output and "OOF" in res.output
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -125,13 +131,48 @@ def test_resume_keeps_the_backbone_lr_the_run_started_with(full_run, tmp_path, m
     run = tmp_path / "old"
     run.mkdir()
     config = json.loads((full_run.path / "config.json").read_text())
-    config["settings"].pop("lr_mult")
+    for name in ("lr_mult", "meta_dropout", "keep", "frozen_bn"):  # settings that came later
+        config["settings"].pop(name)
     config["settings"].update({"pretrained": True, **saved})
+    config.pop("format")  # written before run folders recorded their format
     (run / "config.json").write_text(json.dumps(config))
     seen = []
     monkeypatch.setattr(run_mod, "train_run", lambda cfg, log, resume: seen.append(cfg))
     resume_run(run, workers=0, log=silent)
     assert seen[0].lr_mult == expected
+    # what was in effect before each setting existed, whatever today's defaults are
+    assert (seen[0].meta_dropout, seen[0].keep, seen[0].frozen_bn) == (0.0, "best", False)
+
+
+def test_run_folders_of_older_and_newer_formats(full_run, sample_dir, tmp_path):
+    "A run written before the run format, the per-fold precision and the no-metadata column still predicts and "
+    "submits; a run of a newer format stops with one line naming its version."
+    old = copy_run(full_run.path, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    config.pop("format")
+    (old / "config.json").write_text(json.dumps(config))
+    for k in (0, 1):
+        fold = json.loads((old / f"fold{k}" / "config.json").read_text())
+        for key in ("precision", "channels_last", "valid_auc_no_meta", "meta_dropout"):
+            fold.pop(key)
+        (old / f"fold{k}" / "config.json").write_text(json.dumps(fold))
+    pd.read_csv(old / "oof.csv").drop(columns="pred_no_meta").to_csv(old / "oof.csv", index=False)
+    res = CliRunner().invoke(app, ["submit", "--run", str(old), "--workers", "0", "--out", str(tmp_path / "sub.csv")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    fresh = CliRunner().invoke(app, ["submit", "--run", str(full_run.path), "--workers", "0", "--out",
+                                     str(tmp_path / "sub2.csv")], catch_exceptions=False)
+    assert fresh.exit_code == 0 and "does not record the precision" not in fresh.output
+    assert "does not record the precision it was validated with (an older run): predicting in fp32" in res.output
+    assert np.allclose(pd.read_csv(tmp_path / "sub.csv")["target"], pd.read_csv(tmp_path / "sub2.csv")["target"])
+    new = copy_run(full_run.path, tmp_path / "new")
+    (new / "config.json").write_text(json.dumps({**json.loads((new / "config.json").read_text()), "format": 7,
+                                                 "versions": {"melafast": "3.1.0"}}))
+    for cmd in (["submit", "--run", str(new)], ["predict", "--run", str(new), "--images", str(sample_dir / "jpeg" / "test")],
+                ["report", "--run", str(new)], ["train", "--resume", str(new)]):
+        res = CliRunner().invoke(app, [*cmd, "--workers", "0"])
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1, (cmd, res.output)
+        assert "melafast 3.1.0 (run format 7)" in res.stderr and "upgrade melafast" in res.stderr, cmd
 
 
 def test_train_passes_lr_mult_to_fine_tune(sample_dir, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH, copy_run
 from typer.testing import CliRunner
 
 from melafast.cli import app
@@ -109,7 +109,7 @@ def test_melanoma_index():
         melanoma_index(["nevus", "bcc"])
 
 
-def test_extra_meta_features_are_fitted_saved_and_recomputed(sample_dir, tmp_path):
+def test_extra_meta_features_are_fitted_saved_and_recomputed(sample_dir, make_run):
     from melafast.data import add_meta_features, load_competition
 
     train, test = load_competition(sample_dir)
@@ -117,8 +117,7 @@ def test_extra_meta_features_are_fitted_saved_and_recomputed(sample_dir, tmp_pat
     per_patient = train.groupby("patient_id")["image_name"].count()
     assert (feats["n_images"] == train["patient_id"].map(per_patient)).all()
     assert np.allclose(np.expm1(feats["log_file_size"]), [__import__("os").path.getsize(f) for f in train["fname"]])
-    run = tmp_path / "run"
-    _train("--data", sample_dir, "--extra-meta", "--fold", 0, "--out", run)
+    run = make_run(extra_meta=True, fold=0)  # shared with test_missing_metadata
     proc = json.loads((run / "fold0" / "config.json").read_text())["meta_proc"]
     assert proc["cont_names"] == ["age_approx", "n_images", "log_file_size"]
     from melafast.checkpoint import load_predictor
@@ -179,15 +178,12 @@ def test_train_with_ema_saves_the_average(sample_dir, tmp_path):
     assert len(pd.read_csv(run / "oof.csv")) == 32
 
 
-def test_ensemble_scores_blends_honestly_and_submit_uses_it(sample_dir, tmp_path):
+def test_ensemble_scores_blends_honestly_and_submit_uses_it(make_run, tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from melafast.submit import blend, crossfit_blend
 
-    runs = []
-    for seed, meta in ((1, "--meta"), (2, "--no-meta")):
-        runs.append(tmp_path / f"run{seed}")
-        _train("--data", sample_dir, "--seed", seed, meta, "--out", runs[-1])
+    runs = [make_run(seed=1), make_run(seed=2, meta=False)]
     ens_file = tmp_path / "ensemble.json"
     res = CliRunner().invoke(app, ["ensemble", "--run", str(runs[0]), "--run", str(runs[1]), "--out", str(ens_file)],
                              catch_exceptions=False)
@@ -329,9 +325,8 @@ def torch_allclose(a, b):
     return torch.allclose(a, torch.as_tensor(b, dtype=a.dtype).expand_as(a))
 
 
-def test_pseudo_labels_then_train_on_them(sample_dir, tmp_path):
-    first, second = tmp_path / "run1", tmp_path / "run2"
-    _train("--data", sample_dir, "--out", first)
+def test_pseudo_labels_then_train_on_them(sample_dir, tiny_run, tmp_path):
+    first, second = copy_run(tiny_run, tmp_path / "run1"), tmp_path / "run2"
     res = CliRunner().invoke(app, ["pseudo", "--run", str(first), "--low", "0.5", "--high", "0.5", "--tta", "1",
                                    "--workers", "0"], catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH, run_output
 from fastai.callback.core import Callback
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -26,10 +26,15 @@ def _cfg(sample_dir, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def best_run(sample_dir, tmp_path_factory):
-    logs = []
-    result = train_run(_cfg(sample_dir, tmp_path_factory.mktemp("best") / "run", keep="best"), log=logs.append)
-    return result, "\n".join(logs)
+def best_run(make_run):
+    "The session's tiny run with 3 epochs, keeping each fold's best epoch; and what `melafast train` printed."
+    from melafast.run import RunResult
+
+    path = make_run(keep="best", epochs=3)
+    res = json.loads((path / "results.json").read_text())
+    result = RunResult(path, {int(k): v for k, v in res["fold_aucs"].items()}, res["oof_auc"], res["keep"],
+                       res.get("oof_auc_selected"))
+    return result, run_output(path)
 
 
 def test_keep_best_reports_the_honest_and_the_selected_cv(best_run):

@@ -11,10 +11,7 @@ from ..errors import MelafastError
 from .app import app, friendly
 from .options import (BadImage, BadImageOpt, Blend, BsOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, RunTtaOpt, Split,
                       WorkersOpt)
-
-
-def _value(choice):
-    return None if choice is None else choice.value
+from .options import value as _value
 
 
 @app.command()

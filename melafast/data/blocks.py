@@ -11,6 +11,7 @@ from fastai.vision.all import (
     IntToFloatTensor, Resize, ResizeMethod, TfmdDL, ToTensor, TransformBlock, aug_transforms,
 )
 
+from ..config import AUG_PRESETS, TARGETS
 from ..errors import DataError
 from ..hostsync import async_copies, async_copy_dl
 from .images import _OpenImage
@@ -20,7 +21,6 @@ from .tables import _norm_text
 __all__ = ["TARGETS", "AUG_PRESETS", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
            "diagnosis_labels", "SoftLabel", "TensorSoftLabel", "TrainOnly"]
 
-TARGETS = ("melanoma", "diagnosis")  # what melanoma_dls can train on
 
 
 class TensorSoftLabel(TensorBase):
@@ -50,7 +50,6 @@ def default_item_tfms(size: int):
     return [Resize(size, method=ResizeMethod.Squish)]
 
 
-AUG_PRESETS = ("light", "medium", "heavy")
 
 
 class TrainOnly(DisplayedTransform):

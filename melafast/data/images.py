@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 from fastai.vision.all import PILImage
 
+from ..config import BAD_IMAGE_MODES
 from ..errors import DataError
 
 __all__ = ["BAD_IMAGE_MODES", "check_images"]
 
-BAD_IMAGE_MODES = ("error", "skip")
 
 
 def _image_problem(fname: str) -> str | None:

@@ -14,6 +14,7 @@ import pandas as pd
 from fastai.torch_core import TensorBase
 from fasttransform import Transform
 
+from ..config import META_DROPOUT
 from ..errors import DataError
 from .tables import CAT_NAMES, CONT_NAMES
 
@@ -22,7 +23,6 @@ __all__ = ["EXTRA_CONT_NAMES", "FILE_FEATURES", "META_DROPOUT", "MetaProcessor",
 
 EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features
 FILE_FEATURES = ("log_file_size",)  # read off the image file, never missing: not a patient field, never blanked
-META_DROPOUT = 0.0  # default share of training rows whose patient fields are blanked (see MetaDropout)
 
 
 def _missing(v) -> bool:

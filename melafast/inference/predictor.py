@@ -1,0 +1,129 @@
+"""Predictors: what `load_predictor` gives, a fold model or a run's fold ensemble with `.predict(images, meta)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .loop import _say, predict_many
+
+__all__ = ["Predictor", "RunPredictor", "load_predictor", "MissingMetadataWarning"]
+
+
+class MissingMetadataWarning(UserWarning):
+    """Images predicted without any patient metadata, through the model's missing-metadata path."""
+
+
+def _no_metadata_note(predictors, df: pd.DataFrame, figures: dict) -> str | None:
+    "What to tell a user whose images come without any patient metadata, or None when all have some."
+    from ..data import EXTRA_CONT_NAMES
+
+    procs = [p.meta_proc for p in predictors if p.meta_proc is not None]
+    if not procs or df.empty:
+        return None
+    # what a user gives (sex, age, site, ...), not what melafast computes from the table and the files
+    fields = list(dict.fromkeys(c for p in procs for c in p.patient_columns if c not in EXTRA_CONT_NAMES))
+    present = [c for c in fields if c in df.columns]
+    none = df[present].isna().all(axis=1) if present else pd.Series(True, index=df.index)
+    if not none.any():
+        return None
+    with_meta, without = figures.get("auc"), figures.get("auc_no_meta")
+    scope = figures.get("scope", "out-of-fold")
+    how = (f"it scored AUC {without:.4f} {scope} with every field blanked ({with_meta:.4f} with its metadata)"
+           if with_meta is not None and without is not None else "its run did not record how it scores without metadata")
+    dropout = figures.get("meta_dropout")
+    trained = ("it was trained for it (metadata dropout {:.2f})".format(dropout) if dropout else
+               "it learned that path only from the training rows that had holes (no metadata dropout)")
+    return (f"{int(none.sum())} of {len(df)} images have no metadata ({', '.join(fields)}): they are predicted through "
+            f"the model's missing-metadata path; {trained}; {how}")
+
+
+@dataclass
+class Predictor:
+    """A trained melanoma model, ready to predict new images (a folder, paths, or a DataFrame with `fname`)."""
+
+    model: torch.nn.Module  # the rebuilt MelanomaModel, in eval mode
+    config: dict  # the fold's config.json
+
+    @property
+    def meta_proc(self):
+        from ..data import MetaProcessor
+
+        return MetaProcessor.from_dict(self.config["meta_proc"]) if self.config["meta"] else None
+
+    @property
+    def tta(self) -> int:
+        """The dihedral TTA the run scored this model with (8 for models saved before it was recorded)."""
+        return int(self.config.get("tta", 8))
+
+    @property
+    def figures(self) -> dict:
+        return dict(auc=self.config.get("valid_auc"), auc_no_meta=self.config.get("valid_auc_no_meta"),
+                    meta_dropout=self.config.get("meta_dropout"), scope="on its validation fold")
+
+    def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
+                device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
+        """Melanoma probability of each image, in order, averaged over `tta` dihedral views (default: the run's).
+
+        `images`: a folder, an image path, a list of paths, or a DataFrame with `fname` (see `image_table`);
+        `meta`: a CSV or DataFrame of metadata by `image_name` (images it does not cover count as unknown; when
+        some have no metadata at all, `log` is told, or a `MissingMetadataWarning` raised, with how the model does
+        on that path). `precision` overrides the precision the model was validated with.
+        """
+        return _predict([self], self.figures, images, meta, tta or self.tta, bs, num_workers, device, progress,
+                        precision, log)[0]
+
+
+@dataclass
+class RunPredictor:
+    """Every fold model of a run as one predictor: the mean of their melanoma probabilities, as `submit` blends them."""
+
+    predictors: list  # one `Predictor` per fold model
+    path: Path  # the run folder
+    tta: int = 8  # the dihedral TTA the run was made with
+    figures: dict | None = None  # the run's OOF AUC with and without metadata, and its metadata dropout
+
+    def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
+                device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
+        """Melanoma probability of each image: the fold models' mean (arguments as `Predictor.predict`)."""
+        preds = _predict(self.predictors, self.figures or {}, images, meta, tta or self.tta, bs, num_workers, device,
+                         progress, precision, log)
+        return np.mean(preds, axis=0)
+
+
+def _predict(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
+    from ..data import image_table
+
+    df = image_table(images, meta)
+    note = _no_metadata_note(predictors, df, figures)
+    if note:
+        _say(note, log, MissingMetadataWarning, stacklevel=4)  # at the line that called .predict
+    return predict_many(predictors, df, tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress,
+                        precision=precision, log=log)
+
+
+def load_predictor(path, device="cpu"):
+    """Rebuild saved models from their two files each (safetensors + JSON; no pickle is ever opened).
+
+    A fold folder gives a `Predictor`; a run folder gives a `RunPredictor` over all its fold models, which
+    predicts with the run's TTA. Both have `.predict(images, meta=None)`.
+    """
+    from ..checkpoint import load_model
+    from ..runfolder import RunFolder
+
+    run = RunFolder(path)
+    if run.is_single_model():  # one model's folder (a broken one says what is wrong with it)
+        run.require()
+        return Predictor(*load_model(run.path, device))
+    if run.config_file.is_file():
+        run.config()  # a run folder of a newer format stops here, naming the version
+    predictors = [Predictor(*load_model(d, device)) for d in run.model_dirs()]
+    results, settings = run.results(), (run.settings if run.config_file.is_file() else {})
+    figures = dict(auc=results.get("oof_auc"), auc_no_meta=results.get("oof_auc_no_meta"),
+                   meta_dropout=settings.get("meta_dropout"))
+    return RunPredictor(predictors, run.path, run.tta, figures)
+
