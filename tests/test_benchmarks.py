@@ -62,12 +62,14 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
     rows = [row for r in quality.RECIPES for row in quality.ROWS[r]]
     assert list(res["recipes"]) == rows and res["seeds"] == [42, 43]
     assert 120 <= res["cv_images"] <= 200 and res["cv_melanomas"] >= 10
-    # the held-out part: whole lesions, about the --small share of them, melanomas at about their share, and none of
-    # its lesions in the cross-validation part
+    # the held-out part: whole lesions, 20% of them, of which --small scores about 200 images; melanomas at about
+    # their share, and none of its lesions in the cross-validation part
     full, _ = load_competition(quality.SHARED / "data" / "ham10000")
-    rest, hold = quality.split_holdout(full, quality.SMALL_HOLDOUT, 0)
+    rest, held = quality.split_holdout(full, 0.2, 0)
+    hold = quality._subset(held, quality.SMALL_HOLDOUT_IMAGES, seed=0)
     assert res["holdout_images"] == len(hold) and not set(hold["patient_id"]) & set(rest["patient_id"])
-    assert abs(hold["patient_id"].nunique() / full["patient_id"].nunique() - quality.SMALL_HOLDOUT) < 0.01
+    assert abs(held["patient_id"].nunique() / full["patient_id"].nunique() - 0.2) < 0.01
+    assert abs(len(hold) - quality.SMALL_HOLDOUT_IMAGES) < 20 and set(hold["patient_id"]) <= set(held["patient_id"])
     assert abs(hold["target"].mean() - full["target"].mean()) < 0.02
     for name, r in res["recipes"].items():
         seeds = r["per_seed"]

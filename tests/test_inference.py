@@ -141,8 +141,15 @@ def test_train_leaves_fast_or_deterministic_flags(sample_dir, tmp_path, restore_
     cfg = TrainConfig(data=str(sample_dir), arch=TINY_ARCH, size=32, bs=16, epochs=1, freeze_epochs=0, lr=1e-2,
                       folds=2, fold=0, pretrained=False, tta=1, workers=0, deterministic=deterministic,
                       out=str(tmp_path / "run"))
-    train_run(cfg, log=lambda m: None)
+    logs = []
+    train_run(cfg, log=logs.append)
     assert torch.backends.cudnn.benchmark is (not deterministic)  # autotuned convolutions unless asked otherwise
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    if deterministic:  # what it could not make deterministic, said: nothing, on the CPU
+        assert results["nondeterministic_ops"] == [] and any("every operation ran a deterministic kernel" in m
+                                                               for m in logs)
+    else:
+        assert "nondeterministic_ops" not in results
     assert torch.backends.cudnn.deterministic is deterministic
     assert torch.are_deterministic_algorithms_enabled() is deterministic
 
