@@ -56,11 +56,13 @@ def plot_curves(metrics: pd.DataFrame, path) -> Path:
 
 def plot_roc(target, pred, path, title="out-of-fold ROC") -> Path:
     """ROC curve of predictions `pred` against 0/1 `target`, AUC in the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from .evaluate import auc as roc_auc
 
     plt = _plt()
     fpr, tpr, _ = roc_curve(target, pred)
-    auc = roc_auc_score(target, pred)
+    auc = roc_auc(target, pred)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC = {auc:.4f} (n = {len(target)}, {int(np.sum(target))} melanomas)")
     ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -89,12 +91,14 @@ def plot_pseudo(pred, keep, low: float, high: float, path) -> Path:
 
 def plot_roc_pr(target, pred, points: pd.DataFrame, path) -> Path:
     """ROC curve with the clinical operating points marked, and the precision-recall curve, side by side."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+    from .evaluate import auc as roc_auc
 
     plt = _plt()
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 5))
     fpr, tpr, _ = roc_curve(target, pred)
-    ax_roc.plot(fpr, tpr, label=f"AUC = {roc_auc_score(target, pred):.4f}")
+    ax_roc.plot(fpr, tpr, label=f"AUC = {roc_auc(target, pred):.4f}")
     ax_roc.plot([0, 1], [0, 1], ":", color="grey")
     for p in points.itertuples():
         ax_roc.plot(1 - p.specificity, p.sensitivity, "o", ms=6, label=f"{p.goal}: sens {p.sensitivity:.2f}, "
