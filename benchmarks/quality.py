@@ -9,6 +9,8 @@ lesion-grouped folds of the rest (or of --images of it) and is scored twice:
   holdout_single  the mean ROC AUC of its fold models one by one on the held-out part (what the OOF figure,
            made of single fold models, estimates; holdout - holdout_single is what the ensemble adds)
   gap      oof - holdout: how far the CV figure is from what the submitted ensemble does on unseen lesions
+  oof_pauc, holdout_pauc  the partial AUC above 80% true-positive rate (ISIC 2024's metric, 0 to 0.2) of the OOF
+           predictions and of the held-out ensemble
 
 --seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
 mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
@@ -250,7 +252,7 @@ def _mean_sd(values) -> dict:
 def summarize(per_seed: list) -> dict:
     "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
     keys = ["oof", "holdout", "holdout_single", "gap", *(k for k in per_seed[0] if k.startswith("single_tta1_")),
-            *(k for k in ("oof_blank", "holdout_blank") if k in per_seed[0])]
+            *(k for k in ("oof_pauc", "holdout_pauc", "oof_blank", "holdout_blank") if k in per_seed[0])]
     out = {key: _mean_sd([r[key] for r in per_seed]) for key in keys}
     out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
     if all("oof_selected" in r for r in per_seed):
@@ -265,13 +267,15 @@ def _cell(s: dict) -> str:
 def markdown_table(results: list) -> str:
     "One markdown row per (result file, recipe row): OOF, held-out and gap as mean ± sd over seeds."
     lines = ["| run | recipe | seeds | OOF AUC | held-out AUC, fold ensemble | held-out AUC, one fold model "
-             "| OOF - held-out |", "|---|---|---|---|---|---|---|"]
+             "| OOF - held-out | OOF pAUC | held-out pAUC |", "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for name, r in res["recipes"].items():
             s = r["summary"]
             oof = _cell(s["oof"]) + (f" (kept epochs: {_cell(s['oof_selected'])})" if "oof_selected" in s else "")
             lines.append(f"| {res.get('label') or ''} | {name} | {len(r['per_seed'])} | {oof} | {_cell(s['holdout'])} "
-                         f"| {_cell(s['holdout_single'])} | {s['gap']['mean']:+.3f} |")
+                         f"| {_cell(s['holdout_single'])} | {s['gap']['mean']:+.3f} | "
+                         + " | ".join(_cell(s[k]) if k in s else "not measured" for k in ("oof_pauc", "holdout_pauc"))
+                         + " |")
     checks = [(res, name, r["summary"]) for res in results for name, r in res["recipes"].items()
               if "single_tta1_fresh" in r["summary"]]
     if checks:  # --fresh-check: each fold model alone, plain view, on three sets
@@ -354,6 +358,7 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score
 
     from melafast.data import load_competition, make_folds
+    from melafast.evaluate import pauc
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full, _ = load_competition(a.data)
@@ -383,6 +388,8 @@ def main(argv=None):
                              holdout_single=round(float(np.mean([roc_auc_score(hold["target"], h) for h in held])), 4),
                              seconds=seconds)
                     r["gap"] = round(r["oof"] - r["holdout"], 4)
+                    r["oof_pauc"] = round(pauc(df["target"], got["oof"]), 4)  # partial AUC above 80% TPR (0 to 0.2)
+                    r["holdout_pauc"] = round(pauc(hold["target"], np.mean(held, axis=0)), 4)
                     if "selected" in got:
                         r["oof_selected"] = round(float(roc_auc_score(df["target"], got["selected"])), 4)
                     if "held_blank" in got:

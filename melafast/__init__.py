@@ -23,7 +23,7 @@ _EXPORTS = {
     "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
     "save_run": "checkpoint", "save_model": "checkpoint", "load_model": "checkpoint",
     "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
-    "MissingMetadataWarning": "inference", "MetaDropout": "data",
+    "MissingMetadataWarning": "inference", "MetaDropout": "data", "compare_runs": "compare", "run_report": "report",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["auc", "weighted_auc", "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroup_aucs", "AGE_BANDS"]
+__all__ = ["auc", "pauc", "sens_at_spec", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc", "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
+PAUC_MIN_TPR = 0.8  # the partial AUC of every table: the ROC area where sensitivity >= 80% (ISIC 2024's metric)
 
 
 def auc(target, pred) -> float:
@@ -22,6 +23,52 @@ def auc(target, pred) -> float:
     if len(np.unique(target)) < 2:
         return float("nan")
     return float(roc_auc_score(target, np.asarray(pred, dtype=np.float64)))
+
+
+def _cuts(target, pred, weights=None):
+    """Every distinct threshold at once (melanoma if pred >= it), highest first after `inf` (nothing called melanoma),
+    with the melanomas (tp) and benign lesions (fp) at or above each, row `i` counted `weights[i]` times."""
+    order = np.argsort(-pred, kind="mergesort")
+    ranked, hits = pred[order], target[order]
+    w = np.ones(len(pred)) if weights is None else np.asarray(weights, dtype=np.float64)[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last row of each run of equal values
+    tp, fp = np.r_[0, np.cumsum(w * hits)[last]], np.r_[0, np.cumsum(w * (1 - hits))[last]]
+    return np.r_[np.inf, ranked[last]], tp, fp
+
+
+def _roc(target, pred, weights=None):
+    "The ROC curve's corners (fpr, tpr), one per distinct prediction value, from (0, 0) to (1, 1)."
+    target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
+    _, tp, fp = _cuts(target, pred, weights)
+    return fp / max(fp[-1], 1e-300), tp / max(tp[-1], 1e-300)
+
+
+def pauc(target, pred, min_tpr: float = PAUC_MIN_TPR, weights=None) -> float:
+    """Partial ROC AUC above `min_tpr` true-positive rate: the area between the ROC curve and the horizontal line
+    TPR = min_tpr, over the whole FPR axis, i.e. the integral of max(TPR(FPR) - min_tpr, 0) dFPR. Its range is 0 to
+    1 - min_tpr (0.2 for the default 0.8; a perfect ranking scores 0.2, chance 0.02). This is the ISIC 2024 challenge
+    metric. It is NOT sklearn's `roc_auc_score(max_fpr=...)`, which bounds the FPR axis instead and rescales the area
+    to 0.5-1 (McClish). Ties between a melanoma and a benign lesion count half, as in the AUC. NaN with one class.
+    Row `i` counts `weights[i]` times (a bootstrap resample)."""
+    fpr, tpr = _roc(target, pred, weights)
+    if not (fpr[-1] > 0 and tpr[-1] > 0):
+        return float("nan")
+    # where the curve crosses TPR = min_tpr, add that point, so that every piece above the line is a straight segment
+    up = np.flatnonzero((tpr[:-1] < min_tpr) & (tpr[1:] > min_tpr))
+    t = (min_tpr - tpr[up]) / (tpr[up + 1] - tpr[up])
+    fpr = np.insert(fpr, up + 1, fpr[up] + t * (fpr[up + 1] - fpr[up]))
+    tpr = np.insert(tpr, up + 1, np.full(len(up), min_tpr))
+    height = np.clip(tpr - min_tpr, 0, None)
+    return float(np.sum(np.diff(fpr) * (height[1:] + height[:-1]) / 2))
+
+
+def sens_at_spec(target, pred, specificity: float = 0.9, weights=None) -> float:
+    """The highest sensitivity of any threshold whose specificity is at least `specificity` (the figure clinical
+    papers compare at 90%); NaN with one class. Row `i` counts `weights[i]` times."""
+    fpr, tpr = _roc(target, pred, weights)
+    if not (fpr[-1] > 0 and tpr[-1] > 0):
+        return float("nan")
+    return float(tpr[1 - fpr >= specificity - 1e-12].max())
 
 
 class _Ranked:
@@ -47,6 +94,22 @@ def weighted_auc(target, pred, weights) -> float:
     return _Ranked(np.asarray(target), np.asarray(pred, dtype=np.float64)).auc(weights)
 
 
+def _resamples(groups, n: int, n_boot: int, seed: int):
+    "Bootstrap resamples as row weights (how often each row was drawn), whole groups at a time when given."
+    rng = np.random.default_rng(seed)
+    codes = pd.factorize(pd.Series(groups).fillna("\0missing").to_numpy())[0] if groups is not None else np.arange(n)
+    n_groups = codes.max() + 1 if len(codes) else 0
+    for _ in range(n_boot):
+        yield np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes]
+
+
+def _interval(point: float, values: list, level: float, name: str) -> dict:
+    if not values:
+        return {name: point, "lo": float("nan"), "hi": float("nan"), "level": level, "n_boot": 0}
+    lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {name: point, "lo": float(lo), "hi": float(hi), "level": level, "n_boot": len(values)}
+
+
 def bootstrap_auc(target, pred, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
     """AUC with a percentile bootstrap confidence interval.
 
@@ -55,23 +118,51 @@ def bootstrap_auc(target, pred, groups=None, n_boot: int = 1000, level: float = 
     resamples actually used).
     """
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
-    point = auc(target, pred)
-    rng = np.random.default_rng(seed)
-    codes = (pd.factorize(pd.Series(groups).fillna("\0missing").to_numpy())[0] if groups is not None
-             else np.arange(len(target)))
-    n_groups = codes.max() + 1 if len(codes) else 0
-    # sort once by prediction; each resample is then a vector of row weights (how often each row was drawn)
-    ranked = _Ranked(target, pred)
-    aucs = []
-    for _ in range(n_boot):
-        drawn = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)  # times each group is drawn
-        value = ranked.auc(drawn[codes])
-        if not np.isnan(value):
-            aucs.append(value)
-    if not aucs:
-        return dict(auc=point, lo=float("nan"), hi=float("nan"), level=level, n_boot=0)
-    lo, hi = np.quantile(aucs, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return dict(auc=point, lo=float(lo), hi=float(hi), level=level, n_boot=len(aucs))
+    ranked = _Ranked(target, pred)  # sorted once: each resample is then a vector of row weights
+    values = [ranked.auc(w) for w in _resamples(groups, len(target), n_boot, seed)]
+    return _interval(auc(target, pred), [v for v in values if not np.isnan(v)], level, "auc")
+
+
+def bootstrap_pauc(target, pred, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                   min_tpr: float = PAUC_MIN_TPR) -> dict:
+    """`pauc` with a percentile bootstrap interval, resampled as `bootstrap_auc` does. Returns pauc, lo, hi, level,
+    n_boot."""
+    target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
+    values = [pauc(target, pred, min_tpr, w) for w in _resamples(groups, len(target), n_boot, seed)]
+    return _interval(pauc(target, pred, min_tpr), [v for v in values if not np.isnan(v)], level, "pauc")
+
+
+def paired_bootstrap(target, pred_a, pred_b, groups=None, n_boot: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> pd.DataFrame:
+    """AUC and pAUC (above 80% TPR) of two sets of predictions on the same rows, and of b - a, each resample drawing
+    the same patients (`groups`; rows without) for both, so that what the two share cancels out. One row per metric:
+    a, b, diff (b - a), lo and hi (the percentile interval of the difference), b_better (the share of resamples where
+    b scores higher), n_boot (resamples holding both classes)."""
+    target = np.asarray(target).astype(int)
+    preds = {"a": np.asarray(pred_a, dtype=np.float64), "b": np.asarray(pred_b, dtype=np.float64)}
+    ranked = {k: _Ranked(target, p) for k, p in preds.items()}  # sorted once; a resample is then row weights
+
+    def auc_of(k, w):
+        return auc(target, preds[k]) if w is None else ranked[k].auc(w)
+
+    def pauc_of(k, w):
+        return pauc(target, preds[k], weights=w)
+
+    metrics = {"AUC": auc_of, f"pAUC above {PAUC_MIN_TPR:.0%} TPR": pauc_of}
+    diffs = {name: [] for name in metrics}
+    for w in _resamples(groups, len(target), n_boot, seed):
+        for name, metric in metrics.items():
+            d = metric("b", w) - metric("a", w)
+            if not np.isnan(d):
+                diffs[name].append(d)
+    rows = []
+    for name, metric in metrics.items():
+        point_a, point_b = metric("a", None), metric("b", None)
+        ci = _interval(point_b - point_a, diffs[name], level, "diff")
+        rows.append(dict(metric=name, a=point_a, b=point_b, **{k: ci[k] for k in ("diff", "lo", "hi")},
+                         b_better=float(np.mean(np.asarray(diffs[name]) > 0)) if diffs[name] else float("nan"),
+                         n_boot=ci["n_boot"]))
+    return pd.DataFrame(rows)
 
 
 def _counts(target, pred, threshold) -> dict:
@@ -87,13 +178,7 @@ def operating_points(target, pred, specificities=(0.90, 0.95), sensitivities=(0.
     specificity at each sensitivity of at least `sensitivities`, each with its threshold (melanoma if pred >= it)
     and its confusion counts."""
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
-    # every distinct cut at once: sort by prediction, count melanomas and benign lesions at or above each value
-    order = np.argsort(-pred, kind="mergesort")
-    ranked, hits = pred[order], target[order]
-    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last row of each run of equal values
-    tp = np.r_[0, np.cumsum(hits)[last]]
-    fp = np.r_[0, last + 1] - tp
-    cuts = np.r_[np.inf, ranked[last]]  # inf: nothing called melanoma
+    cuts, tp, fp = _cuts(target, pred)
     sens, spec = tp / max(target.sum(), 1), 1 - fp / max((target == 0).sum(), 1)
     rows = []
     for goal, ok, score in [*((f"specificity >= {s:.0%}", spec >= s - 1e-12, sens) for s in specificities),

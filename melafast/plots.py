@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["plot_curves", "plot_roc", "plot_pseudo", "save_current_figure", "plot_roc_pr", "plot_reliability", "plot_subgroups",
-           "plot_importance", "plot_cam_grid"]
+           "plot_importance", "plot_cam_grid", "plot_roc_overlay", "plot_differences"]
 
 
 def _plt():
@@ -130,14 +130,20 @@ def plot_reliability(bins: pd.DataFrame, ece: float, brier: float, path) -> Path
     return _save(fig, path)
 
 
+def _interval_rows(table: pd.DataFrame, column: str, extra_height: float):
+    "A figure with one row per table row, top down: `column` as a dot with its lo-hi interval (NaN rows left empty)."
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(table) + extra_height))
+    y = np.arange(len(table))[::-1]
+    ok = table[column].notna().to_numpy()
+    v = table[column]
+    ax.errorbar(v[ok], y[ok], xerr=[(v - table["lo"])[ok], (table["hi"] - v)[ok]], fmt="o", capsize=3)
+    return fig, ax, y, ok
+
+
 def plot_subgroups(table: pd.DataFrame, overall: dict, path) -> Path:
     """AUC and its bootstrap interval per subgroup (one row each, grouped by variable), the overall AUC dashed."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(table) + 1.2))
-    y = np.arange(len(table))[::-1]
-    ok = table["auc"].notna().to_numpy()
-    ax.errorbar(table["auc"][ok], y[ok], xerr=[(table["auc"] - table["lo"])[ok], (table["hi"] - table["auc"])[ok]],
-                fmt="o", capsize=3)
+    fig, ax, y, ok = _interval_rows(table, "auc", 1.2)
     for yy, row in zip(y[~ok], table[~ok].itertuples()):
         ax.text(0.02, yy, row.note, va="center", fontsize=7, color="tab:gray", transform=ax.get_yaxis_transform())
     ax.axvline(overall["auc"], ls="--", color="tab:red", lw=1, label=f"all images {overall['auc']:.3f}")
@@ -178,5 +184,42 @@ def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 4) -
         ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(t, fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc_overlay(target, preds: dict, path, min_tpr: float = 0.8) -> Path:
+    """ROC curves of several runs' predictions on the same rows (`preds`: label -> predictions), with the strip
+    above `min_tpr` that the partial AUC measures shaded."""
+    from sklearn.metrics import roc_curve
+
+    from .evaluate import auc, pauc
+
+    plt = _plt()
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 5))
+    for label, pred in preds.items():
+        fpr, tpr, _ = roc_curve(target, pred)
+        text = f"{label}: AUC {auc(target, pred):.4f}, pAUC {pauc(target, pred, min_tpr):.4f}"
+        for a in (ax, zoom):
+            a.plot(fpr, tpr, label=text, lw=1.4)
+    for a, ylim, title in ((ax, (0, 1.01), "ROC, same images"), (zoom, (min_tpr - 0.05, 1.005),
+                                                                 f"sensitivity >= {min_tpr:.0%} (the pAUC strip)")):
+        a.axhspan(min_tpr, 1, color="tab:gray", alpha=0.08)
+        a.plot([0, 1], [0, 1], ":", color="grey")
+        a.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=ylim, title=title)
+        a.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_differences(table: pd.DataFrame, path, title: str) -> Path:
+    """Differences with their intervals, one row each (`label`, `diff`, `lo`, `hi`; NaN rows are left empty), zero
+    marked: to the right of zero the second run scores higher."""
+    fig, ax, y, _ = _interval_rows(table, "diff", 1.3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, table["label"], fontsize=7)
+    ax.set(xlabel="difference (95% paired bootstrap interval)", title=title)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return _save(fig, path)

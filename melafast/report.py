@@ -87,10 +87,11 @@ def _page(run, sections: dict) -> str:
 
 
 def _summary(config, results, df, data, n_boot) -> str:
-    from .evaluate import auc, bootstrap_auc
+    from .evaluate import PAUC_MIN_TPR, auc, bootstrap_auc, bootstrap_pauc, pauc, sens_at_spec
 
     s = config.get("settings", {})
     ci = bootstrap_auc(df["target"], df["pred"], df.get("patient_id"), n_boot=n_boot)
+    pci = bootstrap_pauc(df["target"], df["pred"], df.get("patient_id"), n_boot=n_boot)
     lr = "lr_find valley per fold" if s.get("lr") is None else s["lr"]
     settings = {k: s.get(k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta", "keep",
                                       "aug", "upsample", "ema", "swa", "pseudo", "external", "seed")}
@@ -98,6 +99,7 @@ def _summary(config, results, df, data, n_boot) -> str:
     rows = [dict(setting=k, value=str(v)) for k, v in settings.items()]
     rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.get("versions", {}).items()]
     folds = pd.DataFrame([dict(fold=int(k), images=len(g), melanomas=int(g["target"].sum()), auc=auc(g["target"], g["pred"]),
+                               pauc=pauc(g["target"], g["pred"]), sens_at_spec90=sens_at_spec(g["target"], g["pred"]),
                                kept_epoch=str(results.get("kept_epochs", {}).get(str(k), "")))
                           for k, g in df.groupby("fold")])
     out = [_p(f"Data: {data}: {len(df)} out-of-fold images, {int(df['target'].sum())} melanomas"
@@ -105,7 +107,10 @@ def _summary(config, results, df, data, n_boot) -> str:
               + (f"; {config.get('n_external')} external images trained but are never scored"
                  if config.get("n_external") else "") + "."),
            f"<p><b>Out-of-fold ROC AUC {ci['auc']:.4f}</b> (95% bootstrap interval {ci['lo']:.4f} to {ci['hi']:.4f}, "
-           f"{ci['n_boot']} resamples of whole patients). "
+           f"{ci['n_boot']} resamples of whole patients); <b>partial AUC above {PAUC_MIN_TPR:.0%} sensitivity "
+           f"{pci['pauc']:.4f}</b> ({pci['lo']:.4f} to {pci['hi']:.4f}; the ROC area where sensitivity is at least "
+           f"{PAUC_MIN_TPR:.0%}, 0 to {1 - PAUC_MIN_TPR:.1f}: the ISIC 2024 metric); sensitivity at 90% specificity "
+           f"{sens_at_spec(df['target'], df['pred'], 0.9):.3f}. "
            + html.escape(f"Each fold kept {results.get('epoch_rule', 'its epoch as the run says')}.") + "</p>"]
     if results.get("oof_auc_no_meta") is not None:
         drop = config.get("settings", {}).get("meta_dropout") or 0

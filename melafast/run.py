@@ -144,15 +144,22 @@ def _auc(target, pred) -> float:
     return auc(target, pred)
 
 
+def _pauc(target, pred) -> float:
+    from .evaluate import pauc
+
+    return pauc(target, pred)
+
+
 def _cv_table(oof: pd.DataFrame, kept: dict) -> str:
     selected = "pred_selected" in oof.columns
     no_meta = "pred_no_meta" in oof.columns
-    head = f"{'fold':>5} {'images':>7} {'melanomas':>10} {'epoch kept':>11} {'AUC':>8}"
+    head = f"{'fold':>5} {'images':>7} {'melanomas':>10} {'epoch kept':>11} {'AUC':>8} {'pAUC>80%TPR':>12}"
     head += f" {'AUC, no metadata':>17}" if no_meta else ""
     lines = [head + (f" {'AUC at kept epoch (optimistic)':>31}" if selected else "")]
 
     def row(name, rows, epoch):
-        line = f"{name:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {epoch:>11} {_auc(rows['target'], rows['pred']):>8.4f}"
+        line = (f"{name:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {epoch:>11} "
+                f"{_auc(rows['target'], rows['pred']):>8.4f} {_pauc(rows['target'], rows['pred']):>12.4f}")
         line += f" {_auc(rows['target'], rows['pred_no_meta']):>17.4f}" if no_meta else ""
         return line + (f" {_auc(rows['target'], rows['pred_selected']):>31.4f}" if selected else "")
 
@@ -238,8 +245,12 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
         return RunResult(run.path, keep=cfg.keep)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
     result = RunResult(run.path, _fold_aucs(oof, "pred"), _auc(oof["target"], oof["pred"]), keep=cfg.keep)
+    from .evaluate import PAUC_MIN_TPR, sens_at_spec
+
     results = dict(keep=cfg.keep, epoch_rule=epoch_rule(cfg.keep, cfg.swa), oof_auc=result.oof_auc,
-                   fold_aucs=result.fold_aucs, tta=cfg.tta, kept_epochs=kept)
+                   fold_aucs=result.fold_aucs, oof_pauc=_pauc(oof["target"], oof["pred"]),
+                   fold_paucs=_fold_aucs(oof, "pred", _pauc), pauc_min_tpr=PAUC_MIN_TPR,
+                   oof_sens_at_spec90=sens_at_spec(oof["target"], oof["pred"], 0.9), tta=cfg.tta, kept_epochs=kept)
     if "pred_no_meta" in oof.columns and oof["pred_no_meta"].notna().all():  # not in folds saved before it existed
         result.oof_auc_no_meta = _auc(oof["target"], oof["pred_no_meta"])
         results.update(oof_auc_no_meta=result.oof_auc_no_meta, fold_aucs_no_meta=_fold_aucs(oof, "pred_no_meta"),
@@ -269,8 +280,8 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
     return result
 
 
-def _fold_aucs(oof: pd.DataFrame, col: str) -> dict:
-    return {int(k): _auc(r["target"], r[col]) for k, r in oof.groupby("fold")}
+def _fold_aucs(oof: pd.DataFrame, col: str, metric: Callable = _auc) -> dict:
+    return {int(k): metric(r["target"], r[col]) for k, r in oof.groupby("fold")}
 
 
 def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> RunResult:

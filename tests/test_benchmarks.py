@@ -76,6 +76,7 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
         assert [s["seed"] for s in seeds] == [42, 43], name
         for s in seeds:
             assert 0 <= s["oof"] <= 1 and 0 <= s["holdout"] <= 1 and 0 <= s["holdout_single"] <= 1, name
+            assert 0 <= s["oof_pauc"] <= 0.2 and 0 <= s["holdout_pauc"] <= 0.2, name  # pAUC above 80% TPR
     # the single-model check of the melafast recipes: each fold model alone on three sets, all real AUCs
     for name in ("melafast_image", "melafast_meta_tta", "melafast_best"):
         for s in res["recipes"][name]["per_seed"]:
@@ -94,5 +95,7 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
     assert "holdout_blank" not in res["recipes"]["melafast_image"]["per_seed"][0]
     table, check, blank = quality.markdown_table([res]).split("\n\n")
     assert len(table.splitlines()) == 2 + len(rows) and all(f"| {name} | 2 |" in table for name in rows)
+    pauc = res["recipes"]["frozen_logreg"]["summary"]["holdout_pauc"]
+    assert table.splitlines()[2].endswith(f"| {pauc['mean']:.3f} ± {pauc['sd']:.3f} |")
     assert len(check.splitlines()) == 2 + 3  # the three melafast recipes' single-model check
     assert len(blank.splitlines()) == 2 + 2  # the two recipes with metadata, with and without it

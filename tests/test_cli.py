@@ -65,7 +65,14 @@ def test_train_writes_a_complete_run_folder(trained_run, sample_dir):
     results = json.loads((out / "results.json").read_text())
     assert results["oof_auc"] == pytest.approx(roc_auc_score(oof["target"], oof["pred"]))
     assert results["oof_auc_no_meta"] == pytest.approx(roc_auc_score(oof["target"], oof["pred_no_meta"]))
-    assert "AUC, no metadata" in output  # the CV table's second column
+    assert "AUC, no metadata" in output  # the CV table's column for images that come without metadata
+    from melafast.evaluate import pauc, sens_at_spec
+
+    assert results["oof_pauc"] == pytest.approx(pauc(oof["target"], oof["pred"])) and results["pauc_min_tpr"] == 0.8
+    assert results["fold_paucs"]["0"] == pytest.approx(pauc(*oof.query("fold == 0")[["target", "pred"]].T.values))
+    assert results["oof_sens_at_spec90"] == pytest.approx(sens_at_spec(oof["target"], oof["pred"], 0.9))
+    oof_line = next(line.split() for line in output.splitlines() if line.strip().startswith("OOF "))
+    assert oof_line[3:5] == [f"{results['oof_auc']:.4f}", f"{results['oof_pauc']:.4f}"]  # AUC, then pAUC
     for png in ("curves.png", "roc.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.width > 300

@@ -1,7 +1,8 @@
 """The `melafast` command line: thin Typer commands over the library (torch and fastai load inside commands).
 
     app          the Typer app, --debug, one-line errors      options      options and choices shared by commands
-    train_cmd    train, lr-find                               predict_cmd  predict, submit, pseudo, ensemble, report
+    train_cmd    train, lr-find                               predict_cmd  predict, submit, pseudo, ensemble, report,
+                                                              compare
     data_cmd     prepare, download, sample
 """
 

@@ -1,4 +1,4 @@
-"""Using a trained run: `predict`, `submit`, `pseudo`, `ensemble` and `report`."""
+"""Using a trained run: `predict`, `submit`, `pseudo`, `ensemble`, `report` and `compare`."""
 
 from __future__ import annotations
 
@@ -148,3 +148,20 @@ def report(
         raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
     run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
                num_workers=workers, log=typer.echo, precision=_value(precision))
+
+
+@app.command()
+@friendly
+def compare(
+    runs: Annotated[List[Path], typer.Argument(help="Two or more finished run folders; each later one is compared "
+                                               "with the first.", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the first run's).")] = None,
+    images: ImagesOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write; its figures go to <out stem>_figures/.")]
+    = Path("compare.html"),
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Paired bootstrap resamples (whole patients).")] = 1000,
+):
+    """Compare runs on the out-of-fold images they all scored: AUC and pAUC differences with paired intervals."""
+    from ..compare import compare_runs
+
+    compare_runs(runs, data=data, out=out, images=images, n_boot=bootstrap, log=typer.echo)
