@@ -95,9 +95,14 @@ def weighted_auc(target, pred, weights) -> float:
 
 
 def _resamples(groups, n: int, n_boot: int, seed: int):
-    "Bootstrap resamples as row weights (how often each row was drawn), whole groups at a time when given."
+    """Bootstrap resamples as row weights (how often each row was drawn), whole groups when given (a row without one:
+    its own group)."""
     rng = np.random.default_rng(seed)
-    codes = pd.factorize(pd.Series(groups).fillna("\0missing").to_numpy())[0] if groups is not None else np.arange(n)
+    codes = np.arange(n)
+    if groups is not None:  # a row without a group (no patient_id) is its own group, not one group of all such rows
+        codes = pd.factorize(pd.Series(groups).to_numpy(), use_na_sentinel=True)[0]
+        alone = codes < 0
+        codes[alone] = codes.max(initial=-1) + 1 + np.arange(alone.sum())
     n_groups = codes.max() + 1 if len(codes) else 0
     for _ in range(n_boot):
         yield np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes]

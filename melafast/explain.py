@@ -13,22 +13,38 @@ import torch
 
 from .errors import MelafastError
 
-__all__ = ["cam_layer", "grad_cam", "metadata_importance"]
+__all__ = ["cam_layer", "describe_cam_layer", "grad_cam", "metadata_importance"]
+
+
+def _cam_choice(model, size: int | None, min_cells: int):
+    "(module, its name in the backbone, its stride or None) of the layer Grad-CAM looks at."
+    info = getattr(model.backbone, "feature_info", None)
+    if info:
+        size = size or model.config.get("size") or 224
+        fits = [f for f in info if size / f.get("reduction", 32) >= min_cells] or info[:1]
+        return model.backbone.get_submodule(fits[-1]["module"]), fits[-1]["module"], fits[-1].get("reduction")
+    convs = [(name, m) for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise MelafastError(f"Grad-CAM needs a convolutional backbone; {model.config['arch']} has no conv layer")
+    return convs[-1][1], convs[-1][0], None
 
 
 def cam_layer(model, size: int | None = None, min_cells: int = 7) -> torch.nn.Module:
     """Where Grad-CAM looks: the backbone's deepest feature stage whose map is at least `min_cells` wide for
     `size`-pixel images (the last stage, stride 32, from 224 px up; an earlier one for small images, whose last map
     would be a pixel or two)."""
-    info = getattr(model.backbone, "feature_info", None)
-    if info:
-        size = size or model.config.get("size") or 224
-        fits = [f for f in info if size / f.get("reduction", 32) >= min_cells] or info[:1]
-        return model.backbone.get_submodule(fits[-1]["module"])
-    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
-    if not convs:
-        raise MelafastError(f"Grad-CAM needs a convolutional backbone; {model.config['arch']} has no conv layer")
-    return convs[-1]
+    return _cam_choice(model, size, min_cells)[0]
+
+
+def describe_cam_layer(model, size: int | None = None, min_cells: int = 7) -> str:
+    """The layer `grad_cam` takes its maps at for `size`-pixel images, in words: its name and the grid of cells it
+    sees, e.g. "backbone layer blocks.5 (stride 32: a 12 x 12 grid at 384 px)"."""
+    size = size or 224
+    _, name, stride = _cam_choice(model, size, min_cells)
+    if stride is None:
+        return f"backbone layer {name} (the last convolution)"
+    cells = -(-size // stride)
+    return f"backbone layer {name} (stride {stride}: a {cells} x {cells} grid at {size} px)"
 
 
 def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos: int = 1) -> np.ndarray:

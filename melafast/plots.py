@@ -47,9 +47,12 @@ def plot_curves(metrics: pd.DataFrame, path) -> Path:
         ax_auc.plot(x, rows["melanoma_auc"], marker="o", color=line.get_color(), label=f"fold {fold}")
     ax_loss.set(xlabel="epoch (frozen epochs first)", ylabel="cross-entropy", title="losses")
     ax_auc.set(xlabel="epoch (frozen epochs first)", ylabel="ROC AUC", title="validation melanoma AUC")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_auc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     fig.tight_layout()
     return _save(fig, path)
 
@@ -146,12 +149,13 @@ def plot_subgroups(table: pd.DataFrame, overall: dict, path) -> Path:
     fig, ax, y, ok = _interval_rows(table, "auc", 1.2)
     for yy, row in zip(y[~ok], table[~ok].itertuples()):
         ax.text(0.02, yy, row.note, va="center", fontsize=7, color="tab:gray", transform=ax.get_yaxis_transform())
-    ax.axvline(overall["auc"], ls="--", color="tab:red", lw=1, label=f"all images {overall['auc']:.3f}")
+    ax.axvline(overall["auc"], ls="--", color="tab:red", lw=1)
     ax.set_yticks(y, [f"{r.variable}: {r.group} ({r.images} img, {r.melanomas} mel)" for r in table.itertuples()],
                   fontsize=7)
     low = min(0.5, float(np.nanmin(table["lo"])) - 0.02) if ok.any() else 0.5
-    ax.set(xlabel="ROC AUC (95% bootstrap interval)", xlim=(max(0.0, low), 1), title="subgroups")
-    ax.legend(fontsize=7, loc="lower left")
+    # the overall AUC named in the title, not in a legend box that would cover a row
+    ax.set(xlabel="ROC AUC (95% bootstrap interval)", xlim=(max(0.0, low), 1),
+           title=f"subgroups (dashed: all images, AUC {overall['auc']:.3f})")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return _save(fig, path)
@@ -171,18 +175,22 @@ def plot_importance(table: pd.DataFrame, path) -> Path:
     return _save(fig, path)
 
 
-def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 4) -> Path:
-    """Images (N, H, W, 3 uint8) with their class-activation maps (N, H, W in [0, 1]) laid over, one title each."""
+def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 3) -> Path:
+    """Each image (N, H, W, 3 uint8) as it is, and beside it its class-activation map (N, H, W in [0, 1]) over a
+    faded copy, `ncols` pairs a row; each pair titled."""
     plt = _plt()
     n = len(images)
     nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, 2 * ncols, figsize=(4.4 * ncols, 2.6 * nrows + 0.4), squeeze=False)
     for ax in axs.flat:
         ax.axis("off")
-    for ax, img, cam, t in zip(axs.flat, images, maps, titles):
-        ax.imshow(img)
-        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        ax.set_title(t, fontsize=7)
+    pairs = axs.reshape(nrows, ncols, 2).reshape(-1, 2)
+    for (ax_img, ax_cam), img, cam, t in zip(pairs, images, maps, titles):
+        ax_img.imshow(img)
+        ax_img.set_title(t, fontsize=6.5, loc="left")
+        ax_cam.imshow(img, alpha=0.5)
+        ax_cam.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        ax_cam.set_title("Grad-CAM", fontsize=6.5)
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

@@ -79,7 +79,7 @@ def _page(run, sections: dict) -> str:
     body = "\n".join(f'<section id="{k}"><h2>{html.escape(SECTIONS[k])}</h2>\n{v}\n</section>' for k, v in sections.items())
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>melafast report: "
             f"{html.escape(Path(run).name)}</title><style>{_CSS}</style></head><body>\n<h1>melafast report: "
-            f"{html.escape(str(run))}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
+            f"{html.escape(Path(run).name)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,25 +180,71 @@ def _describe(row) -> str:
            f"{row.get(SITE) if isinstance(row.get(SITE), str) else '?'}"
 
 
+# diagnoses that are not benign although the melanoma target calls them 0 (HAM10000 even files them as "benign"):
+# a high score on one of these is not a false alarm a dermatologist would accept
+NOT_BENIGN = ("basal cell carcinoma", "squamous cell carcinoma", "intraepithelial carcinoma", "actinic keratosis",
+              "bowen", "merkel", "kaposi", "atypical melanocytic proliferation", "carcinoma", "melanoma")
+
+
+def _diagnosis(df: pd.DataFrame) -> pd.Series:
+    "Each row's diagnosis in lower case ('melanoma' / 'not given' where the data has none)."
+    if "diagnosis" in df.columns:
+        diag = df["diagnosis"].astype("string").str.strip().str.lower()
+        return diag.where(diag.notna() & (diag != ""), "not given").astype(object)
+    return pd.Series(np.where(df["target"] == 1, "melanoma", "not given"), index=df.index, dtype=object)
+
+
+def galleries(df: pd.DataFrame, n: int) -> dict:
+    """The error galleries: the `n` melanomas scored lowest, the `n` benign lesions scored highest and, when the data
+    names them, the `n` other (non-melanoma) malignant or premalignant lesions scored highest; one image per lesion
+    (`lesion_id`) or patient (`patient_id`; a row without either stands alone), the most extreme image of each; in
+    each gallery grouped by diagnosis, most extreme first. Returns name -> (title, rows with a `diagnosis` column)."""
+    df = df.assign(diagnosis=_diagnosis(df))
+    key = next((c for c in ("lesion_id", "patient_id") if c in df.columns), None)
+    who = df[key].astype(object).where(df[key].notna(), "row " + df.index.astype(str)) if key else df.index.to_series()
+    df = df.assign(_who=who.to_numpy())
+    not_benign = df["diagnosis"].str.contains("|".join(NOT_BENIGN), regex=True)
+    picks = {"missed_melanomas": ("melanomas scored lowest", df[df["target"] == 1], True),
+             "false_alarms": ("benign lesions scored highest", df[(df["target"] == 0) & ~not_benign], False),
+             "other_malignant": ("other malignant or premalignant lesions (not melanoma) scored highest",
+                                 df[(df["target"] == 0) & not_benign], False)}
+    out = {}
+    for name, (title, rows, lowest) in picks.items():
+        if rows.empty:
+            continue
+        rows = rows.sort_values("pred", ascending=lowest, kind="mergesort").drop_duplicates("_who").head(n)
+        worst = rows.groupby("diagnosis")["pred"].transform("min" if lowest else "max")  # diagnosis groups, worst first
+        rows = rows.assign(_g=worst if lowest else -worst, _p=rows["pred"] if lowest else -rows["pred"])
+        out[name] = (title, rows.sort_values(["_g", "diagnosis", "_p"], kind="mergesort").drop(columns=["_g", "_p", "_who"]))
+    return out
+
+
 def _errors(models, df, figdir, n_errors, bs, num_workers, device, precision=None) -> str:
+    from .explain import describe_cam_layer
+    from .inference import resolve_settings
     from .plots import plot_cam_grid
 
-    missed = df[df["target"] == 1].nsmallest(n_errors, "pred")
-    alarms = df[df["target"] == 0].nlargest(n_errors, "pred")
-    from .inference import resolve_settings
-
-    used = sorted({resolve_settings(m.config, device, precision).describe() for m in models.values()})
-    if not used:
-        used = ["fp32"]
-    parts = [_p(f"The {len(missed)} melanomas scored lowest and the {len(alarms)} benign lesions scored highest, "
-                "each with its Grad-CAM map for the melanoma output of the fold model that scored it (red: regions "
-                "that raise the melanoma score), its metadata (sex, age, site) and its score. The maps were computed "
+    used = sorted({resolve_settings(m.config, device, precision).describe() for m in models.values()}) or ["fp32"]
+    layers = sorted({describe_cam_layer(m.model, m.config.get("size")) for m in models.values()})
+    chosen = galleries(df, n_errors)
+    parts = [_p("The melanomas scored lowest and the lesions scored highest that are not melanomas, one image per "
+                + ("lesion" if "lesion_id" in df.columns else "patient") + " (its most extreme), grouped by diagnosis "
+                "where the data gives one. Each image is shown as it is and beside its Grad-CAM map for the melanoma "
+                "output of the fold model that scored it (red: regions that raise the melanoma score), with its "
+                "metadata (sex, age, site) and its score."),
+             _p(f"The maps are taken at {' / '.join(layers)} and scaled up to the image; they explain the plain view "
+                "of the image, while the score is the mean over the run's TTA views. The maps were computed "
                 f"in {' / '.join(used)}: each model's own precision and layout, as its out-of-fold scores were.")]
-    for name, rows, title in (("missed_melanomas", missed, "melanomas scored lowest"),
-                              ("false_alarms", alarms, "benign lesions scored highest")):
+    if "other_malignant" in chosen:
+        parts.append(_p("Lesions whose diagnosis is malignant or premalignant but not melanoma (e.g. basal cell "
+                        "carcinoma) count as 0 for the melanoma target; they have their own gallery, apart from the "
+                        "benign lesions, since a high score on them is not a false alarm."))
+    for name, (title, rows) in chosen.items():
         imgs, maps, note = _cams(models, rows, device, precision)
-        titles = [f"{r.image_name}\n{r.pred:.3f} · {_describe(r._asdict())}" for r in rows.itertuples()]
+        titles = [f"{r.image_name}\n{r.diagnosis} · {r.pred:.3f}\n{_describe(r._asdict())}" for r in rows.itertuples()]
+        counts = rows["diagnosis"].value_counts(sort=False)
         parts.append(f"<h3>{html.escape(title)}</h3>")
+        parts.append(_p("By diagnosis: " + ", ".join(f"{d} {c}" for d, c in counts.items()) + "."))
         if note:
             parts.append(f'<p class="note">{html.escape(note)}</p>')
         parts.append(_img(plot_cam_grid(imgs, maps, titles, figdir / f"{name}.png", title=title)))
@@ -253,9 +299,8 @@ def _metadata(config, models, df, figdir, repeats, bs, num_workers, device, prec
 
 def _training(run: RunFolder) -> str:
     parts = []
-    for path, caption in ((run.curves_file, "losses and validation AUC per epoch and fold"), (run.roc_file, "ROC, out-of-fold")):
-        if path.is_file():
-            parts += [f"<h3>{html.escape(caption)}</h3>", _img(path)]
+    if run.curves_file.is_file():  # (the OOF ROC is in "Curves and operating points", with the operating points)
+        parts += [f"<h3>{html.escape('losses and validation AUC per epoch and fold')}</h3>", _img(run.curves_file)]
     for f in run.lr_find_files():
         parts += [f"<h3>lr_find, {html.escape(f.parent.name)}</h3>", _img(f)]
     metrics = run.metrics()

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -53,7 +54,7 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     page = _Page()
     page.feed((run / "report.html").read_text())
     assert page.sections == list(SECTIONS)
-    assert len(page.imgs) >= 8  # ROC/PR, calibration, subgroups, two error grids, importance, curves, ROC
+    assert len(page.imgs) == 7  # ROC/PR, calibration, subgroups, two error grids, importance, curves: the ROC once
     for src in page.imgs:  # every image embedded, and each a real PNG
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,6 +64,7 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     assert figures == ["calibration.png", "false_alarms.png", "metadata_importance.png", "missed_melanomas.png",
                        "roc_pr.png", "subgroups.png"]
     html = (run / "report.html").read_text()
+    assert f"<h1>melafast report: {run.name}</h1>" in html  # the folder's name, not the machine's path to it
     oof = pd.read_csv(run / "oof.csv")
     assert f"Out-of-fold ROC AUC {roc_auc_score(oof['target'], oof['pred']):.4f}" in html
     # the ISIC 2024 metric beside it, checked against sklearn's McClish pAUC of the swapped classes, unscaled
@@ -73,6 +75,29 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     drop = json.loads((run / "config.json").read_text())["settings"]["meta_dropout"]
     assert (f"probability {drop} (metadata dropout)" in html) if drop else ("no metadata dropout" in html)
     assert "The maps were computed in fp32 on cpu" in html  # the precision the Grad-CAM pass used, said
+    # the CAM layer and its grid named; the map is of the plain view while the score is the TTA mean
+    assert re.search(r"taken at backbone layer [\w.]+ \(stride \d+: a \d+ x \d+ grid at 32 px\)", html)
+    assert "explain the plain view" in html and "By diagnosis: melanoma " in html
+
+
+def test_galleries_show_one_image_per_lesion_and_keep_carcinomas_apart_from_benign_lesions():
+    from melafast.report import galleries
+
+    df = pd.DataFrame(dict(
+        image_name=[f"I{i}" for i in range(9)],
+        lesion_id=["L1", "L1", "L2", "L3", "L4", "L4", "L5", None, None],
+        diagnosis=["melanoma", "melanoma", "melanoma", "nevus", "Basal cell carcinoma", "basal cell carcinoma",
+                   "benign keratosis", "nevus", "nevus"],
+        target=[1, 1, 1, 0, 0, 0, 0, 0, 0],
+        pred=[0.10, 0.05, 0.30, 0.90, 0.95, 0.97, 0.80, 0.85, 0.70]))
+    got = galleries(df, n=8)
+    assert list(got) == ["missed_melanomas", "false_alarms", "other_malignant"]
+    assert got["missed_melanomas"][1]["image_name"].tolist() == ["I1", "I2"]  # L1 once, by its lowest score
+    assert got["other_malignant"][1]["image_name"].tolist() == ["I5"]  # the carcinoma is no false alarm
+    benign = got["false_alarms"][1]
+    assert benign["image_name"].tolist() == ["I3", "I7", "I8", "I6"]  # nevi first (the worst is one), then keratosis
+    assert set(benign["diagnosis"]) == {"nevus", "benign keratosis"}  # rows without a lesion id stand alone
+    assert len(galleries(df, n=1)["false_alarms"][1]) == 1
 
 
 def test_report_errors_are_one_line(run, sample_dir, tmp_path):
@@ -104,6 +129,16 @@ def _toy(n, seed=0):
     rng = np.random.default_rng(seed)
     target = (rng.random(n) < 0.2).astype(int)
     return target, np.round(rng.random(n) * 0.6 + 0.4 * target * rng.random(n), 3)
+
+
+def test_images_without_a_patient_are_each_their_own_patient_in_the_bootstrap():
+    target, pred = _toy(400)
+    none = np.full(400, np.nan, dtype=object)
+    assert bootstrap_auc(target, pred, groups=none, n_boot=200) == bootstrap_auc(target, pred, n_boot=200)
+    half = np.where(np.arange(400) < 200, np.arange(400) // 4, None).astype(object)  # 50 patients, 200 unknown
+    ci = bootstrap_auc(target, pred, groups=half, n_boot=200)
+    lumped = bootstrap_auc(target, pred, groups=np.where(np.arange(400) < 200, np.arange(400) // 4, -1), n_boot=200)
+    assert ci["hi"] - ci["lo"] < lumped["hi"] - lumped["lo"]  # 200 images drawn as one "patient" widen the interval
 
 
 def test_weighted_auc_is_the_auc_of_the_resample():
