@@ -44,6 +44,7 @@ of the epochs it kept). Prints one JSON object on stdout and a markdown table on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -374,7 +375,8 @@ def main(argv=None):
     a.everything = __import__("pandas").concat([cv, hold], ignore_index=True)
     seeds = [a.seed + i for i in range(a.seeds)]
     per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}
-    with tempfile.TemporaryDirectory() as tmp:
+    # training's progress lines go to stderr with the log: stdout carries the JSON object only
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         for seed in seeds:
             df = make_folds(cv, n_folds=a.folds, seed=seed)
             for recipe in a.recipes.split(","):

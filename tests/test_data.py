@@ -167,7 +167,8 @@ def test_meta_processor_fitted_on_train_only_with_unknown_bucket():
 # ---- DataLoaders
 
 def test_batch_shapes_and_meta_untouched_by_augmentation(sample_df):
-    dls = melanoma_dls(sample_df, fold=0, size=48, bs=8, num_workers=0)
+    # (metadata dropout, on by default, blanks training rows' fields on purpose: test_missing_metadata.py checks it)
+    dls = melanoma_dls(sample_df, fold=0, size=48, bs=8, num_workers=0, meta_dropout=0.0)
     proc = dls.meta_proc
     train_rows = sample_df[sample_df["fold"] != 0]
     assert proc == MetaProcessor.fit(train_rows)  # fitted on the training split only
@@ -180,7 +181,7 @@ def test_batch_shapes_and_meta_untouched_by_augmentation(sample_df):
     assert np.array_equal(meta.cpu().numpy(), expected)
     assert y.tolist() == dl.dataset.items["target"].iloc[:8].tolist()
     # the same images without batch augmentations differ: the augmentations ran and skipped meta
-    plain = melanoma_dls(sample_df, fold=0, size=48, bs=8, num_workers=0, batch_tfms=[])
+    plain = melanoma_dls(sample_df, fold=0, size=48, bs=8, num_workers=0, batch_tfms=[], meta_dropout=0.0)
     img0, meta0, _ = plain.train.new(shuffle=False, drop_last=False).one_batch()
     assert not torch.allclose(img0, img)
     assert torch.equal(meta0, meta)
