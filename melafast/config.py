@@ -24,7 +24,8 @@ LR_FIND_ON = ("frozen", "unfrozen")  # which model `--lr auto` runs lr_find on
 BLENDS = ("mean", "rank")  # how runs are blended
 TTA_VIEWS = (1, 2, 4, 8)  # dihedral TTA views
 _SAME = object()  # a setting whose value did not change meaning when it was introduced: old runs get the default
-META_DROPOUT = 0.5  # share of training rows whose patient fields are blanked; chosen on CV figures (README: "Patients who ...")
+# the share of training rows whose patient fields are blanked, chosen on CV figures (README: "Patients who come ...")
+META_DROPOUT = 0.5
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["auc", "pauc", "sens_at_spec", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc", "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroup_aucs", "AGE_BANDS"]
+__all__ = ["auc", "pauc", "sens_at_spec", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
+           "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
 PAUC_MIN_TPR = 0.8  # the partial AUC of every table: the ROC area where sensitivity >= 80% (ISIC 2024's metric)
