@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, MelafastError, RunError
+from .report import SITE, _img, _oof_with_metadata, _p, _page, _read_run, _table
 from .runfolder import RunFolder
 
 __all__ = ["compare_runs"]
@@ -84,29 +85,22 @@ def _metrics(labels, df, n_boot) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _subgroups(labels, df, n_boot, min_melanomas: int = 5) -> pd.DataFrame:
     "Each later run's AUC difference from the first per sex, age band and site, with paired intervals."
-    from .evaluate import age_band, paired_bootstrap
+    from .evaluate import age_band, paired_bootstrap, subgroups
 
-    by = {"sex": df.get("sex"), "age": age_band(df["age_approx"]) if "age_approx" in df else None,
-          "site": df.get("anatom_site_general_challenge")}
+    by = {name: values for name, values in (("sex", df.get("sex")), ("age", age_band(df["age_approx"]) if "age_approx"
+                                            in df else None), ("site", df.get(SITE))) if values is not None}
     rows = []
-    for name, values in by.items():
-        if values is None:
-            continue
-        values = values.astype(object).where(values.notna(), "unknown").astype(str)
-        for group in sorted(values.unique(), key=lambda g: (g == "unknown", g)):
-            part = df[(values == group).to_numpy()]
-            n_mel, n_ben = int(part["target"].sum()), int((part["target"] == 0).sum())
-            for i in range(1, len(labels)):
-                row = dict(variable=name, group=group, images=len(part), melanomas=n_mel,
-                           comparison=f"{labels[i]} - {labels[0]}", auc_a=np.nan, auc_b=np.nan, diff=np.nan,
-                           lo=np.nan, hi=np.nan, note="")
-                if n_mel < min_melanomas or n_ben == 0:
-                    row["note"] = f"too few melanomas ({n_mel})" if n_mel < min_melanomas else "no benign lesion"
-                else:
-                    groups = part["patient_id"] if "patient_id" in part else None
-                    r = paired_bootstrap(part["target"], part["pred_0"], part[f"pred_{i}"], groups, n_boot=n_boot).iloc[0]
-                    row.update(auc_a=r["a"], auc_b=r["b"], diff=r["diff"], lo=r["lo"], hi=r["hi"])
-                rows.append(row)
+    for name, group, part, note in subgroups(df, by, min_melanomas):
+        groups = part["patient_id"] if "patient_id" in part else None
+        for i in range(1, len(labels)):
+            row = dict(variable=name, group=group, images=len(part), melanomas=int(part["target"].sum()),
+                       comparison=f"{labels[i]} - {labels[0]}", auc_a=np.nan, auc_b=np.nan, diff=np.nan, lo=np.nan,
+                       hi=np.nan, note=note)
+            if not note:
+                r = paired_bootstrap(part["target"], part["pred_0"], part[f"pred_{i}"], groups, n_boot=n_boot,
+                                     with_pauc=False).iloc[0]
+                row.update(auc_a=r["a"], auc_b=r["b"], diff=r["diff"], lo=r["lo"], hi=r["hi"])
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -135,16 +129,6 @@ def _printed(labels, df, scores, diffs) -> str:
     return "\n".join(lines)
 
 
-def _page(labels, sections: dict) -> str:
-    from .report import _CSS
-
-    title = "melafast compare: " + " vs ".join(labels)
-    nav = " ".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in sections)
-    body = "\n".join(f'<section id="{k}"><h2>{html.escape(SECTIONS[k])}</h2>\n{v}\n</section>' for k, v in sections.items())
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
-
-
 def compare_runs(runs, data=None, out=None, images=None, n_boot: int = 1000, log: Callable = print) -> dict:
     """Compare two or more finished runs on the out-of-fold images they all scored: each run's AUC, partial AUC above
     80% TPR and sensitivity at 90% specificity, and each later run's difference from the first with a paired
@@ -156,7 +140,6 @@ def compare_runs(runs, data=None, out=None, images=None, n_boot: int = 1000, log
     """
     from .atomic import write_text
     from .plots import plot_differences, plot_roc_overlay
-    from .report import _img, _oof_with_metadata, _p, _read_run, _table
 
     if len(runs) < 2:
         raise MelafastError("compare needs at least two run folders")
@@ -204,7 +187,7 @@ def compare_runs(runs, data=None, out=None, images=None, n_boot: int = 1000, log
                                         _p("Groups with fewer than 5 melanomas (or no benign lesion) get no AUC."),
                                         _table(subgroups)]) if len(subgroups) else _p("The data has no metadata columns."),
                 "settings": _table(settings) if len(settings) else _p("Every recorded setting is the same.")}
-    write_text(_page(labels, sections), out)
+    write_text(_page("melafast compare: " + " vs ".join(labels), sections, SECTIONS), out)
     log(_printed(labels, df, scores, diffs))
     for n in notes:
         log("note: " + n)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["auc", "pauc", "sens_at_spec", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
-           "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroup_aucs", "AGE_BANDS"]
+           "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroups", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
 PAUC_MIN_TPR = 0.8  # the partial AUC of every table: the ROC area where sensitivity >= 80% (ISIC 2024's metric)
@@ -139,11 +139,11 @@ def bootstrap_pauc(target, pred, groups=None, n_boot: int = 1000, level: float =
 
 
 def paired_bootstrap(target, pred_a, pred_b, groups=None, n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> pd.DataFrame:
-    """AUC and pAUC (above 80% TPR) of two sets of predictions on the same rows, and of b - a, each resample drawing
-    the same patients (`groups`; rows without) for both, so that what the two share cancels out. One row per metric:
-    a, b, diff (b - a), lo and hi (the percentile interval of the difference), b_better (the share of resamples where
-    b scores higher), n_boot (resamples holding both classes)."""
+                     seed: int = 0, with_pauc: bool = True) -> pd.DataFrame:
+    """AUC and pAUC (above 80% TPR; `with_pauc=False`: AUC only) of two sets of predictions on the same rows, and of
+    b - a, each resample drawing the same patients (`groups`; rows without) for both, so that what the two share
+    cancels out. One row per metric: a, b, diff (b - a), lo and hi (the percentile interval of the difference),
+    b_better (the share of resamples where b scores higher), n_boot (resamples holding both classes)."""
     target = np.asarray(target).astype(int)
     preds = {"a": np.asarray(pred_a, dtype=np.float64), "b": np.asarray(pred_b, dtype=np.float64)}
     ranked = {k: _Ranked(target, p) for k, p in preds.items()}  # sorted once; a resample is then row weights
@@ -154,7 +154,7 @@ def paired_bootstrap(target, pred_a, pred_b, groups=None, n_boot: int = 1000, le
     def pauc_of(k, w):
         return pauc(target, preds[k], weights=w)
 
-    metrics = {"AUC": auc_of, f"pAUC above {PAUC_MIN_TPR:.0%} TPR": pauc_of}
+    metrics = {"AUC": auc_of, **({f"pAUC above {PAUC_MIN_TPR:.0%} TPR": pauc_of} if with_pauc else {})}
     diffs = {name: [] for name in metrics}
     for w in _resamples(groups, len(target), n_boot, seed):
         for name, metric in metrics.items():
@@ -219,11 +219,11 @@ def age_band(age) -> pd.Series:
     return pd.Series(pd.Categorical(bands, categories=[*labels, "unknown"], ordered=True), index=age.index)
 
 
-def subgroup_aucs(df: pd.DataFrame, by: dict, min_melanomas: int = 5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
-    """AUC with a bootstrap interval per group of each variable in `by` (name -> Series of group labels aligned with
-    `df`, which holds `target` and `pred`, and `patient_id` to resample by patient when present). Groups with fewer
-    than `min_melanomas` melanomas (or no benign lesion) get no AUC: their `note` says why."""
-    rows = []
+def subgroups(df: pd.DataFrame, by: dict, min_melanomas: int = 5):
+    """The groups of each variable in `by` (name -> Series of group labels aligned with `df`, which holds `target`),
+    in table order: a categorical's own order (e.g. age bands), otherwise alphabetical with unknown last. Yields
+    (variable, group, rows, note); `note` says why the group gets no AUC (fewer than `min_melanomas` melanomas, or no
+    benign lesion), and is "" when it gets one."""
     for name, labels in by.items():
         labels = pd.Series(labels, index=df.index)
         if isinstance(labels.dtype, pd.CategoricalDtype):  # its own order (e.g. age bands)
@@ -235,13 +235,22 @@ def subgroup_aucs(df: pd.DataFrame, by: dict, min_melanomas: int = 5, n_boot: in
         for group in order:
             part = df[(labels == group).to_numpy()]
             n_mel, n_ben = int(part["target"].sum()), int((part["target"] == 0).sum())
-            row = dict(variable=name, group=group, images=len(part), melanomas=n_mel, auc=np.nan, lo=np.nan,
-                       hi=np.nan, note="")
-            if n_mel < min_melanomas or n_ben == 0:
-                row["note"] = f"too few melanomas for an AUC ({n_mel})" if n_mel < min_melanomas else "no benign lesion"
-            else:
-                groups = part["patient_id"] if "patient_id" in part.columns else None
-                row.update({k: v for k, v in bootstrap_auc(part["target"], part["pred"], groups, n_boot=n_boot,
-                                                           seed=seed).items() if k in ("auc", "lo", "hi")})
-            rows.append(row)
+            note = (f"too few melanomas for an AUC ({n_mel})" if n_mel < min_melanomas else
+                    "no benign lesion" if n_ben == 0 else "")
+            yield name, group, part, note
+
+
+def subgroup_aucs(df: pd.DataFrame, by: dict, min_melanomas: int = 5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """AUC with a bootstrap interval per group of each variable in `by` (name -> Series of group labels aligned with
+    `df`, which holds `target` and `pred`, and `patient_id` to resample by patient when present). Groups with fewer
+    than `min_melanomas` melanomas (or no benign lesion) get no AUC: their `note` says why."""
+    rows = []
+    for name, group, part, note in subgroups(df, by, min_melanomas):
+        row = dict(variable=name, group=group, images=len(part), melanomas=int(part["target"].sum()), auc=np.nan,
+                   lo=np.nan, hi=np.nan, note=note)
+        if not note:
+            groups = part["patient_id"] if "patient_id" in part.columns else None
+            row.update({k: v for k, v in bootstrap_auc(part["target"], part["pred"], groups, n_boot=n_boot,
+                                                       seed=seed).items() if k in ("auc", "lo", "hi")})
+        rows.append(row)
     return pd.DataFrame(rows)

@@ -74,12 +74,12 @@ table.t{border-collapse:collapse;font-size:.85em;margin:.6em 0}table.t td,table.
 border-bottom:1px solid #eee;text-align:right}nav a{margin-right:1em}.note{color:#a33}"""
 
 
-def _page(run, sections: dict) -> str:
-    nav = " ".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k in sections)
-    body = "\n".join(f'<section id="{k}"><h2>{html.escape(SECTIONS[k])}</h2>\n{v}\n</section>' for k, v in sections.items())
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>melafast report: "
-            f"{html.escape(Path(run).name)}</title><style>{_CSS}</style></head><body>\n<h1>melafast report: "
-            f"{html.escape(Path(run).name)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
+def _page(title: str, sections: dict, names: dict) -> str:
+    "One self-contained page: `title`, a link to each section, and the sections (id -> HTML), headed by `names`."
+    nav = " ".join(f'<a href="#{k}">{html.escape(names[k])}</a>' for k in sections)
+    body = "\n".join(f'<section id="{k}"><h2>{html.escape(names[k])}</h2>\n{v}\n</section>' for k, v in sections.items())
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +337,6 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     sections["metadata"] = (_metadata(config, models, df, figdir, repeats, bs, num_workers, device, precision)
                             if importance else _p("Left out (--no-importance)."))
     sections["training"] = _training(folder)
-    write_text(_page(run, sections), out)
+    write_text(_page(f"melafast report: {Path(run).name}", sections, SECTIONS), out)
     log(f"wrote {out} and its figures in {figdir}")
     return out
