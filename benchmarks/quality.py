@@ -11,6 +11,10 @@ lesion-grouped folds of the rest (or of --images of it) and is scored twice:
   gap      oof - holdout: how far the CV figure is from what the submitted ensemble does on unseen lesions
   oof_pauc, holdout_pauc  the partial AUC above 80% true-positive rate (ISIC 2024's metric, 0 to 0.2) of the OOF
            predictions and of the held-out ensemble
+  op_*     melafast recipes: the operating point "sensitivity >= 90%" chosen on the OOF rows and saved as
+           `melafast report --operating-point sens90` saves it; op_crossfit_sens is its cross-fitted sensitivity,
+           op_holdout_sens/spec what `predict`'s decision (the fold models' vote) reaches on the held-out part, and
+           op_holdout_sens_mean/spec_mean the fold mean against the same threshold, for comparison
 
 --seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
 mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
@@ -56,6 +60,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+OPERATING_POINT = "sens90"  # the saved operating point whose held-out sensitivity the melafast recipes report
 SMALL_HOLDOUT_IMAGES = 200  # --small scores on about this many held-out images: enough to check the script
 BEST = {"extra_meta": True, "upsample": 2, "ema": 0.999}  # the candidate-best recipe's switches
 RECIPES = ("frozen_logreg", "plain_fastai", "melafast_image", "melafast_meta_tta", "melafast_best")
@@ -196,9 +201,28 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
         row["held_blank"], row["oof_blank"] = held_blank, oof["pred_no_meta"].to_numpy()
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
         row["selected"] = oof["pred_selected"].to_numpy()
+    row["op"] = _operating_point_check(cfg.out, held, hold)
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
+
+
+def _operating_point_check(run, held, hold) -> dict:
+    """The operating point "sensitivity >= 90%" saved as `melafast report --operating-point sens90` saves it (chosen on
+    the run's OOF rows), then applied to the held-out part as `predict` applies it (each fold model's probabilities,
+    `held`, voted), and, for comparison, the fold mean against the same threshold (not what predict does)."""
+    import numpy as np
+
+    from melafast.inference import load_predictor
+    from melafast.operating import _rates, save_operating_point
+
+    point = save_operating_point(run, OPERATING_POINT, n_boot=200)
+    decision, _ = load_predictor(run).decide(held)
+    target = hold["target"].to_numpy()
+    sens, spec = _rates(target, decision)
+    mean_sens, mean_spec = _rates(target, (np.mean(held, axis=0) >= point["threshold"]).astype(int))
+    return dict(op_crossfit_sens=point["crossfit"]["sensitivity"]["value"], op_holdout_sens=sens,
+                op_holdout_spec=spec, op_holdout_sens_mean=mean_sens, op_holdout_spec_mean=mean_spec)
 
 
 def _single_model_check(models, df, hold, a) -> dict:
@@ -253,7 +277,8 @@ def _mean_sd(values) -> dict:
 def summarize(per_seed: list) -> dict:
     "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
     keys = ["oof", "holdout", "holdout_single", "gap", *(k for k in per_seed[0] if k.startswith("single_tta1_")),
-            *(k for k in ("oof_pauc", "holdout_pauc", "oof_blank", "holdout_blank") if k in per_seed[0])]
+            *(k for k in ("oof_pauc", "holdout_pauc", "oof_blank", "holdout_blank") if k in per_seed[0]),
+            *(k for k in per_seed[0] if k.startswith("op_"))]
     out = {key: _mean_sd([r[key] for r in per_seed]) for key in keys}
     out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
     if all("oof_selected" in r for r in per_seed):
@@ -290,6 +315,15 @@ def markdown_table(results: list) -> str:
                   "| held-out AUC, every field blanked |", "|---|---|---|---|---|---|"]
         lines += [f"| {res.get('label') or ''} | {name} | {_cell(s['oof'])} | {_cell(s['oof_blank'])} | "
                   f"{_cell(s['holdout'])} | {_cell(s['holdout_blank'])} |" for res, name, s in blanks]
+    points = [(res, name, r["summary"]) for res in results for name, r in res["recipes"].items()
+              if "op_holdout_sens" in r["summary"]]
+    if points:  # the saved operating point "sensitivity >= 90%" on the held-out part
+        lines += ["", "| run | recipe | cross-fitted sensitivity (OOF) | held-out sensitivity, predict's decision "
+                  "| held-out specificity, predict's decision | held-out sensitivity, fold mean >= threshold "
+                  "| held-out specificity, fold mean >= threshold |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {res.get('label') or ''} | {name} | " + " | ".join(_cell(s[k]) for k in (
+            "op_crossfit_sens", "op_holdout_sens", "op_holdout_spec", "op_holdout_sens_mean", "op_holdout_spec_mean"))
+            + " |" for res, name, s in points]
     return "\n".join(lines)
 
 
@@ -398,6 +432,7 @@ def main(argv=None):
                         r["oof_blank"] = round(float(roc_auc_score(df["target"], got["oof_blank"])), 4)
                         r["holdout_blank"] = round(float(roc_auc_score(hold["target"], np.mean(got["held_blank"], axis=0))), 4)
                     r.update(got.get("diag", {}))
+                    r.update({k: round(float(v), 4) for k, v in got.get("op", {}).items()})
                     per_seed[name].append(r)
                     _log(f"seed {seed} {name}: {r}")
     res = dict(label=a.label, data=str(a.data), cv_images=len(cv), cv_melanomas=int(cv["target"].sum()),

@@ -23,16 +23,47 @@ def predict_run(run, df: pd.DataFrame, tta: int | None = None, bs: int = 64, num
     The fold models share one pass over the images (each image is decoded once, not once per fold). `log` is told
     when some images come without any metadata, and how the run does on that path.
     """
+    return np.mean(_model_preds(run, df, tta, bs, num_workers, device, log, precision)[1], axis=0)
+
+
+def _model_preds(run, df, tta, bs, num_workers, device, log, precision) -> tuple:
+    "(the run's predictor, one probability array per fold model) for the rows of `df`."
     from .inference import load_predictor
+    from .inference.predictor import _predict
 
     predictor = load_predictor(run)
-    n = len(getattr(predictor, "predictors", [predictor]))
+    models = getattr(predictor, "predictors", [predictor])
     unfinished = RunFolder(run).unfinished_folds()
     if unfinished:
-        log(f"{run} did not finish fold(s) {', '.join(map(str, unfinished))}: predicting with the {n} fold model(s) it "
-            f"saved (`melafast train --resume {run}` trains the others)")
-    log(f"predicting {len(df)} images with the {n} model(s) of {run} (TTA x{tta or predictor.tta})")
-    return predictor.predict(df, tta=tta, bs=bs, num_workers=num_workers, device=device, precision=precision, log=log)
+        log(f"{run} did not finish fold(s) {', '.join(map(str, unfinished))}: predicting with the {len(models)} fold "
+            f"model(s) it saved (`melafast train --resume {run}` trains the others)")
+    log(f"predicting {len(df)} images with the {len(models)} model(s) of {run} (TTA x{tta or predictor.tta})")
+    figures = getattr(predictor, "figures", None) or {}
+    return predictor, _predict(models, figures, df, None, tta or predictor.tta, bs, num_workers, device, True,
+                               precision, log)
+
+
+def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.ndarray, dict]:
+    """The fold mean of one run on the usable rows (the others get its median), and, when the run has a saved
+    operating point, its `decision` and `votes` columns (empty for unusable rows)."""
+    predictor, preds = _model_preds(run, df[ok], tta, bs, num_workers, None, log, precision)
+    pred = np.empty(len(df))
+    pred[ok] = np.mean(preds, axis=0)
+    if not ok.all():
+        pred[~ok] = np.median(pred[ok]) if ok.any() else 0.5
+    point = getattr(predictor, "operating_point", None)
+    if point is None:
+        return pred, {}
+    decision, votes = predictor.decide(preds, tta=tta, precision=precision, log=log)
+    cols = {"decision": pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64"),
+            "votes": pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64")}
+    cols["decision"][ok], cols["votes"][ok] = decision, votes
+    cols["decision"][~ok], cols["votes"][~ok] = pd.NA, pd.NA
+    log(f"decision (1: melanoma) at the run's operating point {point['operating_point']} ({point['goal']}, threshold "
+        f"{point['threshold']:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point['rule']}; "
+        f"cross-fitted it reached sensitivity {point['crossfit']['sensitivity']['value']:.3f} and specificity "
+        f"{point['crossfit']['specificity']['value']:.3f} on the run's out-of-fold images")
+    return pred, cols
 
 
 def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
@@ -59,11 +90,12 @@ def predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weight
     return out
 
 
-def _write_preds(df: pd.DataFrame, pred, ok, run, out) -> pd.DataFrame:
-    "image_name, pred (the melanoma probability), run [, target] [, image_ok], written atomically to `out`."
+def _write_preds(df: pd.DataFrame, pred, ok, run, out, decisions: dict | None = None) -> pd.DataFrame:
+    """image_name, pred (the melanoma probability), run [, decision, votes] [, target] [, image_ok], written
+    atomically to `out`."""
     from .atomic import write_csv
 
-    res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run)})
+    res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run), **(decisions or {})})
     if "target" in df.columns:
         res["target"] = df["target"].to_numpy()
     if not ok.all():
@@ -95,8 +127,8 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
         raise DataError(f"{data} has no test.csv to predict; use --split train, another --data, or --images FOLDER")
     df = df.reset_index(drop=True)
     ok = _usable(df, on_bad_image, log)
-    _write_preds(df, predict_usable([run], df, ok, tta, bs, num_workers, "mean", log, precision=precision), ok, run,
-                 out)
+    pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
+    _write_preds(df, pred, ok, run, out, decisions)
     log(f"wrote {out}: {len(df)} predictions ({split} split of {data})")
     return Path(out)
 
@@ -119,8 +151,8 @@ def predict_images(run, images, meta=None, tta: int | None = None, out="preds.cs
         log(f"metadata for {int(known.sum())} of {len(df)} images" + ("" if known.all() else
             "; the others are predicted as of unknown sex, age and site"))
     ok = _usable(df, on_bad_image, log)
-    _write_preds(df, predict_usable([run], df, ok, tta, bs, num_workers, "mean", log, precision=precision), ok, run,
-                 out)
+    pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
+    _write_preds(df, pred, ok, run, out, decisions)
     log(f"wrote {out}: {len(df)} predictions from {run}")
     return Path(out)
 

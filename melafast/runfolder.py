@@ -9,6 +9,7 @@ and the data it was trained on, and checks that it is complete and of a format t
     skipped_images.csv  images left out with --on-bad-image skip
     fold<k>/            one model folder per fold: model.safetensors + config.json [+ lr_find.png]
     report.html report_figures/              after `melafast report`
+    threshold.json      the operating point `predict` decides with, after `melafast report --operating-point`
     pseudo.csv pseudo.png pseudo.json        after `melafast pseudo`
 
 No other module spells these names: they ask a `RunFolder` (or, for one model folder, `model_files`).
@@ -69,6 +70,7 @@ class RunFolder:
     roc_file = property(lambda self: self.path / "roc.png")
     skipped_file = property(lambda self: self.path / "skipped_images.csv")
     report_file = property(lambda self: self.path / "report.html")
+    operating_point_file = property(lambda self: self.path / "threshold.json")
     pseudo_file = property(lambda self: self.path / "pseudo.csv")
 
     def fold_dir(self, k: int) -> Path:
@@ -205,6 +207,16 @@ class RunFolder:
                            "it with --resume)")
         return pd.read_csv(self.oof_file, dtype={"image_name": str})
 
+    def operating_point(self) -> dict | None:
+        """threshold.json: the saved operating point (None when the run has none)."""
+        if not self.operating_point_file.is_file():
+            return None
+        try:
+            return json.loads(self.operating_point_file.read_text())
+        except ValueError as e:
+            raise RunError(f"{self.operating_point_file} is damaged ({e}): save it again with `melafast report "
+                           "--operating-point`") from None
+
     def metrics(self) -> pd.DataFrame | None:
         """metrics.csv, or None when the run has none."""
         return pd.read_csv(self.metrics_file) if self.metrics_file.is_file() else None
@@ -243,6 +255,9 @@ class RunFolder:
 
     def write_metrics(self, metrics: pd.DataFrame):
         write_csv(metrics, self.metrics_file)
+
+    def write_operating_point(self, point: dict):
+        write_json(point, self.operating_point_file)
 
     def write_skipped(self, bad: pd.DataFrame):
         write_csv(bad, self.skipped_file)

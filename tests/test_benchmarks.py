@@ -93,9 +93,16 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
         for s in res["recipes"][name]["per_seed"]:
             assert 0 <= s["oof_blank"] <= 1 and 0 <= s["holdout_blank"] <= 1, name
     assert "holdout_blank" not in res["recipes"]["melafast_image"]["per_seed"][0]
-    table, check, blank = quality.markdown_table([res]).split("\n\n")
+    table, check, blank, points = quality.markdown_table([res]).split("\n\n")
     assert len(table.splitlines()) == 2 + len(rows) and all(f"| {name} | 2 |" in table for name in rows)
     pauc = res["recipes"]["frozen_logreg"]["summary"]["holdout_pauc"]
     assert table.splitlines()[2].endswith(f"| {pauc['mean']:.3f} ± {pauc['sd']:.3f} |")
     assert len(check.splitlines()) == 2 + 3  # the three melafast recipes' single-model check
     assert len(blank.splitlines()) == 2 + 2  # the two recipes with metadata, with and without it
+    # the melafast recipes save the operating point "sensitivity >= 90%" and apply it to the held-out part as
+    # predict does (the fold models' vote), beside the fold mean against the same threshold
+    assert len(points.splitlines()) == 2 + 3
+    for name in ("melafast_image", "melafast_meta_tta", "melafast_best"):
+        for s in res["recipes"][name]["per_seed"]:
+            assert 0 < s["op_holdout_sens"] <= 1 and 0 <= s["op_holdout_spec"] <= 1, name
+            assert 0 < s["op_crossfit_sens"] <= 1 and 0 <= s["op_holdout_sens_mean"] <= 1, name

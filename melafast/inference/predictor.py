@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import RunError
 from .loop import _say, predict_many
 
 __all__ = ["Predictor", "RunPredictor", "load_predictor", "MissingMetadataWarning"]
@@ -86,6 +87,7 @@ class RunPredictor:
     path: Path  # the run folder
     tta: int = 8  # the dihedral TTA the run was made with
     figures: dict | None = None  # the run's OOF AUC with and without metadata, and its metadata dropout
+    operating_point: dict | None = None  # the run's threshold.json (`melafast report --operating-point`), if any
 
     def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
@@ -93,6 +95,40 @@ class RunPredictor:
         preds = _predict(self.predictors, self.figures or {}, images, meta, tta or self.tta, bs, num_workers, device,
                          progress, precision, log)
         return np.mean(preds, axis=0)
+
+    def predict_frame(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
+                      device=None, progress: bool = True, precision: str | None = None, log=None) -> pd.DataFrame:
+        """A table of image_name, pred (the fold models' mean probability) and, when the run has a saved operating
+        point, `decision` (1: melanoma) and `votes` (fold models at or above its threshold): see `decide`."""
+        from ..data import image_table
+
+        df = image_table(images, meta)
+        preds = _predict(self.predictors, self.figures or {}, df, None, tta or self.tta, bs, num_workers, device,
+                         progress, precision, log)
+        out = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": np.mean(preds, axis=0)})
+        if self.operating_point is not None:
+            out["decision"], out["votes"] = self.decide(preds, tta=tta, precision=precision, log=log)
+        return out
+
+    def decide(self, per_model, tta: int | None = None, precision: str | None = None, log=None):
+        """(decision, votes) from each fold model's probabilities, by the saved operating point's rule: each model
+        compared with the threshold on the scale it was chosen on (one model's scores, not the fold mean), melanoma
+        when at least half say so. `log` (or a warning) is told when `tta`/`precision` differ from what chose it."""
+        from ..operating import vote
+
+        point = self.operating_point
+        if point is None:
+            raise RunError(f"{self.path} has no saved operating point: choose one with `melafast report --run "
+                           f"{self.path} --operating-point sens90` (or spec95, or a threshold)")
+        if len(per_model) != len(self.predictors):
+            raise ValueError(f"decide needs one prediction array per fold model ({len(self.predictors)}), "
+                             f"got {len(per_model)}")
+        if (tta and tta != point.get("tta")) or precision:
+            _say(f"the operating point {point['operating_point']} was chosen on scores made with TTA "
+                 f"x{point.get('tta')} in each model's validated precision; these use "
+                 f"{'TTA x' + str(tta) if tta else 'the same TTA'}{', precision ' + precision if precision else ''}: "
+                 "its figures may not hold", log, UserWarning, stacklevel=3)
+        return vote(per_model, point["threshold"])
 
 
 def _predict(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
@@ -125,5 +161,5 @@ def load_predictor(path, device="cpu"):
     results, settings = run.results(), (run.settings if run.config_file.is_file() else {})
     figures = dict(auc=results.get("oof_auc"), auc_no_meta=results.get("oof_auc_no_meta"),
                    meta_dropout=settings.get("meta_dropout"))
-    return RunPredictor(predictors, run.path, run.tta, figures)
+    return RunPredictor(predictors, run.path, run.tta, figures, run.operating_point())
 

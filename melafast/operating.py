@@ -1,0 +1,216 @@
+"""Operating points that hold on new patients: a threshold chosen by a goal (sensitivity or specificity), scored
+honestly by cross-fitting, saved in the run, and applied by `predict` as a `decision` column.
+
+Cross-fitting: fold k's threshold is chosen on the other folds' out-of-fold rows only and applied to fold k's rows,
+so no row is scored by a threshold chosen on it. The figures of these decisions (sensitivity, specificity, PPV, NPV)
+are what a threshold chosen this way does on patients it was not chosen on; the same threshold chosen and scored on
+all rows (the in-sample figure) is optimistic.
+
+From the validated scale to `predict`'s: every out-of-fold score is one fold model's (its TTA mean, in its
+precision), while `predict` averages the fold models, and a mean of several models is a different score
+distribution (narrower: averaging pulls scores towards the middle), so a threshold picked on one is not the same
+operating point on the other. `predict` therefore never compares the fold mean with the threshold: each fold model
+scores the image as it scored its out-of-fold rows and is compared with the threshold, on the scale it was chosen
+on, and the decision is melanoma when at least half of the fold models say so (a tie counts as melanoma, the safe
+side). For a one-model run that is exactly the validated rule. `benchmarks/quality.py` measures what the vote
+reaches on held-out lesions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+import numpy as np
+import pandas as pd
+
+from .errors import MelafastError, RunError
+
+__all__ = ["parse_goal", "choose_threshold", "crossfit_decisions", "operating_table", "save_operating_point",
+           "vote", "STANDARD_GOALS", "ppv_npv"]
+
+STANDARD_GOALS = ("sens90", "sens95", "spec90", "spec95")  # the rows of the report's operating-point table
+VOTE_RULE = ("melanoma when at least half of the fold models score the image at or above the threshold, each as its "
+             "out-of-fold scores were made (its TTA, its precision); a tie counts as melanoma")
+
+
+def parse_goal(spec) -> dict:
+    """`sens90` (sensitivity at least 90%), `spec95` (specificity at least 95%), any level from 50 to 99.9 (`sens97.5`),
+    or a fixed probability threshold in (0, 1) (`0.3`). Returns kind ('sens', 'spec' or 'value'), level or
+    threshold, and the name used in tables and threshold.json."""
+    text = str(spec).strip().lower()
+    m = re.fullmatch(r"(sens|spec)(\d{2}(?:\.\d+)?)", text)
+    if m and 50 <= float(m.group(2)) < 100:
+        kind, level = m.group(1), float(m.group(2)) / 100
+        return dict(kind=kind, level=level, name=text,
+                    label=f"{'sensitivity' if kind == 'sens' else 'specificity'} >= {float(m.group(2)):g}%")
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value < 1:
+        return dict(kind="value", threshold=value, name=f"{value:g}", label=f"threshold {value:g}")
+    raise MelafastError(f"unknown operating point {spec!r}: use sensNN (sensitivity at least NN%), specNN (specificity "
+                        "at least NN%), NN from 50 to 99.9, e.g. sens90 or spec95, or a probability threshold between "
+                        "0 and 1, e.g. 0.3")
+
+
+def _rates(target, decision, weights=None) -> tuple[float, float]:
+    "Sensitivity and specificity of 0/1 `decision`, row i counted weights[i] times (NaN without that class)."
+    w = np.ones(len(target)) if weights is None else np.asarray(weights, dtype=np.float64)
+    pos, neg = w * (target == 1), w * (target == 0)
+    sens = (pos * decision).sum() / pos.sum() if pos.sum() else np.nan
+    spec = (neg * (1 - decision)).sum() / neg.sum() if neg.sum() else np.nan
+    return float(sens), float(spec)
+
+
+def ppv_npv(sens: float, spec: float, prevalence: float) -> tuple[float, float]:
+    """Positive and negative predictive value of a test with this sensitivity and specificity where a share
+    `prevalence` of the lesions are melanomas (Bayes' rule)."""
+    p = prevalence
+    called, cleared = sens * p + (1 - spec) * (1 - p), spec * (1 - p) + (1 - sens) * p
+    return (float(sens * p / called) if called > 0 else np.nan, float(spec * (1 - p) / cleared) if cleared > 0 else np.nan)
+
+
+def choose_threshold(target, pred, goal) -> float:
+    """The threshold (melanoma if pred >= it) that meets `goal` (see `parse_goal`) on these rows: for a sensitivity
+    goal the highest one that reaches it (the best specificity there), for a specificity goal the lowest one that
+    reaches it (the best sensitivity there); a fixed value as it is."""
+    from .evaluate import _cuts
+
+    goal = goal if isinstance(goal, dict) else parse_goal(goal)
+    if goal["kind"] == "value":
+        return float(goal["threshold"])
+    target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
+    if target.min(initial=1) == target.max(initial=0):
+        raise RunError("an operating point needs melanomas and benign lesions among the rows it is chosen on")
+    cuts, tp, fp = _cuts(target, pred)  # cuts[0] = inf (nothing called), then every distinct score, highest first
+    sens, spec = tp / tp[-1], 1 - fp / fp[-1]
+    ok = (sens if goal["kind"] == "sens" else spec) >= goal["level"] - 1e-12
+    i = np.flatnonzero(ok)[0] if goal["kind"] == "sens" else np.flatnonzero(ok)[-1]
+    # with a specificity goal the lowest cut may be inf (only when no threshold reaches it: call nothing)
+    return float(cuts[i]) if np.isfinite(cuts[i]) else float(np.nextafter(pred.max(), np.inf))
+
+
+def crossfit_decisions(target, pred, fold, goal) -> tuple[np.ndarray, dict]:
+    """0/1 decisions for every row: fold k's rows judged by the threshold chosen on the other folds' rows. Returns the
+    decisions and {fold: its threshold}. A fixed threshold is the same for every fold."""
+    target, pred, fold = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64), np.asarray(fold)
+    folds = sorted(pd.unique(fold))
+    if len(folds) < 2 and parse_goal(goal)["kind"] != "value":
+        raise RunError("cross-fitted operating points need out-of-fold predictions of at least two folds")
+    decision, thresholds = np.zeros(len(pred), dtype=np.int8), {}
+    for k in folds:
+        mine = fold == k
+        t = choose_threshold(target[~mine], pred[~mine], goal)
+        decision[mine] = pred[mine] >= t
+        thresholds[int(k) if np.issubdtype(type(k), np.integer) else k] = t
+    return decision, thresholds
+
+
+def _figures(target, decision, prevalences, weights=None) -> dict:
+    "{(measure, prevalence or None): value} of 0/1 `decision`: sensitivity, specificity, PPV and NPV at each prevalence."
+    sens, spec = _rates(target, decision, weights)
+    out = {("sensitivity", None): sens, ("specificity", None): spec}
+    for p in prevalences:
+        out[("PPV", p)], out[("NPV", p)] = ppv_npv(sens, spec, p)
+    return out
+
+
+def _prevalences(target, prevalence) -> list:
+    "The data's own prevalence, and the user's when given."
+    out = [float(np.mean(target))]
+    if prevalence is not None:
+        if not 0 < prevalence < 1:
+            raise MelafastError(f"--prevalence must be between 0 and 1 (a share of melanomas), got {prevalence}")
+        out.append(float(prevalence))
+    return out
+
+
+def operating_table(target, pred, fold, groups=None, goals=STANDARD_GOALS, prevalence: float | None = None,
+                    n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """For each goal: the threshold chosen on all rows, and the cross-fitted sensitivity, specificity, PPV and NPV
+    (at the data's prevalence and at `prevalence`) with percentile bootstrap intervals over whole `groups`
+    (patients), beside the same figures of the threshold chosen and scored on all rows (in-sample: optimistic).
+    One row per goal and measure. The bootstrap resamples the cross-fitted decisions; it does not choose again."""
+    from .evaluate import _resamples
+
+    target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
+    prevs = _prevalences(target, prevalence)
+    rows = []
+    for spec in goals:
+        goal = parse_goal(spec)
+        decision, per_fold = crossfit_decisions(target, pred, fold, goal)
+        t_all = choose_threshold(target, pred, goal)
+        point = _figures(target, decision, prevs)
+        optimistic = _figures(target, (pred >= t_all).astype(np.int8), prevs)
+        boots = [_figures(target, decision, prevs, w) for w in _resamples(groups, len(target), n_boot, seed)]
+        for key, value in point.items():
+            vals = np.array([b[key] for b in boots], dtype=np.float64)
+            vals = vals[~np.isnan(vals)]
+            lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2]) if len(vals) else (np.nan, np.nan)
+            rows.append({"operating point": goal["name"], "goal": goal["label"], "threshold": t_all,
+                         "fold thresholds": ", ".join(f"{v:.4f}" for v in per_fold.values()), "measure": key[0],
+                         "prevalence": np.nan if key[1] is None else key[1], "cross-fitted": value, "lo": float(lo),
+                         "hi": float(hi), "in-sample (optimistic)": optimistic[key]})
+    return pd.DataFrame(rows)
+
+
+def _patients(folder, oof) -> pd.Series | None:
+    "The patient of each out-of-fold row, from the run's data folder (None when it cannot be read: rows stand alone)."
+    if "patient_id" in oof.columns:
+        return oof["patient_id"]
+    try:
+        train = pd.read_csv(folder.data_for(None) / "train.csv", dtype=str,
+                            usecols=lambda c: c in ("image_name", "patient_id"))
+    except (MelafastError, OSError, ValueError):
+        return None
+    if "patient_id" not in train.columns:
+        return None
+    return oof["image_name"].map(train.set_index("image_name")["patient_id"])
+
+
+def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int = 1000, table=None) -> dict:
+    """Choose the operating point `spec` (see `parse_goal`) on all of `run`'s out-of-fold rows, and write it, with its
+    cross-fitted figures, to the run's threshold.json, from which `predict` and `load_predictor` add a decision.
+    `table`: its rows of `operating_table`, when already computed. Returns what was written."""
+    from .runfolder import RunFolder
+
+    folder = RunFolder(run)
+    oof = folder.oof(need="an operating point is chosen on the run's out-of-fold predictions")
+    goal = parse_goal(spec)
+    if table is None or goal["name"] not in set(table["operating point"]):
+        groups = _patients(folder, oof)
+        table = operating_table(oof["target"], oof["pred"], oof["fold"], groups, [goal["name"]], prevalence, n_boot)
+    mine = table[table["operating point"] == goal["name"]]
+    rows = mine.to_dict("records")
+    settings = folder.settings if folder.config_file.is_file() else {}
+    point = dict(operating_point=goal["name"], goal=goal["label"], threshold=float(mine["threshold"].iloc[0]),
+                 rule=VOTE_RULE, chosen_on=f"{len(oof)} out-of-fold images ({int(oof['target'].sum())} melanomas), "
+                 f"each scored by the fold model that did not train on it, TTA x{folder.tta}",
+                 tta=folder.tta, n_models=len(folder.model_dirs()), prevalence=prevalence,
+                 crossfit=_by_measure(rows, lambda r: dict(value=r["cross-fitted"], lo=r["lo"], hi=r["hi"])),
+                 in_sample=_by_measure(rows, lambda r: r["in-sample (optimistic)"]),
+                 fold_thresholds=mine["fold thresholds"].iloc[0], meta=settings.get("meta"),
+                 saved=datetime.datetime.now().isoformat(timespec="seconds"))
+    folder.write_operating_point(point)
+    return point
+
+
+def _by_measure(rows, value) -> dict:
+    """{"sensitivity": .., "specificity": .., "predictive": [{"prevalence": p, "PPV": .., "NPV": ..}, ...]} of the rows
+    of one operating point, the data's prevalence first."""
+    out, pred = {}, {}
+    for r in rows:
+        if pd.isna(r["prevalence"]):
+            out[r["measure"]] = value(r)
+        else:
+            pred.setdefault(r["prevalence"], {"prevalence": r["prevalence"]})[r["measure"]] = value(r)
+    return {**out, "predictive": list(pred.values())}
+
+
+def vote(per_model, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The decision of `VOTE_RULE` from each fold model's probabilities (one array each): (0/1 decisions, number of
+    models at or above the threshold)."""
+    votes = (np.asarray(per_model, dtype=np.float64) >= threshold).sum(axis=0)
+    return (2 * votes >= len(per_model)).astype(np.int8), votes

@@ -1,0 +1,142 @@
+"""Operating points: chosen on other folds (cross-fitted), scored with patient intervals, saved by `report
+--operating-point`, and applied by `predict` / `load_predictor` as a decision column."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from melafast.cli import app
+from melafast.errors import MelafastError
+from melafast.operating import (choose_threshold, crossfit_decisions, operating_table, parse_goal, ppv_npv,
+                                save_operating_point, vote)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+# scores of 10 rows, 4 melanomas: sorted high to low the targets are 1 1 0 1 0 0 1 0 0 0
+TARGET = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0, 0])
+PRED = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+
+
+def test_thresholds_meet_their_goal_by_hand():
+    assert choose_threshold(TARGET, PRED, "sens75") == 0.6  # 3 of 4 melanomas: the highest cut that keeps 3
+    assert choose_threshold(TARGET, PRED, "sens90") == 0.3  # all 4
+    # specificity >= 80%: at most 1 of the 6 benign lesions at or above the cut; at 0.5 two are (0.7, 0.5): 4/6;
+    # at 0.6 one is (0.7): 5/6, so the lowest cut that reaches it is 0.6
+    assert choose_threshold(TARGET, PRED, "spec80") == 0.6
+    assert choose_threshold(TARGET, PRED, "0.35") == 0.35
+    assert choose_threshold(TARGET, PRED, "spec99.9") == 0.8  # every benign lesion (the highest is 0.7) below
+    # when the highest score is a benign lesion's, only calling nothing reaches 100% specificity
+    assert choose_threshold([0, 1, 1], [0.9, 0.5, 0.1], "spec99.9") > 0.9
+
+
+def test_operating_point_names_are_checked():
+    assert parse_goal("SENS90")["label"] == "sensitivity >= 90%" and parse_goal("spec97.5")["level"] == 0.975
+    for bad in ("sens100", "sens9", "sensitivity", "1.5", "0", "spec"):
+        with pytest.raises(MelafastError, match="unknown operating point"):
+            parse_goal(bad)
+
+
+def test_cross_fitting_never_chooses_a_fold_threshold_on_that_fold():
+    rng = np.random.default_rng(0)
+    n = 600
+    fold = np.repeat([0, 1, 2], n // 3)
+    target = (rng.random(n) < 0.2).astype(int)
+    pred = rng.random(n) * 0.5 + 0.4 * target
+    pred[fold == 2] += 0.3  # fold 2's model scores higher: its own rows would give it another threshold
+    decision, thresholds = crossfit_decisions(target, pred, fold, "sens90")
+    for k in (0, 1, 2):
+        other = fold != k
+        assert thresholds[k] == choose_threshold(target[other], pred[other], "sens90")
+        assert np.array_equal(decision[fold == k], (pred[fold == k] >= thresholds[k]).astype(np.int8))
+    assert thresholds[2] != choose_threshold(target[fold == 2], pred[fold == 2], "sens90")
+    # in-sample the goal is met exactly; cross-fitted it is what a new fold gets (here fold 2 is over-called)
+    in_sample = (pred >= choose_threshold(target, pred, "sens90"))[target == 1].mean()
+    assert in_sample >= 0.9 and decision[target == 1].mean() != in_sample
+
+
+def test_predictive_values_and_their_intervals():
+    ppv, npv = ppv_npv(0.9, 0.8, 0.1)  # by hand: 0.09 / (0.09 + 0.18); 0.72 / (0.72 + 0.01)
+    assert ppv == pytest.approx(0.09 / 0.27) and npv == pytest.approx(0.72 / 0.73)
+    rng = np.random.default_rng(1)
+    n = 800
+    target = (rng.random(n) < 0.15).astype(int)
+    pred = rng.random(n) * 0.6 + 0.35 * target
+    fold, patients = rng.integers(0, 4, n), np.arange(n) // 2
+    table = operating_table(target, pred, fold, patients, ["sens90", "spec95"], prevalence=0.02, n_boot=300)
+    assert set(table["measure"]) == {"sensitivity", "specificity", "PPV", "NPV"}
+    assert sorted(set(table["prevalence"].dropna())) == [0.02, pytest.approx(target.mean())]
+    assert (table["lo"] <= table["cross-fitted"]).all() and (table["cross-fitted"] <= table["hi"]).all()
+    sens = table[(table["operating point"] == "sens90") & (table["measure"] == "sensitivity")].iloc[0]
+    decision, _ = crossfit_decisions(target, pred, fold, "sens90")
+    assert sens["cross-fitted"] == pytest.approx(decision[target == 1].mean())
+    assert sens["in-sample (optimistic)"] >= 0.9 and sens["hi"] - sens["lo"] > 0.02
+    ppv2 = table[(table["operating point"] == "sens90") & (table["measure"] == "PPV") & (table["prevalence"] == 0.02)]
+    spec = table[(table["operating point"] == "sens90") & (table["measure"] == "specificity")]["cross-fitted"].iloc[0]
+    assert ppv2["cross-fitted"].iloc[0] == pytest.approx(ppv_npv(sens["cross-fitted"], spec, 0.02)[0])
+
+
+def test_the_vote_of_fold_models():
+    per_model = [[0.9, 0.2, 0.6, 0.1], [0.8, 0.6, 0.2, 0.1], [0.1, 0.7, 0.2, 0.1]]
+    decision, votes = vote(per_model, 0.5)
+    assert votes.tolist() == [2, 2, 1, 0] and decision.tolist() == [1, 1, 0, 0]
+    decision, votes = vote(per_model[:2], 0.5)  # two models: a tie counts as melanoma
+    assert decision.tolist() == [1, 1, 1, 0]
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_report_saves_the_operating_point_and_predict_decides_with_it(run, sample_dir, tmp_path):
+    from melafast.inference import load_predictor
+
+    res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
+                 tmp_path / "plain.csv")
+    assert res.exit_code == 0 and "decision" not in pd.read_csv(tmp_path / "plain.csv").columns  # none saved yet
+    res = invoke("report", "--run", run, "--workers", 0, "--bootstrap", 100, "--errors", 0, "--no-importance",
+                 "--no-audit", "--operating-point", "sens90", "--prevalence", 0.02)
+    assert res.exit_code == 0, res.output
+    point = json.loads((run / "threshold.json").read_text())
+    oof = pd.read_csv(run / "oof.csv")
+    assert point["threshold"] == choose_threshold(oof["target"], oof["pred"], "sens90")
+    assert point["operating_point"] == "sens90" and point["n_models"] == 2 and point["tta"] == 1
+    decision, _ = crossfit_decisions(oof["target"], oof["pred"], oof["fold"], "sens90")
+    assert point["crossfit"]["sensitivity"]["value"] == pytest.approx(decision[oof["target"] == 1].mean())
+    assert [p["prevalence"] for p in point["crossfit"]["predictive"]] == [pytest.approx(oof["target"].mean()), 0.02]
+    assert "Saved operating point: sensitivity &gt;= 90%" in (run / "report.html").read_text()
+
+    res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
+                 tmp_path / "preds.csv")
+    assert res.exit_code == 0 and "operating point sens90" in res.output
+    got = pd.read_csv(tmp_path / "preds.csv")
+    predictor = load_predictor(run)
+    frame = predictor.predict_frame(sample_dir / "jpeg" / "test", progress=False)
+    per_model = [p.predict(sample_dir / "jpeg" / "test", progress=False) for p in predictor.predictors]
+    want, votes = vote(per_model, point["threshold"])
+    assert frame["decision"].tolist() == want.tolist() == got["decision"].tolist()
+    assert frame["votes"].tolist() == votes.tolist() == got["votes"].tolist()
+    assert np.allclose(frame["pred"], got["pred"]) and np.allclose(got["pred"], np.mean(per_model, axis=0))
+    with pytest.warns(UserWarning, match="TTA x2"):  # another TTA than the one that chose the threshold: said
+        predictor.predict_frame(sample_dir / "jpeg" / "test", tta=2, progress=False)
+
+
+def test_save_operating_point_from_the_library_and_bad_input(run):
+    point = save_operating_point(run, "spec95", n_boot=50)
+    assert point["goal"] == "specificity >= 95%" and (run / "threshold.json").is_file()
+    for args, msg in ((["--operating-point", "sens101"], "unknown operating point 'sens101'"),
+                      (["--operating-point", "best"], "unknown operating point 'best'"),
+                      (["--prevalence", "1.5"], "--prevalence must be between 0 and 1")):
+        res = invoke("report", "--run", run, "--no-audit", "--errors", 0, *args)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1 and msg in res.stderr, res.output
+    (run / "oof.csv").unlink()
+    with pytest.raises(MelafastError, match="has no oof.csv"):
+        save_operating_point(run, "sens90")
