@@ -24,6 +24,8 @@ _EXPORTS = {
     "save_run": "checkpoint", "save_model": "checkpoint", "load_model": "checkpoint",
     "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
     "MissingMetadataWarning": "inference", "MetaDropout": "data", "compare_runs": "compare", "run_report": "report",
+    "audit_run": "audit", "shortcut_audit": "audit", "save_operating_point": "operating",
+    "operating_table": "operating",
 }
 
 __all__ = ["__version__", *_EXPORTS]

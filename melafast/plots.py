@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["plot_curves", "plot_roc", "plot_pseudo", "save_current_figure", "plot_roc_pr", "plot_reliability", "plot_subgroups",
-           "plot_importance", "plot_cam_grid", "plot_roc_overlay", "plot_differences"]
+           "plot_importance", "plot_cam_grid", "plot_roc_overlay", "plot_differences", "plot_audit", "plot_artefacts"]
 
 
 def _plt():
@@ -229,5 +229,48 @@ def plot_differences(table: pd.DataFrame, path, title: str) -> Path:
     ax.set_yticks(y, table["label"], fontsize=7)
     ax.set(xlabel="difference (95% paired bootstrap interval)", title=title)
     ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_audit(table: pd.DataFrame, path) -> Path:
+    """The shortcut audit at a glance: per artefact, the mean change of the benign lesions' melanoma score (left)
+    and the AUC with the artefact on every image against the clean AUC (right), with their intervals; flagged
+    artefacts in red."""
+    plt = _plt()
+    from .audit import MIN_SHIFT
+
+    fig, (ax_b, ax_a) = plt.subplots(1, 2, figsize=(11, 0.55 * len(table) + 1.8), sharey=True)
+    y = np.arange(len(table))[::-1]
+    colours = ["tab:red" if f else "tab:blue" for f in table["flagged"]]
+    for ax, mid, lo, hi in ((ax_b, "benign change", "benign lo", "benign hi"),
+                            (ax_a, "AUC with artefact", None, None)):
+        if lo is not None:
+            err = [table[mid] - table[lo], table[hi] - table[mid]]
+        else:  # the AUC's interval: the clean AUC plus the interval of the paired change
+            err = [table["AUC change"] - table["AUC lo"], table["AUC hi"] - table["AUC change"]]
+        for yi, m, e0, e1, c in zip(y, table[mid], err[0], err[1], colours):
+            ax.errorbar(m, yi, xerr=[[max(e0, 0)], [max(e1, 0)]], fmt="o", color=c, capsize=3)
+        ax.grid(alpha=0.3, axis="x")
+    ax_b.axvline(0, color="grey", lw=1)
+    for x in (-MIN_SHIFT, MIN_SHIFT):
+        ax_b.axvline(x, color="grey", lw=1, ls=":")
+    ax_a.axvline(float(table["AUC clean"].iloc[0]), color="grey", lw=1, label="clean images")
+    ax_b.set(yticks=y, yticklabels=table["artefact"], xlabel="mean change of the melanoma probability",
+             title="benign lesions: score change (dotted: 'shifts decisions')")
+    ax_a.set(xlabel="out-of-fold ROC AUC", title="AUC with the artefact on every image (red: flagged)")
+    ax_a.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_artefacts(views: list, path) -> Path:
+    """A row of images with their titles: (title, H x W x 3 uint8) pairs."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(views), figsize=(2.2 * len(views), 2.5), squeeze=False)
+    for ax, (title, img) in zip(axes[0], views):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)

@@ -21,7 +21,8 @@ from .runfolder import RunFolder
 __all__ = ["run_report", "SECTIONS"]
 
 SECTIONS = {"summary": "Summary", "curves": "Curves and operating points", "calibration": "Calibration",
-            "subgroups": "Subgroups", "errors": "Worst errors, explained", "metadata": "What the metadata adds",
+            "subgroups": "Subgroups", "errors": "Worst errors, explained", "shortcuts": "Shortcut audit",
+            "metadata": "What the metadata adds",
             "training": "Training"}
 SITE = "anatom_site_general_challenge"
 
@@ -128,16 +129,45 @@ def _summary(config, results, df, data, n_boot) -> str:
     return "\n".join([*out, "<h3>AUC per fold</h3>", _table(folds), "<h3>Settings</h3>", _table(pd.DataFrame(rows))])
 
 
-def _curves(df, figdir) -> tuple[str, pd.DataFrame]:
+def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[str, pd.DataFrame]:
     from .evaluate import operating_points
+    from .operating import STANDARD_GOALS, operating_table, parse_goal
     from .plots import plot_roc_pr
 
     points = operating_points(df["target"], df["pred"])
     fig = plot_roc_pr(df["target"], df["pred"], points, figdir / "roc_pr.png")
-    text = _p("Operating points: the best sensitivity at a given specificity and the best specificity at a given "
-              "sensitivity, with the threshold on the melanoma probability (melanoma if the probability is at least "
-              "the threshold) and the counts on the out-of-fold images.")
-    return "\n".join([_img(fig), text, _table(points)]), points
+    goals = list(STANDARD_GOALS)
+    if operating_point is not None and parse_goal(operating_point)["name"] not in goals:
+        goals.append(parse_goal(operating_point)["name"])
+    table = operating_table(df["target"], df["pred"], df["fold"], df.get("patient_id"), goals, prevalence, n_boot)
+    shown = table.assign(**{"95% interval": [f"{lo:.3f} to {hi:.3f}" for lo, hi in zip(table["lo"], table["hi"])]})
+    shown = shown[["operating point", "threshold", "measure", "prevalence", "cross-fitted", "95% interval",
+                   "in-sample (optimistic)"]]
+    text = [_p("Operating points as they hold on new patients (cross-fitted): each fold's threshold is chosen on the "
+               "other folds' out-of-fold images only and applied to that fold, so no image is judged by a threshold "
+               "chosen on it. Sensitivity, specificity, and the predictive values (PPV: the share of melanoma calls "
+               "that are melanomas; NPV: the share of cleared lesions that are benign; both depend on the prevalence, the "
+               "share of melanomas, in their column) at the data's prevalence"
+               + (f" and at {prevalence:.1%}" if prevalence is not None else " (pass --prevalence for another, e.g. "
+                  "0.02 for a screening population like ISIC 2020's)")
+               + f", with 95% intervals from {n_boot} bootstrap resamples of whole patients. The threshold column is "
+               "the one chosen on all out-of-fold images (what --operating-point saves); the in-sample column scores "
+               "it on the images it was chosen on: optimistic, shown for comparison only."),
+            _table(shown),
+            _p("The ROC below marks the same goals chosen and scored on all out-of-fold images (in-sample, "
+               "optimistic), with precision-recall beside it."),
+            _img(fig), _table(points.rename(columns={"goal": "goal (in-sample, optimistic)"}))]
+    return "\n".join(text), table
+
+
+def _saved_point(point: dict) -> str:
+    cf = point["crossfit"]
+    return (f'<h3>Saved operating point: {html.escape(point["goal"])}</h3>' + _p(
+        f"Threshold {point['threshold']:.4f} on the melanoma probability, chosen on {point['chosen_on']}; saved in "
+        f"threshold.json. Cross-fitted, a threshold chosen this way reaches sensitivity "
+        f"{cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and "
+        f"specificity {cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}). "
+        f"`melafast predict` and `load_predictor(run).predict_frame` add a decision column: {point['rule']}."))
 
 
 def _calibration(config, df, figdir) -> str:
@@ -311,14 +341,23 @@ def _training(run: RunFolder) -> str:
 
 def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importance: bool = True,
                n_boot: int = 1000, repeats: int = 5, bs: int = 64, num_workers: int | None = None, device=None,
-               log: Callable = print, precision: str | None = None) -> Path:
+               log: Callable = print, precision: str | None = None, operating_point: str | None = None,
+               prevalence: float | None = None, audit: bool = True) -> Path:
     """Write `out` (default the run's report.html): a self-contained HTML page (figures embedded, no network needed),
     and its figures as PNGs in `<out stem>_figures/`. `data` defaults to the run's data folder; `n_errors` images
     per error grid (0: none); `importance=False` skips the metadata importance (one pass over the OOF images).
     The model passes (Grad-CAM, importance) run each model in the precision it was validated with, or `precision`.
+    `operating_point` (sens90, spec95, ..., or a threshold; see `operating.parse_goal`) is chosen on the out-of-fold
+    predictions and saved in the run's threshold.json, from which `predict` adds a decision; `prevalence` adds the
+    predictive values at that share of melanomas. `audit=False` leaves out the shortcut audit (see `audit`: one
+    plain-view pass over the out-of-fold images per artefact).
     """
     from .atomic import write_text
+    from .operating import _prevalences, parse_goal
 
+    if operating_point is not None:
+        parse_goal(operating_point)  # a bad one stops before any work
+    _prevalences([0, 1], prevalence)
     folder = RunFolder(run)
     config, oof = _read_run(folder)
     results = folder.results()
@@ -328,12 +367,26 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     figdir.mkdir(parents=True, exist_ok=True)
     log(f"report on {run}: {len(df)} out-of-fold images from {data}")
     sections = {"summary": _summary(config, results, df, data, n_boot)}
-    sections["curves"], _ = _curves(df, figdir)
+    sections["curves"], table = _curves(df, figdir, n_boot, operating_point, prevalence)
+    if operating_point is not None:
+        from .operating import save_operating_point
+
+        point = save_operating_point(folder, operating_point, prevalence, n_boot, table=table)
+        log(f"saved operating point {point['operating_point']} (threshold {point['threshold']:.4f}) to "
+            f"{folder.operating_point_file}: `melafast predict` adds a decision column from it")
+        sections["curves"] += _saved_point(point)
     sections["calibration"] = _calibration(config, df, figdir)
     sections["subgroups"] = _subgroups(config, df, figdir, n_boot)
-    models = _fold_models(folder) if n_errors > 0 or importance else {}
+    models = _fold_models(folder) if n_errors > 0 or importance or audit else {}
     sections["errors"] = (_errors(models, df, figdir, n_errors, bs, num_workers, device, precision) if n_errors > 0
                           else _p("Left out (n_errors=0)."))
+    if audit:
+        from .audit import audit_section
+
+        sections["shortcuts"] = audit_section(folder, config, models, df, figdir, n_boot=n_boot, bs=bs,
+                                              num_workers=num_workers, device=device, precision=precision, log=log)[0]
+    else:
+        sections["shortcuts"] = _p("Left out (--no-audit).")
     sections["metadata"] = (_metadata(config, models, df, figdir, repeats, bs, num_workers, device, precision)
                             if importance else _p("Left out (--no-importance)."))
     sections["training"] = _training(folder)

@@ -41,7 +41,7 @@ TINY = dict(arch=TINY_ARCH, size=32, bs=16, epochs=1, folds=2, lr="1e-2", pretra
 
 # the slowest tests start first, so that the workers finish together rather than one waiting on a long tail
 FIRST = ("test_quality_small", "test_notebook_runs", "test_the_main_job", "test_two_processes", "test_saved_fold_model",
-         "test_prediction_memory", "test_real_images", "test_throughput", "test_piped_train")
+         "test_prediction_memory", "test_the_audit_flags", "test_real_images", "test_throughput", "test_piped_train")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -54,15 +54,16 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     page = _Page()
     page.feed((run / "report.html").read_text())
     assert page.sections == list(SECTIONS)
-    assert len(page.imgs) == 7  # ROC/PR, calibration, subgroups, two error grids, importance, curves: the ROC once
+    # ROC/PR, calibration, subgroups, two error grids, the audit's two, importance, curves: the ROC once
+    assert len(page.imgs) == 9
     for src in page.imgs:  # every image embedded, and each a real PNG
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(u.startswith(("data:", "#")) for u in page.urls)  # nothing to fetch from anywhere
     assert not {"script", "link", "iframe"} & set(page.tags)
     figures = sorted(p.name for p in (run / "report_figures").iterdir())
-    assert figures == ["calibration.png", "false_alarms.png", "metadata_importance.png", "missed_melanomas.png",
-                       "roc_pr.png", "subgroups.png"]
+    assert figures == ["audit.png", "audit_artefacts.png", "calibration.png", "false_alarms.png",
+                       "metadata_importance.png", "missed_melanomas.png", "roc_pr.png", "subgroups.png"]
     html = (run / "report.html").read_text()
     assert f"<h1>melafast report: {run.name}</h1>" in html  # the folder's name, not the machine's path to it
     oof = pd.read_csv(run / "oof.csv")
@@ -78,6 +79,9 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     # the CAM layer and its grid named; the map is of the plain view while the score is the TTA mean
     assert re.search(r"taken at backbone layer [\w.]+ \(stride \d+: a \d+ x \d+ grid at 32 px\)", html)
     assert "explain the plain view" in html and "By diagnosis: melanoma " in html
+    # operating points: cross-fitted with intervals, the in-sample figure only as optimistic; nothing saved unasked
+    assert "cross-fitted" in html and "in-sample (optimistic)" in html and not (run / "threshold.json").exists()
+    assert "Each artefact drawn synthetically onto every one of the 64 out-of-fold images" in html
 
 
 def test_galleries_show_one_image_per_lesion_and_keep_carcinomas_apart_from_benign_lesions():

@@ -140,6 +140,15 @@ def report(
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
     precision: RunPrecisionOpt = None,
+    operating_point: Annotated[Optional[str], typer.Option(
+        "--operating-point", help="Choose this operating point on the out-of-fold predictions and save it in the run "
+        "(threshold.json): sens90 (sensitivity at least 90%), spec95 (specificity at least 95%), any sensNN/specNN, "
+        "or a probability threshold such as 0.3. `melafast predict` then adds a decision column.")] = None,
+    prevalence: Annotated[Optional[float], typer.Option(
+        "--prevalence", help="Also give PPV and NPV where this share of lesions are melanomas (e.g. 0.02 for a "
+        "screening population; the data's own share is always given).")] = None,
+    audit: Annotated[bool, typer.Option("--audit/--no-audit", help="The shortcut audit (see `melafast audit`): one "
+                                        "plain-view pass over the out-of-fold images per artefact.")] = True,
 ):
     """Write an HTML report of a run: where its models succeed and fail (AUC interval, curves, calibration, ...)."""
     from ..report import run_report
@@ -147,7 +156,36 @@ def report(
     if errors < 0 or bootstrap < 1:
         raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
     run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
-               num_workers=workers, log=typer.echo, precision=_value(precision))
+               num_workers=workers, log=typer.echo, precision=_value(precision), operating_point=operating_point,
+               prevalence=prevalence, audit=audit)
+
+
+@app.command()
+@friendly
+def audit(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    artefact: Annotated[Optional[List[str]], typer.Option("--artefact", help="Artefact to draw; repeat for several "
+                                                          "(default all: ink, ruler, vignette, hair, patch).")] = None,
+    data: RunDataOpt = None,
+    images: ImagesOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default <run>/audit.html); the "
+                                                "table goes beside it as .csv, the figures to <out stem>_figures/.")]
+    = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds where each artefact is drawn on each image.")] = 0,
+    tta: Annotated[int, typer.Option("--tta", help="Dihedral views per image (1: the plain view).")] = 1,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    precision: RunPrecisionOpt = None,
+):
+    """Shortcut audit: draw ink, rulers, vignettes, hair and colour patches on the out-of-fold images; flag the ones
+    that move the run's scores."""
+    from ..audit import audit_run
+
+    if bootstrap < 1:
+        raise MelafastError("--bootstrap must be at least 1")
+    audit_run(run, artefact, data=data, images=images, out=out, n_boot=bootstrap, seed=seed, tta=tta, bs=bs,
+              num_workers=workers, log=typer.echo, precision=_value(precision))
 
 
 @app.command()
