@@ -132,19 +132,26 @@ def operating_table(target, pred, fold, groups=None, goals=STANDARD_GOALS, preva
     """For each goal: the threshold chosen on all rows, and the cross-fitted sensitivity, specificity, PPV and NPV
     (at the data's prevalence and at `prevalence`) with percentile bootstrap intervals over whole `groups`
     (patients), beside the same figures of the threshold chosen and scored on all rows (in-sample: optimistic).
-    One row per goal and measure. The bootstrap resamples the cross-fitted decisions; it does not choose again."""
+    One row per goal and measure. The bootstrap resamples the cross-fitted decisions; it does not choose again.
+    With one fold there is nothing to cross-fit on: the cross-fitted figures are NaN (a fixed threshold is scored)."""
     from .evaluate import _resamples
 
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
     prevs = _prevalences(target, prevalence)
+    one_fold = len(pd.unique(np.asarray(fold))) < 2
     rows = []
     for spec in goals:
         goal = parse_goal(spec)
-        decision, per_fold = crossfit_decisions(target, pred, fold, goal)
         t_all = choose_threshold(target, pred, goal)
-        point = _figures(target, decision, prevs)
         optimistic = _figures(target, (pred >= t_all).astype(np.int8), prevs)
-        boots = [_figures(target, decision, prevs, w) for w in _resamples(groups, len(target), n_boot, seed)]
+        if one_fold and goal["kind"] != "value":  # nothing to cross-fit on: the in-sample figures only
+            decision, per_fold = None, {}
+            point = {key: np.nan for key in optimistic}
+        else:
+            decision, per_fold = crossfit_decisions(target, pred, fold, goal)
+            point = _figures(target, decision, prevs)
+        boots = ([] if decision is None else
+                 [_figures(target, decision, prevs, w) for w in _resamples(groups, len(target), n_boot, seed)])
         for key, value in point.items():
             vals = np.array([b[key] for b in boots], dtype=np.float64)
             vals = vals[~np.isnan(vals)]
@@ -189,9 +196,10 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
                  rule=VOTE_RULE, chosen_on=f"{len(oof)} out-of-fold images ({int(oof['target'].sum())} melanomas), "
                  f"each scored by the fold model that did not train on it, TTA x{folder.tta}",
                  tta=folder.tta, n_models=len(folder.model_dirs()), prevalence=prevalence,
-                 crossfit=_by_measure(rows, lambda r: dict(value=r["cross-fitted"], lo=r["lo"], hi=r["hi"])),
+                 crossfit=_by_measure(rows, lambda r: None if r["cross-fitted"] is None else
+                                      dict(value=r["cross-fitted"], lo=r["lo"], hi=r["hi"])),
                  in_sample=_by_measure(rows, lambda r: r["in-sample (optimistic)"]),
-                 fold_thresholds=mine["fold thresholds"].iloc[0], meta=settings.get("meta"),
+                 fold_thresholds=mine["fold thresholds"].iloc[0] or None, meta=settings.get("meta"),
                  saved=datetime.datetime.now().isoformat(timespec="seconds"))
     folder.write_operating_point(point)
     return point
@@ -199,8 +207,10 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
 
 def _by_measure(rows, value) -> dict:
     """{"sensitivity": .., "specificity": .., "predictive": [{"prevalence": p, "PPV": .., "NPV": ..}, ...]} of the rows
-    of one operating point, the data's prevalence first."""
+    of one operating point, the data's prevalence first; NaN (not cross-fitted) as null."""
     out, pred = {}, {}
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) and k != "prevalence" else v) for k, v in r.items()}
+            for r in rows]
     for r in rows:
         if pd.isna(r["prevalence"]):
             out[r["measure"]] = value(r)

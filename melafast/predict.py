@@ -59,10 +59,13 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.nd
             "votes": pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64")}
     cols["decision"][ok], cols["votes"][ok] = decision, votes
     cols["decision"][~ok], cols["votes"][~ok] = pd.NA, pd.NA
+    cf = point["crossfit"]
+    how = ("it was not cross-fitted (one fold)" if cf.get("sensitivity") is None else
+           f"cross-fitted it reached sensitivity {cf['sensitivity']['value']:.3f} and specificity "
+           f"{cf['specificity']['value']:.3f} on the run's out-of-fold images")
     log(f"decision (1: melanoma) at the run's operating point {point['operating_point']} ({point['goal']}, threshold "
         f"{point['threshold']:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point['rule']}; "
-        f"cross-fitted it reached sensitivity {point['crossfit']['sensitivity']['value']:.3f} and specificity "
-        f"{point['crossfit']['specificity']['value']:.3f} on the run's out-of-fold images")
+        f"{how}")
     return pred, cols
 
 

@@ -140,7 +140,8 @@ def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[
     if operating_point is not None and parse_goal(operating_point)["name"] not in goals:
         goals.append(parse_goal(operating_point)["name"])
     table = operating_table(df["target"], df["pred"], df["fold"], df.get("patient_id"), goals, prevalence, n_boot)
-    shown = table.assign(**{"95% interval": [f"{lo:.3f} to {hi:.3f}" for lo, hi in zip(table["lo"], table["hi"])]})
+    shown = table.assign(**{"95% interval": ["" if np.isnan(lo) else f"{lo:.3f} to {hi:.3f}"
+                                             for lo, hi in zip(table["lo"], table["hi"])]})
     shown = shown[["operating point", "threshold", "measure", "prevalence", "cross-fitted", "95% interval",
                    "in-sample (optimistic)"]]
     text = [_p("Operating points as they hold on new patients (cross-fitted): each fold's threshold is chosen on the "
@@ -153,6 +154,9 @@ def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[
                + f", with 95% intervals from {n_boot} bootstrap resamples of whole patients. The threshold column is "
                "the one chosen on all out-of-fold images (what --operating-point saves); the in-sample column scores "
                "it on the images it was chosen on: optimistic, shown for comparison only."),
+            *([f'<p class="note">This run has out-of-fold predictions of one fold only: there are no other folds to '
+               "choose a threshold on, so there are no cross-fitted figures; the in-sample ones are optimistic.</p>"]
+              if df["fold"].nunique() < 2 else []),
             _table(shown),
             _p("The ROC below marks the same goals chosen and scored on all out-of-fold images (in-sample, "
                "optimistic), with precision-recall beside it."),
@@ -162,12 +166,14 @@ def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[
 
 def _saved_point(point: dict) -> str:
     cf = point["crossfit"]
+    how = ("It could not be cross-fitted (one fold)." if cf["sensitivity"] is None else
+           f"Cross-fitted, a threshold chosen this way reaches sensitivity {cf['sensitivity']['value']:.3f} "
+           f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and specificity "
+           f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}).")
     return (f'<h3>Saved operating point: {html.escape(point["goal"])}</h3>' + _p(
         f"Threshold {point['threshold']:.4f} on the melanoma probability, chosen on {point['chosen_on']}; saved in "
-        f"threshold.json. Cross-fitted, a threshold chosen this way reaches sensitivity "
-        f"{cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and "
-        f"specificity {cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}). "
-        f"`melafast predict` and `load_predictor(run).predict_frame` add a decision column: {point['rule']}."))
+        f"threshold.json. {how} `melafast predict` and `load_predictor(run).predict_frame` add a decision column: "
+        f"{point['rule']}."))
 
 
 def _calibration(config, df, figdir) -> str:

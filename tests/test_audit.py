@@ -1,6 +1,8 @@
 """The shortcut audit: each artefact drawn as recorded, and the audit proven able to fail: a model trained where ink
 marks the melanomas is flagged for ink, one trained on the same images without the ink is not."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,3 +103,9 @@ def test_audit_bad_input_is_one_error_line(tiny_run, tmp_path):
     assert "choose from ink, ruler, vignette, hair, patch" in res.stderr
     res = invoke("audit", "--run", tmp_path / "nowhere")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1
+    no_oof = shutil.copytree(tiny_run, tmp_path / "no_oof")
+    (no_oof / "oof.csv").unlink()
+    res = invoke("audit", "--run", no_oof)
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no oof.csv" in res.stderr
+    res = invoke("audit", "--run", tiny_run, "--tta", 3)
+    assert res.exit_code == 1 and "--tta must be 1, 2, 4 or 8" in res.stderr

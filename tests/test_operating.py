@@ -140,3 +140,16 @@ def test_save_operating_point_from_the_library_and_bad_input(run):
     (run / "oof.csv").unlink()
     with pytest.raises(MelafastError, match="has no oof.csv"):
         save_operating_point(run, "sens90")
+
+
+def test_a_one_fold_run_gets_in_sample_figures_only(make_run, tmp_path, sample_dir):
+    run = shutil.copytree(make_run(extra_meta=True, fold=0), tmp_path / "run")
+    res = invoke("report", "--run", run, "--workers", 0, "--bootstrap", 50, "--errors", 0, "--no-importance",
+                 "--no-audit", "--operating-point", "spec90")
+    assert res.exit_code == 0, res.output
+    assert "no cross-fitted figures" in (run / "report.html").read_text()
+    point = json.loads((run / "threshold.json").read_text())  # valid JSON: no NaN
+    assert point["crossfit"]["sensitivity"] is None and point["in_sample"]["specificity"] >= 0.9
+    res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
+                 tmp_path / "p.csv")
+    assert res.exit_code == 0 and "not cross-fitted (one fold)" in res.output
