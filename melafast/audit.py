@@ -295,7 +295,8 @@ def audit_run(run, artefacts=None, data=None, images=None, out=None, n_boot: int
               tta: int = 1, bs: int = 64, num_workers: int | None = None, device=None, precision: str | None = None,
               log: Callable = print) -> pd.DataFrame:
     """`melafast audit`: the shortcut audit of a finished run on its out-of-fold images. Writes `out` (default
-    <run>/audit.html, its figures in <out stem>_figures/) and audit.csv beside it; returns the table."""
+    <run>/audit.html, its figures in <out stem>_figures/) and the table beside it (<out stem>.csv: the run's
+    audit.csv by default, which `melafast card` reads); returns the table."""
     from .atomic import write_csv, write_text
     from .report import _fold_models, _oof_with_metadata, _page, _read_run
     from .runfolder import RunFolder

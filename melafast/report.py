@@ -389,8 +389,12 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     if audit:
         from .audit import audit_section
 
-        sections["shortcuts"] = audit_section(folder, config, models, df, figdir, n_boot=n_boot, bs=bs,
-                                              num_workers=num_workers, device=device, precision=precision, log=log)[0]
+        from .atomic import write_csv
+
+        sections["shortcuts"], audit_table = audit_section(folder, config, models, df, figdir, n_boot=n_boot, bs=bs,
+                                                           num_workers=num_workers, device=device,
+                                                           precision=precision, log=log)
+        write_csv(audit_table, figdir / "audit.csv")
     else:
         sections["shortcuts"] = _p("Left out (--no-audit).")
     sections["metadata"] = (_metadata(config, models, df, figdir, repeats, bs, num_workers, device, precision)

@@ -10,6 +10,8 @@ and the data it was trained on, and checks that it is complete and of a format t
     fold<k>/            one model folder per fold: model.safetensors + config.json [+ lr_find.png]
     report.html report_figures/              after `melafast report`
     threshold.json      the operating point `predict` decides with, after `melafast report --operating-point`
+    audit.html audit.csv audit_figures/      after `melafast audit` (the report's audit table: report_figures/audit.csv)
+    MODEL_CARD.md       after `melafast card`
     pseudo.csv pseudo.png pseudo.json        after `melafast pseudo`
 
 No other module spells these names: they ask a `RunFolder` (or, for one model folder, `model_files`).
@@ -71,6 +73,7 @@ class RunFolder:
     skipped_file = property(lambda self: self.path / "skipped_images.csv")
     report_file = property(lambda self: self.path / "report.html")
     operating_point_file = property(lambda self: self.path / "threshold.json")
+    audit_file = property(lambda self: self.path / "audit.csv")
     pseudo_file = property(lambda self: self.path / "pseudo.csv")
 
     def fold_dir(self, k: int) -> Path:
@@ -216,6 +219,14 @@ class RunFolder:
         except ValueError as e:
             raise RunError(f"{self.operating_point_file} is damaged ({e}): save it again with `melafast report "
                            "--operating-point`") from None
+
+    def audit(self) -> pd.DataFrame | None:
+        """The shortcut audit's table: audit.csv from `melafast audit`, else the one the report's section saved
+        (None when neither ran)."""
+        for f in (self.audit_file, self.report_file.parent / f"{self.report_file.stem}_figures" / self.audit_file.name):
+            if f.is_file():
+                return pd.read_csv(f)
+        return None
 
     def metrics(self) -> pd.DataFrame | None:
         """metrics.csv, or None when the run has none."""

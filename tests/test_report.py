@@ -62,7 +62,7 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     assert all(u.startswith(("data:", "#")) for u in page.urls)  # nothing to fetch from anywhere
     assert not {"script", "link", "iframe"} & set(page.tags)
     figures = sorted(p.name for p in (run / "report_figures").iterdir())
-    assert figures == ["audit.png", "audit_artefacts.png", "calibration.png", "false_alarms.png",
+    assert figures == ["audit.csv", "audit.png", "audit_artefacts.png", "calibration.png", "false_alarms.png",
                        "metadata_importance.png", "missed_melanomas.png", "roc_pr.png", "subgroups.png"]
     html = (run / "report.html").read_text()
     assert f"<h1>melafast report: {run.name}</h1>" in html  # the folder's name, not the machine's path to it

@@ -190,6 +190,24 @@ def audit(
 
 @app.command()
 @friendly
+def card(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    data: RunDataOpt = None,
+    images: ImagesOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Markdown file to write (default <run>/MODEL_CARD.md).")]
+    = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+):
+    """Write the run's model card (Hugging Face format) from what the run folder knows."""
+    from ..card import model_card
+
+    if bootstrap < 1:
+        raise MelafastError("--bootstrap must be at least 1")
+    model_card(run, out=out, data=data, images=images, n_boot=bootstrap, log=typer.echo)
+
+
+@app.command()
+@friendly
 def compare(
     runs: Annotated[List[Path], typer.Argument(help="Two or more finished run folders; each later one is compared "
                                                "with the first.", show_default=False)],
