@@ -14,7 +14,8 @@ lesion-grouped folds of the rest (or of --images of it) and is scored twice:
   op_*     melafast recipes: the operating point "sensitivity >= 90%" chosen on the OOF rows and saved as
            `melafast report --operating-point sens90` saves it; op_crossfit_sens is its cross-fitted sensitivity,
            op_holdout_sens/spec what `predict`'s decision (the fold models' vote) reaches on the held-out part, and
-           op_holdout_sens_mean/spec_mean the fold mean against the same threshold, for comparison
+           op_holdout_sens_mean/spec_mean the fold mean against the same threshold, for comparison; with
+           --op-fresh N the same on about N fresh lesions (op_fresh_*)
 
 --seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
 mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
@@ -202,6 +203,10 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
         row["selected"] = oof["pred_selected"].to_numpy()
     row["op"] = _operating_point_check(cfg.out, held, hold)
+    if a.op_fresh is not None:  # the same operating point on fresh lesions, drawn like the CV's own
+        fresh = predict_many(models, a.op_fresh, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
+        row["op"].update({k.replace("holdout", "fresh"): v for k, v in
+                          _operating_point_check(cfg.out, fresh, a.op_fresh).items() if k != "op_crossfit_sens"})
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
@@ -324,6 +329,14 @@ def markdown_table(results: list) -> str:
         lines += [f"| {res.get('label') or ''} | {name} | " + " | ".join(_cell(s[k]) for k in (
             "op_crossfit_sens", "op_holdout_sens", "op_holdout_spec", "op_holdout_sens_mean", "op_holdout_spec_mean"))
             + " |" for res, name, s in points]
+        fresh = [(res, name, s) for res, name, s in points if "op_fresh_sens" in s]
+        if fresh:
+            lines += ["", "| run | recipe | fresh lesions: sensitivity, predict's decision | specificity, predict's "
+                      "decision | sensitivity, fold mean >= threshold | specificity, fold mean >= threshold |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {res.get('label') or ''} | {name} | " + " | ".join(_cell(s[k]) for k in (
+                "op_fresh_sens", "op_fresh_spec", "op_fresh_sens_mean", "op_fresh_spec_mean")) + " |"
+                for res, name, s in fresh]
     return "\n".join(lines)
 
 
@@ -355,6 +368,9 @@ def _parse(argv):
     p.add_argument("--fresh-check", action="store_true",
                    help="melafast recipes: also score each fold model alone, plain view, on its validation fold, the "
                         "held-out part and the images --images left unused (single_tta1_valid/holdout/fresh)")
+    p.add_argument("--op-fresh", type=int, default=None, metavar="N",
+                   help="melafast recipes: also apply the saved operating point to about N fresh images (lesions of the "
+                        "non-held-out part that --images left unused): op_fresh_sens/spec")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=42, help="first seed; the others follow it")
     p.add_argument("--seeds", type=int, default=1, help="repeat every recipe with this many seeds")
@@ -406,6 +422,9 @@ def main(argv=None):
         raise SystemExit("--fresh-check needs --images smaller than the non-held-out part (fresh images of both classes)")
     if a.fresh is not None and a.small:
         a.fresh = _subset(a.fresh, 150, seed=1)
+    if a.op_fresh is not None:  # about N fresh lesions: non-held-out images the CV subset left unused
+        unused = rest[~rest["image_name"].isin(cv["image_name"])].reset_index(drop=True)
+        a.op_fresh = _subset(unused, a.op_fresh, seed=a.holdout_seed + 1) if a.op_fresh < len(unused) else unused
     a.everything = __import__("pandas").concat([cv, hold], ignore_index=True)
     seeds = [a.seed + i for i in range(a.seeds)]
     per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}

@@ -106,3 +106,13 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
         for s in res["recipes"][name]["per_seed"]:
             assert 0 < s["op_holdout_sens"] <= 1 and 0 <= s["op_holdout_spec"] <= 1, name
             assert 0 < s["op_crossfit_sens"] <= 1 and 0 <= s["op_holdout_sens_mean"] <= 1, name
+
+
+def test_onnx_speed_times_the_same_predictions(tiny_run, sample_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx_speed
+
+    res = onnx_speed.main(["--run", str(tiny_run), "--images", str(sample_dir / "jpeg" / "test"), "--repeats", "1",
+                           "--meta", str(sample_dir / "test.csv"), "--out", str(tmp_path / "s.json")])
+    assert res["images"] == 16 and res["models"] == 2 and res["max_abs_diff"] < 1e-4
+    assert res["torch_img_s"] > 0 and res["onnx_img_s"] > 0 and res["speedup"] == round(res["torch_s"] / res["onnx_s"], 2)

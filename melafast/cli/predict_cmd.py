@@ -190,6 +190,19 @@ def audit(
 
 @app.command()
 @friendly
+def export(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    out: Annotated[Path, typer.Option("--out", help="New (or empty) folder for the ONNX models and their manifest.")],
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
+):
+    """Export a run's fold models to ONNX, with its TTA, metadata encoding and operating point (see melafast.onnx)."""
+    from ..export import export_run
+
+    export_run(run, out, opset=opset, log=typer.echo)
+
+
+@app.command()
+@friendly
 def card(
     run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
     data: RunDataOpt = None,
