@@ -203,6 +203,22 @@ def export(
 
 @app.command()
 @friendly
+def serve(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface, without "
+                                      "authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 7860,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload accepted, in MB.")] = 20,
+    precision: RunPrecisionOpt = None,
+):
+    """A local web page to try a run: drop images, see the probability, the decision and the Grad-CAM map."""
+    from ..serve import serve as run_server
+
+    run_server(run, host=host, port=port, max_mb=max_mb, precision=_value(precision), log=typer.echo)
+
+
+@app.command()
+@friendly
 def card(
     run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
     data: RunDataOpt = None,
