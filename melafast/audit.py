@@ -12,6 +12,11 @@ fall clear of zero: the artefact then changes how the model ranks lesions, which
 (benign lesions given the artefact overtake melanomas). A model that merely reacts to any dark mark moves all scores
 alike and keeps its ranking; its benign lesions' scores still move, which changes the decisions at a fixed
 threshold: `shifts decisions` marks a mean benign change of at least `min_shift` with its interval clear of zero.
+
+A coloured artefact (ink, patch) is also drawn in the grey of its own luminance, and scored again: the difference is
+what its colour alone does. It is flagged too when its colour raises the benign lesions' scores, or lowers the
+melanomas', by at least `min_shift` with the interval clear of zero: a model that learnt violet ink reacts to the
+violet, while one that reacts to any dark mark moves alike for the grey marks.
 """
 
 from __future__ import annotations

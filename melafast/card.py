@@ -49,7 +49,7 @@ def _command(config) -> str:
     return "from Python (`train_run`); every setting is in the run's config.json"
 
 
-def _header(name, settings, data_name, ci, pci, sens90) -> str:
+def _header(name, data_name, ci, pci, sens90) -> str:
     import yaml
 
     header = {
@@ -67,8 +67,6 @@ def _header(name, settings, data_name, ci, pci, sens90) -> str:
                 {"type": "sensitivity", "value": round(sens90, 4), "name": "sensitivity at 90% specificity"},
             ]}]}],
     }
-    if settings.get("pretrained") or settings.get("weights"):
-        header["base_model_architecture"] = f"timm/{settings.get('arch')} (ImageNet weights)"
     return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -98,7 +96,7 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
     sens90 = sens_at_spec(df["target"], df["pred"], 0.9)
     cal = calibration(df["target"], df["pred"])
     folds = sorted(int(k) for k in df["fold"].unique())
-    lines = [_header(name, s, data_name, ci, pci, sens90), f"# {name}: melanoma classifier (melafast)", ""]
+    lines = [_header(name, data_name, ci, pci, sens90), f"# {name}: melanoma classifier (melafast)", ""]
 
     lines += ["## Model", "",
               f"- Architecture: timm `{s.get('arch')}` image backbone"

@@ -154,7 +154,7 @@ def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[
                + f", with 95% intervals from {n_boot} bootstrap resamples of whole patients. The threshold column is "
                "the one chosen on all out-of-fold images (what --operating-point saves); the in-sample column scores "
                "it on the images it was chosen on: optimistic, shown for comparison only."),
-            *([f'<p class="note">This run has out-of-fold predictions of one fold only: there are no other folds to '
+            *(['<p class="note">This run has out-of-fold predictions of one fold only: there are no other folds to '
                "choose a threshold on, so there are no cross-fitted figures; the in-sample ones are optimistic.</p>"]
               if df["fold"].nunique() < 2 else []),
             _table(shown),

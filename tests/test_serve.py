@@ -8,7 +8,7 @@ import urllib.request
 
 import pandas as pd
 import pytest
-from test_browser import CHROMIUM, _open
+from test_browser import CHROMIUM
 from typer.testing import CliRunner
 
 from melafast.cli import app
