@@ -91,6 +91,7 @@ class Service:
                     maps.append(grad_cam(p.model, img, meta, p.config["pos"])[0])
                 views = (img[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
         out = dict(image_name=name, pred=float(np.mean(probs)), per_model=probs, models=len(self.models), tta=self.tta,
+                   folds=[m.config.get("fold") for m in self.models],
                    metadata={"sex": _text(row["sex"].iloc[0]), "age_approx": _num(row["age_approx"].iloc[0]),
                              "site": _text(row["anatom_site_general_challenge"].iloc[0])})
         out = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
@@ -167,7 +168,8 @@ async function send(file) {{
     }}
     box.innerHTML = '<img alt="image" src="' + j.image_png + '"><img alt="Grad-CAM" src="' + j.cam_png + '">' +
       '<div><div>' + esc(j.image_name) + '</div><div>melanoma probability <span class="prob">' + j.pred.toFixed(4) +
-      '</span></div>' + decision + '<div class="note">mean of ' + j.models + ' fold models, TTA x' + j.tta +
+      '</span></div>' + decision + '<div class="note">mean of ' + j.models + ' fold models (folds ' +
+      j.folds.join(', ') + '), TTA x' + j.tta +
       '; map: Grad-CAM of the plain view, red raises the score</div></div>';
     box.dataset.pred = j.pred;
   }} catch (e) {{ box.innerHTML = '<span class="error">' + esc(file.name + ': ' + e) + '</span>'; }}

@@ -106,5 +106,5 @@ def test_the_page_in_a_browser_shows_predicts_probability(server, sample_dir, tm
         browser.close()
     assert shown == pytest.approx(want["pred"], abs=5e-5)  # the page shows 4 decimals of predict's figure
     assert f"{int(want['votes'])} of 2 models" in text and ("not melanoma" in text) == (want["decision"] == 0)
-    assert images == [224, 224] and before == []
+    assert images == [224, 224] and before == [] and "2 fold models (folds 0, 1), TTA x2" in text
     assert "p.csv" in error and "not an image" in error
