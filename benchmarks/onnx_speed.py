@@ -9,12 +9,12 @@ largest difference between their probabilities, and the speed-up.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from _emit import emit
 
 warnings.filterwarnings("ignore")
 
@@ -68,13 +68,8 @@ def main(argv=None) -> dict:
     res["torch_img_s"] = round(len(paths) / res["torch_s"], 1)
     res["onnx_img_s"] = round(len(paths) / res["onnx_s"], 1)
     res["speedup"] = round(res["torch_s"] / res["onnx_s"], 2)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return res
+    return emit(res, a.out)
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

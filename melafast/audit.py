@@ -243,10 +243,11 @@ def _examples(df, names, seed, size, path) -> Path:
     "One out-of-fold image as the model sees it, plain and with each artefact drawn: what the audit draws."
     from PIL import Image
 
+    from .data.store import open_image
     from .plots import plot_artefacts
 
     row = df.iloc[int(np.argmax(df["target"].to_numpy() == 0))]
-    img = np.asarray(Image.open(row["fname"]).convert("RGB").resize((size, size)), dtype=np.uint8)
+    img = np.asarray(Image.open(open_image(row["fname"])).convert("RGB").resize((size, size)), dtype=np.uint8)
     index = int(df.index[df["image_name"] == row["image_name"]][0])
     views = [("as scored", img)] + [(n, draw_artefact(img, n, np.random.default_rng([seed, c + 1, index])))
                                     for c, n in enumerate(names)]

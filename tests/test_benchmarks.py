@@ -116,3 +116,12 @@ def test_onnx_speed_times_the_same_predictions(tiny_run, sample_dir, tmp_path):
                            "--meta", str(sample_dir / "test.csv"), "--out", str(tmp_path / "s.json")])
     assert res["images"] == 16 and res["models"] == 2 and res["max_abs_diff"] < 1e-4
     assert res["torch_img_s"] > 0 and res["onnx_img_s"] > 0 and res["speedup"] == round(res["torch_s"] / res["onnx_s"], 2)
+
+
+def test_store_speed_reads_the_same_images_both_ways(tmp_path):
+    import store_speed
+
+    res = store_speed.main(["--images", "40", "--size", "32", "--repeats", "1", "--out", str(tmp_path / "s.json")])
+    if not res:
+        pytest.skip("../shared/data/ham10000 not present")
+    assert res["images"] == 40 and res["folder_img_s"] > 0 and res["store_img_s"] > 0

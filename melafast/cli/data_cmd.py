@@ -20,11 +20,13 @@ def prepare(
     size: Annotated[int, typer.Option("--size", help="Shorter image side after resizing, in pixels.")] = 384,
     images: ImagesOpt = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: one per core).")] = None,
+    hdf5: Annotated[bool, typer.Option("--hdf5", help="Write each split into one HDF5 store (train-image.hdf5, "
+                                       "the ISIC 2024 layout) instead of JPEG folders.")] = False,
 ):
     """Write a resized copy of a dataset (shorter side = --size, aspect kept); reruns redo only what changed."""
     from ..prepare import prepare_dataset
 
-    prepare_dataset(src, out, size=size, workers=workers, images=images, log=typer.echo)
+    prepare_dataset(src, out, size=size, workers=workers, images=images, log=typer.echo, store=hdf5)
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pandas as pd
@@ -19,19 +18,27 @@ def _image_problem(fname: str) -> str | None:
     "Why `fname` cannot be used as an image, or None when it can (empty, unreadable, truncated JPEG)."
     from PIL import Image, UnidentifiedImageError
 
+    from .store import file_size, is_stored, open_image, read_bytes
+
     try:
-        size = os.path.getsize(fname)
+        size = file_size(fname)
         if size == 0:
-            return "empty file"
-        with Image.open(fname) as im:
+            return "empty file" if not is_stored(fname) else "empty image in the store"
+        with Image.open(open_image(fname)) as im:
             fmt = im.format
             if fmt == "PNG":
                 im.verify()  # reads every chunk and checks its CRC
         if fmt == "JPEG":
-            with open(fname, "rb") as f:
-                f.seek(max(0, size - 1024))
-                if b"\xff\xd9" not in f.read():  # a complete JPEG ends with the EOI marker
-                    return "truncated JPEG"
+            if is_stored(fname):
+                tail = read_bytes(fname)[-1024:]
+            else:
+                with open(fname, "rb") as f:
+                    f.seek(max(0, size - 1024))
+                    tail = f.read()
+            if b"\xff\xd9" not in tail:  # a complete JPEG ends with the EOI marker
+                return "truncated JPEG"
+    except DataError as e:
+        return str(e)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"not a readable image ({str(e).splitlines()[0][:80]})"
     return None
@@ -73,8 +80,10 @@ class _OpenImage:
     def __call__(self, fn):
         from PIL import Image
 
+        from .store import open_image
+
         try:
-            im = Image.open(fn)
+            im = Image.open(open_image(fn))
             if self.size and im.format == "JPEG":
                 im.draft("RGB", (self.size, self.size))  # decodes at 1/2, 1/4 or 1/8 scale, never below size
             return PILImage(im.convert("RGB"))  # grayscale, RGBA, palette PNGs: all become RGB

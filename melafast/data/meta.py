@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from fasttransform import Transform
 
 from ..config import META_DROPOUT
 from ..errors import DataError
+from .store import file_size, open_image
 from .tables import CAT_NAMES, CONT_NAMES
 
 __all__ = ["EXTRA_CONT_NAMES", "FILE_FEATURES", "META_DROPOUT", "MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout",
@@ -215,7 +215,7 @@ def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
         out["n_images"] = counts.where(out["patient_id"].notna(), np.nan).astype(float)
     else:
         out["n_images"] = np.nan  # unknown, not 1: the model takes its missing-value path
-    out["log_file_size"] = np.log1p([os.path.getsize(f) for f in out["fname"]])
+    out["log_file_size"] = np.log1p([file_size(f) for f in out["fname"]])
     return out
 
 
@@ -243,7 +243,7 @@ def _median_side(fnames) -> float:
 
     sides = []
     for f in fnames:
-        with Image.open(f) as im:
+        with Image.open(open_image(f)) as im:
             sides.append(min(im.size))
     return float(np.median(sides))
 
@@ -252,7 +252,7 @@ def file_reference(df: pd.DataFrame) -> dict:
     """What the file features of a training table were computed on: the images' median shorter side (from up to
     200 headers), the median log file size, and the `melafast prepare` size when the images are such a copy."""
     sample = _sample(df["fname"])
-    return dict(median_side=_median_side(sample), median_log_size=float(np.median(np.log1p([os.path.getsize(f)
+    return dict(median_side=_median_side(sample), median_log_size=float(np.median(np.log1p([file_size(f)
                 for f in sample]))), prepared_size=_prepared_size(sample[0]) if sample else None)
 
 
@@ -264,7 +264,7 @@ def check_file_features(config: dict, df: pd.DataFrame):
         return
     sample = _sample(df["fname"])
     side = _median_side(sample)
-    z = (float(np.median(np.log1p([os.path.getsize(f) for f in sample]))) - proc["means"]["log_file_size"]) / \
+    z = (float(np.median(np.log1p([file_size(f) for f in sample]))) - proc["means"]["log_file_size"]) / \
         proc["stds"]["log_file_size"]
     other_size = not 0.8 <= side / ref["median_side"] <= 1.25
     other_files = len(sample) >= 10 and abs(z) > 3

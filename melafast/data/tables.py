@@ -170,7 +170,36 @@ def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:
         return None
     root = Path(images).expanduser().resolve() if images is not None else path
     df = clean_metadata(read_table(csv, required=("image_name", "target") if split == "train" else ("image_name",)), csv)
+    from .store import STORE_SUFFIXES, find_store
+
+    store = root if root.suffix.lower() in STORE_SUFFIXES else (find_store(root, split) if root.is_dir() else None)
+    if store is not None and (images is not None or not _has_image_dir(root, df["image_name"].tolist(), split)):
+        return _attach_store(df, store, csv.name)
     return _attach_fnames(df, find_image_dir(root, df["image_name"].tolist(), split), csv.name)
+
+
+def _has_image_dir(root, names, split) -> bool:
+    try:
+        find_image_dir(root, names, split)
+        return True
+    except DataError:
+        return False
+
+
+def _attach_store(df: pd.DataFrame, store: Path, csv_name: str) -> pd.DataFrame:
+    "`fname`s that name each image inside the HDF5 `store` (checked: every image_name is an id in it)."
+    from .store import store_ids, stored_name
+
+    if not store.is_file():
+        raise DataError(f"image store {store} does not exist")
+    ids = store_ids(store)
+    missing = df["image_name"][~df["image_name"].isin(ids)]
+    if len(missing):
+        raise DataError(f"{len(missing)} of {len(df)} images listed in {csv_name} are not in {store}: "
+                        f"{', '.join(missing.iloc[:5])}{' ...' if len(missing) > 5 else ''}")
+    df = df.copy()
+    df["fname"] = [stored_name(store.resolve(), n) for n in df["image_name"]]
+    return df
 
 
 def load_competition(path, images=None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -212,6 +241,13 @@ def image_table(images, meta=None) -> pd.DataFrame:
         df = images
     elif isinstance(images, (str, os.PathLike)) and Path(images).expanduser().is_dir():
         return image_folder(images, meta)
+    elif isinstance(images, (str, os.PathLike)) and Path(images).suffix.lower() in (".hdf5", ".h5") \
+            and Path(images).expanduser().is_file():  # every image of an HDF5 store, by id
+        from .store import store_ids, stored_name
+
+        store = Path(images).expanduser().resolve()
+        ids = sorted(store_ids(store))
+        df = pd.DataFrame({"image_name": ids, "fname": [stored_name(store, i) for i in ids]})
     else:
         paths = [Path(images)] if isinstance(images, (str, os.PathLike)) else [Path(p) for p in images]
         missing = [str(p) for p in paths if not p.expanduser().is_file()]
