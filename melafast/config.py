@@ -40,7 +40,7 @@ class Setting:
     open_high: bool = False  # `high` itself is not allowed
     must: str | None = None  # the rule in words, when the generated one would read worse ("positive")
     flag: str | None = None  # the option's name(s) when not --name (a bool's "--yes/--no" pair)
-    kind: str | None = None  # how the command line reads it: path, paths, lr (a number or auto), fold (all or K)
+    kind: str | None = None  # how the command line reads it: path, paths, names, lr (a number or auto), fold (all or K)
     cli: bool = True  # an option of `melafast train`
     before: object = _SAME  # the value a run saved before the setting existed had in effect (for resuming it)
 
@@ -124,6 +124,9 @@ class TrainConfig:
     folds: int = setting(5, "Number of patient-grouped folds.", low=2, must="at least 2")
     fold: int | None = setting(None, "'all', or one fold number to train only that fold.", kind="fold")
     meta: bool = setting(True, "Fuse patient metadata with the image.", flag="--meta/--no-meta")
+    cat: list = setting([], "Categorical metadata column of train.csv (repeatable). With --cont, they replace the "
+                        "2020 columns (sex, site; age), the default.", kind="names")
+    cont: list = setting([], "Continuous metadata column of train.csv (repeatable); see --cat.", kind="names")
     meta_dropout: float = setting(META_DROPOUT, "Share of training rows whose patient fields are blanked (all of "
                                   "them, or one), as a real hole looks: trains the path images without metadata take.",
                                   low=0, high=1, open_high=True, before=0.0)

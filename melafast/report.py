@@ -97,6 +97,12 @@ def _summary(config, results, df, data, n_boot) -> str:
     settings = {k: s.get(k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta", "keep",
                                       "aug", "upsample", "ema", "swa", "pseudo", "external", "seed")}
     settings.update(lr=lr, lr_mult=s.get("lr_mult"), pretrained=s.get("weights") or s.get("pretrained"))
+    if s.get("meta", True):
+        from .data import CAT_NAMES, CONT_NAMES
+
+        settings["metadata columns"] = ("categorical " + ", ".join(s.get("cat") or CAT_NAMES) + "; continuous "
+                                        + ", ".join(s.get("cont") or CONT_NAMES)
+                                        + ("; plus images per patient and log file size" if s.get("extra_meta") else ""))
     rows = [dict(setting=k, value=str(v)) for k, v in settings.items()]
     rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.get("versions", {}).items()]
     folds = pd.DataFrame([dict(fold=int(k), images=len(g), melanomas=int(g["target"].sum()), auc=auc(g["target"], g["pred"]),

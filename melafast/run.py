@@ -85,18 +85,25 @@ class RunTable:
 def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     """The training table of `cfg`, the one `train` and `lr-find` both use: the dataset (its unusable images checked),
     the extra metadata features, patient-grouped folds, then external rows and pseudo-labels, which only train."""
-    from .data import (add_external, add_meta_features, add_pseudo, check_images, check_teacher_folds, load_competition,
-                       make_folds, read_pseudo)
+    from .data import (add_external, add_meta_features, add_pseudo, check_images, check_teacher_folds, clean_columns,
+                       load_competition, make_folds, read_pseudo, resolve_columns)
     from .runfolder import RunFolder
 
     workers = max(cfg.workers if cfg.workers is not None else (os.cpu_count() or 1), 2)
     data = resolve_data(cfg.data, log)
     train, test = load_competition(data, images=cfg.images)
+    declared = cfg.meta and bool(cfg.cat or cfg.cont)
+    if declared:  # the columns the user declared, checked; config.json then records the ones the run uses
+        cfg.cat, cfg.cont = resolve_columns(train, test, cfg.cat, cfg.cont, log)
+        train = clean_columns(train, cfg.cat, cfg.cont, data / "train.csv")
+        test = None if test is None else clean_columns(test, cfg.cat, cfg.cont, data / "test.csv")
+        log(f"metadata columns: categorical {', '.join(cfg.cat) or '(none)'}; continuous {', '.join(cfg.cont) or '(none)'}")
     train, bad = check_images(train, cfg.on_bad_image, workers=workers)
     df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
     table = RunTable(df, data, len(df), bad=bad)
     for path in cfg.external:
         ext, _ = load_competition(path)
+        ext = clean_columns(ext, cfg.cat, cfg.cont, path) if declared else ext
         ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=workers)
         ext = add_meta_features(ext) if cfg.extra_meta else ext
         table.df, n_dup = add_external(table.df, ext)

@@ -85,6 +85,8 @@ def _cli_type(name: str, s, default, type_name: str):
         return Optional[Path], None
     if s.kind == "paths":
         return Optional[List[Path]], None
+    if s.kind == "names":
+        return Optional[List[str]], None
     if s.kind == "lr":
         return str, "auto" if default is None else str(default)
     if s.kind == "fold":
@@ -121,7 +123,7 @@ def config_values(cls, opts: dict) -> dict:
     for name, v in opts.items():
         kind = known[name][0].kind
         out[name] = parse_lr(v) if kind == "lr" else parse_fold(v) if kind == "fold" else value(v)
-        if kind == "paths" and out[name] is None:
+        if kind in ("paths", "names") and out[name] is None:
             out[name] = []
     return out
 

@@ -135,6 +135,8 @@ def melanoma_dls(
     upsample: int = 1,  # each melanoma of the training split appears this many times per epoch
     target: str = "melanoma",  # melanoma: 2 classes; diagnosis: one class per `diagnosis` value (melanoma scored)
     meta_dropout: float = META_DROPOUT,  # training rows' patient fields blanked with this probability (`MetaDropout`)
+    cat_names=None,  # categorical metadata columns (with cont_names: instead of the 2020 sex and site)
+    cont_names=None,  # continuous metadata columns (instead of age; the extra features join when present)
     **kwargs,  # passed on to `DataBlock.dataloaders`
 ):
     """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`.
@@ -166,6 +168,14 @@ def melanoma_dls(
     is_valid = (df["fold"] == fold).to_numpy()
     if not is_valid.any():
         raise DataError(f"fold {fold} has no rows; folds present: {sorted(df['fold'].unique().tolist())}")
+    if meta_proc is None and (cat_names or cont_names):
+        from .meta import EXTRA_CONT_NAMES
+        from .tables import clean_columns, resolve_columns
+
+        cat_names, cont_names = resolve_columns(df, None, cat_names or (), cont_names or ())
+        cont_names = [*cont_names, *(c for c in EXTRA_CONT_NAMES if c in df.columns and c not in cont_names)]
+        df = clean_columns(df, cat_names, cont_names)
+        meta_proc = MetaProcessor.fit(df[~is_valid], cat_names=cat_names, cont_names=cont_names)
     proc = meta_proc or MetaProcessor.fit(df[~is_valid])
     if upsample > 1:
         extra = df[~is_valid & (df["target"] == 1).to_numpy()]

@@ -109,6 +109,65 @@ def clean_metadata(df: pd.DataFrame, source=None) -> pd.DataFrame:
     return df
 
 
+# columns that are, or are derived from, the label: never a feature (ISIC 2024: iddx_*, mel_*; 2020: diagnosis, ...)
+LEAK_COLUMNS = ("target", "diagnosis", "benign_malignant", "lesion_id", "soft_target", "home_fold", "fold")
+LEAK_PREFIXES = ("iddx_", "mel_", "soft_target_")
+ID_COLUMNS = ("image_name", "isic_id", "patient_id", "fname", "attribution", "copyright_license")
+
+
+def resolve_columns(train: pd.DataFrame, test: pd.DataFrame | None, cat=(), cont=(), log=print) -> tuple[list, list]:
+    """The metadata columns a user declared (`--cat`, `--cont`), checked against the tables: each must be in
+    train.csv, none may be the label or derived from it (or an identifier), and a column that test.csv lacks is never
+    a feature (said once, and dropped). Nothing declared: the 2020 columns (sex, site; age)."""
+    cat, cont = [str(c) for c in cat], [str(c) for c in cont]
+    if not cat and not cont:
+        return list(CAT_NAMES), list(CONT_NAMES)
+    both = sorted(set(cat) & set(cont))
+    if both:
+        raise DataError(f"{', '.join(both)} declared both categorical (--cat) and continuous (--cont): choose one")
+    for c in [*cat, *cont]:
+        if c in LEAK_COLUMNS or c.startswith(LEAK_PREFIXES):
+            raise DataError(f"the column {c!r} is the label or derived from it (a diagnosis, a histology measure, a "
+                            "lesion id): it can never be a feature")
+        if c in ID_COLUMNS:
+            raise DataError(f"the column {c!r} identifies an image or a patient: it can never be a feature")
+    wrong = [c for c in cont if c in CAT_NAMES]
+    if wrong:
+        raise DataError(f"{', '.join(wrong)} holds categories, not numbers: declare it with --cat")
+    missing = [c for c in [*cat, *cont] if c not in train.columns]
+    if missing:
+        raise DataError(f"declared metadata column(s) {', '.join(map(repr, missing))} not in train.csv (its columns: "
+                        f"{', '.join(map(str, train.columns[:12]))}{' ...' if len(train.columns) > 12 else ''})")
+    if test is not None:
+        absent = [c for c in [*cat, *cont] if c not in test.columns]
+        if absent:
+            log(f"metadata column(s) {', '.join(absent)} are in train.csv but not in test.csv: never a feature (a "
+                "model could not be given them at prediction)")
+            cat, cont = [c for c in cat if c not in absent], [c for c in cont if c not in absent]
+    return cat, cont
+
+
+def clean_columns(df: pd.DataFrame, cat=(), cont=(), source=None) -> pd.DataFrame:
+    """`df` with declared metadata columns cleaned as the 2020 ones are: categorical values as stripped lower-case
+    text, continuous ones as numbers, holes (empty, NaN, unknown, n/a, ...) missing; a continuous value that is not a
+    number raises `DataError` naming the column. Columns `df` lacks are added as all-missing."""
+    df = df.copy()
+    for c in [*cat, *cont]:
+        if c not in df.columns:
+            df[c] = np.nan
+    for c in cat:
+        if c not in (*CAT_NAMES, *CONT_NAMES):
+            holes = df[c].map(_hole).astype(bool)
+            df[c] = _norm_text(df[c].where(~holes).map(lambda v: v if isinstance(v, str) or pd.isna(v) else str(v)))
+    for c in cont:
+        if c not in (*CAT_NAMES, *CONT_NAMES):
+            holes = df[c].map(_hole).astype(bool)
+            x = pd.to_numeric(df[c].where(~holes), errors="coerce").astype(float)
+            _refuse(df, ~holes & x.isna(), c, "a number (a continuous column, --cont)", source)
+            df[c] = x
+    return df
+
+
 def _image_index(folder: Path) -> dict[str, str]:
     "Map each image's stem (and full name) in `folder` to its file name, in one directory scan."
     index = {}

@@ -77,14 +77,17 @@ def predict_probs(model, dl, n: int = 8, amp_dtype=None, n_inp: int | None = Non
 
 def _table_for(predictors, df: pd.DataFrame) -> pd.DataFrame:
     "The rows to predict, with the extra metadata features computed over them when a model was trained with them."
-    from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features, clean_metadata
+    from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features, clean_columns, clean_metadata
 
     procs = [p.meta_proc for p in predictors if p.meta_proc is not None]
     if any(c in EXTRA_CONT_NAMES and c not in df.columns for proc in procs for c in proc.cont_names):
         df = add_meta_features(df)  # the models were trained with them: compute them over this table
         for p in predictors:
             check_file_features(p.config, df)
-    return clean_metadata(df)
+    df = clean_metadata(df)
+    cats = list(dict.fromkeys(c for proc in procs for c in proc.cat_names))
+    conts = list(dict.fromkeys(c for proc in procs for c in proc.cont_names if c not in EXTRA_CONT_NAMES))
+    return clean_columns(df, cats, conts)  # declared columns (--cat/--cont) as training read them
 
 
 def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
