@@ -127,6 +127,9 @@ class TrainConfig:
     cat: list = setting([], "Categorical metadata column of train.csv (repeatable). With --cont, they replace the "
                         "2020 columns (sex, site; age), the default.", kind="names")
     cont: list = setting([], "Continuous metadata column of train.csv (repeatable); see --cat.", kind="names")
+    patient_features: bool = setting(False, "Add each continuous column's z-score and rank among the same patient's "
+                                     "lesions (\"ugly duckling\" features; no labels used).",
+                                     flag="--patient-features/--no-patient-features")
     meta_dropout: float = setting(META_DROPOUT, "Share of training rows whose patient fields are blanked (all of "
                                   "them, or one), as a real hole looks: trains the path images without metadata take.",
                                   low=0, high=1, open_high=True, before=0.0)

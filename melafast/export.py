@@ -58,6 +58,7 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
     """Export every fold model of `run` to the new (or empty) folder `out`, check each with `onnx.checker` and
     against torch on random inputs, and write the manifest `melafast.onnx` reads. Returns `out`."""
     from .data import EXTRA_CONT_NAMES
+    from .data.meta import PATIENT_SUFFIXES
     from .inference import load_predictor
     from .onnx import MANIFEST
     from .runfolder import RunFolder
@@ -74,6 +75,10 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
     predictors = [load_predictor(d) for d in dirs]
     for p in predictors:
         proc = p.meta_proc
+        if proc is not None and any(c.endswith(PATIENT_SUFFIXES) for c in proc.cont_names):
+            raise MelafastError(f"{run} was trained with --patient-features, computed over each patient's other "
+                                "lesions in the table: the exported runtime does not compute them; export a run "
+                                "trained without it")
         if proc is not None and any(c in EXTRA_CONT_NAMES for c in proc.cont_names):
             raise MelafastError(f"{run} was trained with --extra-meta, whose features are computed over the whole "
                                 "table and its files: the exported runtime does not compute them; export a run "

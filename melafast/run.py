@@ -85,25 +85,35 @@ class RunTable:
 def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     """The training table of `cfg`, the one `train` and `lr-find` both use: the dataset (its unusable images checked),
     the extra metadata features, patient-grouped folds, then external rows and pseudo-labels, which only train."""
-    from .data import (add_external, add_meta_features, add_pseudo, check_images, check_teacher_folds, clean_columns,
-                       load_competition, make_folds, read_pseudo, resolve_columns)
+    from .data import (add_external, add_meta_features, add_patient_features, add_pseudo, check_images,
+                       check_teacher_folds, clean_columns, load_competition, make_folds, patient_feature_names,
+                       read_pseudo, resolve_columns)
+    from .data.meta import PATIENT_SUFFIXES
     from .runfolder import RunFolder
 
     workers = max(cfg.workers if cfg.workers is not None else (os.cpu_count() or 1), 2)
     data = resolve_data(cfg.data, log)
     train, test = load_competition(data, images=cfg.images)
-    declared = cfg.meta and bool(cfg.cat or cfg.cont)
+    declared = cfg.meta and bool(cfg.cat or cfg.cont or cfg.patient_features)
     if declared:  # the columns the user declared, checked; config.json then records the ones the run uses
         cfg.cat, cfg.cont = resolve_columns(train, test, cfg.cat, cfg.cont, log)
         train = clean_columns(train, cfg.cat, cfg.cont, data / "train.csv")
         test = None if test is None else clean_columns(test, cfg.cat, cfg.cont, data / "test.csv")
+        if cfg.patient_features:  # each table over its own rows, no labels: as predict computes them
+            base = [c for c in cfg.cont if not c.endswith(PATIENT_SUFFIXES)]
+            train = add_patient_features(train, base)
+            test = None if test is None else add_patient_features(test, base)
+            cfg.cont = [*base, *patient_feature_names(base)]
         log(f"metadata columns: categorical {', '.join(cfg.cat) or '(none)'}; continuous {', '.join(cfg.cont) or '(none)'}")
     train, bad = check_images(train, cfg.on_bad_image, workers=workers)
     df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
     table = RunTable(df, data, len(df), bad=bad)
     for path in cfg.external:
         ext, _ = load_competition(path)
-        ext = clean_columns(ext, cfg.cat, cfg.cont, path) if declared else ext
+        ext = clean_columns(ext, cfg.cat, [c for c in cfg.cont if not c.endswith(PATIENT_SUFFIXES)], path) \
+            if declared else ext
+        if declared and cfg.patient_features:
+            ext = add_patient_features(ext, [c for c in cfg.cont if not c.endswith(PATIENT_SUFFIXES)])
         ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=workers)
         ext = add_meta_features(ext) if cfg.extra_meta else ext
         table.df, n_dup = add_external(table.df, ext)

@@ -168,26 +168,38 @@ def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
 
 
 def submission_ids(data) -> list[str]:
-    """Image ids a submission must list, in order: those of sample_submission.csv, else of test.csv."""
+    """Image ids a submission must list, in order: those of sample_submission.csv, else of test.csv (or the ISIC
+    2024 layout's test-metadata.csv)."""
     from .data import read_table
 
     data = Path(data)
-    for name in ("sample_submission.csv", "test.csv"):
+    for name in ("sample_submission.csv", "test.csv", "test-metadata.csv"):
         if (data / name).is_file():
             return read_table(data / name)["image_name"].tolist()
     raise DataError(f"{data} has neither sample_submission.csv nor test.csv: nothing to submit for")
 
 
-def validate_submission(path, ids) -> None:
-    """Raise `DataError` unless `path` is `image_name,target` with exactly `ids`, in order, targets in [0, 1]."""
+def submission_id_column(data) -> str:
+    "The id column's name a submission for `data` must use: sample_submission.csv's (ISIC 2024: isic_id)."
+    template = Path(data) / "sample_submission.csv"
+    if template.is_file():
+        with open(template, encoding="utf-8") as f:
+            first = f.readline().strip().split(",")[0].strip()
+        if first == "isic_id":
+            return first
+    return "image_name"
+
+
+def validate_submission(path, ids, id_column: str = "image_name") -> None:
+    """Raise `DataError` unless `path` is `<id_column>,target` with exactly `ids`, in order, targets in [0, 1]."""
     path = Path(path)
     try:
-        sub = pd.read_csv(path, dtype={"image_name": str})
+        sub = pd.read_csv(path, dtype={id_column: str})
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise DataError(f"submission {path} is not a readable CSV ({e})") from None
-    if list(sub.columns) != ["image_name", "target"]:
-        raise DataError(f"submission {path} must have the columns image_name,target; it has {','.join(sub.columns)}")
-    got, want = sub["image_name"].tolist(), list(ids)
+    if list(sub.columns) != [id_column, "target"]:
+        raise DataError(f"submission {path} must have the columns {id_column},target; it has {','.join(sub.columns)}")
+    got, want = sub[id_column].tolist(), list(ids)
     if got != want:
         missing, extra = set(want) - set(got), set(got) - set(want)
         raise DataError(f"submission {path} ids differ from the expected {len(want)}: {len(missing)} missing, "
@@ -199,15 +211,15 @@ def validate_submission(path, ids) -> None:
         raise DataError(f"submission {path} has targets outside [0, 1]")
 
 
-def write_submission(ids, preds, path) -> Path:
-    """Write `image_name,target` atomically and validate it."""
+def write_submission(ids, preds, path, id_column: str = "image_name") -> Path:
+    """Write `<id_column>,target` (image_name, or ISIC 2024's isic_id) atomically and validate it."""
     from .atomic import atomic_path
 
     path = Path(path)
-    sub = pd.DataFrame({"image_name": list(ids), "target": np.clip(np.asarray(preds, dtype=np.float64), 0, 1)})
+    sub = pd.DataFrame({id_column: list(ids), "target": np.clip(np.asarray(preds, dtype=np.float64), 0, 1)})
     with atomic_path(path) as tmp:
         sub.to_csv(tmp, index=False)
-        validate_submission(tmp, ids)
+        validate_submission(tmp, ids, id_column)
     return path
 
 
@@ -234,7 +246,7 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
     data = data_for_run(runs[0], data)
     test = load_split(data, "test", images=images)  # the training images need not be there
     if test is None:
-        raise DataError(f"{data} has no test.csv: nothing to predict for a submission")
+        raise DataError(f"{data} has no test.csv (nor test-metadata.csv): nothing to predict for a submission")
     ids = submission_ids(data)
     test = test.set_index("image_name", drop=False)
     absent = [i for i in ids if i not in test.index]
@@ -243,7 +255,7 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
     test = test.loc[ids].reset_index(drop=True)
     ok = _usable(test, on_bad_image, log)
     final = predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
-    path = write_submission(ids, final, out)
+    path = write_submission(ids, final, out, submission_id_column(data))
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
         f"blend {blend_method}, TTA {f'x{tta}' if tta else 'as each run was made'}; validated")
     return path

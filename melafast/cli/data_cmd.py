@@ -34,11 +34,13 @@ def prepare(
 def download(
     out: Annotated[Path, typer.Option("--out", help="Folder to download into.")] = Path("data"),
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="A Kaggle dataset owner/name instead of the competition.")] = None,
+    competition: Annotated[str, typer.Option("--competition", help="The Kaggle competition (isic-2024-challenge for "
+                                             "the 2024 data).")] = "siim-isic-melanoma-classification",
 ):
     """Download the competition (or a Kaggle dataset, e.g. a resized copy) with the Kaggle API."""
     from ..kaggle import download as kaggle_download
 
-    kaggle_download(out, dataset=dataset, log=typer.echo)
+    kaggle_download(out, dataset=dataset, competition=competition, log=typer.echo)
     typer.echo(f"done: train with  melafast train --data {out}")
 
 
@@ -49,11 +51,17 @@ def sample(
     n_train: Annotated[int, typer.Option("--n-train", help="Training images.")] = 240,
     n_test: Annotated[int, typer.Option("--n-test", help="Test images.")] = 60,
     seed: SeedOpt = 0,
+    format: Annotated[str, typer.Option("--format", help="isic2020 (train.csv + JPEG folders) or isic2024 (metadata "
+                                        "CSVs keyed by isic_id + HDF5 image stores, several lesions per patient).")]
+    = "isic2020",
 ):
     """Write a small SYNTHETIC dataset (drawn lesions) in the Kaggle layout, to try melafast without downloads."""
     if n_train < 4 or n_test < 1:
         raise MelafastError("--n-train must be at least 4 and --n-test at least 1")
-    from ..data import make_sample
+    if format not in ("isic2020", "isic2024"):
+        raise MelafastError(f"--format must be isic2020 or isic2024, got {format!r}")
+    from ..data import make_sample, make_sample_2024
 
-    path = make_sample(out, n_train=n_train, n_test=n_test, seed=seed)
+    make = make_sample if format == "isic2020" else make_sample_2024
+    path = make(out, n_train=n_train, n_test=n_test, seed=seed)
     typer.echo(f"wrote a SYNTHETIC sample to {path}: {n_train} train + {n_test} test images (not real patients)")

@@ -15,10 +15,11 @@ from .tables import (CAT_NAMES, CONT_NAMES, IMAGE_EXTS, clean_columns, clean_met
 from .images import BAD_IMAGE_MODES, _OpenImage, check_images  # noqa: F401  (_OpenImage: tests count its calls)
 from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
 from .meta import (EXTRA_CONT_NAMES, FILE_FEATURES, META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta,
-                   add_meta_features, check_file_features, file_reference)
+                   add_meta_features, add_patient_features, check_file_features, file_reference,
+                   patient_feature_names)
 from .blocks import (AUG_PRESETS, TARGETS, SoftLabel, TensorSoftLabel, TrainOnly, default_batch_tfms, default_item_tfms,
                      diagnosis_labels, inference_dl, melanoma_dls)
-from .sample import make_sample
+from .sample import make_sample, make_sample_2024
 
 __all__ = [
     "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "load_split", "image_folder", "image_table",
@@ -27,5 +28,6 @@ __all__ = [
     "BAD_IMAGE_MODES", "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES",
     "AUG_PRESETS", "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly",
     "FILE_FEATURES", "META_DROPOUT", "MetaDropout", "check_file_features", "file_reference", "pseudo_for_fold",
-    "check_teacher_folds", "resolve_columns", "clean_columns",
+    "check_teacher_folds", "resolve_columns", "clean_columns", "make_sample_2024",
+    "add_patient_features", "patient_feature_names",
 ]

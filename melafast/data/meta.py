@@ -19,6 +19,7 @@ from .store import file_size, open_image
 from .tables import CAT_NAMES, CONT_NAMES
 
 __all__ = ["EXTRA_CONT_NAMES", "FILE_FEATURES", "META_DROPOUT", "MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout",
+           "add_patient_features", "patient_feature_names", "PATIENT_SUFFIXES",
            "add_meta_features", "file_reference", "check_file_features"]
 
 EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features
@@ -200,6 +201,33 @@ class MetaDropout(Transform):
         one = torch.randint(len(self.columns), (n,), device=dev)
         which = drop[:, None] & (every[:, None] | (one[:, None] == torch.arange(len(self.columns), device=dev)))
         return TensorMeta(self.proc.blank(x.as_subclass(torch.Tensor), self.columns, which))
+
+
+PATIENT_SUFFIXES = ("_patient_z", "_patient_rank")  # the patient-relative features of a column (--patient-features)
+
+
+def patient_feature_names(columns) -> list:
+    "The patient-relative feature names of `columns`, in order."
+    return [f"{c}{s}" for c in columns for s in PATIENT_SUFFIXES]
+
+
+def add_patient_features(df: pd.DataFrame, columns) -> pd.DataFrame:
+    """Each numeric column of `columns` compared with the same patient's other lesions ("ugly duckling" features):
+    `<col>_patient_z`, its z-score within the patient, and `<col>_patient_rank`, its rank among them from 0 (the
+    smallest) to 1 (0.5 for a patient's only lesion, or a row without a patient_id). Computed over the rows of `df`
+    only, with no labels: train and test tables each over themselves. A missing value stays missing."""
+    df = df.copy()
+    who = df["patient_id"] if "patient_id" in df.columns else pd.Series(np.nan, index=df.index)
+    alone = who.isna()
+    groups = who.astype(object).where(~alone, pd.Series([f"__row{i}" for i in range(len(df))], index=df.index))
+    for c in columns:
+        x = pd.to_numeric(df[c], errors="coerce")
+        g = x.groupby(groups)
+        mean, sd, n = g.transform("mean"), g.transform("std", ddof=0), g.transform("count")
+        df[f"{c}_patient_z"] = ((x - mean) / sd.where(sd > 1e-12)).where(n > 1, 0.0).fillna(0.0).where(x.notna())
+        rank = (g.rank(method="average") - 1) / (n - 1).where(n > 1)
+        df[f"{c}_patient_rank"] = rank.fillna(0.5).where(x.notna())
+    return df
 
 
 def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:

@@ -26,11 +26,15 @@ def read_table(csv, required=("image_name",)) -> pd.DataFrame:
     if not csv.is_file():
         raise DataError(f"{csv} not found: a dataset folder needs train.csv (and test.csv to predict)")
     try:
-        df = pd.read_csv(csv, dtype={"image_name": str, "patient_id": str})
+        df = pd.read_csv(csv, dtype={"image_name": str, "isic_id": str, "patient_id": str}, low_memory=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{csv} is empty: it needs a header line and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{csv} is not a readable CSV file ({e})") from None
+    if "isic_id" in df.columns and "image_name" not in df.columns:  # the ISIC 2024 layout: ids are isic_id
+        df = df.rename(columns={"isic_id": "image_name"})
+    if "anatom_site_general" in df.columns and "anatom_site_general_challenge" not in df.columns:
+        df["anatom_site_general_challenge"] = df["anatom_site_general"]  # 2024's name of the 2020 site column
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{csv} lacks the column(s) {', '.join(missing)}; found: {', '.join(map(str, df.columns))}")
@@ -225,6 +229,8 @@ def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:
     if not path.is_dir():
         raise DataError(f"data folder {path} does not exist")
     csv = path / f"{split}.csv"
+    if not csv.is_file() and (path / f"{split}-metadata.csv").is_file():  # the ISIC 2024 layout
+        csv = path / f"{split}-metadata.csv"
     if split == "test" and not csv.is_file():
         return None
     root = Path(images).expanduser().resolve() if images is not None else path
@@ -324,9 +330,10 @@ def image_table(images, meta=None) -> pd.DataFrame:
 
 
 def find_dataset(path) -> Path | None:
-    """The dataset folder at `path`: `path` itself if it holds train.csv, else `path/sample` if that does, else None."""
+    """The dataset folder at `path`: `path` itself if it holds train.csv (or ISIC 2024's train-metadata.csv), else
+    `path/sample` if that does, else None."""
     path = Path(path)
     for p in (path, path / "sample"):
-        if (p / "train.csv").is_file():
+        if (p / "train.csv").is_file() or (p / "train-metadata.csv").is_file():
             return p
     return None

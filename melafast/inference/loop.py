@@ -84,10 +84,16 @@ def _table_for(predictors, df: pd.DataFrame) -> pd.DataFrame:
         df = add_meta_features(df)  # the models were trained with them: compute them over this table
         for p in predictors:
             check_file_features(p.config, df)
+    from ..data.meta import PATIENT_SUFFIXES, add_patient_features
+
     df = clean_metadata(df)
     cats = list(dict.fromkeys(c for proc in procs for c in proc.cat_names))
-    conts = list(dict.fromkeys(c for proc in procs for c in proc.cont_names if c not in EXTRA_CONT_NAMES))
-    return clean_columns(df, cats, conts)  # declared columns (--cat/--cont) as training read them
+    conts = list(dict.fromkeys(c for proc in procs for c in proc.cont_names
+                               if c not in EXTRA_CONT_NAMES and not c.endswith(PATIENT_SUFFIXES)))
+    df = clean_columns(df, cats, conts)  # declared columns (--cat/--cont) as training read them
+    relative = list(dict.fromkeys(c[: -len(s)] for proc in procs for c in proc.cont_names for s in PATIENT_SUFFIXES
+                                  if c.endswith(s)))
+    return add_patient_features(df, relative) if relative else df  # over the predicted table, as training did
 
 
 def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,

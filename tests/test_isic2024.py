@@ -1,0 +1,89 @@
+"""The ISIC 2024 layout end to end on its synthetic sample: metadata CSVs keyed by isic_id, HDF5 image stores,
+2024 columns declared as features, train-only columns never features, a submission of isic_id,target."""
+
+import pandas as pd
+import pytest
+from conftest import _once
+from typer.testing import CliRunner
+
+from melafast.cli import app
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def sample_2024(shared_root):
+    def make(path):
+        res = invoke("sample", "--format", "isic2024", "--out", path, "--n-train", 300, "--n-test", 30)
+        assert res.exit_code == 0, res.output
+
+    return _once(shared_root, "sample-2024", make)
+
+
+COLUMNS = ["--cat", "sex", "--cat", "anatom_site_general", "--cont", "age_approx", "--cont", "clin_size_long_diam_mm",
+           "--cont", "tbp_lv_norm_border", "--cont", "tbp_lv_dnn_lesion_confidence"]
+
+
+def test_the_2024_sample_has_the_2024_layout(sample_2024):
+    import h5py
+
+    train, test = pd.read_csv(sample_2024 / "train-metadata.csv"), pd.read_csv(sample_2024 / "test-metadata.csv")
+    assert "isic_id" in train.columns and "image_name" not in train.columns
+    assert {"iddx_full", "lesion_id", "tbp_lv_dnn_lesion_confidence", "target"} <= set(train.columns) - set(test.columns)
+    assert train.groupby("patient_id").size().max() > 3 and 0 < train["target"].mean() < 0.1
+    with h5py.File(sample_2024 / "train-image.hdf5") as f:
+        assert set(f.keys()) == set(train["isic_id"]) and f[train["isic_id"].iloc[0]][()].tobytes()[:2] == b"\xff\xd8"
+    assert list(pd.read_csv(sample_2024 / "sample_submission.csv").columns) == ["isic_id", "target"]
+
+
+def test_train_and_submit_on_the_2024_layout(sample_2024, tmp_path):
+    res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
+                 "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
+                 "--out", tmp_path / "run", *COLUMNS)
+    assert res.exit_code == 0, res.output
+    assert "tbp_lv_dnn_lesion_confidence are in train.csv but not in test.csv: never a feature" in res.output
+    assert "pAUC>80%TPR" in res.output  # the 2024 metric beside the AUC
+    res = invoke("submit", "--run", tmp_path / "run", "--workers", 0, "--out", tmp_path / "sub.csv")
+    assert res.exit_code == 0, res.output
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert list(sub.columns) == ["isic_id", "target"]
+    assert sub["isic_id"].tolist() == pd.read_csv(sample_2024 / "sample_submission.csv")["isic_id"].tolist()
+    res = invoke("train", "--data", sample_2024, "--size", 32, "--epochs", 1, "--no-pretrained", "--out",
+                 tmp_path / "x", "--cont", "mel_thick_mm")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "'mel_thick_mm' is the label" in res.stderr
+
+
+def test_patient_features_by_hand():
+    import numpy as np
+
+    from melafast.data import add_patient_features
+
+    df = pd.DataFrame({"patient_id": ["a", "a", "a", "b", None, "c", "c"],
+                       "size": [1.0, 2.0, 6.0, 5.0, 4.0, 3.0, np.nan]})
+    got = add_patient_features(df, ["size"])
+    z_a = (np.array([1.0, 2.0, 6.0]) - 3.0) / np.std([1.0, 2.0, 6.0])
+    assert np.allclose(got["size_patient_z"].iloc[:3], z_a)
+    assert got["size_patient_rank"].iloc[:3].tolist() == [0.0, 0.5, 1.0]
+    # a patient's only lesion, a row without a patient, and a patient whose other lesion has no value: neutral
+    assert got["size_patient_z"].iloc[3:6].tolist() == [0.0, 0.0, 0.0]
+    assert got["size_patient_rank"].iloc[3:6].tolist() == [0.5, 0.5, 0.5]
+    assert got[["size_patient_z", "size_patient_rank"]].iloc[6].isna().all()  # a missing value stays missing
+    assert "target" not in got.columns and len(got) == len(df)
+
+
+def test_patient_features_train_predict_and_are_not_exported(sample_2024, tmp_path):
+    import json
+
+    res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
+                 "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
+                 "--cont", "clin_size_long_diam_mm", "--cat", "sex", "--patient-features", "--out", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    proc = json.loads((tmp_path / "run" / "fold0" / "config.json").read_text())["meta_proc"]
+    assert proc["cont_names"] == ["clin_size_long_diam_mm", "clin_size_long_diam_mm_patient_z",
+                                  "clin_size_long_diam_mm_patient_rank"]
+    res = invoke("submit", "--run", tmp_path / "run", "--workers", 0, "--out", tmp_path / "sub.csv")
+    assert res.exit_code == 0, res.output  # predict computes them over the test table, as training did
+    res = invoke("export", "--run", tmp_path / "run", "--out", tmp_path / "onnx")
+    assert res.exit_code == 1 and "--patient-features" in res.stderr
