@@ -96,7 +96,8 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     train, test = load_competition(data, images=cfg.images)
     declared = cfg.meta and bool(cfg.cat or cfg.cont or cfg.patient_features)
     if declared:  # the columns the user declared, checked; config.json then records the ones the run uses
-        cfg.cat, cfg.cont = resolve_columns(train, test, cfg.cat, cfg.cont, log)
+        given = [c for c in cfg.cont if not (cfg.patient_features and c.endswith(PATIENT_SUFFIXES))]  # (a resume)
+        cfg.cat, cfg.cont = resolve_columns(train, test, cfg.cat, given, log)
         train = clean_columns(train, cfg.cat, cfg.cont, data / "train.csv")
         test = None if test is None else clean_columns(test, cfg.cat, cfg.cont, data / "test.csv")
         if cfg.patient_features:  # each table over its own rows, no labels: as predict computes them

@@ -1,6 +1,8 @@
 """The ISIC 2024 layout end to end on its synthetic sample: metadata CSVs keyed by isic_id, HDF5 image stores,
 2024 columns declared as features, train-only columns never features, a submission of isic_id,target."""
 
+import shutil
+
 import pandas as pd
 import pytest
 from conftest import _once
@@ -87,3 +89,6 @@ def test_patient_features_train_predict_and_are_not_exported(sample_2024, tmp_pa
     assert res.exit_code == 0, res.output  # predict computes them over the test table, as training did
     res = invoke("export", "--run", tmp_path / "run", "--out", tmp_path / "onnx")
     assert res.exit_code == 1 and "--patient-features" in res.stderr
+    shutil.rmtree(tmp_path / "run" / "fold1")  # an interrupted run resumes with the columns it recorded
+    res = invoke("train", "--resume", tmp_path / "run")
+    assert res.exit_code == 0 and "fold(s) 0 already finished" in res.output, res.output
