@@ -225,8 +225,9 @@ def write_submission(ids, preds, path, id_column: str = "image_name") -> Path:
 
 def make_submission(runs, data=None, tta: int | None = None, blend_method: str = "mean", out="submission.csv",
                     bs: int = 64, num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                    weights=None, log: Callable = print, precision: str | None = None) -> Path:
-    """Predict the test set with every fold of every run, blend, write and validate `out`.
+                    weights=None, log: Callable = print, precision: str | None = None, stack: bool = False) -> Path:
+    """Predict the test set with every fold of every run, blend, write and validate `out`. `stack=True` (one run):
+    the run's stacked trees (`melafast stack`) on the test table and each fold model's image scores instead.
 
     A test image that cannot be read stops with an error, or with `on_bad_image="skip"` gets the median
     prediction (a submission must list every id).
@@ -254,11 +255,31 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
         raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
     test = test.loc[ids].reset_index(drop=True)
     ok = _usable(test, on_bad_image, log)
-    final = predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
+    if stack:
+        final = _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision)
+    else:
+        final = predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
     path = write_submission(ids, final, out, submission_id_column(data))
     log(f"wrote {path}: {len(ids)} rows from {sum(len(model_dirs(r)) for r in runs)} model(s) in {len(runs)} run(s), "
         f"blend {blend_method}, TTA {f'x{tta}' if tta else 'as each run was made'}; validated")
     return path
+
+
+def _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision) -> np.ndarray:
+    "The stacked predictions of one run's test rows (unusable images: the median)."
+    from .predict import _model_preds
+    from .stack import stack_predict
+
+    if len(runs) != 1:
+        raise MelafastError("--stack goes with one --run: the run `melafast stack` was fitted on")
+    predictor, preds = _model_preds(runs[0], test[ok], tta, bs, num_workers, None, log, precision)
+    folds = [int(m.config.get("fold", i)) for i, m in enumerate(getattr(predictor, "predictors", [predictor]))]
+    out = np.empty(len(test))
+    out[ok] = stack_predict(runs[0], test[ok].reset_index(drop=True), dict(zip(folds, preds)), data)
+    if not ok.all():
+        out[~ok] = np.median(out[ok]) if ok.any() else 0.5
+    log(f"stacked: the trees of {runs[0]} on the test table and each fold model's image scores")
+    return out
 
 
 def read_ensemble(path) -> dict:

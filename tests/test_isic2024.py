@@ -92,3 +92,43 @@ def test_patient_features_train_predict_and_are_not_exported(sample_2024, tmp_pa
     shutil.rmtree(tmp_path / "run" / "fold1")  # an interrupted run resumes with the columns it recorded
     res = invoke("train", "--resume", tmp_path / "run")
     assert res.exit_code == 0 and "fold(s) 0 already finished" in res.output, res.output
+
+
+def test_stack_is_cross_fitted_and_submits(sample_2024, tmp_path):
+    import json
+
+    import numpy as np
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from melafast.stack import TREE_PARAMS
+
+    run = tmp_path / "run"
+    res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
+                 "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
+                 "--cont", "clin_size_long_diam_mm", "--cat", "sex", "--out", run)
+    assert res.exit_code == 0, res.output
+    res = invoke("stack", "--run", run, "--cont", "clin_size_long_diam_mm", "--cont", "tbp_lv_norm_border",
+                 "--cont", "tbp_lv_dnn_lesion_confidence", "--bootstrap", 100)
+    assert res.exit_code == 0, res.output
+    assert "tbp_lv_dnn_lesion_confidence are in train.csv but not in test.csv" in res.output
+    spec = json.loads((run / "stack.json").read_text())
+    assert spec["columns"] == {"cat": [], "cont": ["clin_size_long_diam_mm", "tbp_lv_norm_border"]}
+    oof = pd.read_csv(run / "stack_oof.csv")
+    # fold 0's trees learnt from fold 1's rows only: refit them by hand
+    table = pd.read_csv(sample_2024 / "train-metadata.csv").set_index("isic_id").loc[oof["image_name"]]
+    p = np.clip(oof["pred_image"].to_numpy(), 1e-6, 1 - 1e-6)
+    X = np.c_[table[["clin_size_long_diam_mm", "tbp_lv_norm_border"]].to_numpy(), np.log(p / (1 - p))]
+    other = (oof["fold"] != 0).to_numpy()
+    trees = HistGradientBoostingClassifier(random_state=0, **TREE_PARAMS).fit(X[other], oof["target"][other])
+    assert np.allclose(trees.predict_proba(X[~other])[:, 1], oof["pred_stack"][~other], atol=1e-12)
+    assert f"image {spec['image_auc']:.4f}  stacked {spec['stack_auc']:.4f}" in res.output
+    res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub.csv")
+    assert res.exit_code == 0, res.output
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert list(sub.columns) == ["isic_id", "target"] and sub["target"].between(0, 1).all()
+    res = invoke("stack", "--run", run, "--cont", "iddx_1")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "label" in res.stderr
+    oof_rows = pd.read_csv(run / "oof.csv")
+    oof_rows.assign(pred=oof_rows["pred"] * 0.9).to_csv(run / "oof.csv", index=False)  # the rows changed since
+    res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub2.csv")
+    assert res.exit_code == 1 and "changed since `melafast stack`" in res.stderr

@@ -69,6 +69,8 @@ def submit(
     message: Annotated[str, typer.Option("--message", help="Kaggle submission message.")] = "melafast submission",
     on_bad_image: BadImageOpt = BadImage.error,
     precision: RunPrecisionOpt = None,
+    stack: Annotated[bool, typer.Option("--stack", help="Submit the run's stacked trees (`melafast stack`) on the "
+                                        "test table and its image scores.")] = False,
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
     from ..submit import make_submission, read_ensemble
@@ -81,7 +83,7 @@ def submit(
         runs, method, weights = ens["runs"], ens["blend"], ens["weights"]
     path = make_submission(runs, data=data, tta=tta, blend_method=method, out=out, bs=bs, num_workers=workers,
                            images=images, on_bad_image=on_bad_image.value, weights=weights, log=typer.echo,
-                           precision=_value(precision))
+                           precision=_value(precision), stack=stack)
     if upload:
         from ..kaggle import upload_submission
 
@@ -215,6 +217,41 @@ def serve(
     from ..serve import serve as run_server
 
     run_server(run, host=host, port=port, max_mb=max_mb, precision=_value(precision), log=typer.echo)
+
+
+@app.command("stack")
+@friendly
+def stack_cmd(
+    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    cat: Annotated[Optional[List[str]], typer.Option("--cat", help="Categorical table column for the trees "
+                                                     "(repeatable; default: the run's metadata columns).")] = None,
+    cont: Annotated[Optional[List[str]], typer.Option("--cont", help="Continuous table column (repeatable).")] = None,
+    patient_features: Annotated[bool, typer.Option("--patient-features", help="Add each continuous column's z-score "
+                                                   "and rank within the patient.")] = False,
+    data: RunDataOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="The trees' seed.")] = 0,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Paired bootstrap resamples (whole patients).")] = 1000,
+):
+    """Gradient-boosted trees on the table and the run's out-of-fold image scores, cross-validated on its folds."""
+    from ..data import resolve_columns
+    from ..runfolder import RunFolder
+    from ..stack import stack_run
+
+    if cat or cont:  # the same checks as train's: present, not the label, not train-only
+        d = RunFolder(run).data_for(data)
+        cat, cont = resolve_columns(_stack_table(d, "train"), _stack_table(d, "test"), cat or [], cont or [],
+                                    log=typer.echo)
+    stack_run(run, cat=cat, cont=cont, patient_features=patient_features, data=data, seed=seed, n_boot=bootstrap,
+              log=typer.echo)
+
+
+def _stack_table(data, split):
+    from ..data import read_table
+
+    for name in (f"{split}.csv", f"{split}-metadata.csv"):
+        if (Path(data) / name).is_file():
+            return read_table(Path(data) / name)
+    return None
 
 
 @app.command()
