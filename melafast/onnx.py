@@ -87,6 +87,12 @@ class _Meta:
             if column == "age_approx" and not 0 <= x <= 120:
                 raise ExportError(f"age_approx must be an age in years (0 to 120), got {v!r}")
             return x
+        try:  # a numeric category, as melafast reads it: 3, 3.0 and '3.0' are all '3'
+            x = float(text)
+            if x.is_integer() and column not in ("sex", "anatom_site_general_challenge"):
+                return str(int(x))
+        except ValueError:
+            pass
         return text.lower()
 
     def encode(self, row: dict) -> np.ndarray:

@@ -95,3 +95,18 @@ def test_melanoma_dls_takes_cat_and_cont_names(wide_data):
     assert x.shape[1] == dls.meta_proc.n_features == 2 + (3 + 2)
     with pytest.raises(DataError, match="label"):
         melanoma_dls(df, fold=0, size=32, bs=8, num_workers=0, cont_names=["target"])
+
+
+def test_categories_read_the_same_however_the_table_stored_them():
+    from melafast.data import clean_columns
+    from melafast.onnx import _Meta
+
+    df = pd.DataFrame({"fitzpatrick": [1, 2, np.nan, "3.0", " II ", "unknown", 2.5], "size": ["4", "", "n/a", 5, 6, 7, 8]})
+    got = clean_columns(df, ["fitzpatrick"], ["size"])
+    assert got["fitzpatrick"].tolist()[:2] == ["1", "2"] and got["fitzpatrick"].tolist()[3:5] == ["3", "ii"]
+    assert got["fitzpatrick"].isna().tolist() == [False, False, True, False, False, True, False]
+    assert got["size"].tolist()[0] == 4.0 and got["size"].isna().sum() == 2
+    # the exported runtime reads a CSV's text the same way
+    meta = _Meta(dict(cat_names=["fitzpatrick"], cont_names=[], vocab={"fitzpatrick": ["1", "2", "3"]}, means={},
+                      stds={}), dict(holes=["", "unknown", "n/a"], sexes={}))
+    assert [meta._value("fitzpatrick", v) for v in ("3.0", "3", "II", "")] == ["3", "3", "ii", None]

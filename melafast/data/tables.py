@@ -151,6 +151,22 @@ def resolve_columns(train: pd.DataFrame, test: pd.DataFrame | None, cat=(), cont
     return cat, cont
 
 
+def _category_text(v):
+    "A category as text; a number the same however the table stored it (3, 3.0 and '3.0' are all '3')."
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return v
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return v
+        return str(int(x)) if x.is_integer() else v
+    if isinstance(v, (bool, np.bool_)):
+        return str(v)
+    x = float(v)
+    return str(int(x)) if x.is_integer() else str(x)
+
+
 def clean_columns(df: pd.DataFrame, cat=(), cont=(), source=None) -> pd.DataFrame:
     """`df` with declared metadata columns cleaned as the 2020 ones are: categorical values as stripped lower-case
     text, continuous ones as numbers, holes (empty, NaN, unknown, n/a, ...) missing; a continuous value that is not a
@@ -162,7 +178,7 @@ def clean_columns(df: pd.DataFrame, cat=(), cont=(), source=None) -> pd.DataFram
     for c in cat:
         if c not in (*CAT_NAMES, *CONT_NAMES):
             holes = df[c].map(_hole).astype(bool)
-            df[c] = _norm_text(df[c].where(~holes).map(lambda v: v if isinstance(v, str) or pd.isna(v) else str(v)))
+            df[c] = _norm_text(df[c].where(~holes).map(_category_text))
     for c in cont:
         if c not in (*CAT_NAMES, *CONT_NAMES):
             holes = df[c].map(_hole).astype(bool)
