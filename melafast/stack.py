@@ -34,10 +34,10 @@ def _logit(p):
 
 def _table(folder, data, cat, cont, patient_features, split="train") -> pd.DataFrame:
     "The split's table (no images needed) with the feature columns cleaned, and patient features when asked."
-    from .data import add_patient_features, clean_columns, clean_metadata, read_table
+    from .data import add_patient_features, clean_columns, clean_metadata, read_table, split_csv
 
     data = Path(data)
-    csv = data / f"{split}.csv" if (data / f"{split}.csv").is_file() else data / f"{split}-metadata.csv"
+    csv = split_csv(data, split)
     if not csv.is_file():
         raise DataError(f"{data} has no {split}.csv: the stack needs the table's features")
     df = clean_columns(clean_metadata(read_table(csv, required=("image_name",))), cat, cont, csv)

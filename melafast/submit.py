@@ -170,12 +170,12 @@ def ensemble_runs(runs, out="ensemble.json", log: Callable = print) -> dict:
 def submission_ids(data) -> list[str]:
     """Image ids a submission must list, in order: those of sample_submission.csv, else of test.csv (or the ISIC
     2024 layout's test-metadata.csv)."""
-    from .data import read_table
+    from .data import read_table, split_csv
 
     data = Path(data)
-    for name in ("sample_submission.csv", "test.csv", "test-metadata.csv"):
-        if (data / name).is_file():
-            return read_table(data / name)["image_name"].tolist()
+    for csv in (data / "sample_submission.csv", split_csv(data, "test")):
+        if csv.is_file():
+            return read_table(csv)["image_name"].tolist()
     raise DataError(f"{data} has neither sample_submission.csv nor test.csv: nothing to submit for")
 
 

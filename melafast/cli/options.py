@@ -39,6 +39,7 @@ RunPrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", hel
                                                               "each model's own, the one its out-of-fold predictions "
                                                               "were made with; fp32 where the device lacks it).")]
 RunDataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")]
+FinishedRunOpt = Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")]
 BadImageOpt = Annotated[BadImage, typer.Option("--on-bad-image", help="Unreadable, empty or truncated images: "
                                                "error (stop, listing them) or skip (leave out / median prediction).")]
 

@@ -9,8 +9,8 @@ import typer
 
 from ..errors import MelafastError
 from .app import app, friendly
-from .options import (BadImage, BadImageOpt, Blend, BsOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, RunTtaOpt, Split,
-                      WorkersOpt)
+from .options import (BadImage, BadImageOpt, Blend, BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt,
+                      RunTtaOpt, Split, WorkersOpt)
 from .options import value as _value
 
 
@@ -129,7 +129,7 @@ def ensemble_cmd(
 @app.command()
 @friendly
 def report(
-    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    run: FinishedRunOpt,
     data: RunDataOpt = None,
     images: ImagesOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default <run>/report.html); "
@@ -165,7 +165,7 @@ def report(
 @app.command()
 @friendly
 def audit(
-    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    run: FinishedRunOpt,
     artefact: Annotated[Optional[List[str]], typer.Option("--artefact", help="Artefact to draw; repeat for several "
                                                           "(default all: ink, ruler, vignette, hair, patch).")] = None,
     data: RunDataOpt = None,
@@ -193,7 +193,7 @@ def audit(
 @app.command()
 @friendly
 def export(
-    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    run: FinishedRunOpt,
     out: Annotated[Path, typer.Option("--out", help="New (or empty) folder for the ONNX models and their manifest.")],
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
 ):
@@ -206,7 +206,7 @@ def export(
 @app.command()
 @friendly
 def serve(
-    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    run: FinishedRunOpt,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface, without "
                                       "authentication).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 7860,
@@ -222,7 +222,7 @@ def serve(
 @app.command("stack")
 @friendly
 def stack_cmd(
-    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    run: FinishedRunOpt,
     cat: Annotated[Optional[List[str]], typer.Option("--cat", help="Categorical table column for the trees "
                                                      "(repeatable; default: the run's metadata columns).")] = None,
     cont: Annotated[Optional[List[str]], typer.Option("--cont", help="Continuous table column (repeatable).")] = None,
@@ -246,18 +246,16 @@ def stack_cmd(
 
 
 def _stack_table(data, split):
-    from ..data import read_table
+    from ..data import read_table, split_csv
 
-    for name in (f"{split}.csv", f"{split}-metadata.csv"):
-        if (Path(data) / name).is_file():
-            return read_table(Path(data) / name)
-    return None
+    csv = split_csv(data, split)
+    return read_table(csv) if csv.is_file() else None
 
 
 @app.command()
 @friendly
 def card(
-    run: Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")],
+    run: FinishedRunOpt,
     data: RunDataOpt = None,
     images: ImagesOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Markdown file to write (default <run>/MODEL_CARD.md).")]

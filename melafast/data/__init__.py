@@ -11,7 +11,8 @@ One concern a file, each importing only the ones above it:
 """
 
 from .tables import (CAT_NAMES, CONT_NAMES, IMAGE_EXTS, clean_columns, clean_metadata, find_dataset, find_image_dir,
-                     image_folder, image_table, load_competition, load_split, read_table, resolve_columns)
+                     image_folder, image_table, load_competition, load_split, read_table, resolve_columns,
+                     split_csv)
 from .images import BAD_IMAGE_MODES, _OpenImage, check_images  # noqa: F401  (_OpenImage: tests count its calls)
 from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
 from .meta import (EXTRA_CONT_NAMES, FILE_FEATURES, META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta,
@@ -28,6 +29,6 @@ __all__ = [
     "BAD_IMAGE_MODES", "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES",
     "AUG_PRESETS", "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly",
     "FILE_FEATURES", "META_DROPOUT", "MetaDropout", "check_file_features", "file_reference", "pseudo_for_fold",
-    "check_teacher_folds", "resolve_columns", "clean_columns", "make_sample_2024",
+    "check_teacher_folds", "resolve_columns", "clean_columns", "make_sample_2024", "split_csv",
     "add_patient_features", "patient_feature_names",
 ]

@@ -233,6 +233,14 @@ def _attach_fnames(df: pd.DataFrame, folder: Path, csv_name: str) -> pd.DataFram
     return df
 
 
+def split_csv(path, split: str) -> Path:
+    """The table of `split` in the dataset folder `path`: `<split>.csv`, or the ISIC 2024 layout's
+    `<split>-metadata.csv` when only that exists (`<split>.csv` when neither does)."""
+    csv = Path(path) / f"{split}.csv"
+    alt = Path(path) / f"{split}-metadata.csv"
+    return alt if not csv.is_file() and alt.is_file() else csv
+
+
 def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:
     """Read one split of a dataset folder, `train.csv` or `test.csv`, with cleaned metadata and an absolute `fname`.
 
@@ -244,9 +252,7 @@ def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"data folder {path} does not exist")
-    csv = path / f"{split}.csv"
-    if not csv.is_file() and (path / f"{split}-metadata.csv").is_file():  # the ISIC 2024 layout
-        csv = path / f"{split}-metadata.csv"
+    csv = split_csv(path, split)
     if split == "test" and not csv.is_file():
         return None
     root = Path(images).expanduser().resolve() if images is not None else path
