@@ -204,24 +204,28 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
         row["selected"] = oof["pred_selected"].to_numpy()
     row["op"] = _operating_point_check(cfg.out, held, hold)
     if a.op_fresh is not None:  # the same operating point on fresh lesions, drawn like the CV's own
+        from melafast.runfolder import RunFolder
+
         fresh = predict_many(models, a.op_fresh, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
+        saved = RunFolder(cfg.out).operating_point()
         row["op"].update({k.replace("holdout", "fresh"): v for k, v in
-                          _operating_point_check(cfg.out, fresh, a.op_fresh).items() if k != "op_crossfit_sens"})
+                          _operating_point_check(cfg.out, fresh, a.op_fresh, saved).items() if k != "op_crossfit_sens"})
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
 
 
-def _operating_point_check(run, held, hold) -> dict:
+def _operating_point_check(run, held, hold, point=None) -> dict:
     """The operating point "sensitivity >= 90%" saved as `melafast report --operating-point sens90` saves it (chosen on
     the run's OOF rows), then applied to the held-out part as `predict` applies it (each fold model's probabilities,
-    `held`, voted), and, for comparison, the fold mean against the same threshold (not what predict does)."""
+    `held`, voted), and, for comparison, the fold mean against the same threshold (not what predict does). `point`:
+    the operating point already saved (not chosen again)."""
     import numpy as np
 
     from melafast.inference import load_predictor
     from melafast.operating import _rates, save_operating_point
 
-    point = save_operating_point(run, OPERATING_POINT, n_boot=200)
+    point = point or save_operating_point(run, OPERATING_POINT, n_boot=200)
     decision, _ = load_predictor(run).decide(held)
     target = hold["target"].to_numpy()
     sens, spec = _rates(target, decision)

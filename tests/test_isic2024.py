@@ -40,14 +40,25 @@ def test_the_2024_sample_has_the_2024_layout(sample_2024):
     assert list(pd.read_csv(sample_2024 / "sample_submission.csv").columns) == ["isic_id", "target"]
 
 
-def test_train_and_submit_on_the_2024_layout(sample_2024, tmp_path):
-    res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
-                 "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
-                 "--out", tmp_path / "run", *COLUMNS)
-    assert res.exit_code == 0, res.output
-    assert "tbp_lv_dnn_lesion_confidence are in train.csv but not in test.csv: never a feature" in res.output
-    assert "pAUC>80%TPR" in res.output  # the 2024 metric beside the AUC
-    res = invoke("submit", "--run", tmp_path / "run", "--workers", 0, "--out", tmp_path / "sub.csv")
+@pytest.fixture(scope="session")
+def run_2024(sample_2024, shared_root):
+    "A tiny run on the 2024 sample with its columns declared, trained once per session; the lines it printed."
+    def make(path):
+        res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
+                     "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
+                     "--out", path / "run", *COLUMNS)
+        assert res.exit_code == 0, res.output
+        (path / "train.log").write_text(res.output)
+
+    path = _once(shared_root, "run-2024", make)
+    return path / "run", (path / "train.log").read_text()
+
+
+def test_train_and_submit_on_the_2024_layout(sample_2024, run_2024, tmp_path):
+    run, output = run_2024
+    assert "tbp_lv_dnn_lesion_confidence are in train.csv but not in test.csv: never a feature" in output
+    assert "pAUC>80%TPR" in output  # the 2024 metric beside the AUC
+    res = invoke("submit", "--run", run, "--workers", 0, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 0, res.output
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert list(sub.columns) == ["isic_id", "target"]
@@ -94,7 +105,7 @@ def test_patient_features_train_predict_and_are_not_exported(sample_2024, tmp_pa
     assert res.exit_code == 0 and "fold(s) 0 already finished" in res.output, res.output
 
 
-def test_stack_is_cross_fitted_and_submits(sample_2024, tmp_path):
+def test_stack_is_cross_fitted_and_submits(sample_2024, run_2024, tmp_path):
     import json
 
     import numpy as np
@@ -102,11 +113,7 @@ def test_stack_is_cross_fitted_and_submits(sample_2024, tmp_path):
 
     from melafast.stack import TREE_PARAMS
 
-    run = tmp_path / "run"
-    res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
-                 "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
-                 "--cont", "clin_size_long_diam_mm", "--cat", "sex", "--out", run)
-    assert res.exit_code == 0, res.output
+    run = shutil.copytree(run_2024[0], tmp_path / "run")  # the stack writes into it
     res = invoke("stack", "--run", run, "--cont", "clin_size_long_diam_mm", "--cont", "tbp_lv_norm_border",
                  "--cont", "tbp_lv_dnn_lesion_confidence", "--bootstrap", 100)
     assert res.exit_code == 0, res.output
