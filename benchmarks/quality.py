@@ -91,6 +91,26 @@ def _subset(df, n, seed=0):
     return df[df["patient_id"].isin(mel + rest)].reset_index(drop=True)
 
 
+def _cv_part(rest, hold, a, subset_seed: int, n_fresh):
+    """The CV part of the non-held-out images (about --images of them, drawn with `subset_seed`), and, on `a`, what
+    depends on it: the fresh images of --fresh-check and --op-fresh (lesions the subset left unused) and the images
+    whose features frozen_logreg pools."""
+    import pandas as pd
+
+    cv = _subset(rest, a.images, seed=subset_seed) if a.images else rest
+    unused = rest[~rest["image_name"].isin(cv["image_name"])].reset_index(drop=True)
+    a.fresh = unused if a.fresh_check else None
+    if a.fresh is not None and a.fresh["target"].nunique() < 2:
+        raise SystemExit("--fresh-check needs --images smaller than the non-held-out part (fresh images of both classes)")
+    if a.fresh is not None and a.small:
+        a.fresh = _subset(a.fresh, 150, seed=1)
+    if n_fresh is not None:  # about N fresh lesions: non-held-out images the CV subset left unused
+        a.op_fresh = _subset(unused, n_fresh, seed=a.holdout_seed + 1) if n_fresh < len(unused) else unused
+    a.everything = pd.concat([cv, hold], ignore_index=True)
+    a.__dict__.pop("_features", None)  # frozen_logreg's pooled features belong to one CV part
+    return cv
+
+
 def split_holdout(df, frac: float = 0.2, seed: int = 0):
     "(rest, held-out): about `frac` of the lesions, stratified by target, whole lesions on one side only."
     from melafast.data import make_folds
@@ -299,6 +319,23 @@ def _cell(s: dict) -> str:
     return f"{s['mean']:.3f}" + (f" ± {s['sd']:.3f}" if s.get("sd") is not None else "")
 
 
+def blank_vs_image(per_seed: dict) -> dict | None:
+    """When a recipe with metadata and the image-only one ran on the same seeds (same CV part, same folds): per seed,
+    the metadata model with every field blanked minus the image-only model, OOF and held out, with mean and sd."""
+    import numpy as np
+
+    image = {r["seed"]: r for r in per_seed.get("melafast_image_tta", [])}
+    meta = [r for r in per_seed.get("melafast_meta_tta", []) if "holdout_blank" in r and r["seed"] in image]
+    if not meta:
+        return None
+    out = {}
+    for key, blank in (("oof", "oof_blank"), ("holdout", "holdout_blank")):
+        diffs = [round(r[blank] - image[r["seed"]][key], 4) for r in meta]
+        out[key] = dict(per_seed=diffs, mean=round(float(np.mean(diffs)), 4),
+                        sd=round(float(np.std(diffs, ddof=1)), 4) if len(diffs) > 1 else None)
+    return out
+
+
 def markdown_table(results: list) -> str:
     "One markdown row per (result file, recipe row): OOF, held-out and gap as mean ± sd over seeds."
     lines = ["| run | recipe | seeds | OOF AUC | held-out AUC, fold ensemble | held-out AUC, one fold model "
@@ -341,6 +378,13 @@ def markdown_table(results: list) -> str:
             lines += [f"| {res.get('label') or ''} | {name} | " + " | ".join(_cell(s[k]) for k in (
                 "op_fresh_sens", "op_fresh_spec", "op_fresh_sens_mean", "op_fresh_spec_mean")) + " |"
                 for res, name, s in fresh]
+    paired = [res for res in results if res.get("blank_vs_image")]
+    if paired:  # the same seeds, CV parts and folds: every field blanked minus the image-only model
+        lines += ["", "| run | OOF AUC: blanked - image only, paired by seed | held-out AUC: blanked - image only |",
+                  "|---|---|---|"]
+        lines += [f"| {res.get('label') or ''} | " + " | ".join(
+            f"{d['mean']:+.3f} ± {d['sd'] or 0:.3f} ({', '.join(f'{x:+.3f}' for x in d['per_seed'])})"
+            for d in (res["blank_vs_image"]["oof"], res["blank_vs_image"]["holdout"])) + " |" for res in paired]
     return "\n".join(lines)
 
 
@@ -378,6 +422,9 @@ def _parse(argv):
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=42, help="first seed; the others follow it")
     p.add_argument("--seeds", type=int, default=1, help="repeat every recipe with this many seeds")
+    p.add_argument("--resample", action="store_true",
+                   help="with --images: each seed draws its own CV subset of the non-held-out part (seed-to-seed sd "
+                        "then covers which lesions the CV holds, not only folds and initialisation)")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--label", default="", help="a name for this run in the JSON and the markdown table")
     p.add_argument("--small", action="store_true", help="tiny CPU settings: checks the script, not the quality")
@@ -420,21 +467,17 @@ def main(argv=None):
     rest, hold = split_holdout(full, a.holdout, a.holdout_seed)
     if a.holdout_images:  # fewer held-out images, still whole lesions, melanomas at their share
         hold = _subset(hold, a.holdout_images, seed=a.holdout_seed)
-    cv = _subset(rest, a.images) if a.images else rest
-    a.fresh = rest[~rest["image_name"].isin(cv["image_name"])].reset_index(drop=True) if a.fresh_check else None
-    if a.fresh is not None and a.fresh["target"].nunique() < 2:
-        raise SystemExit("--fresh-check needs --images smaller than the non-held-out part (fresh images of both classes)")
-    if a.fresh is not None and a.small:
-        a.fresh = _subset(a.fresh, 150, seed=1)
-    if a.op_fresh is not None:  # about N fresh lesions: non-held-out images the CV subset left unused
-        unused = rest[~rest["image_name"].isin(cv["image_name"])].reset_index(drop=True)
-        a.op_fresh = _subset(unused, a.op_fresh, seed=a.holdout_seed + 1) if a.op_fresh < len(unused) else unused
-    a.everything = __import__("pandas").concat([cv, hold], ignore_index=True)
+    n_fresh = a.op_fresh
+    cv = _cv_part(rest, hold, a, subset_seed=0, n_fresh=n_fresh)
     seeds = [a.seed + i for i in range(a.seeds)]
     per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}
+    cv_sizes = []
     # training's progress lines go to stderr with the log: stdout carries the JSON object only
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         for seed in seeds:
+            if a.resample and a.images:  # each seed its own CV subset (and fresh images) of the non-held-out part
+                cv = _cv_part(rest, hold, a, subset_seed=seed, n_fresh=n_fresh)
+                cv_sizes.append((len(cv), int(cv["target"].sum())))
             df = make_folds(cv, n_folds=a.folds, seed=seed)
             for recipe in a.recipes.split(","):
                 t0 = time.perf_counter()
@@ -459,12 +502,16 @@ def main(argv=None):
                     per_seed[name].append(r)
                     _log(f"seed {seed} {name}: {r}")
     res = dict(label=a.label, data=str(a.data), cv_images=len(cv), cv_melanomas=int(cv["target"].sum()),
+               resample=bool(a.resample and a.images), cv_sizes_per_seed=cv_sizes or None,
                holdout_images=len(hold), holdout_melanomas=int(hold["target"].sum()),
                holdout_lesions=int(hold["patient_id"].nunique()), folds=a.folds, arch=a.arch, size=a.size,
                epochs=a.epochs, freeze_epochs=1, bs=a.bs, lr=a.lr or f"lr_find valley ({a.lr_find_its} iterations)",
                lr_find_on=a.lr_find_on, lr_mult=a.lr_mult, best=a.best, settings=a.settings, seeds=seeds,
                device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
                recipes={name: dict(summary=summarize(rows), per_seed=rows) for name, rows in per_seed.items()})
+    paired = blank_vs_image(per_seed)
+    if paired:
+        res["blank_vs_image"] = paired
     text = json.dumps(res, indent=2)
     print(text)
     _log(markdown_table([res]))

@@ -65,6 +65,7 @@ class _Meta:
     def __init__(self, d: dict, rules: dict):
         self.cat, self.cont = list(d["cat_names"]), list(d["cont_names"])
         self.vocab, self.means, self.stds = d["vocab"], d["means"], d["stds"]
+        self.fill = d.get("fill", self.means)  # a hole's fill value (runs saved before it: the mean)
         self.holes, self.sexes = set(rules["holes"]), rules["sexes"]
 
     def _value(self, column, v):
@@ -99,7 +100,8 @@ class _Meta:
         out = []
         for c in self.cont:
             v = self._value(c, row.get(c))
-            out += [0.0, 1.0] if v is None else [(v - self.means[c]) / self.stds[c], 0.0]
+            hole = v is None  # filled as FillMissing fills it, with the flag up
+            out += [((self.fill[c] if hole else v) - self.means[c]) / self.stds[c], float(hole)]
         for c in self.cat:
             voc, v = self.vocab[c], self._value(c, row.get(c))
             hot = [0.0] * (len(voc) + 2)

@@ -125,3 +125,41 @@ def test_store_speed_reads_the_same_images_both_ways(tmp_path):
     if not res:
         pytest.skip("../shared/data/ham10000 not present")
     assert res["images"] == 40 and res["folder_img_s"] > 0 and res["store_img_s"] > 0
+
+
+def test_quality_resample_gives_each_seed_its_own_cv_lesions():
+    from conftest import HAM
+
+    if not HAM.is_dir():
+        pytest.skip("../shared data not present")
+    from types import SimpleNamespace
+
+    import quality
+
+    from melafast.data import load_competition
+
+    full, _ = load_competition(quality.SHARED / "data" / "ham10000")
+    rest, hold = quality.split_holdout(full, 0.2, 0)
+    a = SimpleNamespace(images=600, fresh_check=False, small=False, holdout_seed=0, _features="stale")
+    parts = [quality._cv_part(rest, hold, a, subset_seed=s, n_fresh=300) for s in (42, 43)]
+    lesions = [set(p["patient_id"]) for p in parts]
+    assert lesions[0] != lesions[1] and not (lesions[0] | lesions[1]) & set(hold["patient_id"])
+    for p, les in zip(parts, lesions):  # whole lesions, about the size asked, melanomas at about their share
+        assert set(rest[rest["patient_id"].isin(les)]["image_name"]) == set(p["image_name"])
+        assert abs(len(p) - 600) < 40 and abs(p["target"].mean() - full["target"].mean()) < 0.03
+    # what depends on the CV part follows the last one drawn: fresh images outside it, features to pool again
+    assert not set(a.op_fresh["patient_id"]) & lesions[1] and not hasattr(a, "_features")
+    assert len(a.everything) == len(parts[1]) + len(hold)
+
+
+def test_quality_pairs_blanked_and_image_only_by_seed():
+    import quality
+
+    per_seed = {"melafast_image_tta": [dict(seed=42, oof=0.80, holdout=0.85), dict(seed=43, oof=0.70, holdout=0.80)],
+                "melafast_meta_tta": [dict(seed=43, oof_blank=0.71, holdout_blank=0.83),
+                                      dict(seed=42, oof_blank=0.82, holdout_blank=0.84)]}
+    paired = quality.blank_vs_image(per_seed)
+    assert paired["holdout"]["per_seed"] == [0.03, -0.01] and paired["holdout"]["mean"] == 0.01
+    assert paired["oof"]["per_seed"] == [0.01, 0.02] and paired["oof"]["sd"] == pytest.approx(0.0071, abs=1e-4)
+    assert quality.blank_vs_image({"melafast_meta_tta": per_seed["melafast_meta_tta"]}) is None
+    assert "+0.010 ± 0.028 (+0.030, -0.010)" in quality.markdown_table([dict(recipes={}, blank_vs_image=paired)])

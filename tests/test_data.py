@@ -164,6 +164,53 @@ def test_meta_processor_fitted_on_train_only_with_unknown_bucket():
         MetaProcessor.from_dict({"cat_names": ["sex"]})
 
 
+
+def test_meta_processor_is_fastais_tabular_procs_as_json():
+    """The encoding is what fastai's Categorify, FillMissing and Normalize make of the rows, fitted on training rows
+    only: the same normalised values, the same `_na` flags, the same category codes; rebuilt from JSON alone."""
+    import torch
+    from fastai.tabular.core import Categorify, FillMissing, Normalize, TabularPandas
+
+    rng = np.random.default_rng(3)
+    n = 60
+    train = pd.DataFrame({"sex": rng.choice(["male", "female", None], n),
+                          "site": rng.choice(["torso", "head/neck", "palms/soles"], n),
+                          "age_approx": rng.choice([30.0, 35.0, 40.0, 70.0, 85.0, np.nan], n),  # skewed: median != mean
+                          "size_mm": rng.gamma(2.0, 3.0, n)})
+    valid = pd.DataFrame({"sex": ["female", None, "male"], "site": ["torso", "palms/soles", "head/neck"],
+                          "age_approx": [np.nan, 55.0, 20.0], "size_mm": [1.5, 4.0, 30.0]})
+    cats, conts = ["sex", "site"], ["age_approx", "size_mm"]
+    proc = MetaProcessor.fit(train, cat_names=cats, cont_names=conts)
+    proc = MetaProcessor.from_dict(json.loads(json.dumps(proc.to_dict())))  # what predict rebuilds
+
+    to = TabularPandas(train, procs=[Categorify, FillMissing, Normalize], cat_names=list(cats), cont_names=list(conts),
+                       reduce_memory=False)
+    ref = to.new(valid)
+    ref.process()
+    got = proc.encode(valid)
+    slots = proc.slots()
+    for c in conts:
+        values, flag = slots[c]
+        np.testing.assert_allclose(got[:, values][:, 0], ref.items[c].to_numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[:, flag], valid[c].isna().to_numpy())  # FillMissing's age_approx_na
+    for c in cats:
+        values, flag = slots[c]
+        codes = ref.items[c].to_numpy()  # 0 is fastai's #na#, 1.. the sorted training categories
+        hot = np.concatenate([got[:, flag][:, None], got[:, values][:, :-1]], axis=1)  # missing slot first, no unknown
+        np.testing.assert_array_equal(hot.argmax(1), codes)
+    assert proc.fill["age_approx"] == train["age_approx"].median()  # the median, not the mean
+    hole = proc.hole_value("age_approx")
+    assert abs(hole) > 0.05 and got[0, slots["age_approx"][0]][0] == pytest.approx(hole)
+    # metadata dropout's blank writes exactly what a real hole encodes to
+    full = torch.from_numpy(proc.encode(valid.assign(age_approx=40.0, sex="male")))
+    holes = torch.from_numpy(proc.encode(valid.assign(age_approx=np.nan, sex=None)))
+    assert torch.allclose(proc.blank(full, ["age_approx", "sex"]), holes)
+    # a column without holes in training (fastai's FillMissing would leave a new hole as NaN): still filled, flagged
+    vec = proc.encode_row({"size_mm": None})
+    assert np.isfinite(vec).all() and vec[slots["size_mm"][1]] == 1
+    assert proc.fill["size_mm"] == pytest.approx(train["size_mm"].median())
+
+
 # ---- DataLoaders
 
 def test_batch_shapes_and_meta_untouched_by_augmentation(sample_df):

@@ -1,5 +1,6 @@
-"""The metadata vector: age, sex and site (and optional extras) encoded with statistics fitted on training rows;
-metadata dropout, which blanks fields of training rows as a real hole looks; and the file features' own checks."""
+"""The metadata vector: age, sex and site (and any declared columns) encoded with fastai's tabular procs fitted on
+training rows, kept as JSON; metadata dropout, which blanks fields of training rows as a real hole looks; and the file
+features' own checks."""
 
 from __future__ import annotations
 
@@ -32,34 +33,69 @@ def _missing(v) -> bool:
 
 @dataclass
 class MetaProcessor:
-    """Metadata -> float vector, fitted on a training split; its state is plain JSON (`to_dict`/`from_dict`).
+    """Metadata -> float vector, fitted on a training split with fastai's tabular procs; its state is plain JSON
+    (`to_dict`/`from_dict`, no pickle), so `predict` rebuilds it without fastai's objects.
 
-    Layout: for each continuous column, the standardised value (0 when missing) and a missing flag;
-    for each categorical column, one-hot over the training vocabulary plus an `unknown` slot, and a missing flag.
+    `fit` runs fastai's `Categorify`, `FillMissing` (median) and `Normalize` on the training rows (a
+    `TabularPandas`) and keeps what they learned: the categories (`vocab`, fastai's classes without `#na#`), the fill
+    value of each continuous column (`fill`) and the mean and standard deviation of the filled column (`means`,
+    `stds`). Encoding a row does what those procs do to it, laid out for a network's input:
+      - each continuous column: its filled, normalised value and a missing flag (FillMissing's `_na` column); a hole
+        is the normalised fill value with the flag up, for every column, also those without holes in training;
+      - each categorical column: one-hot over the training categories, an `unknown` slot (fastai would send an
+        unseen category to `#na#`; here it stays apart from a hole) and a missing slot (fastai's `#na#`).
+    A constant column gets standard deviation 1 (fastai's would be 1e-7); a column with no value in training fills
+    with 0 and scales by 1. `blank` writes exactly what a hole encodes to, which is what metadata dropout uses.
     """
 
     cat_names: list = field(default_factory=lambda: list(CAT_NAMES))  # categorical columns, in order
     cont_names: list = field(default_factory=lambda: list(CONT_NAMES))  # continuous columns, in order
-    vocab: dict = field(default_factory=dict)  # column -> sorted categories seen in training
-    means: dict = field(default_factory=dict)  # column -> training mean (missing values excluded)
-    stds: dict = field(default_factory=dict)  # column -> training std (1.0 when constant)
+    vocab: dict = field(default_factory=dict)  # column -> sorted categories seen in training (Categorify)
+    means: dict = field(default_factory=dict)  # column -> training mean of the filled column (Normalize)
+    stds: dict = field(default_factory=dict)  # column -> training std of the filled column (Normalize; 1 if constant)
+    fill: dict = field(default_factory=dict)  # column -> the value a hole is filled with (FillMissing's median)
 
     @classmethod
     def fit(cls, df: pd.DataFrame, cat_names=CAT_NAMES, cont_names=None) -> "MetaProcessor":
-        """Learn vocabularies and scaling from the rows of `df` (the training split only).
+        """Fit fastai's `Categorify`, `FillMissing` and `Normalize` on the rows of `df` (the training split only)
+        and keep their state.
 
         `cont_names` defaults to `age_approx` plus the extra features of `add_meta_features` present in `df`.
         """
+        from fastai.tabular.core import Categorify, FillMissing, FillStrategy, Normalize, TabularPandas
+
         if cont_names is None:
             cont_names = (*CONT_NAMES, *(c for c in EXTRA_CONT_NAMES if c in df.columns))
-        vocab = {c: sorted(map(str, df[c].dropna().unique())) if c in df else [] for c in cat_names}
-        means, stds = {}, {}
+        cat_names, cont_names = list(cat_names), list(cont_names)
+        table = pd.DataFrame(index=range(len(df)))
+        for c in cat_names:  # categories as text, holes as NaN: what Categorify sorts
+            col = df[c].reset_index(drop=True) if c in df else pd.Series([np.nan] * len(df))
+            table[c] = col.map(lambda v: np.nan if _missing(v) else str(v)).astype(object)
+        # continuous columns with at least one value: the procs fit them; the others fill with 0, scale by 1
+        known = [c for c in cont_names if c in df and pd.to_numeric(df[c], errors="coerce").notna().any()]
+        for c in known:
+            table[c] = pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
+        vocab, means, stds, fill = {c: [] for c in cat_names}, {}, {}, {}
+        if len(df) and (cat_names or known):
+            to = TabularPandas(table, procs=[Categorify, FillMissing, Normalize], cat_names=list(cat_names),
+                               cont_names=known, reduce_memory=False)
+            cats, holes, norm = to.procs.categorify, to.procs.fill_missing.na_dict, to.procs.normalize
+            vocab = {c: [str(v) for v in cats.classes[c] if v != "#na#"] for c in cat_names}
+            for c in known:
+                # FillMissing keeps a fill value only for columns with holes in training; every column here can
+                # meet one (a new patient, metadata dropout), so the others get the same statistic
+                fill[c] = float(holes[c]) if c in holes else float(FillStrategy.median(table[c], None))
+                means[c] = float(norm.means[c])
+                sd = float(norm.stds[c])
+                stds[c] = sd if sd > 1e-6 else 1.0
         for c in cont_names:
-            x = pd.to_numeric(df[c], errors="coerce").dropna() if c in df else pd.Series(dtype=float)
-            means[c] = float(x.mean()) if len(x) else 0.0
-            sd = float(x.std(ddof=0)) if len(x) else 0.0
-            stds[c] = sd if sd > 1e-8 else 1.0
-        return cls(list(cat_names), list(cont_names), vocab, means, stds)
+            if c not in known:
+                fill[c], means[c], stds[c] = 0.0, 0.0, 1.0
+        return cls(cat_names, cont_names, vocab, means, stds, fill)
+
+    def hole_value(self, column) -> float:
+        "What a hole in continuous `column` encodes to: its fill value, normalised."
+        return (self.fill.get(column, self.means[column]) - self.means[column]) / self.stds[column]
 
     @property
     def feature_names(self) -> list[str]:
@@ -89,19 +125,21 @@ class MetaProcessor:
 
     def blank(self, x, columns=None, rows=None):
         """Encoded vectors `x` (N, n_features) with `columns` (default: every patient column) blanked, exactly as
-        `encode_row` writes a missing value: value slots 0, missing flag 1. `rows` (bool (N,) or (N, n_columns)
-        tensor) limits it to some rows, per column; without host syncs, so it runs inside the GPU batch pipeline."""
+        `encode_row` writes a missing value: a continuous column's normalised fill value, a category's slots 0, and
+        the missing flag 1. `rows` (bool (N,) or (N, n_columns) tensor) limits it to some rows, per column; without
+        host syncs, so it runs inside the GPU batch pipeline."""
         import torch
 
         columns = self.patient_columns if columns is None else columns
         slots, out = self.slots(), x.clone()
         for j, c in enumerate(columns):
             values, flag = slots[c]
+            hole = self.hole_value(c) if c in self.cont_names else 0.0
             mask = None if rows is None else (rows if rows.ndim == 1 else rows[:, j])
             if mask is None:
-                out[:, values], out[:, flag] = 0.0, 1.0
+                out[:, values], out[:, flag] = hole, 1.0
             else:
-                out[:, values] = torch.where(mask[:, None], torch.zeros_like(out[:, values]), out[:, values])
+                out[:, values] = torch.where(mask[:, None], torch.full_like(out[:, values], hole), out[:, values])
                 out[:, flag] = torch.where(mask, torch.ones_like(out[:, flag]), out[:, flag])
         return out
 
@@ -118,7 +156,7 @@ class MetaProcessor:
             v = row.get(c)
             v = float(v) if not _missing(v) else math.nan
             if math.isnan(v):
-                out[i + 1] = 1.0
+                out[i], out[i + 1] = self.hole_value(c), 1.0
             else:
                 out[i] = (v - self.means[c]) / self.stds[c]
             i += 2
@@ -151,7 +189,9 @@ class MetaProcessor:
         """Rebuild from `to_dict` output, checking its shape (it may come from a file)."""
         try:
             proc = cls(list(d["cat_names"]), list(d["cont_names"]), {k: [str(x) for x in v] for k, v in d["vocab"].items()},
-                       {k: float(v) for k, v in d["means"].items()}, {k: float(v) for k, v in d["stds"].items()})
+                       {k: float(v) for k, v in d["means"].items()}, {k: float(v) for k, v in d["stds"].items()},
+                       # runs saved before FillMissing: a hole was the mean (normalised 0)
+                       {k: float(v) for k, v in d.get("fill", d["means"]).items()})
             assert all(c in proc.vocab for c in proc.cat_names)
             assert all(c in proc.means and c in proc.stds for c in proc.cont_names)
         except (KeyError, TypeError, ValueError, AttributeError, AssertionError):
