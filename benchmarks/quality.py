@@ -15,7 +15,10 @@ lesion-grouped folds of the rest (or of --images of it) and is scored twice:
            `melafast report --operating-point sens90` saves it; op_crossfit_sens is its cross-fitted sensitivity,
            op_holdout_sens/spec what `predict`'s decision (the fold models' vote) reaches on the held-out part, and
            op_holdout_sens_mean/spec_mean the fold mean against the same threshold, for comparison; with
-           --op-fresh N the same on about N fresh lesions (op_fresh_*)
+           --op-fresh N the same on about N fresh lesions (op_fresh_*); with --op-calibrate N the point chosen
+           instead on a calibration set of N other fresh lesions, on the fold mean, as `melafast calibrate` does
+           (op_cal_crossfit_sens: cross-fitted on the calibration set; op_cal_holdout_sens/spec: predict's
+           decision on the held-out part)
 
 --seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
 mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
@@ -93,8 +96,8 @@ def _subset(df, n, seed=0):
 
 def _cv_part(rest, hold, a, subset_seed: int, n_fresh):
     """The CV part of the non-held-out images (about --images of them, drawn with `subset_seed`), and, on `a`, what
-    depends on it: the fresh images of --fresh-check and --op-fresh (lesions the subset left unused) and the images
-    whose features frozen_logreg pools."""
+    depends on it: the fresh images of --fresh-check, --op-fresh and --op-calibrate (lesions the subset left unused)
+    and the images whose features frozen_logreg pools."""
     import pandas as pd
 
     cv = _subset(rest, a.images, seed=subset_seed) if a.images else rest
@@ -106,6 +109,12 @@ def _cv_part(rest, hold, a, subset_seed: int, n_fresh):
         a.fresh = _subset(a.fresh, 150, seed=1)
     if n_fresh is not None:  # about N fresh lesions: non-held-out images the CV subset left unused
         a.op_fresh = _subset(unused, n_fresh, seed=a.holdout_seed + 1) if n_fresh < len(unused) else unused
+    if getattr(a, "op_calibrate", None) is not None:  # a calibration set: other fresh lesions (none of --op-fresh's)
+        pool = unused if a.op_fresh is None else unused[~unused["patient_id"].isin(a.op_fresh["patient_id"])]
+        a.op_cal = (_subset(pool, a.op_calibrate, seed=a.holdout_seed + 2) if a.op_calibrate < len(pool)
+                    else pool.reset_index(drop=True))
+    else:
+        a.op_cal = None
     a.everything = pd.concat([cv, hold], ignore_index=True)
     a.__dict__.pop("_features", None)  # frozen_logreg's pooled features belong to one CV part
     return cv
@@ -230,6 +239,17 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
         saved = RunFolder(cfg.out).operating_point()
         row["op"].update({k.replace("holdout", "fresh"): v for k, v in
                           _operating_point_check(cfg.out, fresh, a.op_fresh, saved).items() if k != "op_crossfit_sens"})
+    if a.op_cal is not None:  # the operating point chosen on a calibration set of fresh lesions, on predict's scale
+        from melafast.inference import load_predictor
+        from melafast.operating import _rates, calibrate_operating_point
+
+        cal = predict_many(models, a.op_cal, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
+        point = calibrate_operating_point(cfg.out, OPERATING_POINT, table=a.op_cal, per_model=cal, n_boot=200,
+                                          log=lambda m: None)
+        decision, _ = load_predictor(cfg.out).decide(held)
+        sens, spec = _rates(hold["target"].to_numpy(), decision)
+        row["op"].update(op_cal_crossfit_sens=point["crossfit"]["sensitivity"]["value"], op_cal_holdout_sens=sens,
+                         op_cal_holdout_spec=spec)
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
@@ -378,6 +398,12 @@ def markdown_table(results: list) -> str:
             lines += [f"| {res.get('label') or ''} | {name} | " + " | ".join(_cell(s[k]) for k in (
                 "op_fresh_sens", "op_fresh_spec", "op_fresh_sens_mean", "op_fresh_spec_mean")) + " |"
                 for res, name, s in fresh]
+    cals = [(res, name, s) for res, name, s in points if "op_cal_holdout_sens" in s]
+    if cals:  # the operating point chosen on a calibration set, on predict's own scale
+        lines += ["", "| run | recipe | calibration set: cross-fitted sensitivity | held-out sensitivity, predict's "
+                  "decision (fold mean) | held-out specificity |", "|---|---|---|---|---|"]
+        lines += [f"| {res.get('label') or ''} | {name} | " + " | ".join(_cell(s[k]) for k in (
+            "op_cal_crossfit_sens", "op_cal_holdout_sens", "op_cal_holdout_spec")) + " |" for res, name, s in cals]
     paired = [res for res in results if res.get("blank_vs_image")]
     if paired:  # the same seeds, CV parts and folds: every field blanked minus the image-only model
         lines += ["", "| run | OOF AUC: blanked - image only, paired by seed | held-out AUC: blanked - image only |",
@@ -422,6 +448,10 @@ def _parse(argv):
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=42, help="first seed; the others follow it")
     p.add_argument("--seeds", type=int, default=1, help="repeat every recipe with this many seeds")
+    p.add_argument("--op-calibrate", type=int, default=None, metavar="N",
+                   help="melafast recipes: also choose the operating point on a calibration set of about N fresh "
+                        "lesions (as `melafast calibrate` does: on the fold mean) and apply it to the held-out part: "
+                        "op_cal_crossfit_sens, op_cal_holdout_sens/spec")
     p.add_argument("--resample", action="store_true",
                    help="with --images: each seed draws its own CV subset of the non-held-out part (seed-to-seed sd "
                         "then covers which lesions the CV holds, not only folds and initialisation)")

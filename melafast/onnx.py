@@ -164,9 +164,13 @@ class ExportedRun:
         pred = np.mean(per_model, axis=0)
         out = [{"image_name": n, "pred": float(p)} for n, p in zip(names, pred)]
         if self.operating_point is not None:
-            votes = (np.asarray(per_model) >= self.operating_point["threshold"]).sum(axis=0)
-            for row, v in zip(out, votes):
-                row["decision"], row["votes"] = int(2 * v >= len(self.models)), int(v)
+            point = self.operating_point
+            votes = (np.asarray(per_model) >= point["threshold"]).sum(axis=0)
+            # chosen on a calibration set: the fold mean against the threshold; on out-of-fold scores: the vote
+            calls = (np.mean(per_model, axis=0) >= point["threshold"] if point.get("scale") == "ensemble"
+                     else 2 * votes >= len(self.models))
+            for row, v, c in zip(out, votes, calls):
+                row["decision"], row["votes"] = int(c), int(v)
         return out
 
 

@@ -13,7 +13,15 @@ operating point on the other. `predict` therefore never compares the fold mean w
 scores the image as it scored its out-of-fold rows and is compared with the threshold, on the scale it was chosen
 on, and the decision is melanoma when at least half of the fold models say so (a tie counts as melanoma, the safe
 side). For a one-model run that is exactly the validated rule. `benchmarks/quality.py` measures what the vote
-reaches on held-out lesions.
+reaches on held-out lesions: on HAM10000 it is conservative (more melanomas caught than the goal, fewer benign
+lesions cleared), because fold models score new melanomas higher than their own validation fold's and a vote of
+partly independent models catches more than one model does.
+
+With labelled patients the run never trained on (a calibration set: `calibrate_operating_point`, `melafast
+calibrate`), the operating point is chosen on predict's own scale instead: the calibration images are scored
+exactly as `predict` scores new ones (every fold model, the run's TTA, their mean) and the threshold is chosen on
+that mean; `predict`'s decision is then the fold mean at or above it. Its figures are cross-fitted on the
+calibration set itself (patient-grouped folds of it), with patient-bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ import pandas as pd
 from .errors import MelafastError, RunError
 
 __all__ = ["parse_goal", "choose_threshold", "crossfit_decisions", "operating_table", "save_operating_point",
-           "vote", "STANDARD_GOALS", "ppv_npv"]
+           "calibrate_operating_point", "vote", "decide", "STANDARD_GOALS", "ppv_npv"]
 
 STANDARD_GOALS = ("sens90", "sens95", "spec90", "spec95")  # the rows of the report's operating-point table
 VOTE_RULE = ("melanoma when at least half of the fold models score the image at or above the threshold, each as its "
              "out-of-fold scores were made (its TTA, its precision); a tie counts as melanoma")
+ENSEMBLE_RULE = ("melanoma when the fold models' mean probability (predict's `pred`, the run's TTA) is at or above the "
+                 "threshold, the scale it was chosen on; `votes` counts the fold models at or above it")
+MIN_CALIBRATION_MELANOMAS = 10  # fewer cannot place a sensitivity threshold
 
 
 def parse_goal(spec) -> dict:
@@ -224,3 +235,99 @@ def vote(per_model, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     models at or above the threshold)."""
     votes = (np.asarray(per_model, dtype=np.float64) >= threshold).sum(axis=0)
     return (2 * votes >= len(per_model)).astype(np.int8), votes
+
+
+def decide(point: dict, per_model) -> tuple[np.ndarray, np.ndarray]:
+    """(0/1 decisions, votes) of a saved operating point from each fold model's probabilities: the vote of
+    `VOTE_RULE` for a point chosen on out-of-fold scores, the fold mean against the threshold (`ENSEMBLE_RULE`) for
+    one chosen on a calibration set (`"scale": "ensemble"`). `votes` is the number of models at or above it."""
+    decision, votes = vote(per_model, point["threshold"])
+    if point.get("scale") == "ensemble":
+        decision = (np.mean(np.asarray(per_model, dtype=np.float64), axis=0) >= point["threshold"]).astype(np.int8)
+    return decision, votes
+
+
+def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataFrame | None = None,
+                              prevalence: float | None = None, n_boot: int = 1000, per_model=None, bs: int = 64,
+                              num_workers: int | None = None, progress: bool = True, folds: int = 5, log=print) -> dict:
+    """Choose the operating point `spec` on a calibration set, on `predict`'s own scale, and save it in `run`.
+
+    The calibration set is labelled images of patients the run never trained on: `data` (a folder with a
+    train.csv-style table of image_name, target and metadata; `images` where its images are) or `table` (a
+    DataFrame as `load_competition` returns). Every fold model scores it as `predict` does (the run's TTA, each
+    model's validated precision) and the threshold is chosen on the fold mean; `predict`'s decision is then the
+    fold mean at or above it (`ENSEMBLE_RULE`). Its sensitivity, specificity, PPV and NPV are cross-fitted on
+    `folds` patient-grouped folds of the calibration set (each part judged by a threshold chosen on the others),
+    with patient-bootstrap intervals; the threshold saved is the one chosen on all of it. `per_model`: the fold
+    models' probabilities of `table`'s rows when already computed. Returns what was written to threshold.json."""
+    from .data import load_competition, make_folds
+    from .inference import load_predictor
+    from .runfolder import RunFolder
+
+    folder = RunFolder(run)
+    goal = parse_goal(spec)
+    if goal["kind"] == "value":
+        raise MelafastError(f"a fixed threshold ({goal['threshold']}) needs no calibration set: save it with "
+                            f"`melafast report --run {folder.path} --operating-point {goal['threshold']}`")
+    if table is None:
+        if data is None:
+            raise MelafastError("a calibration set is needed: --data FOLDER (a train.csv of labelled images)")
+        table, _ = load_competition(data, images)
+    if "target" not in table.columns:
+        raise MelafastError("the calibration set needs a target column (1: melanoma, 0: benign)")
+    table = table.reset_index(drop=True)
+    oof = folder.oof(need="a calibration set is checked against the images the run trained on")
+    seen = set(oof["image_name"]) & set(table["image_name"])
+    if seen:
+        raise MelafastError(f"{len(seen)} calibration images were in the run's training table (e.g. "
+                            f"{sorted(seen)[0]}): calibrate on patients the run never saw")
+    known = _patients(folder, oof)
+    if known is not None and "patient_id" in table.columns:
+        shared = set(known.dropna()) & set(table["patient_id"].dropna())
+        if shared:
+            raise MelafastError(f"{len(shared)} calibration patients are in the run's training table (e.g. "
+                                f"{sorted(shared)[0]}): calibrate on patients the run never saw")
+    target = table["target"].to_numpy().astype(int)
+    n_mel = int(target.sum())
+    if n_mel < MIN_CALIBRATION_MELANOMAS or n_mel == len(target):
+        raise MelafastError(f"the calibration set holds {n_mel} melanomas in {len(target)} images: it needs at least "
+                            f"{MIN_CALIBRATION_MELANOMAS} melanomas and some benign lesions to place a threshold")
+    predictor = load_predictor(folder.path)
+    if per_model is None:
+        from .inference.loop import predict_many
+
+        log(f"scoring {len(table)} calibration images with {len(predictor.predictors)} fold models, TTA "
+            f"x{predictor.tta}")
+        per_model = predict_many(predictor.predictors, table, tta=predictor.tta, bs=bs, num_workers=num_workers,
+                                 progress=progress)
+    per_model = np.asarray(per_model, dtype=np.float64)
+    if per_model.shape != (len(predictor.predictors), len(table)):
+        raise ValueError(f"per_model must hold one row of {len(table)} probabilities per fold model "
+                         f"({len(predictor.predictors)}), got shape {per_model.shape}")
+    mean = per_model.mean(axis=0)
+    parts = make_folds(table.assign(target=target), n_folds=folds, seed=0)["fold"].to_numpy()
+    groups = table["patient_id"] if "patient_id" in table.columns else None
+    rows = operating_table(target, mean, parts, groups, [goal["name"]], prevalence, n_boot)
+    point = dict(operating_point=goal["name"], goal=goal["label"], threshold=float(rows["threshold"].iloc[0]),
+                 scale="ensemble", rule=ENSEMBLE_RULE,
+                 chosen_on=f"a calibration set of {len(table)} images ({n_mel} melanomas) of patients the run never "
+                 f"trained on, scored as predict scores them (the mean of {len(predictor.predictors)} fold models, "
+                 f"TTA x{predictor.tta})",
+                 tta=predictor.tta, n_models=len(predictor.predictors), prevalence=prevalence,
+                 crossfit=_by_measure(rows.to_dict("records"), lambda r: None if r["cross-fitted"] is None else
+                                      dict(value=r["cross-fitted"], lo=r["lo"], hi=r["hi"])),
+                 in_sample=_by_measure(rows.to_dict("records"), lambda r: r["in-sample (optimistic)"]),
+                 fold_thresholds=rows["fold thresholds"].iloc[0] or None,
+                 calibration=dict(source=str(data) if data is not None else "a table", images=len(table),
+                                  melanomas=n_mel, folds=folds,
+                                  patients=int(groups.nunique()) if groups is not None else len(table)),
+                 meta=(folder.settings if folder.config_file.is_file() else {}).get("meta"),
+                 saved=datetime.datetime.now().isoformat(timespec="seconds"))
+    folder.write_operating_point(point)
+    cf = point["crossfit"]
+    log(f"operating point {goal['name']} ({goal['label']}) on the fold mean: threshold {point['threshold']:.4f}; "
+        f"cross-fitted on the calibration set: sensitivity {cf['sensitivity']['value']:.3f} "
+        f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}), specificity "
+        f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}); "
+        f"saved in {folder.operating_point_file}")
+    return point

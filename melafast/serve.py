@@ -96,9 +96,9 @@ class Service:
                              "site": _text(row["anatom_site_general_challenge"].iloc[0])})
         out = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
         if self.point is not None:
-            from .operating import vote
+            from .operating import decide
 
-            decision, votes = vote([[p] for p in probs], self.point["threshold"])
+            decision, votes = decide(self.point, [[p] for p in probs])
             out.update(decision=int(decision[0]), votes=int(votes[0]), operating_point=self.point["goal"],
                        threshold=self.point["threshold"])
         out["image_png"], out["cam_png"] = _png(views), _png(_overlay(views, np.mean(maps, axis=0)))

@@ -153,3 +153,81 @@ def test_a_one_fold_run_gets_in_sample_figures_only(make_run, tmp_path, sample_d
     res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
                  tmp_path / "p.csv")
     assert res.exit_code == 0 and "not cross-fitted (one fold)" in res.output
+
+
+def test_decide_by_the_saved_points_scale():
+    from melafast.operating import decide
+
+    per_model = [[0.9, 0.45, 0.30, 0.1], [0.2, 0.45, 0.32, 0.1], [0.2, 0.45, 0.33, 0.1]]
+    # chosen on out-of-fold scores: each model against the threshold, then the vote
+    assert decide({"threshold": 0.31}, per_model)[0].tolist() == [0, 1, 1, 0]
+    # chosen on a calibration set, on the fold mean: the mean against the threshold (0.433, 0.45, 0.317, 0.1)
+    decision, votes = decide({"threshold": 0.32, "scale": "ensemble"}, per_model)
+    assert decision.tolist() == [1, 1, 0, 0] and votes.tolist() == [1, 3, 2, 0]
+
+
+@pytest.fixture
+def calibration_dir(tmp_path):
+    "Labelled images of other patients than the sample's (a sample of another seed, renamed)."
+    from melafast.data import make_sample
+
+    src = make_sample(tmp_path / "cal", n_train=80, n_test=4, seed=7, px=48)
+    t = pd.read_csv(src / "train.csv")
+    for name in t["image_name"]:
+        (src / "jpeg" / "train" / f"{name}.jpg").rename(src / "jpeg" / "train" / f"CAL_{name}.jpg")
+    t["image_name"], t["patient_id"] = "CAL_" + t["image_name"], "CAL_" + t["patient_id"]
+    t.to_csv(src / "train.csv", index=False)
+    assert t["target"].sum() >= 10
+    return src
+
+
+def test_calibrate_chooses_on_predicts_scale_and_predict_decides_by_the_mean(run, calibration_dir, sample_dir,
+                                                                             tmp_path):
+    from melafast.data import load_competition, make_folds
+    from melafast.inference import load_predictor
+    from melafast.inference.loop import predict_many
+
+    res = invoke("calibrate", "--run", run, "--data", calibration_dir, "--operating-point", "sens90", "--bootstrap",
+                 100, "--workers", 0)
+    assert res.exit_code == 0, res.output
+    point = json.loads((run / "threshold.json").read_text())
+    assert point["scale"] == "ensemble" and point["calibration"]["images"] == 80
+    cal, _ = load_competition(calibration_dir)
+    predictor = load_predictor(run)
+    per_model = predict_many(predictor.predictors, cal, tta=predictor.tta, num_workers=0, progress=False)
+    mean, target = np.mean(per_model, axis=0), cal["target"].to_numpy()
+    # the threshold is chosen on the fold mean of the calibration images, as predict scores them
+    assert point["threshold"] == pytest.approx(choose_threshold(target, mean, "sens90"))
+    assert (mean[target == 1] >= point["threshold"]).mean() >= 0.9
+    parts = make_folds(cal, n_folds=5, seed=0)["fold"]
+    decision, _ = crossfit_decisions(target, mean, parts, "sens90")
+    assert point["crossfit"]["sensitivity"]["value"] == pytest.approx(decision[target == 1].mean())
+    # predict decides by the fold mean against it; votes still count the models at or above it
+    res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
+                 tmp_path / "preds.csv")
+    assert res.exit_code == 0 and "fold models' mean probability" in res.output, res.output
+    got = pd.read_csv(tmp_path / "preds.csv")
+    assert got["decision"].tolist() == (got["pred"] >= point["threshold"]).astype(int).tolist()
+    per_test = [p.predict(sample_dir / "jpeg" / "test", progress=False) for p in predictor.predictors]
+    assert got["votes"].tolist() == (np.asarray(per_test) >= point["threshold"]).sum(0).tolist()
+
+
+def test_calibrate_refuses_what_cannot_calibrate(run, sample_dir, calibration_dir):
+    cases = [(["--data", sample_dir], "calibration images were in the run's training table"),
+             (["--data", calibration_dir, "--operating-point", "0.3"], "needs no calibration set"),
+             (["--data", calibration_dir, "--operating-point", "sens101"], "unknown operating point 'sens101'")]
+    t = pd.read_csv(calibration_dir / "train.csv")
+    few = calibration_dir.parent / "few"
+    shutil.copytree(calibration_dir, few)
+    t[(t["target"] == 0) | (t.index < 30)].head(40).assign(target=lambda d: (d.index < 3).astype(int)).to_csv(
+        few / "train.csv", index=False)
+    cases.append((["--data", few], "it needs at least 10 melanomas"))
+    shared = calibration_dir.parent / "shared_patient"
+    shutil.copytree(calibration_dir, shared)
+    train = pd.read_csv(sample_dir / "train.csv")
+    t.assign(patient_id=train["patient_id"].iloc[0]).to_csv(shared / "train.csv", index=False)
+    cases.append((["--data", shared], "calibration patients are in the run's training table"))
+    for args, msg in cases:
+        res = invoke("calibrate", "--run", run, "--workers", 0, *args)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1 and msg in res.stderr, (args, res.output)
+    assert not (run / "threshold.json").exists()

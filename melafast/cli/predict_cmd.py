@@ -1,4 +1,4 @@
-"""Using a trained run: `predict`, `submit`, `pseudo`, `ensemble`, `report` and `compare`."""
+"""Using a trained run: `predict`, `submit`, `pseudo`, `ensemble`, `report`, `calibrate` and `compare`."""
 
 from __future__ import annotations
 
@@ -160,6 +160,33 @@ def report(
     run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
                num_workers=workers, log=typer.echo, precision=_value(precision), operating_point=operating_point,
                prevalence=prevalence, audit=audit)
+
+
+@app.command()
+@friendly
+def calibrate(
+    run: FinishedRunOpt,
+    data: Annotated[Path, typer.Option("--data", help="Calibration set: a folder whose train.csv lists labelled "
+                                       "images (image_name, target, metadata) of patients the run never trained on.")],
+    images: ImagesOpt = None,
+    operating_point: Annotated[str, typer.Option(
+        "--operating-point", help="The goal: sens90 (sensitivity at least 90%), spec95, any sensNN/specNN.")] = "sens90",
+    prevalence: Annotated[Optional[float], typer.Option(
+        "--prevalence", help="Also give PPV and NPV where this share of lesions are melanomas.")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    folds: Annotated[int, typer.Option("--folds", help="Patient-grouped parts of the calibration set its figures "
+                                       "are cross-fitted on.")] = 5,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+):
+    """Choose an operating point on a calibration set, on predict's own scale (the fold mean), and save it in the run:
+    `predict` then decides by the fold mean against it."""
+    from ..operating import calibrate_operating_point
+
+    if bootstrap < 1 or folds < 2:
+        raise MelafastError("--bootstrap must be at least 1 and --folds at least 2")
+    calibrate_operating_point(run, operating_point, data=data, images=images, prevalence=prevalence, n_boot=bootstrap,
+                              bs=bs, num_workers=workers, folds=folds, log=typer.echo)
 
 
 @app.command()

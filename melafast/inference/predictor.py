@@ -111,10 +111,12 @@ class RunPredictor:
         return out
 
     def decide(self, per_model, tta: int | None = None, precision: str | None = None, log=None):
-        """(decision, votes) from each fold model's probabilities, by the saved operating point's rule: each model
-        compared with the threshold on the scale it was chosen on (one model's scores, not the fold mean), melanoma
-        when at least half say so. `log` (or a warning) is told when `tta`/`precision` differ from what chose it."""
-        from ..operating import vote
+        """(decision, votes) from each fold model's probabilities, by the saved operating point's rule (see
+        `operating.decide`): chosen on out-of-fold scores, each model compared with the threshold on the scale it
+        was chosen on (one model's scores, not the fold mean), melanoma when at least half say so; chosen on a
+        calibration set, the fold mean against it. `log` (or a warning) is told when `tta`/`precision` differ from
+        what chose it."""
+        from ..operating import decide
 
         point = self.operating_point
         if point is None:
@@ -128,7 +130,7 @@ class RunPredictor:
                  f"x{point.get('tta')} in each model's validated precision; these use "
                  f"{'TTA x' + str(tta) if tta else 'the same TTA'}{', precision ' + precision if precision else ''}: "
                  "its figures may not hold", log, UserWarning, stacklevel=3)
-        return vote(per_model, point["threshold"])
+        return decide(point, per_model)
 
 
 def _predict(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
