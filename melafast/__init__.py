@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
     "MissingMetadataWarning": "inference", "MetaDropout": "data", "compare_runs": "compare", "run_report": "report",
     "audit_run": "audit", "shortcut_audit": "audit", "save_operating_point": "operating",
-    "operating_table": "operating", "model_card": "card", "export_run": "export", "stack_run": "stack",
+    "operating_table": "operating", "calibrate_operating_point": "operating", "model_card": "card", "export_run": "export", "stack_run": "stack",
 }
 
 __all__ = ["__version__", *_EXPORTS]

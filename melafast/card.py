@@ -171,8 +171,9 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
                     for m in ("sensitivity", "specificity")]
             rows += [dict(measure=m, prevalence=f"{p['prevalence']:.1%}", value=p[m]["value"], lo=p[m]["lo"],
                           hi=p[m]["hi"]) for p in cf["predictive"] for m in ("PPV", "NPV")]
-            lines += ["Cross-fitted (each fold's threshold chosen on the other folds), 95% patient-bootstrap "
-                      "intervals:", "", _md_table(pd.DataFrame(rows), 3), ""]
+            how = ("on the calibration set (each patient-grouped part of it judged by a threshold chosen on the "
+                   "others)" if point.get("scale") == "ensemble" else "(each fold's threshold chosen on the other folds)")
+            lines += [f"Cross-fitted {how}, 95% patient-bootstrap intervals:", "", _md_table(pd.DataFrame(rows), 3), ""]
         else:
             lines += ["It could not be cross-fitted (one fold): its in-sample figures are optimistic.", ""]
 

@@ -172,14 +172,19 @@ def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[
 
 def _saved_point(point: dict) -> str:
     cf = point["crossfit"]
+    where = (" on the calibration set (each patient-grouped part of it judged by a threshold chosen on the others)"
+             if point.get("scale") == "ensemble" else "")
     how = ("It could not be cross-fitted (one fold)." if cf["sensitivity"] is None else
-           f"Cross-fitted, a threshold chosen this way reaches sensitivity {cf['sensitivity']['value']:.3f} "
+           f"Cross-fitted{where}, a threshold chosen this way reaches sensitivity {cf['sensitivity']['value']:.3f} "
            f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and specificity "
            f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}).")
     return (f'<h3>Saved operating point: {html.escape(point["goal"])}</h3>' + _p(
         f"Threshold {point['threshold']:.4f} on the melanoma probability, chosen on {point['chosen_on']}; saved in "
         f"threshold.json. {how} `melafast predict` and `load_predictor(run).predict_frame` add a decision column: "
-        f"{point['rule']}."))
+        f"{point['rule']}." + ("" if point.get("scale") == "ensemble" else
+        " A point chosen on out-of-fold scores is carried to the fold ensemble by this vote, which tends to catch "
+        "more melanomas on new patients than the goal says (and clear fewer benign lesions); with labelled patients "
+        "the run never saw, `melafast calibrate` chooses it on predict's own scale instead.")))
 
 
 def _calibration(config, df, figdir) -> str:

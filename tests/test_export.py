@@ -87,6 +87,28 @@ def test_the_runtime_predicts_what_load_predictor_predicts(exported, sample_dir,
     assert np.abs(pd.DataFrame(runtime.predict(images))["pred"].to_numpy() - want["pred"].to_numpy()).max() > 1e-4
 
 
+
+def test_the_runtime_decides_by_a_calibrated_points_scale(exported, sample_dir):
+    "A point chosen on a calibration set (`melafast calibrate`) decides by the fold mean, in torch and in ONNX alike."
+    from melafast.onnx import load
+    from melafast.runfolder import RunFolder
+
+    run, out = exported
+    images = sample_dir / "jpeg" / "test"
+    folder, runtime = RunFolder(run), load(out)
+    saved = folder.operating_point()
+    try:
+        preds = _torch_preds(run, images)["pred"]
+        point = dict(saved, scale="ensemble", threshold=float(np.median(preds)))
+        folder.write_operating_point(point)
+        runtime.operating_point = point  # what the manifest holds when the run is exported after calibrating
+        want, got = _torch_preds(run, images), pd.DataFrame(runtime.predict(images))
+        assert got["decision"].tolist() == want["decision"].tolist() == (preds >= point["threshold"]).astype(int).tolist()
+        assert 0 < want["decision"].sum() < len(want) and got["votes"].tolist() == want["votes"].tolist()
+    finally:
+        folder.write_operating_point(saved)
+
+
 @needs_ham
 def test_the_runtime_reads_real_jpegs_as_melafast_does(exported, tmp_path):
     "Real 600 x 450 dermoscopy JPEGs (decoded at a reduced scale, squashed to the input size), with their metadata."
