@@ -182,8 +182,8 @@ def _saved_point(point: dict) -> str:
         f"Threshold {point['threshold']:.4f} on the melanoma probability, chosen on {point['chosen_on']}; saved in "
         f"threshold.json. {how} `melafast predict` and `load_predictor(run).predict_frame` add a decision column: "
         f"{point['rule']}." + ("" if point.get("scale") == "ensemble" else
-        " A point chosen on out-of-fold scores is carried to the fold ensemble by this vote, which tends to catch "
-        "more melanomas on new patients than the goal says (and clear fewer benign lesions); with labelled patients "
+        " A point chosen on out-of-fold scores is carried to the fold ensemble by this vote, and what it reaches on "
+        "new patients moves with the few low-scored melanomas of the CV it was chosen on; with labelled patients "
         "the run never saw, `melafast calibrate` chooses it on predict's own scale instead.")))
 
 
