@@ -281,7 +281,10 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
         raise MelafastError(f"{len(seen)} calibration images were in the run's training table (e.g. "
                             f"{sorted(seen)[0]}): calibrate on patients the run never saw")
     known = _patients(folder, oof)
-    if known is not None and "patient_id" in table.columns:
+    if known is None:
+        log("the run's training patients could not be read (its data folder is not here): the calibration set is "
+            "checked against the run's image names only")
+    elif "patient_id" in table.columns:
         shared = set(known.dropna()) & set(table["patient_id"].dropna())
         if shared:
             raise MelafastError(f"{len(shared)} calibration patients are in the run's training table (e.g. "
