@@ -20,8 +20,10 @@ lesion-grouped folds of the rest (or of --images of it) and is scored twice:
            (op_cal_crossfit_sens: cross-fitted on the calibration set; op_cal_holdout_sens/spec: predict's
            decision on the held-out part)
 
---seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...) and reports
-mean and sample standard deviation over seeds. Every recipe follows the same rules: 1 frozen epoch + --epochs,
+--seeds N repeats everything with N seeds (folds, initialisation, augmentation: --seed, --seed + 1, ...; with
+--resample also the CV subset of --images, so the sd covers which lesions the CV holds) and reports mean and
+sample standard deviation over seeds; when the image-only and the metadata recipe ran on the same seeds, the
+blanked metadata model minus the image-only model, paired by seed (blank_vs_image). Every recipe follows the same rules: 1 frozen epoch + --epochs,
 the model after the last epoch (nothing chosen on any scored row), and the same lr rule: --lr X gives every recipe
 that fixed lr; without --lr every recipe uses its own lr_find valley, --lr-find-its iterations, found per fold.
 
