@@ -47,10 +47,7 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.nd
     """The fold mean of one run on the usable rows (the others get its median), and, when the run has a saved
     operating point, its `decision` and `votes` columns (empty for unusable rows)."""
     predictor, preds = _model_preds(run, df[ok], tta, bs, num_workers, None, log, precision)
-    pred = np.empty(len(df))
-    pred[ok] = np.mean(preds, axis=0)
-    if not ok.all():
-        pred[~ok] = np.median(pred[ok]) if ok.any() else 0.5
+    pred = fill_unusable(np.mean(preds, axis=0), ok)
     point = getattr(predictor, "operating_point", None)
     if point is None:
         return pred, {}
@@ -86,8 +83,13 @@ def predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weight
 
     good = df[ok]
     preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log, precision=precision) for r in runs]
-    out = np.empty(len(df))
-    out[ok] = blend(preds, blend_method, weights) if len(preds) > 1 else preds[0]
+    return fill_unusable(blend(preds, blend_method, weights) if len(preds) > 1 else preds[0], ok)
+
+
+def fill_unusable(values, ok) -> np.ndarray:
+    "One prediction per row from those of the usable rows (`ok`): the unusable ones get their median (0.5 if none)."
+    out = np.empty(len(ok))
+    out[ok] = values
     if not ok.all():
         out[~ok] = np.median(out[ok]) if ok.any() else 0.5
     return out

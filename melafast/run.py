@@ -100,8 +100,8 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
         cfg.cat, cfg.cont = resolve_columns(train, test, cfg.cat, given, log)
         train = clean_columns(train, cfg.cat, cfg.cont, data / "train.csv")
         test = None if test is None else clean_columns(test, cfg.cat, cfg.cont, data / "test.csv")
+        base = list(cfg.cont)  # the declared continuous columns (their patient features join below)
         if cfg.patient_features:  # each table over its own rows, no labels: as predict computes them
-            base = [c for c in cfg.cont if not c.endswith(PATIENT_SUFFIXES)]
             train = add_patient_features(train, base)
             test = None if test is None else add_patient_features(test, base)
             cfg.cont = [*base, *patient_feature_names(base)]
@@ -111,10 +111,9 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     table = RunTable(df, data, len(df), bad=bad)
     for path in cfg.external:
         ext, _ = load_competition(path)
-        ext = clean_columns(ext, cfg.cat, [c for c in cfg.cont if not c.endswith(PATIENT_SUFFIXES)], path) \
-            if declared else ext
+        ext = clean_columns(ext, cfg.cat, base, path) if declared else ext
         if declared and cfg.patient_features:
-            ext = add_patient_features(ext, [c for c in cfg.cont if not c.endswith(PATIENT_SUFFIXES)])
+            ext = add_patient_features(ext, base)
         ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=workers)
         ext = add_meta_features(ext) if cfg.extra_meta else ext
         table.df, n_dup = add_external(table.df, ext)

@@ -32,7 +32,7 @@ def _logit(p):
     return np.log(p / (1 - p))
 
 
-def _table(folder, data, cat, cont, patient_features, split="train") -> pd.DataFrame:
+def _table(data, cat, cont, patient_features, split="train") -> pd.DataFrame:
     "The split's table (no images needed) with the feature columns cleaned, and patient features when asked."
     from .data import add_patient_features, clean_columns, clean_metadata, read_table, split_csv
 
@@ -85,7 +85,7 @@ def _training(folder, data, cat, cont, patient_features):
     from .data import patient_feature_names
 
     oof = folder.oof(need="the stack learns from the run's out-of-fold image predictions")
-    table = _table(folder, data, cat, cont, patient_features)
+    table = _table(data, cat, cont, patient_features)
     missing = sorted(set(oof["image_name"]) - set(table["image_name"]))
     if missing:
         raise DataError(f"{data} does not hold the run's images: {len(missing)} out-of-fold images are not in its "
@@ -141,6 +141,7 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None) -> np.nda
     """The stacked melanoma probability of the `test` rows: fold k's trees (refitted from the run's out-of-fold rows
     and stack.json, checked against the saved stacked predictions) on the test table's features and fold k's image
     model's probabilities (`per_model`: fold -> array), averaged over the folds."""
+    from .data.meta import PATIENT_SUFFIXES
     from .runfolder import RunFolder
 
     folder = RunFolder(run)
@@ -148,15 +149,14 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None) -> np.nda
     if not path.is_file():
         raise RunError(f"{folder.path} has no {STACK_JSON}: run `melafast stack --run {folder.path}` first")
     spec = json.loads(path.read_text())
-    cat, cont = spec["columns"]["cat"], [c for c in spec["columns"]["cont"] if not c.endswith(("_patient_z",
-                                                                                                "_patient_rank"))]
+    cat, cont = spec["columns"]["cat"], [c for c in spec["columns"]["cont"] if not c.endswith(PATIENT_SUFFIXES)]
     data = folder.data_for(data)
     rows, X, y, _, cont_all = _training(folder, data, cat, cont, spec["patient_features"])
     if _fingerprint(X, y) != spec["fingerprint"]:
         raise RunError(f"the out-of-fold rows or the table of {folder.path} changed since `melafast stack`: run it "
                        "again")
     saved = pd.read_csv(folder.path / STACK_OOF)
-    test_table = _table(folder, data, cat, cont, spec["patient_features"], split="test").set_index("image_name")
+    test_table = _table(data, cat, cont, spec["patient_features"], split="test").set_index("image_name")
     feats = test_table.loc[test["image_name"]].reset_index()
     out, check = [], np.zeros(len(rows))
     for k in sorted(rows["fold"].unique()):

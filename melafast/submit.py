@@ -267,17 +267,14 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
 
 def _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision) -> np.ndarray:
     "The stacked predictions of one run's test rows (unusable images: the median)."
-    from .predict import _model_preds
+    from .predict import _model_preds, fill_unusable
     from .stack import stack_predict
 
     if len(runs) != 1:
         raise MelafastError("--stack goes with one --run: the run `melafast stack` was fitted on")
     predictor, preds = _model_preds(runs[0], test[ok], tta, bs, num_workers, None, log, precision)
     folds = [int(m.config.get("fold", i)) for i, m in enumerate(getattr(predictor, "predictors", [predictor]))]
-    out = np.empty(len(test))
-    out[ok] = stack_predict(runs[0], test[ok].reset_index(drop=True), dict(zip(folds, preds)), data)
-    if not ok.all():
-        out[~ok] = np.median(out[ok]) if ok.any() else 0.5
+    out = fill_unusable(stack_predict(runs[0], test[ok].reset_index(drop=True), dict(zip(folds, preds)), data), ok)
     log(f"stacked: the trees of {runs[0]} on the test table and each fold model's image scores")
     return out
 
