@@ -109,7 +109,9 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
               f"learning rate {s.get('lr') if s.get('lr') is not None else 'from lr_find per fold'}, "
               f"{s.get('folds')} patient-grouped folds, seed {s.get('seed')}, "
               f"{'ImageNet weights' if s.get('pretrained') or s.get('weights') else 'random initialisation'}, "
-              f"metadata dropout {s.get('meta_dropout')}.",
+              f"metadata dropout {s.get('meta_dropout')}"
+              + ("; images without any metadata are scored by an image-only head trained on every training image"
+                 if s.get("meta", True) and s.get("image_head") else "") + ".",
               "- Software: " + ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()) + ".",
               f"- Trained with: {_command(config)}", ""]
 

@@ -133,6 +133,9 @@ class TrainConfig:
     meta_dropout: float = setting(META_DROPOUT, "Share of training rows whose patient fields are blanked (all of "
                                   "them, or one), as a real hole looks: trains the path images without metadata take.",
                                   low=0, high=1, open_high=True, before=0.0)
+    image_head: bool = setting(True, "With metadata, score images that come without any patient field by an image-only "
+                               "head trained on every row, instead of the joint head's image part.",
+                               flag="--image-head/--no-image-head", before=False)
     precision: str = setting("auto", "auto: bf16 on new GPUs, fp16 on old, fp32 on the CPU.", choices=PRECISIONS)
     tta: int = setting(8, "Dihedral TTA views for the out-of-fold predictions.", choices=TTA_VIEWS)
     weights: str | None = setting(None, "Local timm backbone checkpoint (.safetensors/.pth).", kind="path")

@@ -116,7 +116,8 @@ def fold_learner(df, k, cfg: TrainConfig, path):
                        meta_dropout=cfg.meta_dropout, cat_names=cfg.cat or None, cont_names=cfg.cont or None)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
-                            precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn, path=path,
+                            precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn,
+                            image_head=cfg.image_head, path=path,
                             model_dir=".")
 
 

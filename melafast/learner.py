@@ -25,7 +25,7 @@ from .model import MelanomaModel, melanoma_splitter
 from .progress import LineProgress, interactive
 
 __all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs",
-           "melanoma_index", "resolve_precision", "PRECISIONS", "FrozenBN"]
+           "melanoma_index", "resolve_precision", "PRECISIONS", "FrozenBN", "ImageHeadLoss"]
 
 
 class MelanomaLearner(Learner):
@@ -66,6 +66,38 @@ class FrozenBN(Callback):
         for m in self.learn.model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and not m.weight.requires_grad:
                 m.eval()
+
+
+class ImageHeadLoss(Callback):
+    """Trains the image head of a metadata model on every training row: adds `weight` x the loss of its logits to
+    the loss each batch back-propagates (the logged `train_loss` stays the model output's).
+
+    The joint head ranks a patient without metadata by the image part of one linear layer, which was fitted beside
+    the metadata and so leaves to it what the metadata says; the image head has to rank by the image alone, and the
+    model sends it every row whose patient fields are all missing. Without this loss it would learn only from the
+    rows that metadata dropout or a real hole blanked."""
+
+    order = 60  # after MixedPrecision (order 10) has left autocast: this loss is taken in fp32 like the main one
+
+    def __init__(self, weight: float = 1.0):
+        self.weight = weight
+
+    def _model(self):
+        m = self.learn.model
+        return getattr(m, "module", m)  # the MelanomaModel inside DistributedDataParallel
+
+    def after_loss(self):
+        model = self._model()
+        logits = getattr(model, "image_logits", None)
+        if not self.training or logits is None or not len(self.learn.yb):
+            return
+        model.image_logits = None  # drop the graph reference as soon as it is used
+        extra = self.weight * self.learn.loss_func(logits.float(), *self.learn.yb)
+        # only the gradient: the logged train_loss stays the routed output's loss, comparable with valid_loss
+        self.learn.loss_grad = self.learn.loss_grad + extra
+
+    def after_batch(self):
+        self._model().image_logits = None  # a batch that stopped before its loss keeps no graph alive
 
 
 class MelanomaAUC(Metric):
@@ -131,6 +163,12 @@ def melanoma_probs(probs, pos: int = 1) -> np.ndarray:
     return np.asarray(probs[:, pos], dtype=np.float64)
 
 
+def blank_flag_indices(proc) -> list[int]:
+    "Where the missing flags of `proc`'s patient fields sit in its vector: all of them up means no metadata at all."
+    slots = proc.slots()
+    return [slots[c][1] for c in proc.patient_columns]
+
+
 def _adamw(device):
     # torch's fused/foreach AdamW updates all tensors in a few kernels; fastai's optimizers loop in Python
     fast = dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
@@ -148,9 +186,13 @@ def melanoma_learner(
     model_kwargs: dict | None = None,  # passed on to `MelanomaModel` (meta_sizes, head_drop, drop_samples, ...)
     compile: bool = False,  # torch.compile the backbone: faster steps on GPUs after a slow first one
     frozen_bn: bool = True,  # a frozen backbone's batch-norm running statistics stay fixed too (`FrozenBN`)
+    image_head: bool = True,  # with metadata: an image-only head for rows without any patient field (`ImageHeadLoss`)
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for melanoma: image + metadata model, AUC metric, AdamW, mixed precision on GPUs.
+
+    With metadata and `image_head` (the default) the model also has an image-only head, trained on every row by
+    `ImageHeadLoss`, which scores the rows that come without any patient field.
 
     `learn.freeze()` freezes the whole backbone, so `fine_tune`'s frozen epochs train only the metadata MLP and the
     head: the backbone's weights, its batch-norm weights and (with `frozen_bn`, the default) its batch-norm running
@@ -163,8 +205,10 @@ def melanoma_learner(
     precision = resolve_precision(precision, device)  # before any weights are loaded: fail fast
     n_meta = dls.meta_proc.n_features if meta else 0
     vocab = list(dls.vocab)
-    model = MelanomaModel(arch, n_meta=n_meta, n_out=len(vocab), pretrained=pretrained, weights=weights,
-                          **(model_kwargs or {}))
+    model_kwargs = dict(model_kwargs or {})
+    if meta and image_head:
+        model_kwargs.setdefault("blank_flags", blank_flag_indices(dls.meta_proc))
+    model = MelanomaModel(arch, n_meta=n_meta, n_out=len(vocab), pretrained=pretrained, weights=weights, **model_kwargs)
     model.to(device)  # before the optimizer is made: fused AdamW needs its tensors on the GPU
     kwargs.setdefault("loss_func", SoftTargetCrossEntropy() if getattr(dls, "soft", False) else CrossEntropyLossFlat())
     kwargs.setdefault("opt_func", _adamw(device))
@@ -172,6 +216,8 @@ def melanoma_learner(
     kwargs.setdefault("train_bn", False)
     if frozen_bn:  # batch-norm layers whose weights are frozen run in eval mode: their statistics stop moving too
         kwargs["cbs"] = [*L(kwargs.get("cbs")), FrozenBN()]
+    if model.image_head is not None:
+        kwargs["cbs"] = [*L(kwargs.get("cbs")), ImageHeadLoss()]
     learn = sync_free(MelanomaLearner(dls, model, splitter=melanoma_splitter, **kwargs))
     if not interactive() and hasattr(learn, "progress"):  # a log, not a screen: one line per epoch, not a bar
         learn.remove_cb(learn.progress)

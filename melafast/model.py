@@ -106,7 +106,8 @@ def _mlp_block(n_in, n_out, p):
 
 
 class MelanomaModel(nn.Module):
-    """timm backbone on the image, an MLP on the metadata vector, both concatenated into a dropout head."""
+    """timm backbone on the image, an MLP on the metadata vector, both concatenated into a dropout head; with
+    `blank_flags`, also an image-only head for the rows that come without any patient field."""
 
     def __init__(
         self,
@@ -121,6 +122,7 @@ class MelanomaModel(nn.Module):
         drop_samples: int = 5,  # multi-sample dropout: average of this many dropout masks while training
         mean=None,  # input normalisation; default the backbone's pretrained_cfg mean
         std=None,  # input normalisation; default the backbone's pretrained_cfg std
+        blank_flags=None,  # indices of the patient fields' missing flags in the metadata vector: adds the image head
     ):
         super().__init__()
         self.backbone = create_backbone(arch, pretrained=pretrained, weights=weights)
@@ -130,7 +132,7 @@ class MelanomaModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         # pooled output width: after any pre-logits layer (e.g. MobileNetV3's conv_head), else num_features
-        n_feat = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        n_feat = n_image = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         if n_meta:
             layers, n_in = [], n_meta
             for n_hidden in meta_sizes:
@@ -142,10 +144,20 @@ class MelanomaModel(nn.Module):
             self.meta_mlp = None
         self.dropout = nn.Dropout(head_drop)
         self.head = nn.Linear(n_feat, n_out)
+        # a row whose every patient field is missing goes to a head of its own that sees the image features alone
+        blank_flags = [int(i) for i in blank_flags] if n_meta and blank_flags else None
+        if blank_flags and not all(0 <= i < n_meta for i in blank_flags):
+            raise MelafastError(f"blank_flags {blank_flags} fall outside the metadata vector (width {n_meta})")
+        self.image_head = nn.Linear(n_image, n_out) if blank_flags else None
+        if blank_flags:
+            self.register_buffer("blank_flags", torch.tensor(blank_flags, dtype=torch.long), persistent=False)
+        self.image_logits = None  # the image head's logits of the last training batch, for `ImageHeadLoss`
         self.drop_samples = drop_samples
         self.channels_last = False  # set by the learner on GPUs: inputs are then converted too
         self.config = dict(arch=arch, n_meta=n_meta, n_out=n_out, meta_sizes=list(meta_sizes), meta_drop=meta_drop,
                            head_drop=head_drop, drop_samples=drop_samples, mean=mean, std=std)
+        if blank_flags:  # only then: the config of an image-head-less model stays what older melafast reads
+            self.config["blank_flags"] = blank_flags
 
     def forward(self, x, meta=None):
         return self.classify(self.image_features(x), meta)
@@ -160,19 +172,36 @@ class MelanomaModel(nn.Module):
         return self.backbone(x)
 
     def classify(self, feats, meta=None):
-        """Class logits from image features and the metadata vector: what the model adds on top of the backbone."""
+        """Class logits from image features and the metadata vector: what the model adds on top of the backbone.
+
+        With an image head (`blank_flags`), rows whose every patient field is missing take its logits, from the image
+        features alone; the others take the joint head's. While training, the image head's logits of every row are
+        kept in `image_logits` for `ImageHeadLoss`."""
+        image = feats
         if self.meta_mlp is not None:
             if meta is None:
                 raise MelafastError("this model was built with metadata: call it with (images, meta)")
-            feats = torch.cat([feats, self.meta_mlp(meta.as_subclass(torch.Tensor).to(feats.dtype))], dim=1)
-        if self.training and self.drop_samples > 1:
-            return torch.stack([self.head(self.dropout(feats)) for _ in range(self.drop_samples)]).mean(0)
-        return self.head(self.dropout(feats))
+            meta = meta.as_subclass(torch.Tensor)
+            feats = torch.cat([feats, self.meta_mlp(meta.to(feats.dtype))], dim=1)
+        out = self._head(self.head, feats)
+        if self.image_head is not None:
+            alone = self._head(self.image_head, image)
+            self.image_logits = alone if self.training else None
+            blank = (meta.index_select(1, self.blank_flags) > 0.5).all(dim=1, keepdim=True)  # no host sync
+            out = torch.where(blank, alone.to(out.dtype), out)
+        return out
+
+    def _head(self, head, feats):
+        if self.training and self.drop_samples > 1:  # multi-sample dropout
+            return torch.stack([head(self.dropout(feats)) for _ in range(self.drop_samples)]).mean(0)
+        return head(self.dropout(feats))
 
 
 def melanoma_splitter(model: MelanomaModel) -> list:
-    """Two parameter groups: [backbone], [metadata MLP + head]; `learn.freeze()` then trains only the second."""
+    """Two parameter groups: [backbone], [metadata MLP + heads]; `learn.freeze()` then trains only the second."""
     head = list(model.head.parameters())
+    if model.image_head is not None:
+        head += list(model.image_head.parameters())
     if model.meta_mlp is not None:
         head = list(model.meta_mlp.parameters()) + head
     return [list(model.backbone.parameters()), head]

@@ -121,12 +121,18 @@ def _summary(config, results, df, data, n_boot) -> str:
            + html.escape(f"Each fold kept {results.get('epoch_rule', 'its epoch as the run says')}.") + "</p>"]
     if results.get("oof_auc_no_meta") is not None:
         drop = config.get("settings", {}).get("meta_dropout") or 0
+        if config.get("settings", {}).get("image_head"):  # runs saved before the image head have none
+            how = ("They are scored by the model's image-only head, trained on every training image beside the joint "
+                   "head" + (f"; metadata dropout ({drop}) trains the joint head for rows missing some fields."
+                             if drop else "."))
+        elif drop:
+            how = (f"The run was trained for that path: each training row's fields were blanked with probability "
+                   f"{drop} (metadata dropout).")
+        else:
+            how = ("The run learned that path only from training rows that happened to have holes (no metadata "
+                   "dropout): predictions without metadata rest on them.")
         out.append(_p(f"With every patient field blanked at prediction (a patient who comes with images only), the same "
-                      f"out-of-fold images score AUC {results['oof_auc_no_meta']:.4f}. "
-                      + (f"The run was trained for that path: each training row's fields were blanked with "
-                         f"probability {drop} (metadata dropout)." if drop else
-                         "The run learned that path only from training rows that happened to have holes (no metadata "
-                         "dropout): predictions without metadata rest on them.")))
+                      f"out-of-fold images score AUC {results['oof_auc_no_meta']:.4f}. " + how))
     if results.get("cv_note"):
         out.append(f'<p class="note">{html.escape("This CV is " + results["cv_note"])}.</p>')
     if "oof_auc_selected" in results:

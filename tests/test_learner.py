@@ -28,15 +28,15 @@ def _changed(before, module):
     return {k for k, v in module.named_parameters() if not torch.equal(before[k], v.detach())}
 
 
-def test_freeze_trains_only_meta_and_head(learn):
+def test_freeze_trains_only_meta_and_heads(learn):
     learn.freeze()
     m = learn.model
     assert all(not p.requires_grad for p in m.backbone.parameters())
-    assert all(p.requires_grad for p in [*m.meta_mlp.parameters(), *m.head.parameters()])
-    bb, mlp, head = _snapshot(m.backbone), _snapshot(m.meta_mlp), _snapshot(m.head)
+    assert all(p.requires_grad for p in [*m.meta_mlp.parameters(), *m.head.parameters(), *m.image_head.parameters()])
+    bb, mlp, head, image = _snapshot(m.backbone), _snapshot(m.meta_mlp), _snapshot(m.head), _snapshot(m.image_head)
     learn.fit(1, lr=1e-2)
     assert _changed(bb, m.backbone) == set()
-    assert _changed(head, m.head) == {"weight", "bias"}
+    assert _changed(head, m.head) == {"weight", "bias"} == _changed(image, m.image_head)
     assert _changed(mlp, m.meta_mlp)
     learn.unfreeze()
     assert all(p.requires_grad for p in m.parameters())

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from fastai.callback.core import Callback
 from typer.testing import CliRunner
 
 from melafast.cli import app
@@ -143,3 +144,98 @@ def test_extra_meta_refuses_files_of_another_kind(sample_dir, make_run, tmp_path
     shutil.copytree(sample_dir / "jpeg" / "test", same)
     res = invoke("predict", "--run", run, "--images", same, "--out", tmp_path / "p.csv", "--workers", 0)
     assert res.exit_code == 0, res.output
+
+
+def test_rows_without_any_patient_field_take_the_image_head(sample_df):
+    "A row with every patient field missing is scored from the image alone; a row missing some takes the joint head."
+    from conftest import TINY_ARCH
+
+    from melafast.learner import blank_flag_indices
+    from melafast.model import MelanomaModel
+
+    proc = MetaProcessor.fit(sample_df)
+    flags = blank_flag_indices(proc)
+    assert [proc.feature_names[i] for i in flags] == [f"{c}_missing" for c in proc.patient_columns]
+    torch.manual_seed(0)
+    model = MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False, blank_flags=flags).eval()
+    rows = sample_df.iloc[:6]
+    meta = torch.from_numpy(proc.encode(rows))
+    assert not (meta[:, flags] > 0.5).all(1).any()  # the sample's rows have some metadata
+    none = torch.from_numpy(proc.encode(rows.assign(**{c: np.nan for c in FIELDS})))  # real holes everywhere
+    some = proc.blank(meta, ["sex", "age_approx"])  # one field left
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.image_features(x)
+        alone = model.image_head(feats)
+
+        def joint(m):
+            return model.head(torch.cat([feats, model.meta_mlp(m)], dim=1))
+
+        assert torch.allclose(model(x, none), alone, atol=1e-6)
+        assert torch.allclose(model(x, proc.blank(meta)), alone, atol=1e-6)  # what dropout and predict's blank write
+        assert torch.allclose(model(x, meta), joint(meta), atol=1e-6)
+        # a row that had only sex and age is now without any field; the others keep their site
+        bare = (some[:, flags] > 0.5).all(1)
+        assert 0 < int(bare.sum()) < 6 and bare.tolist() == rows["anatom_site_general_challenge"].isna().tolist()
+        assert torch.allclose(model(x, some), torch.where(bare[:, None], alone, joint(some)), atol=1e-6)
+        assert not torch.allclose(alone, joint(none), atol=1e-3)  # two heads, not one
+        mixed = torch.where(torch.tensor([True, False] * 3)[:, None], none, meta)  # each row by its own path
+        assert torch.allclose(model(x, mixed), torch.where(torch.tensor([True, False] * 3)[:, None], alone, joint(meta)),
+                              atol=1e-6)
+    # a model without flags (image-only, or saved before the image head) has no such head and keeps its config
+    plain = MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False)
+    assert plain.image_head is None and "blank_flags" not in plain.config
+    assert MelanomaModel(TINY_ARCH, pretrained=False, blank_flags=flags).image_head is None
+    with pytest.raises(Exception, match="outside the metadata vector"):
+        MelanomaModel(TINY_ARCH, n_meta=4, pretrained=False, blank_flags=[1, 9])
+
+
+class _HeadGrad(Callback):
+    "The image head's gradient at every training batch."
+
+    def before_fit(self):
+        self.norms = []
+
+    def after_backward(self):
+        g = self.learn.model.image_head.weight.grad
+        self.norms.append(0.0 if g is None else float(g.abs().sum()))
+
+
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_the_image_head_learns_from_every_training_row(sample_df, with_loss):
+    """With no training row missing every field (no real holes, no metadata dropout), only `ImageHeadLoss` reaches
+    the image head: every batch then gives it a gradient; without it, none."""
+    from conftest import TINY_ARCH
+
+    from melafast.learner import ImageHeadLoss, melanoma_learner
+
+    dls = melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0, meta_dropout=0.0)
+    learn = melanoma_learner(dls, TINY_ARCH, pretrained=False)
+    assert learn.model.image_head is not None and any(isinstance(cb, ImageHeadLoss) for cb in learn.cbs)
+    if not with_loss:
+        learn.remove_cb(learn.image_head_loss)
+    grads = _HeadGrad()
+    learn.fit(1, lr=1e-3, cbs=[grads])
+    assert len(grads.norms) == len(dls.train)
+    if with_loss:
+        assert all(n > 0 for n in grads.norms)
+    else:
+        assert all(n == 0 for n in grads.norms)
+    assert learn.model.image_logits is None  # no graph kept alive after the batch
+    # the image-only learner and --no-image-head have no image head
+    assert melanoma_learner(dls, TINY_ARCH, pretrained=False, image_head=False).model.image_head is None
+    assert melanoma_learner(dls, TINY_ARCH, meta=False, pretrained=False).model.image_head is None
+
+
+def test_the_saved_run_scores_its_metadata_less_path_with_the_image_head(tiny_run):
+    "The fold models of a run rebuild with the image head, its flags where the run's own metadata vector has them."
+    from melafast.checkpoint import load_model
+    from melafast.config import TrainConfig
+    from melafast.learner import blank_flag_indices
+
+    for k in (0, 1):
+        model, cfg = load_model(tiny_run / f"fold{k}")
+        assert model.image_head is not None
+        assert cfg["model"]["blank_flags"] == blank_flag_indices(MetaProcessor.from_dict(cfg["meta_proc"]))
+    assert json.loads((tiny_run / "config.json").read_text())["settings"]["image_head"] is True
+    assert TrainConfig.from_saved({}).image_head is False  # a run saved before it trained without one

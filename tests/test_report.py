@@ -73,8 +73,9 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     assert f"partial AUC above 80% sensitivity {0.02 + 0.36 * (scaled - 0.5):.4f}" in html
     # the second CV figure: every patient field blanked, and whether the run was trained for that path
     assert f"score AUC {roc_auc_score(oof['target'], oof['pred_no_meta']):.4f}" in html
-    drop = json.loads((run / "config.json").read_text())["settings"]["meta_dropout"]
-    assert (f"probability {drop} (metadata dropout)" in html) if drop else ("no metadata dropout" in html)
+    settings = json.loads((run / "config.json").read_text())["settings"]
+    assert settings["image_head"] and "image-only head, trained on every training image" in html
+    assert f"metadata dropout ({settings['meta_dropout']}) trains the joint head" in html
     assert "The maps were computed in fp32 on cpu" in html  # the precision the Grad-CAM pass used, said
     # the CAM layer and its grid named; the map is of the plain view while the score is the TTA mean
     assert re.search(r"taken at backbone layer [\w.]+ \(stride \d+: a \d+ x \d+ grid at 32 px\)", html)

@@ -37,8 +37,12 @@ def _no_metadata_note(predictors, df: pd.DataFrame, figures: dict) -> str | None
     how = (f"it scored AUC {without:.4f} {scope} with every field blanked ({with_meta:.4f} with its metadata)"
            if with_meta is not None and without is not None else "its run did not record how it scores without metadata")
     dropout = figures.get("meta_dropout")
-    trained = ("it was trained for it (metadata dropout {:.2f})".format(dropout) if dropout else
-               "it learned that path only from the training rows that had holes (no metadata dropout)")
+    if all(getattr(p.model, "image_head", None) is not None for p in predictors if p.meta_proc is not None):
+        trained = ("an image-only head trained on every training image scores them"
+                   + (" (metadata dropout {:.2f} too)".format(dropout) if dropout else ""))
+    else:
+        trained = ("it was trained for it (metadata dropout {:.2f})".format(dropout) if dropout else
+                   "it learned that path only from the training rows that had holes (no metadata dropout)")
     return (f"{int(none.sum())} of {len(df)} images have no metadata ({', '.join(fields)}): they are predicted through "
             f"the model's missing-metadata path; {trained}; {how}")
 
