@@ -23,7 +23,8 @@ _EXPORTS = {
     "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
     "save_run": "checkpoint", "save_model": "checkpoint", "load_model": "checkpoint",
     "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
-    "MissingMetadataWarning": "inference", "MetaDropout": "data", "compare_runs": "compare", "run_report": "report",
+    "MissingMetadataWarning": "inference", "MetaDropout": "data", "ImageHeadLoss": "learner", "compare_runs": "compare",
+    "run_report": "report",
     "audit_run": "audit", "shortcut_audit": "audit", "save_operating_point": "operating",
     "operating_table": "operating", "calibrate_operating_point": "operating", "model_card": "card", "export_run": "export", "stack_run": "stack",
 }

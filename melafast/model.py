@@ -174,21 +174,27 @@ class MelanomaModel(nn.Module):
     def classify(self, feats, meta=None):
         """Class logits from image features and the metadata vector: what the model adds on top of the backbone.
 
-        With an image head (`blank_flags`), rows whose every patient field is missing take its logits, from the image
-        features alone; the others take the joint head's. While training, the image head's logits of every row are
-        kept in `image_logits` for `ImageHeadLoss`."""
+        With an image head (`blank_flags`) the backbone learns from that head alone, as an image-only model's does:
+        the joint head fuses the metadata onto the image features without back-propagating into them. The image
+        head's logits of every row are kept in `image_logits` while training, for `ImageHeadLoss`; in eval mode,
+        rows whose every patient field is missing take them, the others the joint head's."""
         image = feats
         if self.meta_mlp is not None:
             if meta is None:
                 raise MelafastError("this model was built with metadata: call it with (images, meta)")
             meta = meta.as_subclass(torch.Tensor)
-            feats = torch.cat([feats, self.meta_mlp(meta.to(feats.dtype))], dim=1)
+            # while training only: in eval mode gradients reach the features from both heads (Grad-CAM)
+            shared = feats.detach() if self.image_head is not None and self.training else feats
+            feats = torch.cat([shared, self.meta_mlp(meta.to(feats.dtype))], dim=1)
         out = self._head(self.head, feats)
         if self.image_head is not None:
             alone = self._head(self.image_head, image)
-            self.image_logits = alone if self.training else None
-            blank = (meta.index_select(1, self.blank_flags) > 0.5).all(dim=1, keepdim=True)  # no host sync
-            out = torch.where(blank, alone.to(out.dtype), out)
+            if self.training:
+                self.image_logits = alone
+            else:
+                self.image_logits = None
+                blank = (meta.index_select(1, self.blank_flags) > 0.5).all(dim=1, keepdim=True)  # no host sync
+                out = torch.where(blank, alone.to(out.dtype), out)
         return out
 
     def _head(self, head, feats):
