@@ -69,13 +69,14 @@ class FrozenBN(Callback):
 
 
 class ImageHeadLoss(Callback):
-    """Trains the image head of a metadata model on every training row: adds `weight` x the loss of its logits to
-    the loss each batch back-propagates (the logged `train_loss` stays the model output's).
+    """Trains the image head of a metadata model, and through it the backbone, on every training row: adds `weight` x
+    the loss of its logits to the loss each batch back-propagates (the logged `train_loss` stays the joint head's).
 
-    The joint head ranks a patient without metadata by the image part of one linear layer, which was fitted beside
-    the metadata and so leaves to it what the metadata says; the image head has to rank by the image alone, and the
-    model sends it every row whose patient fields are all missing. Without this loss it would learn only from the
-    rows that metadata dropout or a real hole blanked."""
+    The model's backbone learns from this loss alone, as an image-only model's does; the joint head fuses the metadata
+    onto its features without back-propagating into them. So a patient who comes without metadata, whom the model
+    sends to the image head, is scored by what is in effect an image-only model trained the same way, not by the image
+    part of the joint head's one linear layer, which was fitted beside the metadata and leaves to it what it says.
+    """
 
     order = 60  # after MixedPrecision (order 10) has left autocast: this loss is taken in fp32 like the main one
 

@@ -182,6 +182,21 @@ def test_rows_without_any_patient_field_take_the_image_head(sample_df):
         mixed = torch.where(torch.tensor([True, False] * 3)[:, None], none, meta)  # each row by its own path
         assert torch.allclose(model(x, mixed), torch.where(torch.tensor([True, False] * 3)[:, None], alone, joint(meta)),
                               atol=1e-6)
+    # while training every row takes the joint head (the image head's logits go to ImageHeadLoss), and the joint
+    # head's loss does not reach the backbone
+    torch.manual_seed(0)
+    model = MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False, blank_flags=flags, head_drop=0.0,
+                          meta_drop=0.0, drop_samples=1).train()
+    out = model(x, none)
+    with torch.no_grad():
+        feats = model.image_features(x)
+        assert torch.allclose(out, model.head(torch.cat([feats, model.meta_mlp(none)], dim=1)), atol=1e-5)
+        assert torch.allclose(model.image_logits, model.image_head(feats), atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.head.weight.grad is not None and model.meta_mlp[0].weight.grad is not None
+    model.image_logits.sum().backward()
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
     # a model without flags (image-only, or saved before the image head) has no such head and keeps its config
     plain = MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False)
     assert plain.image_head is None and "blank_flags" not in plain.config
@@ -197,14 +212,15 @@ class _HeadGrad(Callback):
         self.norms = []
 
     def after_backward(self):
-        g = self.learn.model.image_head.weight.grad
-        self.norms.append(0.0 if g is None else float(g.abs().sum()))
+        m = self.learn.model
+        grads = [m.image_head.weight.grad, m.backbone.conv_stem.weight.grad]
+        self.norms.append([0.0 if g is None else float(g.abs().sum()) for g in grads])
 
 
 @pytest.mark.parametrize("with_loss", [True, False])
 def test_the_image_head_learns_from_every_training_row(sample_df, with_loss):
-    """With no training row missing every field (no real holes, no metadata dropout), only `ImageHeadLoss` reaches
-    the image head: every batch then gives it a gradient; without it, none."""
+    """Only `ImageHeadLoss` trains the image head and, through it, the backbone: with it every batch gives both a
+    gradient; without it, neither gets one (the joint head fuses onto the image features without training them)."""
     from conftest import TINY_ARCH
 
     from melafast.learner import ImageHeadLoss, melanoma_learner
@@ -215,12 +231,13 @@ def test_the_image_head_learns_from_every_training_row(sample_df, with_loss):
     if not with_loss:
         learn.remove_cb(learn.image_head_loss)
     grads = _HeadGrad()
+    learn.unfreeze()
     learn.fit(1, lr=1e-3, cbs=[grads])
     assert len(grads.norms) == len(dls.train)
     if with_loss:
-        assert all(n > 0 for n in grads.norms)
+        assert all(head > 0 and backbone > 0 for head, backbone in grads.norms)
     else:
-        assert all(n == 0 for n in grads.norms)
+        assert all(head == 0 and backbone == 0 for head, backbone in grads.norms)
     assert learn.model.image_logits is None  # no graph kept alive after the batch
     # the image-only learner and --no-image-head have no image head
     assert melanoma_learner(dls, TINY_ARCH, pretrained=False, image_head=False).model.image_head is None
