@@ -70,7 +70,8 @@ class FrozenBN(Callback):
 
 class ImageHeadLoss(Callback):
     """Trains the image head of a metadata model, and through it the backbone, on every training row: adds `weight` x
-    the loss of its logits to the loss each batch back-propagates (the logged `train_loss` stays the joint head's).
+    the loss of its logits to the loss each batch back-propagates (the logged `train_loss` stays the joint head's;
+    `lr_find` follows the image head's loss, the one the backbone learns from).
 
     The model's backbone learns from this loss alone, as an image-only model's does; the joint head fuses the metadata
     onto its features without back-propagating into them. So a patient who comes without metadata, whom the model
@@ -94,8 +95,12 @@ class ImageHeadLoss(Callback):
             return
         model.image_logits = None  # drop the graph reference as soon as it is used
         extra = self.weight * self.learn.loss_func(logits.float(), *self.learn.yb)
-        # only the gradient: the logged train_loss stays the routed output's loss, comparable with valid_loss
+        # only the gradient: the logged train_loss stays the joint head's, comparable with valid_loss
         self.learn.loss_grad = self.learn.loss_grad + extra
+        if getattr(self.learn, "lr_finder", None) is not None:
+            # lr_find follows the image head's loss: the learning rate is chosen for the backbone, which learns from
+            # it alone, as an image-only model's lr_find would choose it
+            self.learn.loss = (extra / self.weight).detach()
 
     def after_batch(self):
         self._model().image_logits = None  # a batch that stopped before its loss keeps no graph alive

@@ -256,3 +256,39 @@ def test_the_saved_run_scores_its_metadata_less_path_with_the_image_head(tiny_ru
         assert cfg["model"]["blank_flags"] == blank_flag_indices(MetaProcessor.from_dict(cfg["meta_proc"]))
     assert json.loads((tiny_run / "config.json").read_text())["settings"]["image_head"] is True
     assert TrainConfig.from_saved({}).image_head is False  # a run saved before it trained without one
+
+
+class _LossSeen(Callback):
+    "Per training batch: the loss the recorder sees, the joint head's loss and the image head's loss."
+
+    order = 70  # after ImageHeadLoss
+
+    def before_fit(self):
+        self.rows = []
+
+    def after_pred(self):
+        if self.training:
+            m = self.learn.model
+            self._joint = float(self.learn.loss_func(self.learn.pred, *self.learn.yb))
+            self._image = float(self.learn.loss_func(m.image_logits.float(), *self.learn.yb))
+
+    def after_loss(self):
+        if self.training:
+            self.rows.append((float(self.learn.loss), self._joint, self._image))
+
+
+def test_lr_find_follows_the_image_heads_loss_and_fit_logs_the_joint_one(sample_df):
+    "The backbone learns from the image head: lr_find chooses its rate on that head's loss; training logs the joint."
+    from conftest import TINY_ARCH
+
+    from melafast.learner import melanoma_learner
+
+    dls = melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0, meta_dropout=0.0)
+    learn = melanoma_learner(dls, TINY_ARCH, pretrained=False)
+    seen = _LossSeen()
+    learn.add_cb(seen)
+    learn.lr_find(num_it=6, show_plot=False)
+    assert len(seen.rows) >= 3
+    assert all(abs(got - image) < 1e-5 and abs(image - joint) > 1e-4 for got, joint, image in seen.rows)
+    learn.fit(1, lr=1e-3)
+    assert seen.rows and all(abs(got - joint) < 1e-5 for got, joint, _ in seen.rows)
