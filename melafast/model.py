@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import MelafastError, WeightsError
 
-__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch"]
+__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch", "SideGenerator", "SideDropout"]
 
 
 def check_arch(arch: str) -> str:
@@ -101,8 +101,50 @@ def create_backbone(arch: str, pretrained: bool = True, weights=None) -> nn.Modu
         raise _offline_error(arch) from e
 
 
-def _mlp_block(n_in, n_out, p):
-    return [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.SiLU(), nn.Dropout(p)]
+class SideGenerator:
+    """Random numbers of the metadata side of training (its dropout masks, metadata dropout), from generators of
+    their own, one per device, seeded once: torch's global generator then serves the image side alone, which draws
+    exactly what it draws in an image-only model trained with the same seed."""
+
+    def __init__(self, seed: int):
+        self.seed, self._gens = int(seed), {}
+
+    def __call__(self, device) -> torch.Generator:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._gens:
+            self._gens[device] = torch.Generator(device=device)
+            self._gens[device].manual_seed(self.seed)
+        return self._gens[device]
+
+    def __getstate__(self):  # generators do not pickle or deep-copy: a copy starts the stream again
+        return {"seed": self.seed}
+
+    def __setstate__(self, state):
+        self.seed, self._gens = state["seed"], {}
+
+
+class SideDropout(nn.Module):
+    "Dropout whose masks come from a `SideGenerator`, not torch's global generator."
+
+    def __init__(self, p: float, side: SideGenerator):
+        super().__init__()
+        self.p, self.side = p, side
+
+    def forward(self, x):
+        if not self.training or not self.p:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.side(x.device))
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def _mlp_block(n_in, n_out, p, side=None):
+    drop = nn.Dropout(p) if side is None else SideDropout(p, side)
+    return [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.SiLU(), drop]
 
 
 class MelanomaModel(nn.Module):
@@ -133,24 +175,33 @@ class MelanomaModel(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         # pooled output width: after any pre-logits layer (e.g. MobileNetV3's conv_head), else num_features
         n_feat = n_image = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
-        if n_meta:
-            layers, n_in = [], n_meta
-            for n_hidden in meta_sizes:
-                layers += _mlp_block(n_in, n_hidden, meta_drop)
-                n_in = n_hidden
-            self.meta_mlp = nn.Sequential(*layers)
-            n_feat += n_in
-        else:
-            self.meta_mlp = None
-        self.dropout = nn.Dropout(head_drop)
-        self.head = nn.Linear(n_feat, n_out)
         # a row whose every patient field is missing goes to a head of its own that sees the image features alone
         blank_flags = [int(i) for i in blank_flags] if n_meta and blank_flags else None
         if blank_flags and not all(0 <= i < n_meta for i in blank_flags):
             raise MelafastError(f"blank_flags {blank_flags} fall outside the metadata vector (width {n_meta})")
+        # built first, from the global generator: initialised as an image-only model's head is
         self.image_head = nn.Linear(n_image, n_out) if blank_flags else None
         if blank_flags:
             self.register_buffer("blank_flags", torch.tensor(blank_flags, dtype=torch.long), persistent=False)
+        self.dropout = nn.Dropout(head_drop)
+        self.side = self.joint_dropout = None
+        if n_meta:
+            # the metadata side draws from generators of its own (initialisation, dropout masks): the global stream,
+            # and with it every random number of the image side, stays the one an image-only model would see
+            self.side = SideGenerator(torch.initial_seed() + 1)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(self.side.seed)
+                layers, n_in = [], n_meta
+                for n_hidden in meta_sizes:
+                    layers += _mlp_block(n_in, n_hidden, meta_drop, self.side)
+                    n_in = n_hidden
+                self.meta_mlp = nn.Sequential(*layers)
+                n_feat += n_in
+                self.head = nn.Linear(n_feat, n_out)
+            self.joint_dropout = SideDropout(head_drop, self.side)
+        else:
+            self.meta_mlp = None
+            self.head = nn.Linear(n_feat, n_out)
         self.image_logits = None  # the image head's logits of the last training batch, for `ImageHeadLoss`
         self.drop_samples = drop_samples
         self.channels_last = False  # set by the learner on GPUs: inputs are then converted too
@@ -186,7 +237,7 @@ class MelanomaModel(nn.Module):
             # while training only: in eval mode gradients reach the features from both heads (Grad-CAM)
             shared = feats.detach() if self.image_head is not None and self.training else feats
             feats = torch.cat([shared, self.meta_mlp(meta.to(feats.dtype))], dim=1)
-        out = self._head(self.head, feats)
+        out = self._head(self.head, feats, self.joint_dropout or self.dropout)
         if self.image_head is not None:
             alone = self._head(self.image_head, image)
             if self.training:
@@ -197,10 +248,11 @@ class MelanomaModel(nn.Module):
                 out = torch.where(blank, alone.to(out.dtype), out)
         return out
 
-    def _head(self, head, feats):
+    def _head(self, head, feats, dropout=None):
+        dropout = dropout or self.dropout
         if self.training and self.drop_samples > 1:  # multi-sample dropout
-            return torch.stack([head(self.dropout(feats)) for _ in range(self.drop_samples)]).mean(0)
-        return head(self.dropout(feats))
+            return torch.stack([head(dropout(feats)) for _ in range(self.drop_samples)]).mean(0)
+        return head(dropout(feats))
 
 
 def melanoma_splitter(model: MelanomaModel) -> list:

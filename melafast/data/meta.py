@@ -227,8 +227,14 @@ class MetaDropout(Transform):
     split_idx, order = 0, 5
 
     def __init__(self, proc: MetaProcessor, p: float = 0.5):
+        import torch
+
+        from ..model import SideGenerator
+
         super().__init__()
         self.proc, self.p, self.columns = proc, p, proc.patient_columns
+        # its own random numbers: the augmentations draw what they draw without metadata (see SideGenerator)
+        self.side = SideGenerator(torch.initial_seed() + 2)
 
     def encodes(self, x: TensorMeta):
         import torch
@@ -236,9 +242,10 @@ class MetaDropout(Transform):
         if not self.p or not self.columns:
             return x
         n, dev = x.shape[0], x.device
-        drop = torch.rand(n, device=dev) < self.p
-        every = torch.rand(n, device=dev) < 0.5
-        one = torch.randint(len(self.columns), (n,), device=dev)
+        g = self.side(dev)
+        drop = torch.rand(n, device=dev, generator=g) < self.p
+        every = torch.rand(n, device=dev, generator=g) < 0.5
+        one = torch.randint(len(self.columns), (n,), device=dev, generator=g)
         which = drop[:, None] & (every[:, None] | (one[:, None] == torch.arange(len(self.columns), device=dev)))
         return TensorMeta(self.proc.blank(x.as_subclass(torch.Tensor), self.columns, which))
 
