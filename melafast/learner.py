@@ -74,9 +74,10 @@ class ImageHeadLoss(Callback):
     `lr_find` follows the image head's loss, the one the backbone learns from).
 
     The model's backbone learns from this loss alone, as an image-only model's does; the joint head fuses the metadata
-    onto its features without back-propagating into them. So a patient who comes without metadata, whom the model
-    sends to the image head, is scored by what is in effect an image-only model trained the same way, not by the image
-    part of the joint head's one linear layer, which was fitted beside the metadata and leaves to it what it says.
+    onto its features without back-propagating into them, and the metadata side draws its random numbers apart
+    (`SideGenerator`). So a patient who comes without metadata, whom the model sends to the image head, is scored by
+    the image-only model of the same seed and settings (bit for bit on the CPU), not by the image part of the joint
+    head's one linear layer, which was fitted beside the metadata and leaves to it what the metadata says.
     """
 
     order = 60  # after MixedPrecision (order 10) has left autocast: this loss is taken in fp32 like the main one

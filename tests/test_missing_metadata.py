@@ -292,3 +292,57 @@ def test_lr_find_follows_the_image_heads_loss_and_fit_logs_the_joint_one(sample_
     assert all(abs(got - image) < 1e-5 and abs(image - joint) > 1e-4 for got, joint, image in seen.rows)
     learn.fit(1, lr=1e-3)
     assert seen.rows and all(abs(got - joint) < 1e-5 for got, joint, _ in seen.rows)
+
+
+def test_without_metadata_a_model_predicts_what_the_image_only_model_of_its_seed_predicts(make_run, sample_dir):
+    """The image side of a metadata model (backbone and image head) is trained exactly as an image-only model with the
+    same seed and settings: same initialisation, augmentations, dropout masks, lr_find rate and gradients. So a
+    patient without metadata gets the image-only model's score, out of fold and on new images."""
+    from melafast.inference import load_predictor
+
+    meta = make_run(lr="auto", fold=1, tta=2)  # shared with test_cli
+    image = make_run(lr="auto", fold=1, tta=2, meta=False)
+    lrs = [json.loads((run / "fold1" / "config.json").read_text())["lr"] for run in (meta, image)]
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-6)  # lr_find chose the same rate
+    m = pd.read_csv(meta / "oof.csv").set_index("image_name")
+    i = pd.read_csv(image / "oof.csv").set_index("image_name").loc[m.index]
+    assert np.abs(m["pred_no_meta"] - i["pred"]).max() < 1e-5
+    assert np.abs(m["pred"] - i["pred"]).max() > 1e-3  # with its metadata it is another model
+    results = [json.loads((run / "results.json").read_text()) for run in (meta, image)]
+    assert results[0]["oof_auc_no_meta"] == pytest.approx(results[1]["oof_auc"], abs=1e-6)
+    images = sample_dir / "jpeg" / "test"
+    with pytest.warns(UserWarning, match="no metadata"):
+        blank = load_predictor(meta).predict(images, num_workers=0, progress=False)
+    assert np.abs(blank - load_predictor(image).predict(images, num_workers=0, progress=False)).max() < 1e-5
+
+
+def test_the_metadata_side_leaves_the_global_random_stream_alone(sample_df):
+    import copy
+    import pickle
+
+    from conftest import TINY_ARCH
+
+    from melafast.model import MelanomaModel, SideDropout, SideGenerator
+
+    def draws(fn):
+        torch.manual_seed(0)
+        fn()
+        return torch.rand(4)
+
+    x = torch.ones(8, 16)
+    drop = SideDropout(0.5, SideGenerator(7)).train()
+    assert torch.equal(draws(lambda: drop(x)), draws(lambda: None))
+    masks = drop(x), drop(x)
+    assert not torch.equal(*masks) and set(masks[0].unique().tolist()) <= {0.0, 2.0}
+    assert torch.equal(SideDropout(0.5, SideGenerator(7)).train()(x), SideDropout(0.5, SideGenerator(7)).train()(x))
+    assert torch.equal(drop.eval()(x), x)
+    proc = MetaProcessor.fit(sample_df)
+    meta = TensorMeta(torch.from_numpy(proc.encode(sample_df)))
+    assert torch.equal(draws(lambda: MetaDropout(proc, p=0.5)(meta, split_idx=0)), draws(lambda: None))
+    # building a metadata model draws from the global generator what an image-only model draws, no more
+    assert torch.equal(draws(lambda: MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False, blank_flags=[1])),
+                       draws(lambda: MelanomaModel(TINY_ARCH, pretrained=False)))
+    model = MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False, blank_flags=[1])
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # EMA copies, learn.export
+        assert twin.side.seed == model.side.seed
+        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
