@@ -149,7 +149,10 @@ def _mlp_block(n_in, n_out, p, side=None):
 
 class MelanomaModel(nn.Module):
     """timm backbone on the image, an MLP on the metadata vector, both concatenated into a dropout head; with
-    `blank_flags`, also an image-only head for the rows that come without any patient field."""
+    `blank_flags`, also an image-only head for the rows that come without any patient field.
+
+    With an image head the backbone learns only through that head: train such a model with `ImageHeadLoss` (as
+    `melanoma_learner` does), or its backbone stays where it started."""
 
     def __init__(
         self,
