@@ -16,8 +16,9 @@ from melafast.tta import dihedral_tta
 
 
 @pytest.fixture
-def learn(tiny_dls):
-    return melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
+def learn(tiny_dls, tmp_path):
+    # lr_find's temporary checkpoint goes to tmp_path, not a models/ folder in the working directory
+    return melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False, path=tmp_path, model_dir=".")
 
 
 def _snapshot(module):

@@ -277,14 +277,14 @@ class _LossSeen(Callback):
             self.rows.append((float(self.learn.loss), self._joint, self._image))
 
 
-def test_lr_find_follows_the_image_heads_loss_and_fit_logs_the_joint_one(sample_df):
+def test_lr_find_follows_the_image_heads_loss_and_fit_logs_the_joint_one(sample_df, tmp_path):
     "The backbone learns from the image head: lr_find chooses its rate on that head's loss; training logs the joint."
     from conftest import TINY_ARCH
 
     from melafast.learner import melanoma_learner
 
     dls = melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0, meta_dropout=0.0)
-    learn = melanoma_learner(dls, TINY_ARCH, pretrained=False)
+    learn = melanoma_learner(dls, TINY_ARCH, pretrained=False, path=tmp_path, model_dir=".")
     seen = _LossSeen()
     learn.add_cb(seen)
     learn.lr_find(num_it=6, show_plot=False)
