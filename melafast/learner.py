@@ -90,11 +90,9 @@ class ImageHeadLoss(Callback):
         return getattr(m, "module", m)  # the MelanomaModel inside DistributedDataParallel
 
     def after_loss(self):
-        model = self._model()
-        logits = getattr(model, "image_logits", None)
+        logits = getattr(self._model(), "image_logits", None)
         if not self.training or logits is None or not len(self.learn.yb):
             return
-        model.image_logits = None  # drop the graph reference as soon as it is used
         extra = self.weight * self.learn.loss_func(logits.float(), *self.learn.yb)
         # only the gradient: the logged train_loss stays the joint head's, comparable with valid_loss
         self.learn.loss_grad = self.learn.loss_grad + extra
@@ -104,7 +102,7 @@ class ImageHeadLoss(Callback):
             self.learn.loss = (extra / self.weight).detach()
 
     def after_batch(self):
-        self._model().image_logits = None  # a batch that stopped before its loss keeps no graph alive
+        self._model().image_logits = None  # no graph of this batch kept alive into the next
 
 
 class MelanomaAUC(Metric):
@@ -170,12 +168,6 @@ def melanoma_probs(probs, pos: int = 1) -> np.ndarray:
     return np.asarray(probs[:, pos], dtype=np.float64)
 
 
-def blank_flag_indices(proc) -> list[int]:
-    "Where the missing flags of `proc`'s patient fields sit in its vector: all of them up means no metadata at all."
-    slots = proc.slots()
-    return [slots[c][1] for c in proc.patient_columns]
-
-
 def _adamw(device):
     # torch's fused/foreach AdamW updates all tensors in a few kernels; fastai's optimizers loop in Python
     fast = dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
@@ -214,7 +206,7 @@ def melanoma_learner(
     vocab = list(dls.vocab)
     model_kwargs = dict(model_kwargs or {})
     if meta and image_head:
-        model_kwargs.setdefault("blank_flags", blank_flag_indices(dls.meta_proc))
+        model_kwargs.setdefault("blank_flags", dls.meta_proc.patient_flags())
     model = MelanomaModel(arch, n_meta=n_meta, n_out=len(vocab), pretrained=pretrained, weights=weights, **model_kwargs)
     model.to(device)  # before the optimizer is made: fused AdamW needs its tensors on the GPU
     kwargs.setdefault("loss_func", SoftTargetCrossEntropy() if getattr(dls, "soft", False) else CrossEntropyLossFlat())

@@ -240,7 +240,7 @@ class MelanomaModel(nn.Module):
             # while training only: in eval mode gradients reach the features from both heads (Grad-CAM)
             shared = feats.detach() if self.image_head is not None and self.training else feats
             feats = torch.cat([shared, self.meta_mlp(meta.to(feats.dtype))], dim=1)
-        out = self._head(self.head, feats, self.joint_dropout or self.dropout)
+        out = self._head(self.head, feats, self.joint_dropout)
         if self.image_head is not None:
             alone = self._head(self.image_head, image)
             if self.training:

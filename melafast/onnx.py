@@ -10,7 +10,9 @@ It predicts exactly as `melafast predict` does: each image opened as RGB (JPEGs 
 larger than the input), squashed to the input size with bilinear resampling, scaled to [0, 1]; the metadata encoded
 with each fold's own vocabulary and scaling (holes and unknown values as in training); the mean of the melanoma
 probability over the run's dihedral views and over the fold models; and, when the run has a saved operating point,
-the same vote of the fold models against its threshold. This module imports nothing from the rest of melafast.
+the same decision as `melafast.operating.decide` (the vote of the fold models against its threshold, or the fold mean
+against it for a point chosen on a calibration set). This module imports nothing from the rest of melafast, so that
+rule is written again here; tests/test_export.py checks the two agree.
 """
 
 from __future__ import annotations

@@ -150,11 +150,10 @@ def test_rows_without_any_patient_field_take_the_image_head(sample_df):
     "A row with every patient field missing is scored from the image alone; a row missing some takes the joint head."
     from conftest import TINY_ARCH
 
-    from melafast.learner import blank_flag_indices
     from melafast.model import MelanomaModel
 
     proc = MetaProcessor.fit(sample_df)
-    flags = blank_flag_indices(proc)
+    flags = proc.patient_flags()
     assert [proc.feature_names[i] for i in flags] == [f"{c}_missing" for c in proc.patient_columns]
     torch.manual_seed(0)
     model = MelanomaModel(TINY_ARCH, n_meta=proc.n_features, pretrained=False, blank_flags=flags).eval()
@@ -248,12 +247,11 @@ def test_the_saved_run_scores_its_metadata_less_path_with_the_image_head(tiny_ru
     "The fold models of a run rebuild with the image head, its flags where the run's own metadata vector has them."
     from melafast.checkpoint import load_model
     from melafast.config import TrainConfig
-    from melafast.learner import blank_flag_indices
 
     for k in (0, 1):
         model, cfg = load_model(tiny_run / f"fold{k}")
         assert model.image_head is not None
-        assert cfg["model"]["blank_flags"] == blank_flag_indices(MetaProcessor.from_dict(cfg["meta_proc"]))
+        assert cfg["model"]["blank_flags"] == MetaProcessor.from_dict(cfg["meta_proc"]).patient_flags()
     assert json.loads((tiny_run / "config.json").read_text())["settings"]["image_head"] is True
     assert TrainConfig.from_saved({}).image_head is False  # a run saved before it trained without one
 

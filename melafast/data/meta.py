@@ -123,6 +123,11 @@ class MetaProcessor:
             i += n + 1
         return out
 
+    def patient_flags(self) -> list[int]:
+        "Where the patient columns' missing flags sit in the vector: all of them up means no metadata at all."
+        slots = self.slots()
+        return [slots[c][1] for c in self.patient_columns]
+
     def blank(self, x, columns=None, rows=None):
         """Encoded vectors `x` (N, n_features) with `columns` (default: every patient column) blanked, exactly as
         `encode_row` writes a missing value: a continuous column's normalised fill value, a category's slots 0, and
