@@ -148,7 +148,7 @@ def _scores(models: dict, df: pd.DataFrame, names: list, seed: int, tta: int, bs
     """The melanoma probability of each row by its fold's model: plain (`clean`), with each artefact drawn, and for a
     coloured artefact with the same marks in grey (`<name> in grey`)."""
     from .data import inference_dl
-    from .inference.loop import _table_for
+    from .inference.inputs import model_table
     from .inference.settings import _prepare, resolve_settings
     from .progress import progress as shown
     from .tta import dihedral_view, dihedral_views
@@ -160,11 +160,11 @@ def _scores(models: dict, df: pd.DataFrame, names: list, seed: int, tta: int, bs
             raise RunError(f"fold {k} of the out-of-fold predictions has no saved model: the audit rescores each image "
                            "with the model that scored it")
         p = models[int(k)]
-        s = resolve_settings(p.config, device, precision)
+        s = resolve_settings(p.spec, device, precision)
         _prepare(p.model, s)
-        rows = _table_for([p], part)
-        dl = inference_dl(rows, p.config["size"], p.meta_proc, bs=bs, num_workers=num_workers, device=s.device)
-        pos, start, got = p.config["pos"], 0, {_column(v): [] for v in variants}
+        rows = model_table([p], part)
+        dl = inference_dl(rows, p.spec.size, p.meta_proc, bs=bs, num_workers=num_workers, device=s.device)
+        pos, start, got = p.spec.pos, 0, {_column(v): [] for v in variants}
         with torch.inference_mode():
             for batch in shown(dl, total=len(dl), label=f"audit fold {k}", size=lambda b: len(b[0]), display=progress):
                 img = batch[0].as_subclass(torch.Tensor).to(s.device)
@@ -263,7 +263,7 @@ def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=100
     names = _check(artefacts)
     table, scores = shortcut_audit(models, df, names, n_boot=n_boot, seed=seed, tta=tta, bs=bs,
                                    num_workers=num_workers, device=device, precision=precision)
-    size = max(int(m.config["size"]) for m in models.values())
+    size = max(int(m.spec.size) for m in models.values())
     flagged = table.loc[table["flagged"], "artefact"].tolist()
     verdict = (f"Flagged: {', '.join(flagged)}. The run's scores depend on these artefacts; check its training "
                "images for them (and crop, inpaint or balance them) before trusting its figures."

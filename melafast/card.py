@@ -165,16 +165,16 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
         lines += ["None saved: the model gives a probability only. Choose one with `melafast report --run RUN "
                   "--operating-point sens90` before using decisions.", ""]
     else:
-        cf = point["crossfit"]
-        lines += [f"`{point['operating_point']}` ({point['goal']}): threshold {_fmt(point['threshold'])} on the melanoma "
-                  f"probability, chosen on {point['chosen_on']}. Decision rule: {point['rule']}.", ""]
+        cf = point.crossfit
+        lines += [f"`{point.operating_point}` ({point.goal}): threshold {_fmt(point.threshold)} on the melanoma "
+                  f"probability, chosen on {point.chosen_on}. Decision rule: {point.rule}.", ""]
         if cf.get("sensitivity") is not None:
             rows = [dict(measure=m, prevalence="", value=cf[m]["value"], lo=cf[m]["lo"], hi=cf[m]["hi"])
                     for m in ("sensitivity", "specificity")]
             rows += [dict(measure=m, prevalence=f"{p['prevalence']:.1%}", value=p[m]["value"], lo=p[m]["lo"],
                           hi=p[m]["hi"]) for p in cf["predictive"] for m in ("PPV", "NPV")]
             how = ("on the calibration set (each patient-grouped part of it judged by a threshold chosen on the "
-                   "others)" if point.get("scale") == "ensemble" else "(each fold's threshold chosen on the other folds)")
+                   "others)" if point.scale == "ensemble" else "(each fold's threshold chosen on the other folds)")
             lines += [f"Cross-fitted {how}, 95% patient-bootstrap intervals:", "", _md_table(pd.DataFrame(rows), 3), ""]
         else:
             lines += ["It could not be cross-fitted (one fold): its in-sample figures are optimistic.", ""]

@@ -9,7 +9,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, write_csv, write_json
-from .errors import RunError
+from .errors import MelafastError, RunError
 from .runfolder import model_files
 
 __all__ = ["save_run", "save_model", "load_model", "CONFIG_FORMAT", "atomic_path", "write_json", "write_csv",
@@ -87,16 +87,21 @@ def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """The model saved in the model folder `path`, rebuilt from its config and loaded strictly, in eval mode; and the
     config."""
     from .model import MelanomaModel
+    from .record import ModelSpec
 
     path = Path(path)
     cfg = _read_config(path)
     state = _read_weights(path)
-    kw = {k: v for k, v in cfg["model"].items() if k != "arch"}
     try:
-        model = MelanomaModel(cfg["arch"], pretrained=False, **kw)
+        spec = ModelSpec.from_config(cfg)
+    except (TypeError, ValueError, MelafastError) as e:
+        raise RunError(f"{model_files(path)[1]} is not a model config this melafast reads ({e})") from None
+    kw = {k: v for k, v in spec.model.items() if k != "arch"}
+    try:
+        model = MelanomaModel(spec.arch, pretrained=False, **kw)
         model.load_state_dict(state, strict=True)
     except (TypeError, RuntimeError) as e:
-        raise RunError(f"the weights in {path} do not fit its config ({cfg['arch']}): {str(e).splitlines()[0][:200]}") from None
+        raise RunError(f"the weights in {path} do not fit its config ({spec.arch}): {str(e).splitlines()[0][:200]}") from None
     return model.to(device).eval(), cfg
 
 

@@ -70,9 +70,9 @@ def _melanoma_probs(predictor, feats, meta_table: pd.DataFrame, precision=None) 
     from .inference import resolve_settings
 
     meta = torch.as_tensor(predictor.meta_proc.encode(meta_table), dtype=torch.float32, device=feats.device)
-    with torch.inference_mode(), resolve_settings(predictor.config, feats.device, precision).autocast():
+    with torch.inference_mode(), resolve_settings(predictor.spec, feats.device, precision).autocast():
         logits = predictor.model.classify(feats, meta).float()
-    return torch.softmax(logits, dim=-1)[:, predictor.config["pos"]].cpu().numpy()
+    return torch.softmax(logits, dim=-1)[:, predictor.spec.pos].cpu().numpy()
 
 
 def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, seed: int = 0, bs: int = 64,

@@ -41,8 +41,8 @@ def _export_one(predictor, path: Path, opset: int):
 
     model = predictor.model.float().eval()
     model.channels_last = False
-    size, proc = int(predictor.config["size"]), predictor.meta_proc
-    wrapper = _Probability(model, int(predictor.config["pos"]), proc is not None).eval()
+    size, proc = int(predictor.spec.size), predictor.meta_proc
+    wrapper = _Probability(model, int(predictor.spec.pos), proc is not None).eval()
     image = torch.rand(2, 3, size, size)
     args = (image, torch.zeros(2, proc.n_features)) if proc is not None else (image,)
     names = ["image", "meta"] if proc is not None else ["image"]
@@ -57,9 +57,8 @@ def _export_one(predictor, path: Path, opset: int):
 def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> Path:
     """Export every fold model of `run` to the new (or empty) folder `out`, check each with `onnx.checker` and
     against torch on random inputs, and write the manifest `melafast.onnx` reads. Returns `out`."""
-    from .data import EXTRA_CONT_NAMES
-    from .data.meta import PATIENT_SUFFIXES
     from .inference import load_predictor
+    from .inference.inputs import upload_refusal
     from .onnx import MANIFEST
     from .runfolder import RunFolder
 
@@ -73,32 +72,25 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MelafastError(f"{out} exists and is not an empty folder: export into a new one")
     predictors = [load_predictor(d) for d in dirs]
-    for p in predictors:
-        proc = p.meta_proc
-        if proc is not None and any(c.endswith(PATIENT_SUFFIXES) for c in proc.cont_names):
-            raise MelafastError(f"{run} was trained with --patient-features, computed over each patient's other "
-                                "lesions in the table: the exported runtime does not compute them; export a run "
-                                "trained without it")
-        if proc is not None and any(c in EXTRA_CONT_NAMES for c in proc.cont_names):
-            raise MelafastError(f"{run} was trained with --extra-meta, whose features are computed over the whole "
-                                "table and its files: the exported runtime does not compute them; export a run "
-                                "trained without it")
+    why = upload_refusal(predictors, "the exported runtime")
+    if why:
+        raise MelafastError(why)
     out.mkdir(parents=True, exist_ok=True)
     models = []
     for d, p in zip(dirs, predictors):
-        fold = p.config.get("fold", len(models))
+        fold = (p.spec.fold if p.spec.fold is not None else len(models))
         path = out / f"fold{fold}.onnx"
         args, wrapper = _export_one(p, path, opset)
         diff = _check_against_torch(path, wrapper, args)
         log(f"exported {d} to {path} (opset {opset}); onnxruntime vs torch on random inputs: max difference "
             f"{diff:.1e}")
-        models.append(dict(file=path.name, fold=fold, size=int(p.config["size"]), pos=int(p.config["pos"]),
-                           meta_proc=p.config["meta_proc"] if p.config.get("meta") else None,
-                           validated_precision=p.config.get("precision"), arch=p.config.get("arch")))
+        models.append(dict(file=path.name, fold=fold, size=int(p.spec.size), pos=int(p.spec.pos),
+                           meta_proc=p.spec.meta_proc if p.spec.meta else None,
+                           validated_precision=p.spec.precision, arch=p.spec.arch))
     from .data.tables import _HOLES, _SEXES
 
     manifest = dict(format=1, run=str(folder.path.resolve()), tta=folder.tta, blend="mean of the fold models", opset=opset,
-                    models=models, operating_point=folder.operating_point(),
+                    models=models, operating_point=point.to_dict() if (point := folder.operating_point()) else None,
                     metadata_rules=dict(holes=sorted(_HOLES), sexes=_SEXES),
                     exported=datetime.datetime.now().isoformat(timespec="seconds"),
                     note="fp32 graphs; runs validated in bf16/fp16 on a GPU differ from them by that precision")

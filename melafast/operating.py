@@ -201,7 +201,7 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
         table = operating_table(oof["target"], oof["pred"], oof["fold"], groups, [goal["name"]], prevalence, n_boot)
     mine = table[table["operating point"] == goal["name"]]
     rows = mine.to_dict("records")
-    settings = folder.settings if folder.config_file.is_file() else {}
+    meta = folder.train_config().meta if folder.config_file.is_file() else None
     point = dict(operating_point=goal["name"], goal=goal["label"], threshold=float(mine["threshold"].iloc[0]),
                  rule=VOTE_RULE, chosen_on=f"{len(oof)} out-of-fold images ({int(oof['target'].sum())} melanomas), "
                  f"each scored by the fold model that did not train on it, TTA x{folder.tta}",
@@ -209,10 +209,9 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
                  crossfit=_by_measure(rows, lambda r: None if r["cross-fitted"] is None else
                                       dict(value=r["cross-fitted"], lo=r["lo"], hi=r["hi"])),
                  in_sample=_by_measure(rows, lambda r: r["in-sample (optimistic)"]),
-                 fold_thresholds=mine["fold thresholds"].iloc[0] or None, meta=settings.get("meta"),
+                 fold_thresholds=mine["fold thresholds"].iloc[0] or None, meta=meta,
                  saved=datetime.datetime.now().isoformat(timespec="seconds"))
-    folder.write_operating_point(point)
-    return point
+    return folder.write_operating_point(point)
 
 
 def _by_measure(rows, value) -> dict:
@@ -236,14 +235,13 @@ def vote(per_model, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     return (2 * votes >= len(per_model)).astype(np.int8), votes
 
 
-def decide(point: dict, per_model) -> tuple[np.ndarray, np.ndarray]:
-    """(0/1 decisions, votes) of a saved operating point from each fold model's probabilities: the vote of
-    `VOTE_RULE` for a point chosen on out-of-fold scores, the fold mean against the threshold (`ENSEMBLE_RULE`) for
-    one chosen on a calibration set (`"scale": "ensemble"`). `votes` is the number of models at or above it."""
-    decision, votes = vote(per_model, point["threshold"])
-    if point.get("scale") == "ensemble":
-        decision = (np.mean(np.asarray(per_model, dtype=np.float64), axis=0) >= point["threshold"]).astype(np.int8)
-    return decision, votes
+def decide(point, per_model) -> tuple[np.ndarray, np.ndarray]:
+    """(0/1 decisions, votes) of a saved operating point (an `OperatingPoint` or its dict) from each fold model's
+    probabilities: the vote of `VOTE_RULE` for a point chosen on out-of-fold scores, the fold mean against the
+    threshold (`ENSEMBLE_RULE`) for one chosen on a calibration set. `votes` is the number of models at or above it."""
+    from .record import OperatingPoint
+
+    return (point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point)).decide(per_model)
 
 
 def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataFrame | None = None,
@@ -323,11 +321,11 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
                  calibration=dict(source=str(data) if data is not None else "a table", images=len(table),
                                   melanomas=n_mel, folds=folds,
                                   patients=int(groups.nunique()) if groups is not None else len(table)),
-                 meta=(folder.settings if folder.config_file.is_file() else {}).get("meta"),
+                 meta=folder.train_config().meta if folder.config_file.is_file() else None,
                  saved=datetime.datetime.now().isoformat(timespec="seconds"))
-    folder.write_operating_point(point)
-    cf = point["crossfit"]
-    log(f"operating point {goal['name']} ({goal['label']}) on the fold mean: threshold {point['threshold']:.4f}; "
+    point = folder.write_operating_point(point)
+    cf = point.crossfit
+    log(f"operating point {goal['name']} ({goal['label']}) on the fold mean: threshold {point.threshold:.4f}; "
         f"cross-fitted on the calibration set: sensitivity {cf['sensitivity']['value']:.3f} "
         f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}), specificity "
         f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}); "

@@ -56,12 +56,12 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.nd
             "votes": pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64")}
     cols["decision"][ok], cols["votes"][ok] = decision, votes
     cols["decision"][~ok], cols["votes"][~ok] = pd.NA, pd.NA
-    cf = point["crossfit"]
+    cf = point.crossfit
     how = ("it was not cross-fitted (one fold)" if cf.get("sensitivity") is None else
            f"cross-fitted it reached sensitivity {cf['sensitivity']['value']:.3f} and specificity "
            f"{cf['specificity']['value']:.3f} on the run's out-of-fold images")
-    log(f"decision (1: melanoma) at the run's operating point {point['operating_point']} ({point['goal']}, threshold "
-        f"{point['threshold']:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point['rule']}; "
+    log(f"decision (1: melanoma) at the run's operating point {point.operating_point} ({point.goal}, threshold "
+        f"{point.threshold:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point.rule}; "
         f"{how}")
     return pred, cols
 
@@ -150,11 +150,7 @@ def predict_images(run, images, meta=None, tta: int | None = None, out="preds.cs
     if tta is not None:
         dihedral_views(tta)
     RunFolder(run).model_dirs()
-    df = image_table(images, meta).reset_index(drop=True)
-    if meta is not None:
-        known = df[["sex", "age_approx", "anatom_site_general_challenge"]].notna().any(axis=1)
-        log(f"metadata for {int(known.sum())} of {len(df)} images" + ("" if known.all() else
-            "; the others are predicted as of unknown sex, age and site"))
+    df = image_table(images, meta).reset_index(drop=True)  # images without metadata are counted where they are scored
     ok = _usable(df, on_bad_image, log)
     pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
     _write_preds(df, pred, ok, run, out, decisions)

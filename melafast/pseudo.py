@@ -58,7 +58,7 @@ def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9,
         raise DataError(f"none of the test images in {data} can be read: nothing to pseudo-label")
     predictor = load_predictor(folder.path)
     models = getattr(predictor, "predictors", [predictor])
-    folds = [m.config.get("fold") for m in models]
+    folds = [m.spec.fold for m in models]
     if None in folds or len(set(folds)) != len(folds):
         raise MelafastError(f"{run} is not a run of fold models (its models do not name distinct folds): pseudo-labels "
                             "are made fold by fold")

@@ -176,18 +176,18 @@ def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[
     return "\n".join(text), table
 
 
-def _saved_point(point: dict) -> str:
-    cf = point["crossfit"]
+def _saved_point(point) -> str:
+    cf = point.crossfit
     where = (" on the calibration set (each patient-grouped part of it judged by a threshold chosen on the others)"
-             if point.get("scale") == "ensemble" else "")
+             if point.scale == "ensemble" else "")
     how = ("It could not be cross-fitted (one fold)." if cf["sensitivity"] is None else
            f"Cross-fitted{where}, a threshold chosen this way reaches sensitivity {cf['sensitivity']['value']:.3f} "
            f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and specificity "
            f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}).")
-    return (f'<h3>Saved operating point: {html.escape(point["goal"])}</h3>' + _p(
-        f"Threshold {point['threshold']:.4f} on the melanoma probability, chosen on {point['chosen_on']}; saved in "
+    return (f'<h3>Saved operating point: {html.escape(point.goal)}</h3>' + _p(
+        f"Threshold {point.threshold:.4f} on the melanoma probability, chosen on {point.chosen_on}; saved in "
         f"threshold.json. {how} `melafast predict` and `load_predictor(run).predict_frame` add a decision column: "
-        f"{point['rule']}." + ("" if point.get("scale") == "ensemble" else
+        f"{point.rule}." + ("" if point.scale == "ensemble" else
         " A point chosen on out-of-fold scores is carried to the fold ensemble by this vote, and what it reaches on "
         "new patients moves with the few low-scored melanomas of the CV it was chosen on; with labelled patients "
         "the run never saw, `melafast calibrate` chooses it on predict's own scale instead.")))
@@ -277,8 +277,8 @@ def _errors(models, df, figdir, n_errors, bs, num_workers, device, precision=Non
     from .inference import resolve_settings
     from .plots import plot_cam_grid
 
-    used = sorted({resolve_settings(m.config, device, precision).describe() for m in models.values()}) or ["fp32"]
-    layers = sorted({describe_cam_layer(m.model, m.config.get("size")) for m in models.values()})
+    used = sorted({resolve_settings(m.spec, device, precision).describe() for m in models.values()}) or ["fp32"]
+    layers = sorted({describe_cam_layer(m.model, m.spec.size) for m in models.values()})
     chosen = galleries(df, n_errors)
     parts = [_p("The melanomas scored lowest and the lesions scored highest that are not melanomas, one image per "
                 + ("lesion" if "lesion_id" in df.columns else "patient") + " (its most extreme), grouped by diagnosis "
@@ -310,7 +310,7 @@ def _fold_models(run: RunFolder) -> dict:
     models = {}
     for d in run.model_dirs():
         p = load_predictor(d)
-        models[int(p.config.get("fold", len(models)))] = p
+        models[int((p.spec.fold if p.spec.fold is not None else len(models)))] = p
     return models
 
 
@@ -326,7 +326,7 @@ def _cams(models, rows, device, precision=None) -> tuple[list, list, str]:
         s, img, meta = model_batch(p, part, device, precision)
         try:
             with s.autocast():
-                cams = grad_cam(p.model, img, meta, p.config["pos"])
+                cams = grad_cam(p.model, img, meta, p.spec.pos)
         except MelafastError as e:
             cams, note = np.zeros(img.shape[:1] + img.shape[2:]), f"no Grad-CAM: {e}"
         pixels = (img.permute(0, 2, 3, 1).clamp(0, 1) * 255).byte().cpu().numpy()
@@ -395,7 +395,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
         from .operating import save_operating_point
 
         point = save_operating_point(folder, operating_point, prevalence, n_boot, table=table)
-        log(f"saved operating point {point['operating_point']} (threshold {point['threshold']:.4f}) to "
+        log(f"saved operating point {point.operating_point} (threshold {point.threshold:.4f}) to "
             f"{folder.operating_point_file}: `melafast predict` adds a decision column from it")
         sections["curves"] += _saved_point(point)
     sections["calibration"] = _calibration(config, df, figdir)

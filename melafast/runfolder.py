@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import write_csv, write_json
-from .errors import RunError
+from .errors import MelafastError, RunError
 
 __all__ = ["RunFolder", "RUN_FORMAT", "MODEL_WEIGHTS", "MODEL_CONFIG", "model_files", "is_model_dir"]
 
@@ -189,8 +189,8 @@ class RunFolder:
     def tta(self) -> int:
         """The dihedral TTA the run scored its out-of-fold predictions with (8 when not recorded)."""
         try:
-            return int(json.loads(self.config_file.read_text())["settings"]["tta"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return int(self.train_config().tta)
+        except (RunError, MelafastError, OSError, ValueError, TypeError):
             return 8
 
     def results(self) -> dict:
@@ -210,15 +210,23 @@ class RunFolder:
                            "it with --resume)")
         return pd.read_csv(self.oof_file, dtype={"image_name": str})
 
-    def operating_point(self) -> dict | None:
-        """threshold.json: the saved operating point (None when the run has none)."""
+    def operating_point(self):
+        """threshold.json: the saved `OperatingPoint` (None when the run has none)."""
+        from .record import OperatingPoint
+
         if not self.operating_point_file.is_file():
             return None
         try:
-            return json.loads(self.operating_point_file.read_text())
+            return OperatingPoint.from_dict(json.loads(self.operating_point_file.read_text()))
         except ValueError as e:
             raise RunError(f"{self.operating_point_file} is damaged ({e}): save it again with `melafast report "
                            "--operating-point`") from None
+
+    def train_config(self):
+        """The run's training settings as a `TrainConfig` (settings it predates get the value then in effect)."""
+        from .config import TrainConfig
+
+        return TrainConfig.from_saved(self.settings)
 
     def audit(self) -> pd.DataFrame | None:
         """The shortcut audit's table: audit.csv from `melafast audit`, else the one the report's section saved
@@ -236,6 +244,12 @@ class RunFolder:
         """The config.json of fold `k`'s model folder."""
         return json.loads((self.fold_dir(k) / MODEL_CONFIG).read_text())
 
+    def fold_spec(self, k: int):
+        """Fold `k`'s model as a typed `ModelSpec`."""
+        from .record import ModelSpec
+
+        return ModelSpec.from_config(self.fold_config(k))
+
     def finished_folds(self) -> tuple[list, list, dict]:
         """Out-of-fold rows, metric rows and kept epochs of the folds this run already completed (for resuming)."""
         if not (self.oof_file.is_file() and self.metrics_file.is_file()):
@@ -248,8 +262,9 @@ class RunFolder:
                 continue
             oofs.append(rows)
             mets.append(metrics[metrics["fold"] == k])
-            fold_cfg = json.loads(cfg.read_text())
-            kept[int(k)] = fold_cfg.get("kept_epoch", fold_cfg.get("best_epoch"))  # best_epoch: saved before --keep
+            from .record import ModelSpec
+
+            kept[int(k)] = ModelSpec.from_config(json.loads(cfg.read_text())).kept_epoch
         return oofs, mets, kept
 
     # ----------------------------------------------------------------------------------------------
@@ -267,8 +282,13 @@ class RunFolder:
     def write_metrics(self, metrics: pd.DataFrame):
         write_csv(metrics, self.metrics_file)
 
-    def write_operating_point(self, point: dict):
-        write_json(point, self.operating_point_file)
+    def write_operating_point(self, point):
+        "Write an `OperatingPoint` (or its dict) to threshold.json; returns the `OperatingPoint`."
+        from .record import OperatingPoint
+
+        point = point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point)
+        write_json(point.to_dict(), self.operating_point_file)
+        return point
 
     def write_skipped(self, bad: pd.DataFrame):
         write_csv(bad, self.skipped_file)

@@ -273,7 +273,7 @@ def _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision) -> np.n
     if len(runs) != 1:
         raise MelafastError("--stack goes with one --run: the run `melafast stack` was fitted on")
     predictor, preds = _model_preds(runs[0], test[ok], tta, bs, num_workers, None, log, precision)
-    folds = [int(m.config.get("fold", i)) for i, m in enumerate(getattr(predictor, "predictors", [predictor]))]
+    folds = [int((m.spec.fold if m.spec.fold is not None else i)) for i, m in enumerate(getattr(predictor, "predictors", [predictor]))]
     out = fill_unusable(stack_predict(runs[0], test[ok].reset_index(drop=True), dict(zip(folds, preds)), data), ok)
     log(f"stacked: the trees of {runs[0]} on the test table and each fold model's image scores")
     return out

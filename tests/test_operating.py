@@ -131,7 +131,7 @@ def test_report_saves_the_operating_point_and_predict_decides_with_it(run, sampl
 
 def test_save_operating_point_from_the_library_and_bad_input(run):
     point = save_operating_point(run, "spec95", n_boot=50)
-    assert point["goal"] == "specificity >= 95%" and (run / "threshold.json").is_file()
+    assert point.goal == "specificity >= 95%" and (run / "threshold.json").is_file()
     for args, msg in ((["--operating-point", "sens101"], "unknown operating point 'sens101'"),
                       (["--operating-point", "best"], "unknown operating point 'best'"),
                       (["--prevalence", "1.5"], "--prevalence must be between 0 and 1")):

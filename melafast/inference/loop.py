@@ -9,21 +9,24 @@ import pandas as pd
 import torch
 
 from ..tta import dihedral_view, dihedral_views
+from .inputs import model_table
 from .settings import _prepare, default_device, resolve_settings
 
 __all__ = ["predict_probs_multi", "predict_probs", "predict_many", "image_features", "model_batch"]
 
 
 def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_inp: int | None = None,
-                        progress: bool = True, blanks=None):
+                        progress: bool = True, blanks=None, patterns=None):
     """Class probabilities of several models over one pass of `dl` (each batch decoded once, each view made once).
 
     `dl` yields `(image, [meta], *targets)` with `n_inp` inputs (default `dl.n_inp`); model `i` gets
     `meta[:, meta_slices[i]]`, or the image only when `meta_slices[i]` is None. `amp_dtype` is one autocast dtype
     for all models or a list (None: fp32). Returns one (N, n_out_i) tensor per model, averaged over `n` dihedral
     views (kept on the device until the end: no sync per batch). With `blanks` (one `MetaProcessor` or None per
-    model) it returns a second list too: the same models with every patient field blanked, from the same image
-    features, as for a patient who comes without metadata.
+    model) it returns a second list too: the same models with patient fields blanked, from the same image features,
+    as for a patient who comes without them. `patterns` (a list of column lists; None in it or by default: every
+    patient field) says which fields; then each item of the second list is one tensor per pattern (None for a model
+    without metadata), else one tensor.
     """
     from ..progress import progress as shown
 
@@ -32,16 +35,18 @@ def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_i
     device = next(models[0].parameters()).device
     amps = amp_dtype if isinstance(amp_dtype, (list, tuple)) else [amp_dtype] * len(models)
     blanks = blanks or [None] * len(models)
+    pats = list(patterns) if patterns is not None else [None]
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    outs, blank_outs = [[] for _ in models], [[] for _ in models]
+    outs, blank_outs = [[] for _ in models], [[[] for _ in pats] for _ in models]
     try:
         with torch.inference_mode():
             for batch in shown(dl, total=len(dl), label=f"TTA x{len(views)}", size=lambda b: len(b[0]),
                                display=progress):
                 img, *rest = [b.to(device, non_blocking=True) for b in batch[:n_inp]]
-                totals, blank_totals = [0.0] * len(models), [0.0] * len(models)
+                totals = [0.0] * len(models)
+                blank_totals = [[0.0] * len(pats) for _ in models]
                 for k in views:
                     view = dihedral_view(img, k)
                     for i, (m, sl, amp, proc) in enumerate(zip(models, meta_slices, amps, blanks)):
@@ -49,20 +54,23 @@ def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_i
                             meta = None if sl is None else rest[0][:, sl]
                             feats = m.image_features(view)
                             totals[i] = totals[i] + torch.softmax(m.classify(feats, meta).float(), dim=-1)
-                            if proc is not None:
-                                blank = m.classify(feats, proc.blank(meta.as_subclass(torch.Tensor)))
-                                blank_totals[i] = blank_totals[i] + torch.softmax(blank.float(), dim=-1)
+                            for j, cols in enumerate(pats if proc is not None else ()):
+                                blank = m.classify(feats, proc.blank(meta.as_subclass(torch.Tensor), cols))
+                                blank_totals[i][j] = blank_totals[i][j] + torch.softmax(blank.float(), dim=-1)
                 for i in range(len(models)):
                     outs[i].append(totals[i] / len(views))
                     if blanks[i] is not None:
-                        blank_outs[i].append(blank_totals[i] / len(views))
+                        for j in range(len(pats)):
+                            blank_outs[i][j].append(blank_totals[i][j] / len(views))
     finally:
         for m, t in zip(models, was_training):
             m.train(t)
     probs = [torch.cat(o).cpu() if o else torch.zeros(0, 0) for o in outs]
     if not any(b is not None for b in blanks):
         return probs
-    return probs, [torch.cat(o).cpu() if o else None for o in blank_outs]
+    blanked = [[torch.cat(o).cpu() if o else None for o in per] if b is not None else None
+               for per, b in zip(blank_outs, blanks)]
+    return probs, (blanked if patterns is not None else [None if b is None else b[0] for b in blanked])
 
 
 def predict_probs(model, dl, n: int = 8, amp_dtype=None, n_inp: int | None = None, progress: bool = True) -> torch.Tensor:
@@ -75,65 +83,54 @@ def predict_probs(model, dl, n: int = 8, amp_dtype=None, n_inp: int | None = Non
                                n_inp=n_inp, progress=progress)[0]
 
 
-def _table_for(predictors, df: pd.DataFrame) -> pd.DataFrame:
-    "The rows to predict, with the extra metadata features computed over them when a model was trained with them."
-    from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features, clean_columns, clean_metadata
-
-    procs = [p.meta_proc for p in predictors if p.meta_proc is not None]
-    if any(c in EXTRA_CONT_NAMES and c not in df.columns for proc in procs for c in proc.cont_names):
-        df = add_meta_features(df)  # the models were trained with them: compute them over this table
-        for p in predictors:
-            check_file_features(p.config, df)
-    from ..data.meta import PATIENT_SUFFIXES, add_patient_features
-
-    df = clean_metadata(df)
-    cats = list(dict.fromkeys(c for proc in procs for c in proc.cat_names))
-    conts = list(dict.fromkeys(c for proc in procs for c in proc.cont_names
-                               if c not in EXTRA_CONT_NAMES and not c.endswith(PATIENT_SUFFIXES)))
-    df = clean_columns(df, cats, conts)  # declared columns (--cat/--cont) as training read them
-    relative = list(dict.fromkeys(c[: -len(s)] for proc in procs for c in proc.cont_names for s in PATIENT_SUFFIXES
-                                  if c.endswith(s)))
-    return add_patient_features(df, relative) if relative else df  # over the predicted table, as training did
-
-
 def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64, num_workers: int | None = None,
-                 device=None, progress: bool = True, precision: str | None = None, log=None, blank: bool = False):
+                 device=None, progress: bool = True, precision: str | None = None, log=None, blank=False,
+                 prepared: bool = False):
     """Melanoma probabilities of every predictor for the rows of `df` (one array each), decoding each image once
     per input size rather than once per model: the fold models of a run share one pass over the images.
 
     Each model runs with the precision and memory layout it was validated with (see `resolve_settings`);
     `precision` overrides them. `log` receives a line when a model cannot run as validated (default: a warning).
     With `blank=True` it returns a second list from the same pass: each model's probabilities with every patient
-    field blanked (None for an image-only model), as `train` scores its out-of-fold rows without metadata.
+    field blanked (None for an image-only model), as `train` scores its out-of-fold rows without metadata. With
+    `blank` a dict (name -> the columns to blank, None for every patient field), the second item is a dict instead:
+    name -> one array per model, each missing-field pattern scored from the same image features. `prepared`: `df`
+    is already a `model_table` of these predictors.
     """
     from ..data import MetaStack, inference_dl
 
-    df = _table_for(predictors, df)
+    patterns = dict(blank) if isinstance(blank, dict) else ({"all": None} if blank else {})
+    df = df if prepared else model_table(predictors, df)
     device = torch.device(device) if device is not None else default_device()
-    out, out_blank = [None] * len(predictors), [None] * len(predictors)
+    out = [None] * len(predictors)
+    out_blank = {name: [None] * len(predictors) for name in patterns}
     notes = []
-    for size in sorted({p.config["size"] for p in predictors}):
-        idx = [i for i, p in enumerate(predictors) if p.config["size"] == size]
+    for size in sorted({p.spec.size for p in predictors}):
+        idx = [i for i, p in enumerate(predictors) if p.spec.size == size]
         stack = MetaStack([predictors[i].meta_proc for i in idx])
         dl = inference_dl(df, size, stack if stack.procs else None, bs=bs, num_workers=num_workers, device=device)
         amps = []
         for i in idx:
-            s = resolve_settings(predictors[i].config, device, precision)
+            s = resolve_settings(predictors[i].spec, device, precision)
             _prepare(predictors[i].model, s)
             amps.append(s.amp_dtype)
             if s.note and s.note not in notes:
                 notes.append(s.note)
-        procs = [predictors[i].meta_proc for i in idx] if blank else None
+        procs = [predictors[i].meta_proc for i in idx] if patterns else None
         probs = predict_probs_multi([predictors[i].model for i in idx], dl, stack.slices, n=tta, amp_dtype=amps,
-                                    progress=progress, blanks=procs if procs and any(procs) else None)
+                                    progress=progress, blanks=procs if procs and any(procs) else None,
+                                    patterns=list(patterns.values()) if patterns else None)
         probs, blanked = probs if isinstance(probs, tuple) else (probs, [None] * len(idx))
         for i, pr, pb in zip(idx, probs, blanked):
-            pos = predictors[i].config["pos"]
+            pos = predictors[i].spec.pos
             out[i] = pr[:, pos].numpy().astype(np.float64)
-            out_blank[i] = None if pb is None else pb[:, pos].numpy().astype(np.float64)
+            for j, name in enumerate(patterns):
+                out_blank[name][i] = None if pb is None else pb[j][:, pos].numpy().astype(np.float64)
     for note in notes:
         _say(note, log, RuntimeWarning)
-    return (out, out_blank) if blank else out
+    if not blank:
+        return out
+    return out, (out_blank if isinstance(blank, dict) else out_blank["all"])
 
 
 def _say(msg: str, log=None, category=UserWarning, stacklevel: int = 3):
@@ -150,9 +147,9 @@ def image_features(predictor, df: pd.DataFrame, bs: int = 64, num_workers: int |
     from ..data import inference_dl
     from ..progress import progress as shown
 
-    s = resolve_settings(predictor.config, device, precision)
+    s = resolve_settings(predictor.spec, device, precision)
     model = _prepare(predictor.model, s)
-    dl = inference_dl(df, predictor.config["size"], None, bs=bs, num_workers=num_workers, device=s.device)
+    dl = inference_dl(df, predictor.spec.size, None, bs=bs, num_workers=num_workers, device=s.device)
     feats = []
     with torch.inference_mode(), s.autocast():
         for (img,) in shown(dl, total=len(dl), label=label, size=lambda b: len(b[0]), display=progress):
@@ -166,9 +163,9 @@ def model_batch(predictor, df: pd.DataFrame, device=None, precision: str | None 
     `settings.autocast()`."""
     from ..data import inference_dl
 
-    s = resolve_settings(predictor.config, device, precision)
+    s = resolve_settings(predictor.spec, device, precision)
     _prepare(predictor.model, s)
-    dl = inference_dl(df, predictor.config["size"], predictor.meta_proc, bs=len(df), num_workers=0, device=s.device)
+    dl = inference_dl(df, predictor.spec.size, predictor.meta_proc, bs=len(df), num_workers=0, device=s.device)
     batch = next(iter(dl))
     img = batch[0].as_subclass(torch.Tensor).to(s.device)
     return s, img, (batch[1].to(s.device) if len(batch) > 1 else None)

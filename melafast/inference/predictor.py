@@ -19,19 +19,17 @@ class MissingMetadataWarning(UserWarning):
     """Images predicted without any patient metadata, through the model's missing-metadata path."""
 
 
-def _no_metadata_note(predictors, df: pd.DataFrame, figures: dict) -> str | None:
-    "What to tell a user whose images come without any patient metadata, or None when all have some."
-    from ..data import EXTRA_CONT_NAMES
+def _no_metadata_note(predictors, table: pd.DataFrame, figures: dict) -> str | None:
+    """What to tell a user whose images come without any patient metadata (rows of a `model_table` that the models
+    route to their missing-metadata path), or None when all have some."""
+    from .inputs import no_metadata
 
     procs = [p.meta_proc for p in predictors if p.meta_proc is not None]
-    if not procs or df.empty:
-        return None
-    # what a user gives (sex, age, site, ...), not what melafast computes from the table and the files
-    fields = list(dict.fromkeys(c for p in procs for c in p.patient_columns if c not in EXTRA_CONT_NAMES))
-    present = [c for c in fields if c in df.columns]
-    none = df[present].isna().all(axis=1) if present else pd.Series(True, index=df.index)
+    none = no_metadata(predictors, table)
     if not none.any():
         return None
+    # what a user gives (sex, age, site, ...), not what melafast computes from the table and the files
+    fields = list(dict.fromkeys(c for p in procs for c in p.given_columns))
     with_meta, without = figures.get("auc"), figures.get("auc_no_meta")
     scope = figures.get("scope", "out-of-fold")
     how = (f"it scored AUC {without:.4f} {scope} with every field blanked ({with_meta:.4f} with its metadata)"
@@ -43,7 +41,7 @@ def _no_metadata_note(predictors, df: pd.DataFrame, figures: dict) -> str | None
     else:
         trained = ("it was trained for it (metadata dropout {:.2f})".format(dropout) if dropout else
                    "it learned that path only from the training rows that had holes (no metadata dropout)")
-    return (f"{int(none.sum())} of {len(df)} images have no metadata ({', '.join(fields)}): they are predicted through "
+    return (f"{int(none.sum())} of {len(table)} images have no metadata ({', '.join(fields)}): they are predicted through "
             f"the model's missing-metadata path; {trained}; {how}")
 
 
@@ -52,23 +50,24 @@ class Predictor:
     """A trained melanoma model, ready to predict new images (a folder, paths, or a DataFrame with `fname`)."""
 
     model: torch.nn.Module  # the rebuilt MelanomaModel, in eval mode
-    config: dict  # the fold's config.json
+    config: dict  # the fold's config.json, as read
 
-    @property
-    def meta_proc(self):
-        from ..data import MetaProcessor
+    def __post_init__(self):
+        from ..record import ModelSpec
 
-        return MetaProcessor.from_dict(self.config["meta_proc"]) if self.config["meta"] else None
+        self.spec = ModelSpec.from_config(self.config)  # the typed record every surface reads
+        self.meta_proc = self.spec.meta_processor  # the fitted metadata encoding (None for an image-only model)
 
     @property
     def tta(self) -> int:
         """The dihedral TTA the run scored this model with (8 for models saved before it was recorded)."""
-        return int(self.config.get("tta", 8))
+        return int(self.spec.tta)
 
     @property
     def figures(self) -> dict:
-        return dict(auc=self.config.get("valid_auc"), auc_no_meta=self.config.get("valid_auc_no_meta"),
-                    meta_dropout=self.config.get("meta_dropout"), scope="on its validation fold")
+        s = self.spec
+        scope = "on its validation fold" + (", at the epoch chosen on it (optimistic)" if s.keep == "best" else "")
+        return dict(auc=s.valid_auc, auc_no_meta=s.valid_auc_no_meta, meta_dropout=s.meta_dropout, scope=scope)
 
     def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
@@ -91,7 +90,7 @@ class RunPredictor:
     path: Path  # the run folder
     tta: int = 8  # the dihedral TTA the run was made with
     figures: dict | None = None  # the run's OOF AUC with and without metadata, and its metadata dropout
-    operating_point: dict | None = None  # the run's threshold.json (`melafast report --operating-point`), if any
+    operating_point: object = None  # the run's saved `OperatingPoint` (`melafast report --operating-point`), if any
 
     def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
@@ -120,8 +119,6 @@ class RunPredictor:
         was chosen on (one model's scores, not the fold mean), melanoma when at least half say so; chosen on a
         calibration set, the fold mean against it. `log` (or a warning) is told when `tta`/`precision` differ from
         what chose it."""
-        from ..operating import decide
-
         point = self.operating_point
         if point is None:
             raise RunError(f"{self.path} has no saved operating point: choose one with `melafast report --run "
@@ -129,23 +126,24 @@ class RunPredictor:
         if len(per_model) != len(self.predictors):
             raise ValueError(f"decide needs one prediction array per fold model ({len(self.predictors)}), "
                              f"got {len(per_model)}")
-        if (tta and tta != point.get("tta")) or precision:
-            _say(f"the operating point {point['operating_point']} was chosen on scores made with TTA "
-                 f"x{point.get('tta')} in each model's validated precision; these use "
+        if (tta and tta != point.tta) or precision:
+            _say(f"the operating point {point.operating_point} was chosen on scores made with TTA "
+                 f"x{point.tta} in each model's validated precision; these use "
                  f"{'TTA x' + str(tta) if tta else 'the same TTA'}{', precision ' + precision if precision else ''}: "
                  "its figures may not hold", log, UserWarning, stacklevel=3)
-        return decide(point, per_model)
+        return point.decide(per_model)
 
 
 def _predict(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
     from ..data import image_table
+    from .inputs import model_table
 
-    df = image_table(images, meta)
-    note = _no_metadata_note(predictors, df, figures)
+    table = model_table(predictors, image_table(images, meta))
+    note = _no_metadata_note(predictors, table, figures)
     if note:
         _say(note, log, MissingMetadataWarning, stacklevel=4)  # at the line that called .predict
-    return predict_many(predictors, df, tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress,
-                        precision=precision, log=log)
+    return predict_many(predictors, table, tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress,
+                        precision=precision, log=log, prepared=True)
 
 
 def load_predictor(path, device="cpu"):
@@ -164,8 +162,12 @@ def load_predictor(path, device="cpu"):
     if run.config_file.is_file():
         run.config()  # a run folder of a newer format stops here, naming the version
     predictors = [Predictor(*load_model(d, device)) for d in run.model_dirs()]
-    results, settings = run.results(), (run.settings if run.config_file.is_file() else {})
-    figures = dict(auc=results.get("oof_auc"), auc_no_meta=results.get("oof_auc_no_meta"),
-                   meta_dropout=settings.get("meta_dropout"))
+    results = run.results()
+    dropout = run.train_config().meta_dropout if run.config_file.is_file() else None
+    # the figures of the models saved: with --keep best the kept epochs', chosen on the rows they score
+    chosen = results.get("oof_auc_selected") is not None
+    figures = dict(auc=results.get("oof_auc_selected" if chosen else "oof_auc"),
+                   auc_no_meta=results.get("oof_auc_no_meta"), meta_dropout=dropout,
+                   scope="out-of-fold, at the epochs kept on those rows (optimistic)" if chosen else "out-of-fold")
     return RunPredictor(predictors, run.path, run.tta, figures, run.operating_point())
 

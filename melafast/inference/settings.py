@@ -67,12 +67,12 @@ class Settings:
         return f"{self.precision}{', channels-last' if self.channels_last else ''} on {self.device.type}"
 
 
-def resolve_settings(config: dict, device=None, precision: str | None = None) -> Settings:
-    """The settings a saved model predicts with: the precision and memory layout its config records (what training
-    resolved to, and what its out-of-fold predictions were made with) where `device` can run them, else fp32;
-    `precision` (auto, bf16, fp16, fp32) overrides the recorded one."""
+def resolve_settings(spec, device=None, precision: str | None = None) -> Settings:
+    """The settings a saved model predicts with: the precision and memory layout its `ModelSpec` records (what
+    training resolved to, and what its out-of-fold predictions were made with) where `device` can run them, else
+    fp32; `precision` (auto, bf16, fp16, fp32) overrides the recorded one."""
     device = torch.device(device) if device is not None else default_device()
-    validated, layout = config.get("precision"), config.get("channels_last")
+    validated, layout = spec.precision, spec.channels_last
     channels_last = bool(layout) if layout is not None else device.type == "cuda"
     if precision is not None:
         chosen = resolve_precision(precision, device)

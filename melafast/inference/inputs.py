@@ -1,0 +1,83 @@
+"""The one metadata path: what a user gives (a table, a metadata CSV, a form's fields) -> the rows a run's models read.
+
+`predict`, `submit`, `calibrate`, `pseudo`, `serve` and the report all turn their input into model rows here, from the
+run's recorded columns and encoding, so the same patient gives the same vector on every surface; the ONNX runtime's
+numpy encoder is its twin (tests/test_surfaces.py checks them equal). Whether a row "has no patient metadata" is
+decided here by the rule the model routes by (`MetaProcessor.no_metadata`), and `predict`'s message counts with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["model_table", "no_metadata", "form_fields", "upload_refusal"]
+
+
+def _procs(predictors) -> list:
+    return [p.meta_proc for p in predictors if p.meta_proc is not None]
+
+
+def model_table(predictors, df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `df` as the models of `predictors` read them: metadata cleaned as training cleaned it (the 2020
+    columns and every declared `--cat`/`--cont` column), and the features training computed over its table computed
+    over this one (`--extra-meta`: images per patient and log file size; `--patient-features`: each value against
+    the same patient's other lesions)."""
+    from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features, clean_columns, clean_metadata
+    from ..data.meta import PATIENT_SUFFIXES, add_patient_features
+
+    procs = _procs(predictors)
+    if any(c in EXTRA_CONT_NAMES and c not in df.columns for proc in procs for c in proc.cont_names):
+        df = add_meta_features(df)  # the models were trained with them: computed over this table
+        for p in predictors:
+            check_file_features(p.spec, df)
+    df = clean_metadata(df)
+    cats = list(dict.fromkeys(c for proc in procs for c in proc.cat_names))
+    conts = list(dict.fromkeys(c for proc in procs for c in proc.cont_names
+                               if c not in EXTRA_CONT_NAMES and not c.endswith(PATIENT_SUFFIXES)))
+    df = clean_columns(df, cats, conts)  # declared columns (--cat/--cont) as training read them
+    relative = list(dict.fromkeys(c[: -len(s)] for proc in procs for c in proc.cont_names for s in PATIENT_SUFFIXES
+                                  if c.endswith(s)))
+    return add_patient_features(df, relative) if relative else df  # over the predicted table, as training did
+
+
+def no_metadata(predictors, table: pd.DataFrame) -> np.ndarray:
+    """Bool per row of a `model_table`: every field the user gives is missing, so a model with an image head scores
+    the row with it. All False for image-only models."""
+    import torch
+
+    procs = _procs(predictors)
+    if not procs or table.empty:
+        return np.zeros(len(table), dtype=bool)
+    return procs[0].no_metadata(torch.from_numpy(procs[0].encode(table))).numpy()
+
+
+def form_fields(predictors) -> list[dict]:
+    """The fields a form asks for, from what the run's models learned: each given column once, a categorical one with
+    the categories seen in training (every fold's), a continuous one as a number."""
+    out = {}
+    for proc in _procs(predictors):
+        for c in proc.given_columns:
+            if c in proc.cat_names:
+                f = out.setdefault(c, dict(name=c, kind="category", choices=[]))
+                f["choices"] = sorted(set(f["choices"]) | set(proc.vocab[c]))
+            else:
+                out.setdefault(c, dict(name=c, kind="number"))
+    return list(out.values())
+
+
+def upload_refusal(predictors, what: str) -> str | None:
+    """Why one image at a time (a web upload, an exported graph) cannot be scored as training scored it, or None:
+    `--patient-features` compare each lesion with the same patient's others in the table, and `--extra-meta` counts
+    the patient's images in the table and reads the file's size as the training files were made. `what` names the
+    surface."""
+    specs = [p.spec for p in predictors]
+    if any(s.patient_features for s in specs):
+        return (f"this run was trained with --patient-features, computed over each patient's other lesions in the "
+                f"table: {what} sees one image at a time and cannot compute them. Use `melafast predict` with the "
+                "whole table, or a run trained without --patient-features")
+    if any(s.extra_meta for s in specs):
+        return (f"this run was trained with --extra-meta (images per patient, counted over the table; log file size, "
+                f"which depends on how the files were made): {what} cannot compute them as training did. Use "
+                "`melafast predict` with the table and image files, or a run trained without --extra-meta")
+    return None

@@ -1,0 +1,134 @@
+"""The typed records a run folder holds, read and written next to `RunFolder`: a fold model's spec (what rebuilds the
+model and its inputs) and the saved operating point. Every surface (predict, submit, serve, export, calibrate, the
+report) reads these objects instead of the raw JSON; runs written by older melafast convert here, in one place.
+The training settings are `TrainConfig` (`RunFolder.train_config()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import RunError
+
+__all__ = ["ModelSpec", "OperatingPoint", "SCALES"]
+
+SCALES = ("model", "ensemble")  # an operating point's threshold applies to one fold model's score, or the fold mean
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One fold model's config.json as a typed record: the network, its inputs and how it was validated."""
+
+    arch: str  # timm architecture
+    size: int  # square input size in pixels
+    meta: bool  # the model takes a metadata vector
+    n_out: int  # classes
+    vocab: list  # class names, in output order
+    pos: int  # index of the melanoma class
+    model: dict  # MelanomaModel's keyword arguments (its `config`)
+    meta_proc: dict | None = None  # the fitted metadata encoding (MetaProcessor.to_dict), None without metadata
+    precision: str | None = None  # what training resolved to (None: saved before it was recorded)
+    channels_last: bool | None = None  # memory layout it was validated in (None: saved before it was recorded)
+    tta: int = 8  # dihedral TTA of its out-of-fold predictions (8 before it was recorded)
+    fold: int | None = None  # the fold it validated
+    keep: str = "last"  # which epoch it is: last, or best (chosen on its validation rows)
+    kept_epoch: object = None  # the epoch saved (an int, or "swa")
+    valid_auc: float | None = None  # AUC of this saved model on its validation fold (optimistic with keep best)
+    valid_auc_no_meta: float | None = None  # the same with every patient field blanked
+    meta_dropout: float = 0.0  # share of training rows whose patient fields were blanked
+    files: dict | None = None  # what --extra-meta's file features were computed on (`file_reference`)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as read (for its other fields)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelSpec":
+        """The spec of a model folder's config.json, from any format melafast wrote."""
+        kw = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name != "raw" and cfg[f.name] is not None}
+        if "kept_epoch" not in kw and cfg.get("best_epoch") is not None:  # saved before --keep: the best epoch
+            kw.update(kept_epoch=cfg["best_epoch"], keep="best")
+        model = dict(cfg["model"])
+        if model.get("blank_flags") and cfg.get("meta_proc"):
+            # the rows the image head scores: those whose every given field is missing, by the encoding's own rule
+            # (models saved before it counted n_images and patient-relative columns as given fields)
+            model["blank_flags"] = cls._proc(cfg["meta_proc"]).patient_flags() or model["blank_flags"]
+        kw["model"] = model
+        return cls(**kw, raw=cfg)
+
+    @staticmethod
+    def _proc(d):
+        from .data.meta import MetaProcessor
+
+        return MetaProcessor.from_dict(d)
+
+    @property
+    def meta_processor(self):
+        "The fitted `MetaProcessor` (None for an image-only model)."
+        return self._proc(self.meta_proc) if self.meta and self.meta_proc else None
+
+    @property
+    def image_head(self) -> bool:
+        "Rows without any patient field are scored by an image-only head."
+        return bool(self.model.get("blank_flags"))
+
+    @property
+    def extra_meta(self) -> bool:
+        "Trained with --extra-meta: features computed over the whole table and the image files."
+        from .data.meta import EXTRA_CONT_NAMES
+
+        return self.meta and any(c in EXTRA_CONT_NAMES for c in (self.meta_proc or {}).get("cont_names", []))
+
+    @property
+    def patient_features(self) -> bool:
+        "Trained with --patient-features: features computed over each patient's other lesions in the table."
+        from .data.meta import PATIENT_SUFFIXES
+
+        return self.meta and any(c.endswith(PATIENT_SUFFIXES) for c in (self.meta_proc or {}).get("cont_names", []))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """threshold.json: the operating point `predict`, `serve` and the exported runtime decide with."""
+
+    threshold: float  # on the melanoma probability
+    operating_point: str = "threshold"  # its name: sens90, spec95, threshold (one given by hand)
+    goal: str = ""  # what it aims at, in words
+    rule: str = ""  # how a decision is made from the fold models, in words
+    scale: str = "model"  # model: each fold model's score votes; ensemble: the fold mean against the threshold
+    tta: int | None = None  # the TTA of the scores it was chosen on
+    n_models: int | None = None  # fold models of the run when it was chosen
+    chosen_on: str = ""  # which rows chose it, in words
+    crossfit: dict = field(default_factory=dict)  # its figures where the threshold was not chosen
+    in_sample: dict = field(default_factory=dict)  # its figures on the rows that chose it (optimistic)
+    fold_thresholds: list | None = None  # the threshold each part's complement chose
+    prevalence: float | None = None  # the prevalence its predictive values are stated at
+    calibration: dict | None = None  # the calibration set, for a point chosen on one
+    meta: bool | None = None  # the run used metadata
+    saved: str | None = None  # when
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OperatingPoint":
+        """From threshold.json, any format melafast wrote (a point saved before `scale` existed is on the model
+        scale)."""
+        known = {f.name for f in fields(cls)}
+        try:
+            point = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+            object.__setattr__(point, "threshold", float(point.threshold))
+        except (TypeError, ValueError, AttributeError):
+            raise RunError(f"the saved operating point is not one melafast reads: {str(d)[:200]}") from None
+        if point.scale not in SCALES:
+            raise RunError(f"the saved operating point has scale {point.scale!r}; melafast knows {', '.join(SCALES)}")
+        return point
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def decide(self, per_model):
+        """(0/1 decisions, votes) from each fold model's probabilities (one array each): on the model scale the vote
+        of the fold models against the threshold (melanoma when at least half say so), on the ensemble scale the
+        fold mean against it. `votes` counts the models at or above the threshold."""
+        import numpy as np
+
+        scores = np.asarray(per_model, dtype=np.float64)
+        votes = (scores >= self.threshold).sum(axis=0)
+        if self.scale == "ensemble":
+            return (scores.mean(axis=0) >= self.threshold).astype(np.int8), votes
+        return (2 * votes >= len(scores)).astype(np.int8), votes
