@@ -226,11 +226,13 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     # each fold model's held-out predictions, in one pass over the images; their mean is what `submit` writes; for
     # a recipe with metadata the same pass also gives them with every field blanked (a patient without metadata)
     models = load_predictor(cfg.out).predictors
-    held, held_blank = predict_many(models, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False,
-                                    blank=True)
+    patterns = missing_patterns(models[0].meta_proc) if cfg.meta else {"none": None}
+    held, held_patterns = predict_many(models, hold, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False,
+                                       blank=patterns)
     row = dict(oof=oof["pred"].to_numpy(), held=held)
     if cfg.meta:  # train scored its OOF rows without metadata too, as `pred_no_meta`
-        row["held_blank"], row["oof_blank"] = held_blank, oof["pred_no_meta"].to_numpy()
+        row["held_blank"], row["oof_blank"] = held_patterns["none"], oof["pred_no_meta"].to_numpy()
+        row["patterns"] = {name: preds for name, preds in held_patterns.items() if name != "none"}
     if "pred_selected" in oof.columns:  # keep=best: also the CV of the kept epochs, chosen on these rows
         row["selected"] = oof["pred_selected"].to_numpy()
     row["op"] = _operating_point_check(cfg.out, held, hold)
@@ -250,11 +252,23 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
                                           log=lambda m: None)
         decision, _ = load_predictor(cfg.out).decide(held)
         sens, spec = _rates(hold["target"].to_numpy(), decision)
-        row["op"].update(op_cal_crossfit_sens=point["crossfit"]["sensitivity"]["value"], op_cal_holdout_sens=sens,
+        row["op"].update(op_cal_crossfit_sens=point.crossfit["sensitivity"]["value"], op_cal_holdout_sens=sens,
                          op_cal_holdout_spec=spec)
     if a.fresh is not None:
         row["diag"] = _single_model_check(models, df, hold, a)
     return {name: row}
+
+
+def missing_patterns(proc) -> dict:
+    """The missing-field patterns a user can bring, as the columns blanked at prediction: each given field missing
+    (`without_<field>`), only one field given (`only_<field>`), and none (`none`, the image-only path); `all` fields
+    is the plain prediction."""
+    given = proc.given_columns
+    out = {f"without_{c}": [c] for c in given}
+    if len(given) > 2:  # with two fields "only one" is "the other missing"
+        out.update({f"only_{c}": [g for g in given if g != c] for c in given})
+    out["none"] = None
+    return out
 
 
 def _operating_point_check(run, held, hold, point=None) -> dict:
@@ -271,8 +285,8 @@ def _operating_point_check(run, held, hold, point=None) -> dict:
     decision, _ = load_predictor(run).decide(held)
     target = hold["target"].to_numpy()
     sens, spec = _rates(target, decision)
-    mean_sens, mean_spec = _rates(target, (np.mean(held, axis=0) >= point["threshold"]).astype(int))
-    return dict(op_crossfit_sens=point["crossfit"]["sensitivity"]["value"], op_holdout_sens=sens,
+    mean_sens, mean_spec = _rates(target, (np.mean(held, axis=0) >= point.threshold).astype(int))
+    return dict(op_crossfit_sens=point.crossfit["sensitivity"]["value"], op_holdout_sens=sens,
                 op_holdout_spec=spec, op_holdout_sens_mean=mean_sens, op_holdout_spec_mean=mean_spec)
 
 
@@ -329,6 +343,7 @@ def summarize(per_seed: list) -> dict:
     "Mean and sample sd over seeds of the OOF, held-out and gap figures (and of the selected CV when present)."
     keys = ["oof", "holdout", "holdout_single", "gap", *(k for k in per_seed[0] if k.startswith("single_tta1_")),
             *(k for k in ("oof_pauc", "holdout_pauc", "oof_blank", "holdout_blank") if k in per_seed[0]),
+            *(k for k in per_seed[0] if k.startswith(("holdout_without_", "holdout_only_"))),
             *(k for k in per_seed[0] if k.startswith("op_"))]
     out = {key: _mean_sd([r[key] for r in per_seed]) for key in keys}
     out["abs_gap_mean"] = round(float(sum(abs(r["gap"]) for r in per_seed) / len(per_seed)), 4)
@@ -383,6 +398,17 @@ def markdown_table(results: list) -> str:
                   "| held-out AUC, every field blanked |", "|---|---|---|---|---|---|"]
         lines += [f"| {res.get('label') or ''} | {name} | {_cell(s['oof'])} | {_cell(s['oof_blank'])} | "
                   f"{_cell(s['holdout'])} | {_cell(s['holdout_blank'])} |" for res, name, s in blanks]
+    for res, name, s in blanks:  # some fields missing at prediction: each against the image-only path
+        pats = [k for k in s if k.startswith(("holdout_without_", "holdout_only_"))]
+        if not pats:
+            continue
+        lines += ["", f"| {res.get('label') or ''} {name}: fields at prediction | held-out AUC | minus the no-field "
+                  "(image-only) path, paired by seed |", "|---|---|---|"]
+        rows = [("all fields", "holdout"), *((k[len("holdout_"):].replace("_", " ", 1), k) for k in pats),
+                ("no field (image head)", "holdout_blank")]
+        for label, key in rows:
+            diffs = [r[key] - r["holdout_blank"] for r in res["recipes"][name]["per_seed"]]
+            lines.append(f"| {label} | {_cell(s[key])} | {_cell(_mean_sd(diffs))} |")
     points = [(res, name, r["summary"]) for res in results for name, r in res["recipes"].items()
               if "op_holdout_sens" in r["summary"]]
     if points:  # the saved operating point "sensitivity >= 90%" on the held-out part
@@ -529,6 +555,8 @@ def main(argv=None):
                     if "held_blank" in got:
                         r["oof_blank"] = round(float(roc_auc_score(df["target"], got["oof_blank"])), 4)
                         r["holdout_blank"] = round(float(roc_auc_score(hold["target"], np.mean(got["held_blank"], axis=0))), 4)
+                    for pattern, preds in got.get("patterns", {}).items():  # some fields missing at prediction
+                        r[f"holdout_{pattern}"] = round(float(roc_auc_score(hold["target"], np.mean(preds, axis=0))), 4)
                     r.update(got.get("diag", {}))
                     r.update({k: round(float(v), 4) for k, v in got.get("op", {}).items()})
                     per_seed[name].append(r)

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from .errors import MelafastError
 
 __all__ = ["TrainConfig", "Setting", "setting", "settings_of", "epoch_rule", "KEEP_RULES", "LR_FIND_ON", "PRECISIONS",
-           "AUG_PRESETS", "TARGETS", "BAD_IMAGE_MODES", "BLENDS", "TTA_VIEWS", "META_DROPOUT"]
+           "AUG_PRESETS", "TARGETS", "BAD_IMAGE_MODES", "BLENDS", "TTA_VIEWS", "META_DROPOUT", "DROPOUT_PATTERNS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on GPUs that have it, fp16 on older ones, fp32 on the CPU
 AUG_PRESETS = ("light", "medium", "heavy")  # batch augmentation presets (all flip and turn)
@@ -26,6 +26,7 @@ TTA_VIEWS = (1, 2, 4, 8)  # dihedral TTA views
 _SAME = object()  # a setting whose value did not change meaning when it was introduced: old runs get the default
 # the share of training rows whose patient fields are blanked, chosen on CV figures (README: "Patients who come ...")
 META_DROPOUT = 0.5
+DROPOUT_PATTERNS = ("subsets", "all_or_one")  # which patient fields metadata dropout blanks together (MetaDropout)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class TrainConfig:
     meta_dropout: float = setting(META_DROPOUT, "Share of training rows whose patient fields are blanked (all of "
                                   "them, or one), as a real hole looks: trains the path images without metadata take.",
                                   low=0, high=1, open_high=True, before=0.0)
+    dropout_patterns: str = setting("subsets", "Which fields metadata dropout blanks in a row: subsets (a random "
+                                    "subset, 1 to all fields) or all_or_one (every field, or exactly one).",
+                                    choices=DROPOUT_PATTERNS, before="all_or_one")
     image_head: bool = setting(True, "With metadata, score images that come without any patient field by an image-only "
                                "head trained on every row, instead of the joint head's image part.",
                                flag="--image-head/--no-image-head", before=False)

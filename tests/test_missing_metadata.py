@@ -25,27 +25,67 @@ def _blanked(row, columns):
     return {**row, **{c: np.nan for c in columns}}
 
 
-def test_dropout_blanks_fields_exactly_as_a_real_hole_is_encoded(sample_df):
+def _blanked_fields(proc, row, got) -> tuple | None:
+    "Which fields, blanked as real holes, give the encoded row `got` (the fewest; None when no subset does)."
+    from itertools import combinations
+
+    for n in range(len(FIELDS) + 1):
+        for cols in combinations(FIELDS, n):
+            if torch.equal(got, torch.from_numpy(proc.encode_row(_blanked(row, cols)))):
+                return cols
+    return None
+
+
+@pytest.mark.parametrize("patterns", ["subsets", "all_or_one"])
+def test_dropout_blanks_fields_exactly_as_a_real_hole_is_encoded(sample_df, patterns):
+    """A dropped row looks exactly like a row with real holes; `subsets` (the default) gives every pattern of missing
+    fields, `all_or_one` (runs saved before it) every field or one."""
+    from collections import Counter
+
     proc = MetaProcessor.fit(sample_df)
-    rows = sample_df.to_dict("records")
-    x = TensorMeta(torch.from_numpy(proc.encode(sample_df)))
-    torch.manual_seed(0)
-    out = MetaDropout(proc, p=1.0)(x, split_idx=0)  # every row dropped: all fields, or one at random
-    kinds = []
+    rows = sample_df.to_dict("records") * 8
+    x = TensorMeta(torch.from_numpy(proc.encode(pd.DataFrame(rows))))
+    out = MetaDropout(proc, p=1.0, patterns=patterns)(x, split_idx=0)  # every row dropped
+    seen, every = Counter(), 0
     for row, got in zip(rows, out):
-        every = torch.from_numpy(proc.encode_row(_blanked(row, FIELDS)))
-        if torch.equal(got, every):
-            kinds.append("all")
-            continue
-        one = [c for c in FIELDS if torch.equal(got, torch.from_numpy(proc.encode_row(_blanked(row, [c]))))]
-        assert one, "a dropped row must look exactly like a row with real holes"
-        kinds.append("one")
-    assert 10 < kinds.count("all") < 54  # about half of 64 rows each way
-    assert torch.equal(MetaDropout(proc, p=1.0)(x, split_idx=1), x)  # validation batches are never touched
+        cols = _blanked_fields(proc, row, got)
+        assert cols is not None, "a dropped row must look exactly like a row with real holes"
+        missing = {c for c in FIELDS if pd.isna(row[c])}  # a field that was already a hole stays one
+        seen[tuple(sorted(set(cols) | missing))] += 1
+        if patterns == "all_or_one":  # every field, or one (which may have been a hole already)
+            assert set(cols) | missing == set(FIELDS) or len(cols) <= 1, (row, cols)
+            every += set(cols) | missing == set(FIELDS) and len(cols) > 1
+    if patterns == "subsets":  # only age given, only sex missing, ...: every non-empty pattern is trained
+        assert len([k for k in seen if k]) == 2 ** len(FIELDS) - 1, seen
+    else:
+        assert 0.3 < every / len(rows) < 0.7  # about half every field, half one
+    assert torch.equal(MetaDropout(proc, p=1.0, patterns=patterns)(x, split_idx=1), x)  # validation: never touched
     # the share of rows touched follows p
-    big = TensorMeta(x.repeat(50, 1))
-    changed = (MetaDropout(proc, p=0.3)(big, split_idx=0) != big).any(1).float().mean().item()
+    big = TensorMeta(x.repeat(10, 1))
+    changed = (MetaDropout(proc, p=0.3, patterns=patterns)(big, split_idx=0) != big).any(1).float().mean().item()
     assert abs(changed - 0.3) < 0.03
+
+
+def test_dropout_blanks_a_field_with_its_patient_features_and_routes_by_given_fields():
+    "Patient-relative features are blanked with their field; n_images (from the table) is its own field and never "
+    "makes a row count as one with patient metadata."
+    df = pd.DataFrame({"sex": ["male", "female", None, "male"], "age_approx": [50.0, 60.0, 70.0, None],
+                       "n_images": [2.0, 3.0, 1.0, 4.0], "size": [1.0, 2.0, 3.0, 4.0],
+                       "size_patient_z": [0.1, 0.2, 0.3, 0.4], "size_patient_rank": [0.0, 0.5, 1.0, 0.5]})
+    proc = MetaProcessor.fit(df, cat_names=["sex"], cont_names=["age_approx", "n_images", "size", "size_patient_z",
+                                                                "size_patient_rank"])
+    assert proc.given_columns == ["age_approx", "size", "sex"]
+    assert sorted(map(sorted, proc.field_groups())) == [["age_approx"], ["n_images"], ["sex"],
+                                                         ["size", "size_patient_rank", "size_patient_z"]]
+    only_count = proc.encode(pd.DataFrame([{"n_images": 3.0}]))  # a patient id, nothing the user gives
+    assert proc.no_metadata(torch.from_numpy(only_count)).tolist() == [True]
+    assert proc.no_metadata(torch.from_numpy(proc.encode(df))).tolist() == [False] * 4
+    x = TensorMeta(torch.from_numpy(proc.encode(df)).repeat(200, 1))
+    out = MetaDropout(proc, p=1.0)(x, split_idx=0)
+    slots = proc.slots()
+    flag = {c: out[:, slots[c][1]] for c in proc.patient_columns}
+    assert torch.equal(flag["size"], flag["size_patient_z"]) and torch.equal(flag["size"], flag["size_patient_rank"])
+    assert not torch.equal(flag["size"], flag["n_images"])
 
 
 def test_dataloaders_blank_training_batches_only(sample_df):

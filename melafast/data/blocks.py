@@ -135,6 +135,7 @@ def melanoma_dls(
     upsample: int = 1,  # each melanoma of the training split appears this many times per epoch
     target: str = "melanoma",  # melanoma: 2 classes; diagnosis: one class per `diagnosis` value (melanoma scored)
     meta_dropout: float = META_DROPOUT,  # training rows' patient fields blanked with this probability (`MetaDropout`)
+    dropout_patterns: str = "subsets",  # which fields a dropped row loses: subsets or all_or_one (`MetaDropout`)
     cat_names=None,  # categorical metadata columns (with cont_names: instead of the 2020 sex and site)
     cont_names=None,  # continuous metadata columns (instead of age; the extra features join when present)
     **kwargs,  # passed on to `DataBlock.dataloaders`
@@ -192,7 +193,7 @@ def melanoma_dls(
         inputs.append(TransformBlock())
         getters.append(proc)
         if meta_dropout:
-            batch_tfms.append(MetaDropout(proc, meta_dropout))
+            batch_tfms.append(MetaDropout(proc, meta_dropout, dropout_patterns))
     dblock = DataBlock(
         blocks=(*inputs, TransformBlock(type_tfms=SoftLabel()) if soft else CategoryBlock(vocab=vocab)), n_inp=len(inputs),
         getters=[*getters, ColReader(y_col)], splitter=IndexSplitter(np.flatnonzero(is_valid)),
@@ -202,6 +203,7 @@ def melanoma_dls(
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
     dls.meta_dropout = meta_dropout if meta else 0.0
+    dls.dropout_patterns = dropout_patterns
     if torch.device(dls.device or "cpu").type == "cuda":
         async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
     dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss

@@ -14,17 +14,18 @@ import pandas as pd
 from fastai.torch_core import TensorBase
 from fasttransform import Transform
 
-from ..config import META_DROPOUT
+from ..config import DROPOUT_PATTERNS, META_DROPOUT
 from ..errors import DataError
 from .store import file_size, open_image
 from .tables import CAT_NAMES, CONT_NAMES
 
 __all__ = ["EXTRA_CONT_NAMES", "FILE_FEATURES", "META_DROPOUT", "MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout",
-           "add_patient_features", "patient_feature_names", "PATIENT_SUFFIXES",
+           "add_patient_features", "patient_feature_names", "PATIENT_SUFFIXES", "DROPOUT_PATTERNS",
            "add_meta_features", "file_reference", "check_file_features"]
 
 EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features
 FILE_FEATURES = ("log_file_size",)  # read off the image file, never missing: not a patient field, never blanked
+PATIENT_SUFFIXES = ("_patient_z", "_patient_rank")  # the patient-relative features of a column (--patient-features)
 
 
 def _missing(v) -> bool:
@@ -111,6 +112,32 @@ class MetaProcessor:
         """The columns that describe the patient or lesion (what a hole can hide); not those read off the file."""
         return [c for c in (*self.cont_names, *self.cat_names) if c not in FILE_FEATURES]
 
+    @property
+    def given_columns(self) -> list[str]:
+        """The fields a user gives (sex, age, site, any declared column): not the ones melafast derives from the table
+        (`n_images`, a column's patient-relative features) or from the file. A row whose every given field is
+        missing has no patient metadata: the model routes it to its image head, and `predict` counts it so."""
+        return [c for c in self.patient_columns if c not in EXTRA_CONT_NAMES and not c.endswith(PATIENT_SUFFIXES)]
+
+    def field_groups(self) -> list[list[str]]:
+        """The patient columns grouped by the field they come from: a given field with its patient-relative features
+        (a hole in the field is a hole in them), and each derived column of its own (`n_images`). Metadata dropout
+        blanks whole groups, as a real hole does."""
+        groups = {c: [c] for c in self.patient_columns if not c.endswith(PATIENT_SUFFIXES)}
+        for c in self.patient_columns:
+            base = next((c[: -len(s)] for s in PATIENT_SUFFIXES if c.endswith(s)), None)
+            if base is not None:
+                groups.setdefault(base, []).append(c)  # a base column that is not a feature still groups its own
+        return list(groups.values())
+
+    def no_metadata(self, x):
+        """Bool (N,) of the encoded rows `x` (a tensor) whose every given field is missing: the one rule the model routes
+        by and `predict` counts with."""
+        flags = self.patient_flags()
+        if not flags:
+            return x.new_zeros(x.shape[0], dtype=bool)
+        return (x[:, flags] > 0.5).all(dim=1)
+
     def slots(self) -> dict:
         """Where each column sits in the vector: column -> (slice of its value slots, index of its missing flag)."""
         out, i = {}, 0
@@ -124,9 +151,9 @@ class MetaProcessor:
         return out
 
     def patient_flags(self) -> list[int]:
-        "Where the patient columns' missing flags sit in the vector: all of them up means no metadata at all."
+        "Where the given fields' missing flags sit in the vector: all of them up means no patient metadata at all."
         slots = self.slots()
-        return [slots[c][1] for c in self.patient_columns]
+        return [slots[c][1] for c in self.given_columns]
 
     def blank(self, x, columns=None, rows=None):
         """Encoded vectors `x` (N, n_features) with `columns` (default: every patient column) blanked, exactly as
@@ -221,41 +248,57 @@ class MetaStack:
 
 
 class MetaDropout(Transform):
-    """Metadata dropout, on training batches only: each row's patient fields are blanked with probability `p`, all
-    of them together or one chosen at random (half the time each), exactly as `MetaProcessor` encodes a real hole.
+    """Metadata dropout, on training batches only: each row's patient fields are blanked with probability `p`, exactly
+    as `MetaProcessor` encodes a real hole, so the model learns the patterns of missing fields new patients bring.
 
-    A model trained with metadata meets images that come without any (deployments, public test sets) through its
-    missing-value path; without this it learns that path only from the training rows that happened to have holes,
-    which are not like new patients. Fields read off the image file (`FILE_FEATURES`) are never blanked.
+    `patterns="subsets"` (the default) blanks a random subset of the fields of a dropped row: its size uniform from
+    one field to all of them, then which fields uniformly, so "only the age is known" is as common as "only the age is
+    missing", for any number of declared columns. `"all_or_one"` (runs saved before it) blanks every field or exactly
+    one, half the time each. A field's patient-relative features are blanked with it (`field_groups`); fields read
+    off the image file (`FILE_FEATURES`) never are.
     """
 
     split_idx, order = 0, 5
 
-    def __init__(self, proc: MetaProcessor, p: float = 0.5):
+    def __init__(self, proc: MetaProcessor, p: float = 0.5, patterns: str = "subsets"):
         import torch
 
         from ..model import SideGenerator
 
         super().__init__()
-        self.proc, self.p, self.columns = proc, p, proc.patient_columns
+        if patterns not in DROPOUT_PATTERNS:
+            raise DataError(f"metadata dropout patterns must be one of {', '.join(DROPOUT_PATTERNS)}, got {patterns!r}")
+        self.proc, self.p, self.patterns = proc, p, patterns
+        # all_or_one drew from the columns one by one (as runs saved before `subsets` were trained)
+        self.groups = proc.field_groups() if patterns == "subsets" else [[c] for c in proc.patient_columns]
+        self.columns = [c for g in self.groups for c in g]
+        self._owner = torch.tensor([i for i, g in enumerate(self.groups) for _ in g], dtype=torch.long)
         # its own random numbers: the augmentations draw what they draw without metadata (see SideGenerator)
         self.side = SideGenerator(torch.initial_seed() + 2)
+
+    def blanked_fields(self, n: int, device):
+        "Bool (n, number of field groups): which fields of each of `n` rows to blank (no host sync)."
+        import torch
+
+        g, k = self.side(device), len(self.groups)
+        drop = torch.rand(n, device=device, generator=g) < self.p
+        if self.patterns == "all_or_one":
+            every = torch.rand(n, device=device, generator=g) < 0.5
+            one = torch.randint(k, (n,), device=device, generator=g)
+            which = every[:, None] | (one[:, None] == torch.arange(k, device=device))
+        else:
+            size = torch.randint(1, k + 1, (n, 1), device=device, generator=g)  # how many fields: 1 .. k
+            order = torch.rand(n, k, device=device, generator=g).argsort(dim=1).argsort(dim=1)  # a random rank each
+            which = order < size
+        return drop[:, None] & which
 
     def encodes(self, x: TensorMeta):
         import torch
 
-        if not self.p or not self.columns:
+        if not self.p or not self.groups:
             return x
-        n, dev = x.shape[0], x.device
-        g = self.side(dev)
-        drop = torch.rand(n, device=dev, generator=g) < self.p
-        every = torch.rand(n, device=dev, generator=g) < 0.5
-        one = torch.randint(len(self.columns), (n,), device=dev, generator=g)
-        which = drop[:, None] & (every[:, None] | (one[:, None] == torch.arange(len(self.columns), device=dev)))
+        which = self.blanked_fields(x.shape[0], x.device)[:, self._owner.to(x.device)]  # group -> its columns
         return TensorMeta(self.proc.blank(x.as_subclass(torch.Tensor), self.columns, which))
-
-
-PATIENT_SUFFIXES = ("_patient_z", "_patient_rank")  # the patient-relative features of a column (--patient-features)
 
 
 def patient_feature_names(columns) -> list:
@@ -336,16 +379,17 @@ def file_reference(df: pd.DataFrame) -> dict:
                 for f in sample]))), prepared_size=_prepared_size(sample[0]) if sample else None)
 
 
-def check_file_features(config: dict, df: pd.DataFrame):
+def check_file_features(spec, df: pd.DataFrame):
     """Stop with a clear error when the images of `df` are clearly of another kind than those a model's file
-    features (`log_file_size`) were trained on: another resolution, or file sizes far off the training ones."""
-    ref, proc = config.get("files"), config.get("meta_proc") or {}
-    if not ref or "log_file_size" not in proc.get("cont_names", []) or df.empty:
+    features (`log_file_size`) were trained on (its `ModelSpec`): another resolution, or file sizes far off the
+    training ones."""
+    ref, proc = spec.files, spec.meta_processor
+    if not ref or proc is None or "log_file_size" not in proc.cont_names or df.empty:
         return
     sample = _sample(df["fname"])
     side = _median_side(sample)
-    z = (float(np.median(np.log1p([file_size(f) for f in sample]))) - proc["means"]["log_file_size"]) / \
-        proc["stds"]["log_file_size"]
+    z = (float(np.median(np.log1p([file_size(f) for f in sample]))) - proc.means["log_file_size"]) / \
+        proc.stds["log_file_size"]
     other_size = not 0.8 <= side / ref["median_side"] <= 1.25
     other_files = len(sample) >= 10 and abs(z) > 3
     if not (other_size or other_files):
