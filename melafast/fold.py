@@ -113,7 +113,8 @@ def fold_learner(df, k, cfg: TrainConfig, path):
     seed_everything(cfg.seed, cfg.deterministic)
     dls = melanoma_dls(pseudo_for_fold(df, k), fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
                        device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug,
-                       meta_dropout=cfg.meta_dropout, cat_names=cfg.cat or None, cont_names=cfg.cont or None)
+                       meta_dropout=cfg.meta_dropout, dropout_patterns=cfg.dropout_patterns,
+                       cat_names=cfg.cat or None, cont_names=cfg.cont or None)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn,
@@ -139,8 +140,9 @@ def find_lr(learn, png, on: str = "frozen") -> float:
 
 
 def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
-    """Train fold `k`; return its OOF rows (`pred`: the honest model's; `pred_no_meta`: the same with every patient
-    field blanked, for a model with metadata; `pred_selected` with keep="best"), its metric rows, the epoch it kept,
+    """Train fold `k`; return its OOF rows (`pred`: the last epoch's, the honest CV; `pred_selected` with keep="best":
+    the saved model's, chosen on these rows; `pred_no_meta`: the saved model's with every patient field blanked, for
+    a model with metadata), its metric rows, the epoch it kept,
     and the operations that ran without a deterministic kernel although `cfg.deterministic` asked for one."""
     from .checkpoint import save_model
     from .distributed import is_main
@@ -190,14 +192,20 @@ def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
     pred, no_meta = _valid_preds(learn, cfg.tta)
     oof = pd.DataFrame({"image_name": valid["image_name"].to_numpy(), "target": valid["target"].to_numpy(), "fold": k,
                         "pred": pred})
-    if no_meta is not None:
-        oof["pred_no_meta"] = no_meta
+    saved = pred  # the predictions of the model that is saved
     if cfg.keep == "best" and swa is None:
+        # the epoch with the best `melanoma_auc`, the joint head's (the image head's, for rows without metadata), is
+        # the model saved: its predictions, with and without metadata, are what the run records of it; `pred` stays
+        # the last epoch's, the honest CV
         if tracker.restore_best(unwrap(learn.model)):
             kept = tracker.best_epoch
-        oof["pred_selected"] = _valid_preds(learn, cfg.tta)[0]
+        saved, no_meta = _valid_preds(learn, cfg.tta)
+        oof["pred_selected"] = saved
+    if no_meta is not None:
+        oof["pred_no_meta"] = no_meta
     extra = dict(fold=k, lr=lr, kept_epoch=kept, keep=cfg.keep, seed=cfg.seed, ema=cfg.ema, swa=cfg.swa, tta=cfg.tta,
-                 meta_dropout=getattr(learn.dls, "meta_dropout", 0.0), valid_auc=auc(oof["target"], oof["pred"]),
+                 meta_dropout=getattr(learn.dls, "meta_dropout", 0.0), dropout_patterns=cfg.dropout_patterns,
+                 valid_auc=auc(oof["target"], saved),
                  valid_auc_no_meta=auc(oof["target"], no_meta) if no_meta is not None else None)
     if cfg.meta and cfg.extra_meta:  # what the file features were computed on, to recognise other files later
         from .data import file_reference

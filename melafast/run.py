@@ -273,7 +273,9 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
         results.update(oof_auc_no_meta=result.oof_auc_no_meta, fold_aucs_no_meta=_fold_aucs(oof, "pred_no_meta"),
                        no_meta_note="every patient field blanked at prediction, as for images that come without "
                                     f"metadata (metadata dropout in training: {cfg.meta_dropout}; "
-                                    + ("scored by the image-only head)" if cfg.image_head else "no image-only head)"))
+                                    + ("scored by the image-only head" if cfg.image_head else "no image-only head")
+                                    + ("; of the saved models, the epochs kept by the joint head's validation AUC: "
+                                       "optimistic)" if "pred_selected" in oof.columns else ")"))
     if "pred_selected" in oof.columns and oof["pred_selected"].notna().all():  # not in folds saved before --keep
         result.oof_auc_selected = _auc(oof["target"], oof["pred_selected"])
         results.update(oof_auc_selected=result.oof_auc_selected, fold_aucs_selected=_fold_aucs(oof, "pred_selected"),

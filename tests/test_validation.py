@@ -43,7 +43,7 @@ def test_keep_best_reports_the_honest_and_the_selected_cv(best_run):
     metrics, oof = pd.read_csv(run / "metrics.csv"), pd.read_csv(run / "oof.csv")
     results = json.loads((run / "results.json").read_text())
     assert results["keep"] == "best" and "optimistic" in results["epoch_rule"] and "optimistic" in output
-    assert list(oof.columns) == ["image_name", "target", "fold", "pred", "pred_no_meta", "pred_selected"]
+    assert list(oof.columns) == ["image_name", "target", "fold", "pred", "pred_selected", "pred_no_meta"]
     for k, rows in oof.groupby("fold"):
         epochs = metrics[metrics["fold"] == k]
         assert len(epochs) == 4  # 1 frozen + 3
@@ -71,6 +71,36 @@ def test_keep_best_saves_the_selected_model(best_run, sample_dir):
     rows = train[train["image_name"].isin(oof.index[oof["fold"] == 0])]
     pred = load_predictor(run / "fold0").predict(rows, tta=1, num_workers=0)
     assert np.allclose(pred, oof.loc[rows["image_name"], "pred_selected"], atol=1e-5)
+
+
+def test_keep_best_records_the_saved_models_figures_with_and_without_metadata(best_run, sample_dir):
+    """`pred_no_meta`, `oof_auc_no_meta`, each fold's recorded AUCs and what predict says describe the saved (kept)
+    model, not the last epoch's: its predictions with every field blanked are the image head's at the kept epoch,
+    chosen by the joint head's validation AUC (`melanoma_auc`)."""
+    from melafast.data import load_competition
+    from melafast.inference import load_predictor, predict_many
+
+    run = best_run[0].path
+    oof, metrics = pd.read_csv(run / "oof.csv").set_index("image_name"), pd.read_csv(run / "metrics.csv")
+    results = json.loads((run / "results.json").read_text())
+    train, _ = load_competition(sample_dir)
+    predictor = load_predictor(run)
+    moved = 0
+    for model in predictor.predictors:
+        k = model.spec.fold
+        rows = train[train["image_name"].isin(oof.index[oof["fold"] == k])]
+        (plain,), (blank,) = predict_many([model], rows, tta=1, num_workers=0, progress=False, blank=True)
+        want = oof.loc[rows["image_name"]]
+        assert np.allclose(plain, want["pred_selected"], atol=1e-5) and np.allclose(blank, want["pred_no_meta"], atol=1e-5)
+        assert model.spec.valid_auc == pytest.approx(roc_auc_score(want["target"], want["pred_selected"]))
+        assert model.spec.valid_auc_no_meta == pytest.approx(roc_auc_score(want["target"], want["pred_no_meta"]))
+        epochs = metrics[metrics["fold"] == k]
+        assert model.spec.kept_epoch == epochs.loc[epochs["melanoma_auc"].idxmax(), "epoch"]  # the joint head's AUC
+        moved += model.spec.kept_epoch != epochs["epoch"].iloc[-1]
+    assert moved, "no fold kept an epoch before the last: this run cannot tell the kept model from the last one"
+    assert results["oof_auc_no_meta"] == pytest.approx(roc_auc_score(oof["target"], oof["pred_no_meta"]))
+    assert "kept by the joint head's validation AUC" in results["no_meta_note"]
+    assert predictor.figures["auc"] == results["oof_auc_selected"] and "optimistic" in predictor.figures["scope"]
 
 
 def test_keep_last_is_the_default_and_keeps_the_last_epoch(sample_dir, tmp_path):
