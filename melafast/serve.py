@@ -1,13 +1,19 @@
 """`melafast serve`: a local web page to try a run, and a JSON endpoint for the same prediction.
 
-Drop one or more dermoscopic images on the page, optionally with age, sex and site; each gets the melanoma
-probability (the mean of the run's fold models over its TTA views, exactly as `melafast predict`), the decision at
-the run's operating point when it has one, and the Grad-CAM map beside the image. Uploads stay in memory: the server
-writes nothing. It binds to 127.0.0.1 unless told otherwise, refuses uploads over --max-mb and anything that is not
-an image. Standard library only (http.server); one prediction at a time.
+Drop one or more dermoscopic images on the page, with any of the patient fields the run learned (its own columns and
+categories); each gets the melanoma probability (the mean of the run's fold models over its TTA views, exactly as
+`melafast predict`: the same metadata path, `inference.inputs`), the decision at the run's operating point when it
+has one, and the Grad-CAM map beside the image. Uploads stay in memory: the server writes nothing.
 
-    POST /api/predict?sex=female&age=55&site=torso   body: the image file's bytes   -> JSON
-    GET  /api/info                                                                   -> the run, its models, TTA
+What it holds against (a careful local model server): it binds to 127.0.0.1 unless told otherwise; on a loopback
+address it answers only requests whose Host (and Origin, when a browser sends one) is its own, so a web page the user
+opens elsewhere cannot reach it through DNS rebinding; a request needs a numeric Content-Length within --max-mb; the
+image's pixel count is read from its header and checked against --max-megapixels before it is decoded; the upload is
+decoded once for every fold model of an input size; reads time out; at most --threads requests are handled at once
+(the others wait in the listen queue); every request gets an HTTP answer, an unexpected failure a 500 with one line.
+
+    POST /api/predict?sex=female&age_approx=55&anatom_site_general_challenge=torso   body: the image's bytes -> JSON
+    GET  /api/info                                                     -> the run, its models, TTA, its fields
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import html
 import io
 import json
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -27,90 +34,135 @@ import torch
 
 from .errors import DataError, MelafastError
 
-__all__ = ["Service", "make_server", "serve"]
+__all__ = ["Service", "make_server", "serve", "MAX_MB", "MAX_MEGAPIXELS", "THREADS", "READ_TIMEOUT"]
 
 MAX_MB = 20  # default upload limit
+MAX_MEGAPIXELS = 40.0  # default largest image, in millions of pixels (dermoscopes: up to about 24)
+THREADS = 8  # default requests handled at once
+READ_TIMEOUT = 30.0  # seconds a client may take to send its request
+_ALIASES = {"age": "age_approx", "site": ("anatom_site_general_challenge", "anatom_site_general")}  # short names
+
+
+class TooLarge(DataError):
+    """An upload whose image is larger than the server takes."""
 
 
 class Service:
     """What the server does with one upload: a run's fold models, one prediction at a time."""
 
-    def __init__(self, run, device=None, precision: str | None = None):
+    def __init__(self, run, device=None, precision: str | None = None, max_megapixels: float = MAX_MEGAPIXELS):
         from .inference import load_predictor
+        from .inference.inputs import form_fields, upload_refusal
         from .inference.settings import default_device
 
         predictor = load_predictor(run)
         self.run = Path(run)
         self.models = getattr(predictor, "predictors", [predictor])
+        why = upload_refusal(self.models, "serve")
+        if why:
+            raise MelafastError(why)
         self.predictor, self.tta = predictor, predictor.tta
         self.point = getattr(predictor, "operating_point", None)
+        self.fields = form_fields(self.models)
         self.device = torch.device(device) if device is not None else default_device()
         self.precision = precision
+        self.max_pixels = int(max_megapixels * 1e6)
         self.lock = threading.Lock()
 
     def info(self) -> dict:
+        p = self.point
         return dict(run=self.run.resolve().name, models=len(self.models), tta=self.tta,
-                    folds=[m.config.get("fold") for m in self.models], metadata=any(m.meta_proc for m in self.models),
-                    operating_point=None if self.point is None else
-                    {k: self.point[k] for k in ("operating_point", "goal", "threshold", "rule")})
+                    folds=[m.spec.fold for m in self.models], metadata=any(m.meta_proc for m in self.models),
+                    fields=self.fields, max_megapixels=self.max_pixels / 1e6,
+                    operating_point=None if p is None else
+                    dict(operating_point=p.operating_point, goal=p.goal, threshold=p.threshold, rule=p.rule))
 
-    def predict(self, data: bytes, name: str = "upload", sex=None, age=None, site=None) -> dict:
-        """The prediction for one image file's bytes with its (optional) metadata."""
+    def row(self, name: str, values: dict):
+        """The one-row table of an upload: its name and the fields given (short names `age`, `site` allowed); a
+        field the run does not know is an error naming the ones it does."""
         import pandas as pd
+
+        known = {f["name"] for f in self.fields}
+        row = {"image_name": name}
+        for key, value in values.items():
+            alias = _ALIASES.get(key, key)
+            column = next((c for c in ((alias,) if isinstance(alias, str) else alias) if c in known), None)
+            if column is None:
+                raise DataError(f"this run has no field {key!r}; its fields: {', '.join(sorted(known)) or 'none'}")
+            row[column] = value if value not in ("", None) else None
+        return pd.DataFrame([row])
+
+    def decode(self, data: bytes, name: str, sizes) -> dict:
+        """The upload as each input size sees it, decoded once per size: size -> (1, 3, size, size) tensor in [0, 1].
+        Its pixel count is checked from the header first."""
         from PIL import Image, UnidentifiedImageError
 
-        from .data import clean_metadata
-        from .explain import grad_cam
-        from .inference.loop import predict_probs_multi
-        from .inference.settings import _prepare, resolve_settings
         from .onnx import ExportError, _open
 
         try:
-            Image.open(io.BytesIO(data)).verify()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours
+                with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                    w, h = im.size
+        except Image.DecompressionBombError:
+            raise TooLarge(f"{name} is too large an image for this server (over {self.max_pixels / 1e6:.3g} "
+                           "megapixels, --max-megapixels)") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise DataError(f"{name} is not an image this server can read (JPEG, PNG, BMP, TIFF or WebP)") from None
-        row = pd.DataFrame([{"image_name": name, "sex": sex or None, "age_approx": age or None,
-                             "anatom_site_general_challenge": site or None}])
-        row = clean_metadata(row, "the form")  # a value that cannot be what its field means: one clear message
-        probs, maps, views = [], [], None
-        with self.lock:
-            for p in self.models:
-                size = int(p.config["size"])
-                try:
-                    img = torch.from_numpy(_open(io.BytesIO(data), size))[None].to(self.device)
-                except ExportError as e:
-                    raise DataError(str(e)) from None
-                meta = (torch.from_numpy(p.meta_proc.encode(row)).to(self.device) if p.meta_proc is not None else None)
-                s = resolve_settings(p.config, self.device, self.precision)
-                _prepare(p.model, s)
-                batches = [(img, meta) if meta is not None else (img,)]
-                prob = predict_probs_multi([p.model], batches, [slice(None) if meta is not None else None], n=self.tta,
-                                           amp_dtype=s.amp_dtype, n_inp=len(batches[0]), progress=False)[0]
-                probs.append(float(prob[0, p.config["pos"]]))
-                with s.autocast():
-                    maps.append(grad_cam(p.model, img, meta, p.config["pos"])[0])
-                views = (img[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
-        out = dict(image_name=name, pred=float(np.mean(probs)), per_model=probs, models=len(self.models), tta=self.tta,
-                   folds=[m.config.get("fold") for m in self.models],
-                   metadata={"sex": _text(row["sex"].iloc[0]), "age_approx": _num(row["age_approx"].iloc[0]),
-                             "site": _text(row["anatom_site_general_challenge"].iloc[0])})
-        out = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
-        if self.point is not None:
-            from .operating import decide
+        if w * h > self.max_pixels:
+            raise TooLarge(f"{name} is {w} x {h} pixels ({w * h / 1e6:.1f} megapixels); this server takes images of up "
+                           f"to {self.max_pixels / 1e6:.3g} megapixels (--max-megapixels)")
+        try:
+            return {size: torch.from_numpy(_open(io.BytesIO(data), size))[None] for size in sorted(set(sizes))}
+        except (ExportError, Image.DecompressionBombError) as e:
+            raise DataError(f"{name}: {e}") from None
 
-            decision, votes = decide(self.point, [[p] for p in probs])
-            out.update(decision=int(decision[0]), votes=int(votes[0]), operating_point=self.point["goal"],
-                       threshold=self.point["threshold"])
-        out["image_png"], out["cam_png"] = _png(views), _png(_overlay(views, np.mean(maps, axis=0)))
+    def predict(self, data: bytes, name: str = "upload", **values) -> dict:
+        """The prediction for one image file's bytes with its (optional) patient fields, by column name."""
+        from .data import MetaStack
+        from .explain import grad_cam
+        from .inference.inputs import model_table
+        from .inference.loop import predict_probs_multi
+        from .inference.settings import _prepare, resolve_settings
+
+        table = model_table(self.models, self.row(name, values))  # cleaned and checked as predict does
+        images = self.decode(data, name, [p.spec.size for p in self.models])
+        probs, maps = [None] * len(self.models), [None] * len(self.models)
+        with self.lock:
+            for size, img in images.items():
+                idx = [i for i, p in enumerate(self.models) if p.spec.size == size]
+                stack = MetaStack([self.models[i].meta_proc for i in idx])
+                img = img.to(self.device)
+                batch = (img, torch.stack([stack(r) for r in table.to_dict("records")]).to(self.device)) \
+                    if stack.procs else (img,)
+                settings = [resolve_settings(self.models[i].spec, self.device, self.precision) for i in idx]
+                for i, s in zip(idx, settings):
+                    _prepare(self.models[i].model, s)
+                out = predict_probs_multi([self.models[i].model for i in idx], [batch], stack.slices, n=self.tta,
+                                          amp_dtype=[s.amp_dtype for s in settings], n_inp=len(batch), progress=False)
+                for i, sl, s, pr in zip(idx, stack.slices, settings, out):
+                    p = self.models[i]
+                    probs[i] = float(pr[0, p.spec.pos])
+                    meta = None if sl is None else batch[1][:, sl].as_subclass(torch.Tensor)
+                    with s.autocast():
+                        maps[i] = grad_cam(p.model, img, meta, p.spec.pos)[0]
+            view = (img[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+        given = {f["name"]: _plain(table[f["name"]].iloc[0]) for f in self.fields if f["name"] in table.columns}
+        out = dict(image_name=name, pred=float(np.mean(probs)), per_model=probs, models=len(self.models), tta=self.tta,
+                   folds=[m.spec.fold for m in self.models], metadata=given)
+        if self.point is not None:
+            decision, votes = self.point.decide([[p] for p in probs])
+            out.update(decision=int(decision[0]), votes=int(votes[0]), operating_point=self.point.goal,
+                       threshold=self.point.threshold)
+        out["image_png"], out["cam_png"] = _png(view), _png(_overlay(view, np.mean(maps, axis=0)))
         return out
 
 
-def _text(v):
-    return v if isinstance(v, str) else None
-
-
-def _num(v):
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+def _plain(v):
+    "A table value as JSON: None for a hole, a float for a number, else the text."
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return float(v) if isinstance(v, (int, float, np.number)) else str(v)
 
 
 def _overlay(img: np.ndarray, cam: np.ndarray) -> np.ndarray:
@@ -140,9 +192,7 @@ label{{margin-right:1em}}.note{{color:#555;font-size:.9em}}</style></head><body>
 <h1>melafast: {run}</h1>
 <p class="note">{about} Research use only: not a medical device.</p>
 <form id="form" onsubmit="return false">
-<label>Age <input id="age" type="number" min="0" max="120" step="1"></label>
-<label>Sex <select id="sex"><option value="">unknown</option><option>female</option><option>male</option></select></label>
-<label>Site <select id="site"><option value="">unknown</option>{sites}</select></label>
+{fields}
 <div id="drop">Drop dermoscopic images here, or <input id="files" type="file" accept="image/*" multiple></div>
 </form>
 <div id="results"></div>
@@ -155,8 +205,8 @@ async function send(file) {{
   box.dataset.name = file.name;
   box.textContent = 'scoring ' + file.name + ' ...';
   results.prepend(box);
-  const q = new URLSearchParams({{name: file.name, age: document.getElementById('age').value,
-    sex: document.getElementById('sex').value, site: document.getElementById('site').value}});
+  const q = new URLSearchParams({{name: file.name}});
+  for (const f of document.querySelectorAll('[data-field]')) if (f.value !== '') q.append(f.dataset.field, f.value);
   try {{
     const r = await fetch('/api/predict?' + q, {{method: 'POST', body: file}});
     const j = await r.json();
@@ -183,64 +233,144 @@ drop.addEventListener('drop', e => {{ e.preventDefault(); drop.classList.remove(
 </script></body></html>
 """
 
-SITES = ("torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital")
+def _field_html(f: dict) -> str:
+    "One form control for a field the run learned: its categories to choose from, or a number."
+    name = html.escape(f["name"])
+    label = html.escape(f["name"].replace("_", " "))
+    if f["kind"] == "category":
+        options = "".join(f"<option>{html.escape(c)}</option>" for c in f["choices"])
+        return (f'<label>{label} <select data-field="{name}"><option value="">unknown</option>{options}</select>'
+                "</label>")
+    bounds = ' min="0" max="120" step="1"' if f["name"] == "age_approx" else ' step="any"'
+    return f'<label>{label} <input data-field="{name}" type="number"{bounds}></label>'
 
 
-def _handler(service: Service, max_bytes: int, log: Callable):
+class _Refused(Exception):
+    "A request answered with an error before it reaches the model: (HTTP status, message)."
+
+
+def _refuse(code: int, message: str):
+    "Work that refuses the request."
+    def work():
+        raise _Refused(code, message)
+    return work
+
+
+def _allowed_hosts(host: str, port: int) -> set | None:
+    """The Host header values a server bound to `host` answers (None: any, for a server bound to every or a public
+    interface, which says it has no authentication): on a loopback address only its own names, the defence against
+    DNS rebinding."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+
+
+def _handler(service: Service, max_bytes: int, log: Callable, hosts: set | None, timeout: float):
     info = service.info()
+    point = info["operating_point"]
     about = (f"{info['models']} fold model(s), TTA x{info['tta']}"
-             + (f"; decision at {info['operating_point']['goal']} (threshold {info['operating_point']['threshold']:.4f})"
-                if info["operating_point"] else "; no operating point saved (`melafast report --operating-point`)")
-             + ".")
-    page = _PAGE.format(run=html.escape(info["run"]), about=html.escape(about),
-                        sites="".join(f"<option>{html.escape(s)}</option>" for s in SITES)).encode("utf-8")
+             + (f"; decision at {point['goal']} (threshold {point['threshold']:.4f})" if point
+                else "; no operating point saved (`melafast report --operating-point`)") + ".")
+    fields = "\n".join(_field_html(f) for f in service.fields) or "<p>This run uses no patient metadata.</p>"
+    page = _PAGE.format(run=html.escape(info["run"]), about=html.escape(about), fields=fields).encode("utf-8")
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "melafast"
+        protocol_version = "HTTP/1.0"  # one request per connection: a slow client holds one thread, not a pool
+
+        def setup(self):
+            self.timeout = timeout  # a client that stops sending is dropped after this many seconds
+            super().setup()
 
         def _send(self, code: int, body: bytes, kind: str):
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
             self.wfile.write(body)
 
         def _json(self, code: int, obj: dict):
             self._send(code, json.dumps(obj).encode("utf-8"), "application/json")
 
+        def _check_origin(self):
+            "Refuse requests for another host name (DNS rebinding) and cross-site posts (a page elsewhere)."
+            if hosts is None:
+                return
+            host = (self.headers.get("Host") or "").strip().lower()
+            if host not in hosts:
+                raise _Refused(403, f"this server answers requests for {sorted(hosts)[0]} only, not Host {host!r}")
+            origin = self.headers.get("Origin")
+            if origin is not None and urlparse(origin.strip().lower()).netloc not in hosts:
+                raise _Refused(403, f"requests from pages of {origin!r} are refused: open the page this server serves")
+
+        def _body(self) -> bytes:
+            "The request body, after checking its declared length."
+            if self.headers.get("Transfer-Encoding"):
+                raise _Refused(411, "send the image with a Content-Length header (chunked uploads are not taken)")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.strip():
+                raise _Refused(411, "no Content-Length header: POST the image file's bytes with their length")
+            try:
+                size = int(length.strip(), 10)
+            except ValueError:
+                raise _Refused(400, f"Content-Length must be a number of bytes, got {length!r}") from None
+            if size < 0:
+                raise _Refused(400, f"Content-Length must not be negative, got {size}")
+            if size > max_bytes:
+                raise _Refused(413, f"the upload is {size / 2**20:.1f} MB; this server takes up to "
+                                    f"{max_bytes / 2**20:.3g} MB (--max-mb)")
+            if size == 0:
+                raise _Refused(400, "no image in the request: POST the image file's bytes")
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise _Refused(400, f"the upload ended after {len(data)} of the {size} bytes it announced")
+            return data
+
+        def _answer(self, work):
+            "Run `work` and answer: its JSON, or one error line with the status that fits."
+            try:
+                self._check_origin()
+                code, body = 200, work()
+            except _Refused as e:
+                code, body = e.args[0], {"error": e.args[1]}
+                self.close_connection = True
+            except TooLarge as e:
+                code, body = 413, {"error": str(e)}
+            except DataError as e:
+                code, body = (415 if "not an image" in str(e) else 400), {"error": str(e)}
+            except MelafastError as e:
+                code, body = 400, {"error": str(e)}
+            except (TimeoutError, ConnectionError):
+                self.close_connection = True
+                return  # the client went away or stalled: nobody to answer
+            except Exception as e:  # noqa: BLE001 - a server answers every request, even one that broke it
+                log(f"error on {self.command} {self.path}: {type(e).__name__}: {e}")
+                code, body = 500, {"error": f"the server failed on this request ({type(e).__name__}); see its log"}
+            if isinstance(body, bytes):
+                return self._send(code, body, "text/html; charset=utf-8")
+            if body is None:
+                return self._send(204, b"", "image/x-icon")
+            self._json(code, body)
+
         def do_GET(self):
             path = urlparse(self.path).path
-            if path == "/":
-                self._send(200, page, "text/html; charset=utf-8")
-            elif path == "/api/info":
-                self._json(200, info)
-            elif path == "/favicon.ico":
-                self._send(204, b"", "image/x-icon")
-            else:
-                self._json(404, {"error": f"no page {path}"})
+            pages = {"/": lambda: page, "/api/info": lambda: info, "/favicon.ico": lambda: None}
+            self._answer(pages.get(path) or _refuse(404, f"no page {path}"))
 
         def do_POST(self):
             url = urlparse(self.path)
-            if url.path != "/api/predict":
-                return self._json(404, {"error": f"no endpoint {url.path}"})
-            size = int(self.headers.get("Content-Length") or 0)
-            if size > max_bytes:
-                self.close_connection = True
-                return self._json(413, {"error": f"the upload is {size / 2**20:.1f} MB; this server takes up to "
-                                                 f"{max_bytes / 2**20:.3g} MB (--max-mb)"})
-            if size == 0:
-                return self._json(400, {"error": "no image in the request: POST the image file's bytes"})
-            data = self.rfile.read(size)
-            q = {k: v[0] for k, v in parse_qs(url.query).items()}
-            try:
-                res = service.predict(data, q.get("name", "upload"), q.get("sex"), q.get("age"), q.get("site"))
-            except DataError as e:
-                code = 415 if "not an image" in str(e) else 400
-                return self._json(code, {"error": str(e)})
-            except MelafastError as e:
-                return self._json(400, {"error": str(e)})
-            self._json(200, res)
+
+            def work():
+                if url.path != "/api/predict":
+                    raise _Refused(404, f"no endpoint {url.path}")
+                data = self._body()
+                q = {k: v[0] for k, v in parse_qs(url.query).items()}
+                name = q.pop("name", "upload")
+                return service.predict(data, name, **q)
+
+            self._answer(work)
 
         def log_message(self, fmt, *args):
             log(f"{self.address_string()} {fmt % args}")
@@ -248,25 +378,57 @@ def _handler(service: Service, max_bytes: int, log: Callable):
     return Handler
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    "A threading server that handles at most `threads` requests at once; the others wait to be accepted."
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, threads: int):
+        self.slots = threading.BoundedSemaphore(threads)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def make_server(run, host: str = "127.0.0.1", port: int = 7860, max_mb: float = MAX_MB, device=None,
-                precision: str | None = None, log: Callable = print) -> ThreadingHTTPServer:
+                precision: str | None = None, log: Callable = print, max_megapixels: float = MAX_MEGAPIXELS,
+                threads: int = THREADS, timeout: float = READ_TIMEOUT) -> ThreadingHTTPServer:
     """The server for `run` (not yet serving: call `.serve_forever()`); port 0 takes a free one."""
-    if max_mb <= 0:
-        raise MelafastError(f"--max-mb must be positive, got {max_mb}")
-    service = Service(run, device=device, precision=precision)
+    for name, value in (("--max-mb", max_mb), ("--max-megapixels", max_megapixels), ("--threads", threads),
+                        ("timeout", timeout)):
+        if not value > 0:
+            raise MelafastError(f"{name} must be positive, got {value}")
+    service = Service(run, device=device, precision=precision, max_megapixels=max_megapixels)
     try:
-        return ThreadingHTTPServer((host, port), _handler(service, int(max_mb * 2**20), log))
+        server = _BoundedServer((host, port), None, int(threads))
     except OSError as e:
         raise MelafastError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port") from None
+    server.RequestHandlerClass = _handler(service, int(max_mb * 2**20), log,
+                                          _allowed_hosts(host, server.server_address[1]), timeout)
+    return server
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 7860, max_mb: float = MAX_MB, device=None,
-          precision: str | None = None, log: Callable = print):
+          precision: str | None = None, log: Callable = print, max_megapixels: float = MAX_MEGAPIXELS,
+          threads: int = THREADS):
     """Serve the page for `run` until interrupted."""
-    server = make_server(run, host, port, max_mb, device, precision, log)
+    server = make_server(run, host, port, max_mb, device, precision, log, max_megapixels, threads)
     h, p = server.server_address[:2]
     log(f"serving {run} on http://{h}:{p}/ (Ctrl+C stops it)"
-        + ("" if host in ("127.0.0.1", "localhost", "::1") else "; reachable from other machines: no authentication"))
+        + ("" if host in ("127.0.0.1", "localhost", "::1") else "; reachable from other machines: no authentication, "
+           "and any Host name is answered"))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

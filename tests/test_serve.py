@@ -108,3 +108,143 @@ def test_the_page_in_a_browser_shows_predicts_probability(server, sample_dir, tm
     assert f"{int(want['votes'])} of 2 models" in text and ("not melanoma" in text) == (want["decision"] == 0)
     assert images == [224, 224] and before == [] and "2 fold models (folds 0, 1), TTA x2" in text
     assert "p.csv" in error and "not an image" in error
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hostile requests, each from a raw socket: every one gets an HTTP answer
+
+
+def _raw(url: str, request: bytes, timeout: float = 30) -> tuple[int, str]:
+    "Send `request` as it is on a new connection; (status, body) of the answer (status 0: none came)."
+    import socket
+
+    host, port = urllib.request.urlparse(url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)  # nothing more comes: a server waiting for more must still answer
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    if not data:
+        return 0, ""
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode("utf-8", "replace")
+
+
+def _post_raw(url, headers: dict, body: bytes = b"", path="/api/predict?name=x") -> tuple[int, str]:
+    port = urllib.request.urlparse(url).port
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items())]
+    return _raw(url, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    "A PNG that declares `width` x `height` pixels in a few dozen bytes (its pixels are never sent)."
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_bad_lengths_get_an_answer(server):
+    _, url = server
+    for headers, code, said in (({"Content-Length": "-1"}, 400, "negative"),
+                                ({"Content-Length": "12abc"}, 400, "must be a number"),
+                                ({}, 411, "no Content-Length"),
+                                ({"Transfer-Encoding": "chunked"}, 411, "chunked"),
+                                ({"Content-Length": "5000"}, 400, "ended after 3 of the 5000 bytes")):
+        status, body = _post_raw(url, headers, b"abc")
+        assert status == code and said in json.loads(body)["error"], (headers, status, body)
+    status, body = _post_raw(url, {"Content-Length": str(10**12)})  # far over --max-mb: answered before any read
+    assert status == 413 and "--max-mb" in json.loads(body)["error"]
+
+
+def test_huge_images_are_refused_from_their_header(server):
+    _, url = server
+    for w, h in ((15000, 13000), (12000, 12000)):  # over Pillow's bomb limit, and just under it
+        status, body = _post_raw(url, {"Content-Length": str(len(_png_header(w, h)))}, _png_header(w, h))
+        error = json.loads(body)["error"]
+        assert status == 413 and "--max-megapixels" in error and "40 megapixels" in error, (w, h, body)
+
+
+def test_other_hosts_and_origins_are_refused(server, sample_dir):
+    _, url = server
+    port = urllib.request.urlparse(url).port
+    status, body = _raw(url, f"GET /api/info HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode())
+    assert status == 403 and "evil.example" in json.loads(body)["error"]  # DNS rebinding: another name, our address
+    image = (sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes()
+    status, body = _post_raw(url, {"Content-Length": len(image), "Origin": "http://evil.example"}, image)
+    assert status == 403 and "evil.example" in json.loads(body)["error"]  # a page elsewhere posting here
+    status, body = _post_raw(url, {"Content-Length": len(image), "Origin": f"http://localhost:{port}"}, image)
+    assert status == 200 and 0 <= json.loads(body)["pred"] <= 1  # its own page
+    status, _ = _raw(url, f"GET /nowhere HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+    assert status == 404
+
+
+def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(server, sample_dir, monkeypatch):
+    from melafast.serve import Service
+
+    _, url = server
+    image = (sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes()
+    monkeypatch.setattr(Service, "predict", lambda *a, **k: 1 / 0)
+    status, got = _post(f"{url}/api/predict?name=x", image)
+    assert status == 500 and "ZeroDivisionError" in got["error"]
+    monkeypatch.undo()
+    status, got = _post(f"{url}/api/predict?name=x", image)
+    assert status == 200
+
+
+def test_unknown_fields_and_the_runs_own_form(server):
+    _, url = server
+    with urllib.request.urlopen(f"{url}/api/info") as r:
+        fields = {f["name"]: f for f in json.loads(r.read())["fields"]}
+    assert set(fields) == {"sex", "age_approx", "anatom_site_general_challenge"}
+    assert fields["sex"]["choices"] == ["female", "male"] and fields["age_approx"]["kind"] == "number"
+    with urllib.request.urlopen(url) as r:
+        page = r.read().decode()
+    assert all(f'data-field="{name}"' in page for name in fields)
+    status, got = _post(f"{url}/api/predict?name=x&colour=red", b"\xff\xd8")
+    assert status == 400 and "no field 'colour'" in got["error"] and "age_approx" in got["error"]
+
+
+def test_the_upload_is_decoded_once_for_every_fold_model(server, sample_dir, monkeypatch):
+    import melafast.onnx
+
+    run, _ = server
+    calls = []
+    real = melafast.onnx._open
+    monkeypatch.setattr(melafast.onnx, "_open", lambda *a: calls.append(a[1]) or real(*a))
+    from melafast.serve import Service
+
+    service = Service(run, device="cpu")
+    service.predict((sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes(), "x")
+    assert len(service.models) == 2 and calls == [32]
+
+
+def test_a_stalled_client_times_out_and_the_threads_are_bounded(make_run):
+    "One request at a time: a client that sends half its headers is dropped after the read timeout, and the request "
+    "waiting behind it is answered then."
+    import socket
+    import time
+
+    from melafast.serve import make_server
+
+    srv = make_server(make_run(tta=2), port=0, log=lambda m: None, threads=1, timeout=1.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.")  # and nothing more
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=30) as r:
+            assert r.status == 200
+        waited = time.perf_counter() - t0
+        assert 0.5 < waited < 10, waited  # it waited for the stalled client's timeout, not forever
+        stalled.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

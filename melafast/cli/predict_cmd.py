@@ -238,12 +238,16 @@ def serve(
                                       "authentication).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 7860,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload accepted, in MB.")] = 20,
+    max_megapixels: Annotated[float, typer.Option("--max-megapixels", help="Largest image accepted, in millions of "
+                                                  "pixels (read from its header before decoding).")] = 40.0,
+    threads: Annotated[int, typer.Option("--threads", help="Requests handled at once (the others wait).")] = 8,
     precision: RunPrecisionOpt = None,
 ):
     """A local web page to try a run: drop images, see the probability, the decision and the Grad-CAM map."""
     from ..serve import serve as run_server
 
-    run_server(run, host=host, port=port, max_mb=max_mb, precision=_value(precision), log=typer.echo)
+    run_server(run, host=host, port=port, max_mb=max_mb, precision=_value(precision), log=typer.echo,
+               max_megapixels=max_megapixels, threads=threads)
 
 
 @app.command("stack")
