@@ -148,3 +148,67 @@ def copy_run(run: Path, dest: Path) -> Path:
 def tiny_run(make_run):
     """A finished 2-fold run on the sample (32 px, 1 epoch after the frozen one, TTA x1): a run folder to read."""
     return make_run()
+
+
+@pytest.fixture(scope="session")
+def sample_diagnosis(shared_root, sample_dir):
+    "The sample with a diagnosis column (melanoma for every melanoma, nevus or seborrheic keratosis for the others)."
+    import numpy as np
+    import pandas as pd
+
+    def make(path):
+        shutil.copytree(sample_dir, path)
+        train = pd.read_csv(path / "train.csv")
+        other = np.random.default_rng(0).choice(["nevus", "seborrheic keratosis"], len(train))
+        train["diagnosis"] = np.where(train["target"] == 1, "melanoma", other)
+        train.to_csv(path / "train.csv", index=False)
+
+    return _once(shared_root, "sample-diagnosis", make)
+
+
+def invoke(*args):
+    "`melafast ARGS` in this process, with what it printed."
+    from typer.testing import CliRunner
+
+    from melafast.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def sample_2024(shared_root):
+    "The synthetic ISIC 2024 sample: metadata CSVs keyed by isic_id, HDF5 image stores."
+    def make(path):
+        res = invoke("sample", "--format", "isic2024", "--out", path, "--n-train", 300, "--n-test", 30)
+        assert res.exit_code == 0, res.output
+
+    return _once(shared_root, "sample-2024", make)
+
+
+COLUMNS_2024 = ["--cat", "sex", "--cat", "anatom_site_general", "--cont", "age_approx", "--cont", "clin_size_long_diam_mm",
+                "--cont", "tbp_lv_norm_border", "--cont", "tbp_lv_dnn_lesion_confidence"]
+TINY_2024 = ["--arch", TINY_ARCH, "--size", 32, "--bs", 32, "--epochs", 1, "--folds", 2, "--lr", "1e-2",
+             "--no-pretrained", "--workers", 0, "--tta", 1]
+
+
+def _run_2024(shared_root, sample_2024, name, *args):
+    def make(path):
+        res = invoke("train", "--data", sample_2024, *TINY_2024, "--out", path / "run", *args)
+        assert res.exit_code == 0, res.output
+        (path / "train.log").write_text(res.output)
+
+    path = _once(shared_root, name, make)
+    return path / "run", (path / "train.log").read_text()
+
+
+@pytest.fixture(scope="session")
+def run_2024(sample_2024, shared_root):
+    "A tiny run on the 2024 sample with its columns declared, trained once per session; the lines it printed."
+    return _run_2024(shared_root, sample_2024, "run-2024", *COLUMNS_2024)
+
+
+@pytest.fixture(scope="session")
+def run_2024_patient(sample_2024, shared_root):
+    "A tiny 2024 run with --patient-features on lesion size, and sex: trained once per session; its output."
+    return _run_2024(shared_root, sample_2024, "run-2024-patient", "--cont", "clin_size_long_diam_mm", "--cat", "sex",
+                     "--patient-features")

@@ -5,27 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import _once
-from typer.testing import CliRunner
-
-from melafast.cli import app
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="session")
-def sample_2024(shared_root):
-    def make(path):
-        res = invoke("sample", "--format", "isic2024", "--out", path, "--n-train", 300, "--n-test", 30)
-        assert res.exit_code == 0, res.output
-
-    return _once(shared_root, "sample-2024", make)
-
-
-COLUMNS = ["--cat", "sex", "--cat", "anatom_site_general", "--cont", "age_approx", "--cont", "clin_size_long_diam_mm",
-           "--cont", "tbp_lv_norm_border", "--cont", "tbp_lv_dnn_lesion_confidence"]
+from conftest import invoke
 
 
 def test_the_2024_sample_has_the_2024_layout(sample_2024):
@@ -38,20 +18,6 @@ def test_the_2024_sample_has_the_2024_layout(sample_2024):
     with h5py.File(sample_2024 / "train-image.hdf5") as f:
         assert set(f.keys()) == set(train["isic_id"]) and f[train["isic_id"].iloc[0]][()].tobytes()[:2] == b"\xff\xd8"
     assert list(pd.read_csv(sample_2024 / "sample_submission.csv").columns) == ["isic_id", "target"]
-
-
-@pytest.fixture(scope="session")
-def run_2024(sample_2024, shared_root):
-    "A tiny run on the 2024 sample with its columns declared, trained once per session; the lines it printed."
-    def make(path):
-        res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
-                     "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
-                     "--out", path / "run", *COLUMNS)
-        assert res.exit_code == 0, res.output
-        (path / "train.log").write_text(res.output)
-
-    path = _once(shared_root, "run-2024", make)
-    return path / "run", (path / "train.log").read_text()
 
 
 def test_train_and_submit_on_the_2024_layout(sample_2024, run_2024, tmp_path):
@@ -86,22 +52,19 @@ def test_patient_features_by_hand():
     assert "target" not in got.columns and len(got) == len(df)
 
 
-def test_patient_features_train_predict_and_are_not_exported(sample_2024, tmp_path):
+def test_patient_features_train_predict_and_are_not_exported(run_2024_patient, tmp_path):
     import json
 
-    res = invoke("train", "--data", sample_2024, "--arch", "mobilenetv3_small_050", "--size", 32, "--bs", 32,
-                 "--epochs", 1, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 0, "--tta", 1,
-                 "--cont", "clin_size_long_diam_mm", "--cat", "sex", "--patient-features", "--out", tmp_path / "run")
-    assert res.exit_code == 0, res.output
-    proc = json.loads((tmp_path / "run" / "fold0" / "config.json").read_text())["meta_proc"]
+    run = shutil.copytree(run_2024_patient[0], tmp_path / "run")
+    proc = json.loads((run / "fold0" / "config.json").read_text())["meta_proc"]
     assert proc["cont_names"] == ["clin_size_long_diam_mm", "clin_size_long_diam_mm_patient_z",
                                   "clin_size_long_diam_mm_patient_rank"]
-    res = invoke("submit", "--run", tmp_path / "run", "--workers", 0, "--out", tmp_path / "sub.csv")
+    res = invoke("submit", "--run", run, "--workers", 0, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 0, res.output  # predict computes them over the test table, as training did
-    res = invoke("export", "--run", tmp_path / "run", "--out", tmp_path / "onnx")
+    res = invoke("export", "--run", run, "--out", tmp_path / "onnx")
     assert res.exit_code == 1 and "--patient-features" in res.stderr
-    shutil.rmtree(tmp_path / "run" / "fold1")  # an interrupted run resumes with the columns it recorded
-    res = invoke("train", "--resume", tmp_path / "run")
+    shutil.rmtree(run / "fold1")  # an interrupted run resumes with the columns it recorded
+    res = invoke("train", "--resume", run)
     assert res.exit_code == 0 and "fold(s) 0 already finished" in res.output, res.output
 
 

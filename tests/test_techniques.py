@@ -84,15 +84,8 @@ def test_diagnosis_labels():
     assert diagnosis_labels(df).tolist() == ["nevus", "melanoma", "unknown", "unknown", "melanoma"]
 
 
-def test_diagnosis_target_scores_the_melanoma_class(sample_dir, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(sample_dir, data)
-    train = pd.read_csv(data / "train.csv")
-    rng = np.random.default_rng(0)
-    train["diagnosis"] = np.where(train["target"] == 1, "melanoma", rng.choice(["nevus", "seborrheic keratosis"], len(train)))
-    train.to_csv(data / "train.csv", index=False)
-    run = tmp_path / "run"
-    _train("--data", data, "--target", "diagnosis", "--out", run)
+def test_diagnosis_target_scores_the_melanoma_class(make_run, sample_diagnosis, tmp_path):
+    run = make_run(data=sample_diagnosis, target="diagnosis")  # shared with tests/test_surfaces.py
     fold_cfg = json.loads((run / "fold0" / "config.json").read_text())
     assert fold_cfg["vocab"] == ["melanoma", "nevus", "seborrheic keratosis"] and fold_cfg["n_out"] == 3
     assert fold_cfg["pos"] == 0
