@@ -41,9 +41,9 @@ def _md_table(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([head, "|" + "---|" * len(df.columns), *("| " + " | ".join(r) + " |" for r in cells)])
 
 
-def _command(config) -> str:
+def _command(command: str) -> str:
     "How the run was started: the `melafast train ...` command as typed, when the run was started by one."
-    words = str(config.get("command") or "").split()
+    words = str(command or "").split()
     if len(words) > 1 and Path(words[0]).name == "melafast" and words[1] == "train":
         return "`" + " ".join(["melafast", *words[1:]]) + "`"
     return "from Python (`train_run`); every setting is in the run's config.json"
@@ -81,12 +81,12 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
 
     folder = RunFolder(run)
     config, oof = _read_run(folder)
-    results, s = folder.results(), config.get("settings", {})
+    results, s = folder.results(), config.settings
     try:
         df, data = _oof_with_metadata(folder, config, oof, data, images)
         data_note = ""
     except DataError as e:
-        df, data, data_note = oof, config.get("data"), f"The data folder could not be read ({e}): figures by patient " \
+        df, data, data_note = oof, config.data, f"The data folder could not be read ({e}): figures by patient " \
                                                         "group are left out."
     name = Path(run).resolve().name
     data_name = Path(str(data)).name if data else "unknown"
@@ -99,21 +99,21 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
     lines = [_header(name, data_name, ci, pci, sens90), f"# {name}: melanoma classifier (melafast)", ""]
 
     lines += ["## Model", "",
-              f"- Architecture: timm `{s.get('arch')}` image backbone"
-              + (" with a metadata network (patient fields) fused before the head" if s.get("meta", True) else
+              f"- Architecture: timm `{s.arch}` image backbone"
+              + (" with a metadata network (patient fields) fused before the head" if s.meta else
                  ", image only") + f"; {len(folder.model_dirs())} fold model(s), averaged at prediction.",
-              f"- Input: {s.get('size')} px dermoscopic images"
-              + (", with sex, age and anatomical site when known" if s.get("meta", True) else "")
-              + f"; test-time augmentation: {s.get('tta')} dihedral view(s).",
-              f"- Training: {s.get('freeze_epochs', 1)} frozen + {s.get('epochs')} epochs, batch size {s.get('bs')}, "
-              f"learning rate {s.get('lr') if s.get('lr') is not None else 'from lr_find per fold'}, "
-              f"{s.get('folds')} patient-grouped folds, seed {s.get('seed')}, "
-              f"{'ImageNet weights' if s.get('pretrained') or s.get('weights') else 'random initialisation'}, "
-              f"metadata dropout {s.get('meta_dropout')}"
+              f"- Input: {s.size} px dermoscopic images"
+              + (f", with {', '.join(sum(config.metadata_columns, []))} when known" if s.meta else "")
+              + f"; test-time augmentation: {s.tta} dihedral view(s).",
+              f"- Training: {s.freeze_epochs} frozen + {s.epochs} epochs, batch size {s.bs}, "
+              f"learning rate {s.lr if s.lr is not None else 'from lr_find per fold'}, "
+              f"{s.folds} patient-grouped folds, seed {s.seed}, "
+              f"{'ImageNet weights' if s.pretrained or s.weights else 'random initialisation'}, "
+              f"metadata dropout {s.meta_dropout}" + (f" ({s.dropout_patterns})" if s.meta_dropout else "")
               + ("; images without any metadata are scored by an image-only head trained on every training image"
-                 if s.get("meta", True) and s.get("image_head") else "") + ".",
-              "- Software: " + ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()) + ".",
-              f"- Trained with: {_command(config)}", ""]
+                 if s.meta and s.image_head else "") + ".",
+              "- Software: " + ", ".join(f"{k} {v}" for k, v in config.versions.items()) + ".",
+              f"- Trained with: {_command(config.command)}", ""]
 
     lines += ["## Intended use and limits", "",
               "A research model that ranks dermoscopic images of skin lesions by their risk of melanoma, for studying "
@@ -121,10 +121,11 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
               *(f"- {t}" for t in LIMITS), ""]
 
     lines += ["## Training data", "",
-              f"`{data_name}`: {config.get('n_train', len(df))} training images, {config.get('n_melanoma', int(df['target'].sum()))} "
+              f"`{data_name}`: {config.n_train or len(df)} training images, "
+              f"{config.n_melanoma if config.n_melanoma is not None else int(df['target'].sum())} "
               f"melanomas ({df['target'].mean():.1%} of the scored images)"
               + (f", {df['patient_id'].nunique()} patients" if "patient_id" in df.columns else "")
-              + (f"; {config['n_external']} external images trained but are never scored" if config.get("n_external")
+              + (f"; {config.n_external} external images trained but are never scored" if config.n_external
                  else "") + "."]
     if data_note:
         lines += ["", data_note]

@@ -8,6 +8,7 @@ of the difference. One self-contained HTML page in the report's style, its figur
 from __future__ import annotations
 
 import html
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -108,8 +109,8 @@ def _settings(labels, configs) -> pd.DataFrame:
     "The settings (and library versions) whose values are not the same in every run."
     flat = []
     for config in configs:
-        s = {k: v for k, v in config.get("settings", {}).items() if k != "out"}
-        s.update({f"version of {k}": v for k, v in config.get("versions", {}).items()})
+        s = {k: v for k, v in asdict(config.settings).items() if k != "out"}
+        s.update({f"version of {k}": v for k, v in config.versions.items()})
         flat.append(s)
     keys = sorted(set().union(*flat))
     rows = [dict(setting=k, **{label: str(f.get(k, "(not recorded)")) for label, f in zip(labels, flat)})

@@ -204,6 +204,8 @@ class TrainConfig:
         if unknown:
             raise MelafastError(f"settings this melafast does not know: {', '.join(unknown)}")
         values = dict(settings)
+        if "lr_mult" not in values:  # saved before --lr-mult: pretrained backbones then trained at lr/100
+            values["lr_mult"] = 100.0 if values.get("pretrained", True) or values.get("weights") else 1.0
         for name, (s, _) in known.items():
             if name not in values and s.before is not _SAME:
                 values[name] = s.before

@@ -84,10 +84,10 @@ def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9,
         table[f"pred_fold{k}"], table[f"soft_target_fold{k}"] = p, soft(p, kept)
     table = table[written]
     write_csv(table, out)
-    cfg = folder.config() if folder.config_file.is_file() else {"settings": {}}
+    settings = folder.train_config() if folder.config_file.is_file() else None
     oof = folder.oof(need="pseudo-labels record the teacher's folds")
-    folder.write_pseudo_info(out, dict(run=str(folder.path.resolve()), folds=cfg["settings"].get("folds"),
-                                       seed=cfg["settings"].get("seed"), low=low, high=high, hard=hard,
+    folder.write_pseudo_info(out, dict(run=str(folder.path.resolve()), folds=settings.folds if settings else None,
+                                       seed=settings.seed if settings else None, low=low, high=high, hard=hard,
                                        fold_of={str(n): int(f) for n, f in zip(oof["image_name"], oof["fold"])}))
     n_pos = int((pred[keep] >= high).sum())
     per = ", ".join(f"fold {k}: {int(kept.sum())}" for k, kept in zip(folds, fold_keep))

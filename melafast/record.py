@@ -10,9 +10,44 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import RunError
 
-__all__ = ["ModelSpec", "OperatingPoint", "SCALES"]
+__all__ = ["RunInfo", "ModelSpec", "OperatingPoint", "SCALES"]
 
 SCALES = ("model", "ensemble")  # an operating point's threshold applies to one fold model's score, or the fold mean
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run folder's config.json as a typed record: its settings and what training recorded beside them."""
+
+    settings: object  # the `TrainConfig` it was trained with (settings it predates: the value then in effect)
+    data: str | None = None  # the dataset folder it was trained on
+    n_train: int | None = None  # training images of the main data
+    n_melanoma: int | None = None  # melanomas among them
+    n_external: int = 0  # external images that only ever trained
+    n_pseudo: int = 0  # pseudo-labelled images that only ever trained
+    pseudo_per_fold: bool | None = None  # the pseudo-labels came from per-fold teachers (None: no pseudo-labels)
+    versions: dict = field(default_factory=dict)  # library versions that trained it
+    command: str = ""  # the command line that trained it
+    format: int = 1  # the run format
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "RunInfo":
+        """From a run's config.json (checked by `RunFolder.config`), any format melafast wrote."""
+        from .config import TrainConfig
+
+        known = {f.name for f in fields(cls)} - {"settings"}
+        return cls(settings=TrainConfig.from_saved(cfg["settings"]),
+                   **{k: v for k, v in cfg.items() if k in known and v is not None})
+
+    @property
+    def metadata_columns(self) -> tuple[list, list]:
+        "(categorical, continuous) metadata columns the run declared, or the 2020 ones (sex, site; age)."
+        from .data.tables import CAT_NAMES, CONT_NAMES
+
+        s = self.settings
+        if not s.cat and not s.cont:
+            return list(CAT_NAMES), list(CONT_NAMES)
+        return list(s.cat), list(s.cont)
 
 
 @dataclass(frozen=True)

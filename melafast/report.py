@@ -27,12 +27,13 @@ SECTIONS = {"summary": "Summary", "curves": "Curves and operating points", "cali
 SITE = "anatom_site_general_challenge"
 
 
-def _read_run(run: RunFolder) -> tuple[dict, pd.DataFrame]:
-    config = run.config()
+def _read_run(run: RunFolder) -> tuple:
+    "(the run's `RunInfo`, its out-of-fold rows), checked to hold both classes."
+    info = run.info()
     oof = run.oof(need="the report is made from a run's out-of-fold predictions")
     if oof.empty or oof["target"].nunique() < 2:
         raise RunError(f"{run.oof_file} needs melanomas and benign lesions for an AUC")
-    return config, oof
+    return info, oof
 
 
 def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
@@ -45,7 +46,7 @@ def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.Da
     if len(missing):
         raise DataError(f"{data} does not hold the images of {run.path}: {len(missing)} of its {len(oof)} out-of-fold "
                         f"images are not in its train.csv (e.g. {', '.join(missing.head(3))}); pass --data PATH")
-    if config.get("settings", {}).get("extra_meta"):
+    if config.settings.extra_meta:
         train = add_meta_features(train)  # as in training: computed over the whole training table
     df = oof.merge(train.drop(columns=["target", "fold"], errors="ignore"), on="image_name", how="left")
     return df, data
@@ -90,29 +91,27 @@ def _page(title: str, sections: dict, names: dict) -> str:
 def _summary(config, results, df, data, n_boot) -> str:
     from .evaluate import PAUC_MIN_TPR, auc, bootstrap_auc, bootstrap_pauc, pauc, sens_at_spec
 
-    s = config.get("settings", {})
+    s = config.settings
     ci = bootstrap_auc(df["target"], df["pred"], df.get("patient_id"), n_boot=n_boot)
     pci = bootstrap_pauc(df["target"], df["pred"], df.get("patient_id"), n_boot=n_boot)
-    lr = "lr_find valley per fold" if s.get("lr") is None else s["lr"]
-    settings = {k: s.get(k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta", "keep",
-                                      "aug", "upsample", "ema", "swa", "pseudo", "external", "seed")}
-    settings.update(lr=lr, lr_mult=s.get("lr_mult"), pretrained=s.get("weights") or s.get("pretrained"))
-    if s.get("meta", True):
-        from .data import CAT_NAMES, CONT_NAMES
-
-        settings["metadata columns"] = ("categorical " + ", ".join(s.get("cat") or CAT_NAMES) + "; continuous "
-                                        + ", ".join(s.get("cont") or CONT_NAMES)
-                                        + ("; plus images per patient and log file size" if s.get("extra_meta") else ""))
+    lr = "lr_find valley per fold" if s.lr is None else s.lr
+    settings = {k: getattr(s, k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta",
+                                           "keep", "aug", "upsample", "ema", "swa", "pseudo", "external", "seed")}
+    settings.update(lr=lr, lr_mult=s.lr_mult, pretrained=s.weights or s.pretrained)
+    if s.meta:
+        cat, cont = config.metadata_columns
+        settings["metadata columns"] = ("categorical " + ", ".join(cat) + "; continuous " + ", ".join(cont)
+                                        + ("; plus images per patient and log file size" if s.extra_meta else ""))
     rows = [dict(setting=k, value=str(v)) for k, v in settings.items()]
-    rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.get("versions", {}).items()]
+    rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.versions.items()]
     folds = pd.DataFrame([dict(fold=int(k), images=len(g), melanomas=int(g["target"].sum()), auc=auc(g["target"], g["pred"]),
                                pauc=pauc(g["target"], g["pred"]), sens_at_spec90=sens_at_spec(g["target"], g["pred"]),
                                kept_epoch=str(results.get("kept_epochs", {}).get(str(k), "")))
                           for k, g in df.groupby("fold")])
     out = [_p(f"Data: {data}: {len(df)} out-of-fold images, {int(df['target'].sum())} melanomas"
               + (f", {df['patient_id'].nunique()} patients" if "patient_id" in df else "")
-              + (f"; {config.get('n_external')} external images trained but are never scored"
-                 if config.get("n_external") else "") + "."),
+              + (f"; {config.n_external} external images trained but are never scored"
+                 if config.n_external else "") + "."),
            f"<p><b>Out-of-fold ROC AUC {ci['auc']:.4f}</b> (95% bootstrap interval {ci['lo']:.4f} to {ci['hi']:.4f}, "
            f"{ci['n_boot']} resamples of whole patients); <b>partial AUC above {PAUC_MIN_TPR:.0%} sensitivity "
            f"{pci['pauc']:.4f}</b> ({pci['lo']:.4f} to {pci['hi']:.4f}; the ROC area where sensitivity is at least "
@@ -120,8 +119,8 @@ def _summary(config, results, df, data, n_boot) -> str:
            f"{sens_at_spec(df['target'], df['pred'], 0.9):.3f}. "
            + html.escape(f"Each fold kept {results.get('epoch_rule', 'its epoch as the run says')}.") + "</p>"]
     if results.get("oof_auc_no_meta") is not None:
-        drop = config.get("settings", {}).get("meta_dropout") or 0
-        if config.get("settings", {}).get("image_head"):  # runs saved before the image head have none
+        drop = config.settings.meta_dropout or 0
+        if config.settings.image_head:  # runs saved before the image head have none
             how = ("They are scored by the model's image-only head, trained on every training image beside the joint "
                    "head" + (f"; metadata dropout ({drop}) trains the joint head for rows missing some fields."
                              if drop else "."))
@@ -199,12 +198,12 @@ def _calibration(config, df, figdir) -> str:
 
     cal = calibration(df["target"], df["pred"])
     fig = plot_reliability(cal["bins"], cal["ece"], cal["brier"], figdir / "calibration.png")
-    s = config.get("settings", {})
+    s = config.settings
     notes = []
-    if (s.get("upsample") or 1) > 1:
-        notes.append(f"This run showed each training melanoma {s['upsample']} times per epoch: its probabilities "
+    if (s.upsample or 1) > 1:
+        notes.append(f"This run showed each training melanoma {s.upsample} times per epoch: its probabilities "
                      "overstate the melanoma rate and are not calibrated.")
-    if s.get("pseudo"):
+    if s.pseudo:
         notes.append("This run trained on pseudo-labels (soft targets from another model): its probabilities are not "
                      "calibrated.")
     notes.append("Averages over TTA views and fold models also pull probabilities towards the middle; rank-based "
@@ -221,8 +220,8 @@ def _subgroups(config, df, figdir, n_boot) -> str:
     fig = plot_subgroups(table, dict(auc=auc(df["target"], df["pred"])), figdir / "subgroups.png")
     text = ["AUC per group with a 95% bootstrap interval (whole patients resampled); groups with fewer than 5 "
             "melanomas get no AUC. The counts of each variable add up to all out-of-fold images."]
-    if config.get("n_external"):
-        text.append(f"The run also trained on {config['n_external']} external images; they only ever train, so "
+    if config.n_external:
+        text.append(f"The run also trained on {config.n_external} external images; they only ever train, so "
                     "there is no out-of-fold score for them: every figure here is on the main data.")
     return "\n".join([_img(fig), *map(_p, text), _table(table)])
 
@@ -339,7 +338,7 @@ def _metadata(config, models, df, figdir, repeats, bs, num_workers, device, prec
     from .explain import metadata_importance
     from .plots import plot_importance
 
-    if not config.get("settings", {}).get("meta", True):
+    if not config.settings.meta:
         return _p("This run uses the image only (--no-meta): there is no metadata to weigh.")
     table = metadata_importance(models, df, n_repeats=repeats, bs=bs, num_workers=num_workers, device=device,
                                 precision=precision)

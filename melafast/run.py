@@ -12,7 +12,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -316,12 +316,8 @@ def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> Ru
     if not run.config_file.is_file():
         raise RunError(f"nothing to resume: {run.config_file} does not exist (is {run_dir} a melafast run folder?)")
     try:
-        saved = run.config()
-        settings = dict(saved["settings"])
-        settings.update(data=saved["data"], out=str(run.path), workers=workers)
-        if "lr_mult" not in settings:  # saved before --lr-mult existed: pretrained backbones then trained at lr/100
-            settings["lr_mult"] = 100.0 if settings.get("pretrained", True) or settings.get("weights") else 1.0
-        cfg = TrainConfig.from_saved(settings)  # the other settings it predates: what was in effect then
+        info = run.info()  # settings it predates: what was in effect then
+        cfg = replace(info.settings, data=info.data, out=str(run.path), workers=workers)
     except (KeyError, TypeError, ValueError, MelafastError) as e:
         raise RunError(f"cannot resume {run_dir}: its {run.config_file.name} is damaged or from another version "
                        f"({e})") from None

@@ -222,11 +222,20 @@ class RunFolder:
             raise RunError(f"{self.operating_point_file} is damaged ({e}): save it again with `melafast report "
                            "--operating-point`") from None
 
+    def info(self):
+        """The run's config.json as a typed `RunInfo` (its `TrainConfig` and what training recorded beside it)."""
+        from .record import RunInfo
+
+        try:
+            return RunInfo.from_config(self.config())
+        except (TypeError, ValueError, MelafastError) as e:
+            if isinstance(e, RunError):
+                raise
+            raise RunError(f"{self.config_file} holds settings this melafast cannot read ({e})") from None
+
     def train_config(self):
         """The run's training settings as a `TrainConfig` (settings it predates get the value then in effect)."""
-        from .config import TrainConfig
-
-        return TrainConfig.from_saved(self.settings)
+        return self.info().settings
 
     def audit(self) -> pd.DataFrame | None:
         """The shortcut audit's table: audit.csv from `melafast audit`, else the one the report's section saved

@@ -267,9 +267,9 @@ def _allowed_hosts(host: str, port: int) -> set | None:
 
 def _handler(service: Service, max_bytes: int, log: Callable, hosts: set | None, timeout: float):
     info = service.info()
-    point = info["operating_point"]
-    about = (f"{info['models']} fold model(s), TTA x{info['tta']}"
-             + (f"; decision at {point['goal']} (threshold {point['threshold']:.4f})" if point
+    point = service.point
+    about = (f"{len(service.models)} fold model(s), TTA x{service.tta}"
+             + (f"; decision at {point.goal} (threshold {point.threshold:.4f})" if point
                 else "; no operating point saved (`melafast report --operating-point`)") + ".")
     fields = "\n".join(_field_html(f) for f in service.fields) or "<p>This run uses no patient metadata.</p>"
     page = _PAGE.format(run=html.escape(info["run"]), about=html.escape(about), fields=fields).encode("utf-8")

@@ -34,14 +34,14 @@ def _logit(p):
 
 def _table(data, cat, cont, patient_features, split="train") -> pd.DataFrame:
     "The split's table (no images needed) with the feature columns cleaned, and patient features when asked."
-    from .data import add_patient_features, clean_columns, clean_metadata, read_table, split_csv
+    from .data import read_table, split_csv
+    from .inference.inputs import clean_table
 
     data = Path(data)
     csv = split_csv(data, split)
     if not csv.is_file():
         raise DataError(f"{data} has no {split}.csv: the stack needs the table's features")
-    df = clean_columns(clean_metadata(read_table(csv, required=("image_name",))), cat, cont, csv)
-    return add_patient_features(df, cont) if patient_features else df
+    return clean_table(read_table(csv, required=("image_name",)), cat, cont, cont if patient_features else (), csv)
 
 
 def _matrix(df, cat, cont, vocab, image_pred) -> pd.DataFrame:
@@ -70,13 +70,13 @@ def _fingerprint(X: pd.DataFrame, y) -> str:
     return h.hexdigest()
 
 
-def _columns(settings, cat, cont):
-    from .data import CAT_NAMES, CONT_NAMES
+def _columns(info, cat, cont):
+    "The trees' columns: those asked for, or the run's own metadata columns (`RunInfo`)."
     from .data.meta import PATIENT_SUFFIXES
 
-    if cat is None and cont is None:  # the run's own metadata columns
-        cat = settings.get("cat") or list(CAT_NAMES)
-        cont = [c for c in (settings.get("cont") or list(CONT_NAMES)) if not c.endswith(PATIENT_SUFFIXES)]
+    if cat is None and cont is None:
+        cat, cont = info.metadata_columns
+        cont = [c for c in cont if not c.endswith(PATIENT_SUFFIXES)]
     return list(cat or []), list(cont or [])
 
 
@@ -107,8 +107,7 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
     from .runfolder import RunFolder
 
     folder = RunFolder(run)
-    config = folder.config()
-    cat, cont = _columns(config.get("settings", {}), cat, cont)
+    cat, cont = _columns(folder.info(), cat, cont)
     data = folder.data_for(data)
     rows, X, y, vocab, cont_all = _training(folder, data, cat, cont, patient_features)
     if y.min() == y.max():

@@ -54,7 +54,7 @@ def test_every_figure_of_the_card_comes_from_the_run(tiny_run, sample_dir, tmp_p
     assert f"torch {config['versions']['torch']}" in model
     from melafast.card import _command
 
-    assert _command({"command": "/usr/x/bin/melafast train --data d --out r"}) == "`melafast train --data d --out r`"
+    assert _command("/usr/x/bin/melafast train --data d --out r") == "`melafast train --data d --out r`"
     assert "from Python" in model  # (this run was trained in-process, from the tests)
 
     data = _section(body, "Training data")

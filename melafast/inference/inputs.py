@@ -11,11 +11,23 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["model_table", "no_metadata", "form_fields", "upload_refusal"]
+__all__ = ["clean_table", "model_table", "no_metadata", "form_fields", "upload_refusal"]
 
 
 def _procs(predictors) -> list:
     return [p.meta_proc for p in predictors if p.meta_proc is not None]
+
+
+def clean_table(df: pd.DataFrame, cat=(), cont=(), relative=(), source=None) -> pd.DataFrame:
+    """`df` with its metadata read as training read it: the 2020 columns and the declared `cat`/`cont` columns
+    cleaned (a value that cannot be what its column means is one `DataError`), and each `relative` column's
+    patient-relative features computed over these rows. What the models read (`model_table`) and what the stack's
+    trees read (`melafast stack`) both come through here."""
+    from ..data import clean_columns, clean_metadata
+    from ..data.meta import add_patient_features
+
+    df = clean_columns(clean_metadata(df, source), list(cat), list(cont), source)
+    return add_patient_features(df, list(relative)) if relative else df
 
 
 def model_table(predictors, df: pd.DataFrame) -> pd.DataFrame:
@@ -23,22 +35,20 @@ def model_table(predictors, df: pd.DataFrame) -> pd.DataFrame:
     columns and every declared `--cat`/`--cont` column), and the features training computed over its table computed
     over this one (`--extra-meta`: images per patient and log file size; `--patient-features`: each value against
     the same patient's other lesions)."""
-    from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features, clean_columns, clean_metadata
-    from ..data.meta import PATIENT_SUFFIXES, add_patient_features
+    from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features
+    from ..data.meta import PATIENT_SUFFIXES
 
     procs = _procs(predictors)
     if any(c in EXTRA_CONT_NAMES and c not in df.columns for proc in procs for c in proc.cont_names):
         df = add_meta_features(df)  # the models were trained with them: computed over this table
         for p in predictors:
             check_file_features(p.spec, df)
-    df = clean_metadata(df)
     cats = list(dict.fromkeys(c for proc in procs for c in proc.cat_names))
     conts = list(dict.fromkeys(c for proc in procs for c in proc.cont_names
                                if c not in EXTRA_CONT_NAMES and not c.endswith(PATIENT_SUFFIXES)))
-    df = clean_columns(df, cats, conts)  # declared columns (--cat/--cont) as training read them
     relative = list(dict.fromkeys(c[: -len(s)] for proc in procs for c in proc.cont_names for s in PATIENT_SUFFIXES
                                   if c.endswith(s)))
-    return add_patient_features(df, relative) if relative else df  # over the predicted table, as training did
+    return clean_table(df, cats, conts, relative)  # over the predicted table, as training did
 
 
 def no_metadata(predictors, table: pd.DataFrame) -> np.ndarray:
