@@ -93,7 +93,15 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
         for s in res["recipes"][name]["per_seed"]:
             assert 0 <= s["oof_blank"] <= 1 and 0 <= s["holdout_blank"] <= 1, name
     assert "holdout_blank" not in res["recipes"]["melafast_image"]["per_seed"][0]
-    table, check, blank, points = quality.markdown_table([res]).split("\n\n")
+    # and with each pattern of missing fields a user can bring, from the same image features
+    fields = ("age_approx", "sex", "anatom_site_general_challenge")
+    for name in ("melafast_meta_tta", "melafast_best"):
+        for s in res["recipes"][name]["per_seed"]:
+            assert all(0 <= s[f"holdout_{how}_{c}"] <= 1 for how in ("without", "only") for c in fields), name
+    table, check, blank, *patterns, points = quality.markdown_table([res]).split("\n\n")
+    assert len(patterns) == 2 and all(len(p.splitlines()) == 2 + 8 for p in patterns)  # all, 3 without, 3 only, none
+    assert all(p.splitlines()[-1].startswith("| no field (image head) |") and p.endswith("| 0.000 ± 0.000 |")
+               for p in patterns)
     assert len(table.splitlines()) == 2 + len(rows) and all(f"| {name} | 2 |" in table for name in rows)
     pauc = res["recipes"]["frozen_logreg"]["summary"]["holdout_pauc"]
     assert table.splitlines()[2].endswith(f"| {pauc['mean']:.3f} ± {pauc['sd']:.3f} |")
@@ -106,6 +114,16 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
         for s in res["recipes"][name]["per_seed"]:
             assert 0 < s["op_holdout_sens"] <= 1 and 0 <= s["op_holdout_spec"] <= 1, name
             assert 0 < s["op_crossfit_sens"] <= 1 and 0 <= s["op_holdout_sens_mean"] <= 1, name
+
+
+def test_serve_load_answers_every_request(make_run, sample_dir, tmp_path):
+    import serve_load
+
+    res = serve_load.main(["--run", str(make_run(tta=2)), "--images", str(sample_dir / "jpeg" / "test"), "--limit", "4",
+                           "--clients", "3", "--seconds", "4", "--hostile", "3", "--out", str(tmp_path / "s.json")])
+    assert res["requests"] == res["answered"] > 10 and res["lost"] == 0 and res["wrong_status"] == 0
+    assert res["hostile"] >= 3 and {"200", "400", "403", "413"} <= set(res["by_status"])  # each kind met its answer
+    assert res["max_diff_under_load"] == 0.0 and res["predictions_per_s"] > 0  # no request saw another's image
 
 
 def test_onnx_speed_times_the_same_predictions(tiny_run, sample_dir, tmp_path):
