@@ -198,8 +198,13 @@ def _meta_rows(meta) -> dict:
             meta = list(csv.DictReader(f))
     rows = {}
     for r in meta:
+        r = dict(r)
+        if "image_name" not in r and "isic_id" in r:  # the ISIC 2024 layout, read as melafast reads it
+            r["image_name"] = r["isic_id"]
+        if "anatom_site_general" in r and "anatom_site_general_challenge" not in r:
+            r["anatom_site_general_challenge"] = r["anatom_site_general"]
         if "image_name" not in r:
-            raise ExportError("the metadata needs an image_name column")
+            raise ExportError("the metadata needs an image_name (or isic_id) column")
         rows[str(r["image_name"]).strip()] = r
     return rows
 

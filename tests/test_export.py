@@ -99,7 +99,7 @@ def test_the_runtime_decides_by_a_calibrated_points_scale(exported, sample_dir):
     saved = folder.operating_point()
     try:
         preds = _torch_preds(run, images)["pred"]
-        point = dict(saved, scale="ensemble", threshold=float(np.median(preds)))
+        point = dict(saved.to_dict(), scale="ensemble", threshold=float(np.median(preds)))
         folder.write_operating_point(point)
         runtime.operating_point = point  # what the manifest holds when the run is exported after calibrating
         want, got = _torch_preds(run, images), pd.DataFrame(runtime.predict(images))

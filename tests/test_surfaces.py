@@ -42,12 +42,13 @@ def _images_2024(sample_2024, tmp_path):
     with h5py.File(sample_2024 / "test-image.hdf5") as f:
         for name in table["isic_id"]:
             (folder / f"{name}.jpg").write_bytes(f[name][()].tobytes())
-    return folder, table.rename(columns={"isic_id": "image_name"})
+    return folder, table  # keyed by isic_id, as the 2024 tables are
 
 
 def _shapes(table: pd.DataFrame, given: list) -> dict:
     "The shapes of input users bring: name -> metadata table (None: images only)."
-    shapes = {"full metadata": table, "image_name + patient_id": table[["image_name", "patient_id"]], "none": None}
+    key = "isic_id" if "isic_id" in table.columns else "image_name"
+    shapes = {"full metadata": table, "image_name + patient_id": table[[key, "patient_id"]], "none": None}
     if given:
         shapes["one field missing"] = table.drop(columns=[given[0]], errors="ignore")
     if len(given) > 1:
@@ -86,12 +87,13 @@ def _submit(run, images, meta, tmp_path) -> pd.Series:
     table.to_csv(data / "test.csv", index=False)
     res = invoke("submit", "--run", run, "--data", data, "--workers", 0, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 0, res.output
-    return pd.read_csv(tmp_path / "sub.csv", dtype={"image_name": str}).set_index("image_name")["target"]
+    sub = pd.read_csv(tmp_path / "sub.csv", dtype=str)
+    return sub.set_index(sub.columns[0])["target"].astype(float)
 
 
 def _serve(service, images, meta, given) -> pd.Series:
     "The serve API (what POST /api/predict runs) on the first 3 images, with the row's given fields."
-    rows = {} if meta is None else meta.set_index("image_name").to_dict("index")
+    rows = {} if meta is None else meta.set_index(meta.columns[0]).to_dict("index")
     out = {}
     for path in sorted(images.iterdir())[:3]:
         row = rows.get(path.stem, {})

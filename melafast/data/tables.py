@@ -31,10 +31,7 @@ def read_table(csv, required=("image_name",)) -> pd.DataFrame:
         raise DataError(f"{csv} is empty: it needs a header line and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{csv} is not a readable CSV file ({e})") from None
-    if "isic_id" in df.columns and "image_name" not in df.columns:  # the ISIC 2024 layout: ids are isic_id
-        df = df.rename(columns={"isic_id": "image_name"})
-    if "anatom_site_general" in df.columns and "anatom_site_general_challenge" not in df.columns:
-        df["anatom_site_general_challenge"] = df["anatom_site_general"]  # 2024's name of the 2020 site column
+    df = _common_names(df)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{csv} lacks the column(s) {', '.join(missing)}; found: {', '.join(map(str, df.columns))}")
@@ -50,6 +47,15 @@ def read_table(csv, required=("image_name",)) -> pd.DataFrame:
     if len(bad):
         raise DataError(f"{csv}: image_name must be a plain file name, but {bad.iloc[0]!r} holds a path ({len(bad)} such rows)")
     df["image_name"] = names
+    return df
+
+
+def _common_names(df: pd.DataFrame) -> pd.DataFrame:
+    "The ISIC 2024 layout's columns under the names melafast reads: isic_id as image_name, the site under both names."
+    if "isic_id" in df.columns and "image_name" not in df.columns:
+        df = df.rename(columns={"isic_id": "image_name"})
+    if "anatom_site_general" in df.columns and "anatom_site_general_challenge" not in df.columns:
+        df = df.assign(anatom_site_general_challenge=df["anatom_site_general"])  # 2024's name of the 2020 site column
     return df
 
 
@@ -343,7 +349,7 @@ def image_table(images, meta=None) -> pd.DataFrame:
         df = pd.DataFrame({"image_name": [p.stem for p in paths], "fname": [str(p.expanduser().resolve()) for p in paths]})
     source = None
     if meta is not None:
-        table = read_table(meta) if not isinstance(meta, pd.DataFrame) else meta
+        table = read_table(meta) if not isinstance(meta, pd.DataFrame) else _common_names(meta)
         source = meta if not isinstance(meta, pd.DataFrame) else "the metadata table"
         table = clean_metadata(table, source)  # its own rows, so that an error names the row of that table
         cols = [c for c in table.columns if c not in ("fname", "target") and (c == "image_name" or c not in df.columns)]
