@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +48,9 @@ def _export_one(predictor, path: Path, opset: int):
     args = (image, torch.zeros(2, proc.n_features)) if proc is not None else (image,)
     names = ["image", "meta"] if proc is not None else ["image"]
     axes = {n: {0: "batch"} for n in [*names, "melanoma_probability"]}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter on purpose (dynamo=False: no extra dependency); torch says it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["melanoma_probability"],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)

@@ -85,11 +85,13 @@ class Service:
         known = {f["name"] for f in self.fields}
         row = {"image_name": name}
         for key, value in values.items():
+            if value in ("", None):
+                continue  # a field left empty is a hole, whatever its name
             alias = _ALIASES.get(key, key)
             column = next((c for c in ((alias,) if isinstance(alias, str) else alias) if c in known), None)
             if column is None:
                 raise DataError(f"this run has no field {key!r}; its fields: {', '.join(sorted(known)) or 'none'}")
-            row[column] = value if value not in ("", None) else None
+            row[column] = value
         return pd.DataFrame([row])
 
     def decode(self, data: bytes, name: str, sizes) -> dict:
