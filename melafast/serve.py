@@ -290,6 +290,8 @@ def _handler(service: Service, max_bytes: int, log: Callable, hosts: set | None,
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")  # no other site frames the page (clickjacking)
+            self.send_header("Referrer-Policy", "no-referrer")
             self.end_headers()
             self.wfile.write(body)
 

@@ -182,6 +182,8 @@ def test_other_hosts_and_origins_are_refused(server, sample_dir):
     assert status == 200 and 0 <= json.loads(body)["pred"] <= 1  # its own page
     status, _ = _raw(url, f"GET /nowhere HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
     assert status == 404
+    with urllib.request.urlopen(url) as r:  # the page cannot be framed by another site
+        assert r.headers["X-Frame-Options"] == "DENY" and r.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(server, sample_dir, monkeypatch):
