@@ -117,6 +117,7 @@ def _agree(name, want: pd.Series, got: pd.Series):
 KINDS = {  # kind of run -> (make_run settings or a fixture's name, layout)
     "metadata, TTA x1": (dict(), "2020"),
     "metadata, TTA x2": (dict(tta=2), "2020"),
+    "metadata, TTA x8": (dict(tta=8), "2020"),
     "--no-meta": (dict(seed=2, meta=False), "2020"),
     "--extra-meta": (dict(extra_meta=True, fold=0), "2020"),
     "--keep best": (dict(keep="best", epochs=3), "2020"),
@@ -154,6 +155,11 @@ def test_every_surface_gives_predicts_answer(kind, request, make_run, sample_dir
         runtime = None
         assert "\n" not in str(e) and ("--extra-meta" in str(e) or "--patient-features" in str(e))
     assert (service is None) == (runtime is None) == any(f in kind for f in ("--extra-meta", "--patient-features"))
+    if service is not None:  # its form asks for the run's own fields, each category list the one training saw
+        assert [f["name"] for f in service.fields] == given
+        for f in service.fields:
+            vocab = {v for m in service.models for v in m.meta_proc.vocab.get(f["name"], [])}
+            assert (f["kind"] == "category") == bool(vocab) and set(f.get("choices", [])) == vocab
     answers = {}
     for shape, meta in _shapes(table, given).items():
         work = tmp_path / shape.replace(" ", "_").replace("+", "and")
