@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .atomic import atomic_path, write_csv, write_json
-from .errors import MelafastError, RunError
+from .errors import RunError
+from .record import CONFIG_FORMAT  # a model folder's config.json format (bumped there)
 from .runfolder import model_files
 
 __all__ = ["save_run", "save_model", "load_model", "CONFIG_FORMAT", "atomic_path", "write_json", "write_csv",
            "load_predictor", "Predictor", "RunPredictor", "predict_many", "inference_settings", "model_dirs"]
-
-CONFIG_FORMAT = 1  # bump when a model folder's config.json changes incompatibly
-_REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
 
 
 def save_model(learn, path, extra: dict | None = None) -> Path:
@@ -50,25 +47,6 @@ def save_model(learn, path, extra: dict | None = None) -> Path:
 save_run = save_model  # its name before model folders and run folders had names of their own
 
 
-def _read_config(path: Path) -> dict:
-    cfg_file = model_files(path)[1]
-    if not cfg_file.is_file():
-        raise RunError(f"{path} is not a melafast model folder: {cfg_file.name} is missing")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{cfg_file} is not valid JSON ({e}); the run may have been interrupted: train it again") from None
-    if not isinstance(cfg, dict):
-        raise RunError(f"{cfg_file} does not hold a melafast model config")
-    for key, typ in _REQUIRED.items():
-        if not isinstance(cfg.get(key), typ):
-            raise RunError(f"{cfg_file}: field {key!r} is missing or not a {typ.__name__}")
-    if cfg["format"] > CONFIG_FORMAT:
-        raise RunError(f"{cfg_file} was written by melafast {cfg.get('melafast_version', '?')} (format {cfg['format']}); "
-                       f"this melafast {__version__} reads format {CONFIG_FORMAT} or older: upgrade melafast")
-    return cfg
-
-
 def _read_weights(path: Path) -> dict:
     weights = model_files(path)[0]
     try:
@@ -90,19 +68,15 @@ def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     from .record import ModelSpec
 
     path = Path(path)
-    cfg = _read_config(path)
+    spec = ModelSpec.read(model_files(path)[1])
     state = _read_weights(path)
-    try:
-        spec = ModelSpec.from_config(cfg)
-    except (TypeError, ValueError, MelafastError) as e:
-        raise RunError(f"{model_files(path)[1]} is not a model config this melafast reads ({e})") from None
     kw = {k: v for k, v in spec.model.items() if k != "arch"}
     try:
         model = MelanomaModel(spec.arch, pretrained=False, **kw)
         model.load_state_dict(state, strict=True)
     except (TypeError, RuntimeError) as e:
         raise RunError(f"the weights in {path} do not fit its config ({spec.arch}): {str(e).splitlines()[0][:200]}") from None
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), spec.raw
 
 
 def model_dirs(run) -> list[Path]:

@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import RunError
 
-__all__ = ["RunInfo", "ModelSpec", "OperatingPoint", "SCALES"]
+__all__ = ["RunInfo", "ModelSpec", "OperatingPoint", "SCALES", "CONFIG_FORMAT"]
 
+CONFIG_FORMAT = 1  # a model folder's config.json format: bump it when that file changes incompatibly
+_REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
 SCALES = ("model", "ensemble")  # an operating point's threshold applies to one fold model's score, or the fold mean
 
 
@@ -73,6 +75,37 @@ class ModelSpec:
     meta_dropout: float = 0.0  # share of training rows whose patient fields were blanked
     files: dict | None = None  # what --extra-meta's file features were computed on (`file_reference`)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as read (for its other fields)
+
+    @classmethod
+    def read(cls, cfg_file) -> "ModelSpec":
+        """The spec in a model folder's config.json `cfg_file`, checked: it exists, is JSON with the fields a model
+        needs, and of a format this melafast reads."""
+        import json
+        from pathlib import Path
+
+        from . import __version__
+
+        cfg_file = Path(cfg_file)
+        if not cfg_file.is_file():
+            raise RunError(f"{cfg_file.parent} is not a melafast model folder: {cfg_file.name} is missing")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{cfg_file} is not valid JSON ({e}); the run may have been interrupted: train it "
+                           "again") from None
+        if not isinstance(cfg, dict):
+            raise RunError(f"{cfg_file} does not hold a melafast model config")
+        for key, typ in _REQUIRED.items():
+            if not isinstance(cfg.get(key), typ):
+                raise RunError(f"{cfg_file}: field {key!r} is missing or not a {typ.__name__}")
+        if cfg["format"] > CONFIG_FORMAT:
+            raise RunError(f"{cfg_file} was written by melafast {cfg.get('melafast_version', '?')} (format "
+                           f"{cfg['format']}); this melafast {__version__} reads format {CONFIG_FORMAT} or older: "
+                           "upgrade melafast")
+        try:
+            return cls.from_config(cfg)
+        except (TypeError, ValueError) as e:
+            raise RunError(f"{cfg_file} is not a model config this melafast reads ({e})") from None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelSpec":
