@@ -1,7 +1,7 @@
-"""The typed records a run folder holds, read and written next to `RunFolder`: a fold model's spec (what rebuilds the
-model and its inputs) and the saved operating point. Every surface (predict, submit, serve, export, calibrate, the
-report) reads these objects instead of the raw JSON; runs written by older melafast convert here, in one place.
-The training settings are `TrainConfig` (`RunFolder.train_config()`).
+"""The typed records a run folder holds, read next to `RunFolder`: the run's own config (`RunInfo`, whose settings are
+a `TrainConfig`), a fold model's spec (`ModelSpec`: what rebuilds the model and its inputs) and the saved operating
+point (`OperatingPoint`, with the decision it makes). Every surface (predict, submit, serve, export, calibrate, stack,
+the pages) reads these objects instead of the raw JSON; runs written by older melafast convert here, in one place.
 """
 
 from __future__ import annotations
