@@ -81,7 +81,7 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
 
     folder = RunFolder(run)
     config, oof = _read_run(folder)
-    results, s = folder.results(), config.settings
+    results, s = folder.figures(), config.settings
     try:
         df, data = _oof_with_metadata(folder, config, oof, data, images)
         data_note = ""
@@ -150,14 +150,14 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
               f"{_fmt(pci['hi'])}; 0 to {1 - PAUC_MIN_TPR:.1f}, the ISIC 2024 metric)",
               f"- Sensitivity at 90% specificity {_fmt(sens90, 3)}",
               f"- Calibration: expected calibration error {_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])}"]
-    if results.get("oof_auc_no_meta") is not None:
-        lines.append(f"- Without any metadata (every patient field blanked): ROC AUC {_fmt(results['oof_auc_no_meta'])}")
-    if results.get("cv_note"):
-        lines.append(f"- Note: this CV is {results['cv_note']}")
+    if results.oof_auc_no_meta is not None:
+        lines.append(f"- Without any metadata (every patient field blanked): ROC AUC {_fmt(results.oof_auc_no_meta)}")
+    if results.cv_note:
+        lines.append(f"- Note: this CV is {results.cv_note}")
     per_fold = pd.DataFrame([dict(fold=k, images=int((df["fold"] == k).sum()),
                                   melanomas=int(df.loc[df["fold"] == k, "target"].sum()),
-                                  auc=results.get("fold_aucs", {}).get(str(k)),
-                                  pauc=results.get("fold_paucs", {}).get(str(k))) for k in folds])
+                                  auc=results.fold_aucs.get(str(k)),
+                                  pauc=results.fold_paucs.get(str(k))) for k in folds])
     lines += ["", _md_table(per_fold), ""]
 
     point = folder.operating_point()

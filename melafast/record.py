@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import RunError
 
-__all__ = ["RunInfo", "ModelSpec", "OperatingPoint", "SCALES", "CONFIG_FORMAT"]
+__all__ = ["RunInfo", "RunFigures", "ModelSpec", "OperatingPoint", "SCALES", "CONFIG_FORMAT"]
 
 CONFIG_FORMAT = 1  # a model folder's config.json format: bump it when that file changes incompatibly
 _REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
@@ -50,6 +50,45 @@ class RunInfo:
         if not s.cat and not s.cont:
             return list(CAT_NAMES), list(CONT_NAMES)
         return list(s.cat), list(s.cont)
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """results.json as a typed record: the cross-validated figures `train` wrote (all None for an unfinished run).
+    Per-fold figures are keyed by the fold number as text, as JSON keeps them."""
+
+    oof_auc: float | None = None  # AUC of all out-of-fold predictions together: the honest CV
+    fold_aucs: dict = field(default_factory=dict)  # fold -> its AUC
+    oof_pauc: float | None = None  # partial AUC above `pauc_min_tpr` sensitivity (0 to 0.2)
+    fold_paucs: dict = field(default_factory=dict)  # fold -> its pAUC
+    pauc_min_tpr: float | None = None  # the sensitivity the pAUC starts at
+    oof_sens_at_spec90: float | None = None  # sensitivity at 90% specificity
+    tta: int | None = None  # dihedral TTA of the out-of-fold predictions
+    keep: str | None = None  # which epoch each fold kept
+    epoch_rule: str | None = None  # that rule in words
+    kept_epochs: dict = field(default_factory=dict)  # fold -> the epoch kept
+    oof_auc_no_meta: float | None = None  # the saved models' OOF AUC with every patient field blanked
+    fold_aucs_no_meta: dict = field(default_factory=dict)
+    no_meta_note: str | None = None  # how that figure was made
+    oof_auc_selected: float | None = None  # with --keep best: the kept epochs' OOF AUC (optimistic)
+    fold_aucs_selected: dict = field(default_factory=dict)
+    selected_note: str | None = None
+    cv_note: str | None = None  # why the CV is optimistic, when it is
+    nondeterministic_ops: list | None = None  # with --deterministic: operations without a deterministic kernel
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunFigures":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+    @property
+    def finished(self) -> bool:
+        return self.oof_auc is not None
+
+    @property
+    def saved_auc(self) -> float | None:
+        "The OOF AUC of the models the run saved: the kept epochs' with --keep best (optimistic), else the honest one."
+        return self.oof_auc_selected if self.oof_auc_selected is not None else self.oof_auc
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def _summary(config, results, df, data, n_boot) -> str:
     rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.versions.items()]
     folds = pd.DataFrame([dict(fold=int(k), images=len(g), melanomas=int(g["target"].sum()), auc=auc(g["target"], g["pred"]),
                                pauc=pauc(g["target"], g["pred"]), sens_at_spec90=sens_at_spec(g["target"], g["pred"]),
-                               kept_epoch=str(results.get("kept_epochs", {}).get(str(k), "")))
+                               kept_epoch=str(results.kept_epochs.get(str(k), "")))
                           for k, g in df.groupby("fold")])
     out = [_p(f"Data: {data}: {len(df)} out-of-fold images, {int(df['target'].sum())} melanomas"
               + (f", {df['patient_id'].nunique()} patients" if "patient_id" in df else "")
@@ -117,8 +117,8 @@ def _summary(config, results, df, data, n_boot) -> str:
            f"{pci['pauc']:.4f}</b> ({pci['lo']:.4f} to {pci['hi']:.4f}; the ROC area where sensitivity is at least "
            f"{PAUC_MIN_TPR:.0%}, 0 to {1 - PAUC_MIN_TPR:.1f}: the ISIC 2024 metric); sensitivity at 90% specificity "
            f"{sens_at_spec(df['target'], df['pred'], 0.9):.3f}. "
-           + html.escape(f"Each fold kept {results.get('epoch_rule', 'its epoch as the run says')}.") + "</p>"]
-    if results.get("oof_auc_no_meta") is not None:
+           + html.escape(f"Each fold kept {results.epoch_rule or 'its epoch as the run says'}.") + "</p>"]
+    if results.oof_auc_no_meta is not None:
         drop = config.settings.meta_dropout or 0
         if config.settings.image_head:  # runs saved before the image head have none
             how = ("They are scored by the model's image-only head, trained on every training image beside the joint "
@@ -131,11 +131,11 @@ def _summary(config, results, df, data, n_boot) -> str:
             how = ("The run learned that path only from training rows that happened to have holes (no metadata "
                    "dropout): predictions without metadata rest on them.")
         out.append(_p(f"With every patient field blanked at prediction (a patient who comes with images only), the same "
-                      f"out-of-fold images score AUC {results['oof_auc_no_meta']:.4f}. " + how))
-    if results.get("cv_note"):
-        out.append(f'<p class="note">{html.escape("This CV is " + results["cv_note"])}.</p>')
-    if "oof_auc_selected" in results:
-        out.append(f'<p class="note">The kept epochs score {results["oof_auc_selected"]:.4f} on the same rows: '
+                      f"out-of-fold images score AUC {results.oof_auc_no_meta:.4f}. " + how))
+    if results.cv_note:
+        out.append(f'<p class="note">{html.escape("This CV is " + results.cv_note)}.</p>')
+    if results.oof_auc_selected is not None:
+        out.append(f'<p class="note">The kept epochs score {results.oof_auc_selected:.4f} on the same rows: '
                    "optimistic, since they were chosen on them. The figures here use the honest last-epoch predictions.</p>")
     return "\n".join([*out, "<h3>AUC per fold</h3>", _table(folds), "<h3>Settings</h3>", _table(pd.DataFrame(rows))])
 
@@ -382,7 +382,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     _prevalences([0, 1], prevalence)
     folder = RunFolder(run)
     config, oof = _read_run(folder)
-    results = folder.results()
+    results = folder.figures()
     df, data = _oof_with_metadata(folder, config, oof, data, images)
     out = Path(out) if out is not None else folder.report_file
     figdir = out.parent / f"{out.stem}_figures"

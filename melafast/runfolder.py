@@ -202,6 +202,12 @@ class RunFolder:
         except ValueError as e:
             raise RunError(f"{self.results_file} is damaged ({e})") from None
 
+    def figures(self):
+        """results.json as a typed `RunFigures` (empty, `finished` False, when the run has not finished)."""
+        from .record import RunFigures
+
+        return RunFigures.from_dict(self.results())
+
     def oof(self, need: str | None = None) -> pd.DataFrame:
         """The out-of-fold predictions; `need` says what for, in the error raised when the run has none."""
         if not self.oof_file.is_file():

@@ -162,12 +162,11 @@ def load_predictor(path, device="cpu"):
     if run.config_file.is_file():
         run.config()  # a run folder of a newer format stops here, naming the version
     predictors = [Predictor(*load_model(d, device)) for d in run.model_dirs()]
-    results = run.results()
+    res = run.figures()
     dropout = run.train_config().meta_dropout if run.config_file.is_file() else None
     # the figures of the models saved: with --keep best the kept epochs', chosen on the rows they score
-    chosen = results.get("oof_auc_selected") is not None
-    figures = dict(auc=results.get("oof_auc_selected" if chosen else "oof_auc"),
-                   auc_no_meta=results.get("oof_auc_no_meta"), meta_dropout=dropout,
+    chosen = res.oof_auc_selected is not None
+    figures = dict(auc=res.saved_auc, auc_no_meta=res.oof_auc_no_meta, meta_dropout=dropout,
                    scope="out-of-fold, at the epochs kept on those rows (optimistic)" if chosen else "out-of-fold")
     return RunPredictor(predictors, run.path, run.tta, figures, run.operating_point())
 
