@@ -39,6 +39,8 @@ def _read_run(run: RunFolder) -> tuple:
 def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
     "The OOF rows with their images and metadata from the run's data folder (or `data`)."
     from .data import add_meta_features, load_split
+    from .data.meta import PATIENT_SUFFIXES
+    from .inference.inputs import clean_table
 
     data = run.data_for(data)
     train = load_split(data, "train", images=images)
@@ -46,6 +48,10 @@ def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.Da
     if len(missing):
         raise DataError(f"{data} does not hold the images of {run.path}: {len(missing)} of its {len(oof)} out-of-fold "
                         f"images are not in its train.csv (e.g. {', '.join(missing.head(3))}); pass --data PATH")
+    if config.settings.meta:  # the metadata read as training and predict read it (inference.inputs)
+        cat, cont = config.metadata_columns
+        base = [c for c in cont if not c.endswith(PATIENT_SUFFIXES)]
+        train = clean_table(train, cat, base, base if config.settings.patient_features else ())
     if config.settings.extra_meta:
         train = add_meta_features(train)  # as in training: computed over the whole training table
     df = oof.merge(train.drop(columns=["target", "fold"], errors="ignore"), on="image_name", how="left")
