@@ -231,8 +231,9 @@ def _by_measure(rows, value) -> dict:
 def vote(per_model, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The decision of `VOTE_RULE` from each fold model's probabilities (one array each): (0/1 decisions, number of
     models at or above the threshold)."""
-    votes = (np.asarray(per_model, dtype=np.float64) >= threshold).sum(axis=0)
-    return (2 * votes >= len(per_model)).astype(np.int8), votes
+    from .record import OperatingPoint
+
+    return OperatingPoint(threshold).decide(per_model)  # the model scale's rule
 
 
 def decide(point, per_model) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,12 @@ _REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int
 SCALES = ("model", "ensemble")  # an operating point's threshold applies to one fold model's score, or the fold mean
 
 
+def _known(cls, d: dict, skip=()) -> dict:
+    "The entries of `d` that are fields of `cls` (a None takes the field's default, as an absent entry does)."
+    names = {f.name for f in fields(cls)} - set(skip)
+    return {k: v for k, v in d.items() if k in names and v is not None}
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """A run folder's config.json as a typed record: its settings and what training recorded beside them."""
@@ -37,19 +43,19 @@ class RunInfo:
         """From a run's config.json (checked by `RunFolder.config`), any format melafast wrote."""
         from .config import TrainConfig
 
-        known = {f.name for f in fields(cls)} - {"settings"}
-        return cls(settings=TrainConfig.from_saved(cfg["settings"]),
-                   **{k: v for k, v in cfg.items() if k in known and v is not None})
+        return cls(settings=TrainConfig.from_saved(cfg["settings"]), **_known(cls, cfg, skip=("settings",)))
 
     @property
     def metadata_columns(self) -> tuple[list, list]:
-        "(categorical, continuous) metadata columns the run declared, or the 2020 ones (sex, site; age)."
+        """(categorical, continuous) metadata columns of the table the run read: those it declared, or the 2020 ones
+        (sex, site; age). Not the patient-relative features computed from them (`settings.patient_features`)."""
+        from .data.meta import PATIENT_SUFFIXES
         from .data.tables import CAT_NAMES, CONT_NAMES
 
         s = self.settings
         if not s.cat and not s.cont:
             return list(CAT_NAMES), list(CONT_NAMES)
-        return list(s.cat), list(s.cont)
+        return list(s.cat), [c for c in s.cont if not c.endswith(PATIENT_SUFFIXES)]
 
 
 @dataclass(frozen=True)
@@ -78,12 +84,7 @@ class RunFigures:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunFigures":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
-
-    @property
-    def finished(self) -> bool:
-        return self.oof_auc is not None
+        return cls(**_known(cls, d))
 
     @property
     def saved_auc(self) -> float | None:
@@ -149,7 +150,7 @@ class ModelSpec:
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelSpec":
         """The spec of a model folder's config.json, from any format melafast wrote."""
-        kw = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name != "raw" and cfg[f.name] is not None}
+        kw = _known(cls, cfg, skip=("raw",))
         if "kept_epoch" not in kw and cfg.get("best_epoch") is not None:  # saved before --keep: the best epoch
             kw.update(kept_epoch=cfg["best_epoch"], keep="best")
         model = dict(cfg["model"])
@@ -170,11 +171,6 @@ class ModelSpec:
     def meta_processor(self):
         "The fitted `MetaProcessor` (None for an image-only model)."
         return self._proc(self.meta_proc) if self.meta and self.meta_proc else None
-
-    @property
-    def image_head(self) -> bool:
-        "Rows without any patient field are scored by an image-only head."
-        return bool(self.model.get("blank_flags"))
 
     @property
     def extra_meta(self) -> bool:
@@ -215,9 +211,8 @@ class OperatingPoint:
     def from_dict(cls, d: dict) -> "OperatingPoint":
         """From threshold.json, any format melafast wrote (a point saved before `scale` existed is on the model
         scale)."""
-        known = {f.name for f in fields(cls)}
         try:
-            point = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+            point = cls(**_known(cls, d))
             object.__setattr__(point, "threshold", float(point.threshold))
         except (TypeError, ValueError, AttributeError):
             raise RunError(f"the saved operating point is not one melafast reads: {str(d)[:200]}") from None

@@ -39,7 +39,6 @@ def _read_run(run: RunFolder) -> tuple:
 def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
     "The OOF rows with their images and metadata from the run's data folder (or `data`)."
     from .data import add_meta_features, load_split
-    from .data.meta import PATIENT_SUFFIXES
     from .inference.inputs import clean_table
 
     data = run.data_for(data)
@@ -50,8 +49,7 @@ def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.Da
                         f"images are not in its train.csv (e.g. {', '.join(missing.head(3))}); pass --data PATH")
     if config.settings.meta:  # the metadata read as training and predict read it (inference.inputs)
         cat, cont = config.metadata_columns
-        base = [c for c in cont if not c.endswith(PATIENT_SUFFIXES)]
-        train = clean_table(train, cat, base, base if config.settings.patient_features else ())
+        train = clean_table(train, cat, cont, cont if config.settings.patient_features else ())
     if config.settings.extra_meta:
         train = add_meta_features(train)  # as in training: computed over the whole training table
     df = oof.merge(train.drop(columns=["target", "fold"], errors="ignore"), on="image_name", how="left")
@@ -107,6 +105,8 @@ def _summary(config, results, df, data, n_boot) -> str:
     if s.meta:
         cat, cont = config.metadata_columns
         settings["metadata columns"] = ("categorical " + ", ".join(cat) + "; continuous " + ", ".join(cont)
+                                        + ("; each continuous column also against the same patient's other lesions"
+                                           if s.patient_features else "")
                                         + ("; plus images per patient and log file size" if s.extra_meta else ""))
     rows = [dict(setting=k, value=str(v)) for k, v in settings.items()]
     rows += [dict(setting=f"version of {k}", value=str(v)) for k, v in config.versions.items()]

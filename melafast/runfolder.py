@@ -190,7 +190,7 @@ class RunFolder:
         """The dihedral TTA the run scored its out-of-fold predictions with (8 when not recorded)."""
         try:
             return int(self.train_config().tta)
-        except (RunError, MelafastError, OSError, ValueError, TypeError):
+        except (MelafastError, OSError, ValueError, TypeError):
             return 8
 
     def results(self) -> dict:
@@ -203,7 +203,7 @@ class RunFolder:
             raise RunError(f"{self.results_file} is damaged ({e})") from None
 
     def figures(self):
-        """results.json as a typed `RunFigures` (empty, `finished` False, when the run has not finished)."""
+        """results.json as a typed `RunFigures` (every figure None when the run has not finished)."""
         from .record import RunFigures
 
         return RunFigures.from_dict(self.results())
@@ -232,11 +232,10 @@ class RunFolder:
         """The run's config.json as a typed `RunInfo` (its `TrainConfig` and what training recorded beside it)."""
         from .record import RunInfo
 
+        cfg = self.config()  # a missing, damaged or newer config says so here
         try:
-            return RunInfo.from_config(self.config())
+            return RunInfo.from_config(cfg)
         except (TypeError, ValueError, MelafastError) as e:
-            if isinstance(e, RunError):
-                raise
             raise RunError(f"{self.config_file} holds settings this melafast cannot read ({e})") from None
 
     def train_config(self):
@@ -259,14 +258,10 @@ class RunFolder:
         """The config.json of fold `k`'s model folder."""
         return json.loads((self.fold_dir(k) / MODEL_CONFIG).read_text())
 
-    def fold_spec(self, k: int):
-        """Fold `k`'s model as a typed `ModelSpec`."""
-        from .record import ModelSpec
-
-        return ModelSpec.from_config(self.fold_config(k))
-
     def finished_folds(self) -> tuple[list, list, dict]:
         """Out-of-fold rows, metric rows and kept epochs of the folds this run already completed (for resuming)."""
+        from .record import ModelSpec
+
         if not (self.oof_file.is_file() and self.metrics_file.is_file()):
             return [], [], {}
         oof, metrics = self.oof(), self.metrics()
@@ -277,8 +272,6 @@ class RunFolder:
                 continue
             oofs.append(rows)
             mets.append(metrics[metrics["fold"] == k])
-            from .record import ModelSpec
-
             kept[int(k)] = ModelSpec.from_config(json.loads(cfg.read_text())).kept_epoch
         return oofs, mets, kept
 

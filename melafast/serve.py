@@ -124,8 +124,7 @@ class Service:
         from .data import MetaStack
         from .explain import grad_cam
         from .inference.inputs import model_table
-        from .inference.loop import predict_probs_multi
-        from .inference.settings import _prepare, resolve_settings
+        from .inference.loop import prepare_models, predict_probs_multi
 
         table = model_table(self.models, self.row(name, values))  # cleaned and checked as predict does
         images = self.decode(data, name, [p.spec.size for p in self.models])
@@ -137,9 +136,7 @@ class Service:
                 img = img.to(self.device)
                 batch = (img, torch.stack([stack(r) for r in table.to_dict("records")]).to(self.device)) \
                     if stack.procs else (img,)
-                settings = [resolve_settings(self.models[i].spec, self.device, self.precision) for i in idx]
-                for i, s in zip(idx, settings):
-                    _prepare(self.models[i].model, s)
+                settings = prepare_models([self.models[i] for i in idx], self.device, self.precision)
                 out = predict_probs_multi([self.models[i].model for i in idx], [batch], stack.slices, n=self.tta,
                                           amp_dtype=[s.amp_dtype for s in settings], n_inp=len(batch), progress=False)
                 for i, sl, s, pr in zip(idx, stack.slices, settings, out):

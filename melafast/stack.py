@@ -72,11 +72,8 @@ def _fingerprint(X: pd.DataFrame, y) -> str:
 
 def _columns(info, cat, cont):
     "The trees' columns: those asked for, or the run's own metadata columns (`RunInfo`)."
-    from .data.meta import PATIENT_SUFFIXES
-
     if cat is None and cont is None:
         cat, cont = info.metadata_columns
-        cont = [c for c in cont if not c.endswith(PATIENT_SUFFIXES)]
     return list(cat or []), list(cont or [])
 
 

@@ -212,3 +212,19 @@ def run_2024_patient(sample_2024, shared_root):
     "A tiny 2024 run with --patient-features on lesion size, and sex: trained once per session; its output."
     return _run_2024(shared_root, sample_2024, "run-2024-patient", "--cont", "clin_size_long_diam_mm", "--cat", "sex",
                      "--patient-features")
+
+
+@pytest.fixture(scope="session")
+def main_job(shared_root):
+    """README command 1 (the main job: 3 folds, 64 px, 8 epochs, TTA x8) on its default sample, trained once per
+    session: (its run folder, its dataset folder)."""
+    from melafast.data import make_sample
+
+    def make(path):
+        data = make_sample(path / "sample")
+        res = invoke("train", "--data", data, "--arch", TINY_ARCH, "--size", 64, "--bs", 16, "--epochs", 8, "--lr",
+                     "1e-2", "--folds", 3, "--no-pretrained", "--workers", 0, "--out", path / "run")
+        assert res.exit_code == 0, res.output
+
+    path = _once(shared_root, "main-job", make)
+    return path / "run", path / "sample"

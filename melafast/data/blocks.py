@@ -203,7 +203,6 @@ def melanoma_dls(
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
     dls.meta_dropout = meta_dropout if meta else 0.0
-    dls.dropout_patterns = dropout_patterns
     if torch.device(dls.device or "cpu").type == "cuda":
         async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
     dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss

@@ -20,7 +20,7 @@ from .store import file_size, open_image
 from .tables import CAT_NAMES, CONT_NAMES
 
 __all__ = ["EXTRA_CONT_NAMES", "FILE_FEATURES", "META_DROPOUT", "MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout",
-           "add_patient_features", "patient_feature_names", "PATIENT_SUFFIXES", "DROPOUT_PATTERNS",
+           "add_patient_features", "patient_feature_names", "PATIENT_SUFFIXES",
            "add_meta_features", "file_reference", "check_file_features"]
 
 EXTRA_CONT_NAMES = ("n_images", "log_file_size")  # optional features of the 2020 winners, see add_meta_features

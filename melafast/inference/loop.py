@@ -12,7 +12,7 @@ from ..tta import dihedral_view, dihedral_views
 from .inputs import model_table
 from .settings import _prepare, default_device, resolve_settings
 
-__all__ = ["predict_probs_multi", "predict_probs", "predict_many", "image_features", "model_batch"]
+__all__ = ["predict_probs_multi", "predict_probs", "predict_many", "image_features", "model_batch", "prepare_models"]
 
 
 def predict_probs_multi(models, dl, meta_slices, n: int = 8, amp_dtype=None, n_inp: int | None = None,
@@ -109,13 +109,9 @@ def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64,
         idx = [i for i, p in enumerate(predictors) if p.spec.size == size]
         stack = MetaStack([predictors[i].meta_proc for i in idx])
         dl = inference_dl(df, size, stack if stack.procs else None, bs=bs, num_workers=num_workers, device=device)
-        amps = []
-        for i in idx:
-            s = resolve_settings(predictors[i].spec, device, precision)
-            _prepare(predictors[i].model, s)
-            amps.append(s.amp_dtype)
-            if s.note and s.note not in notes:
-                notes.append(s.note)
+        settings = prepare_models([predictors[i] for i in idx], device, precision)
+        amps = [s.amp_dtype for s in settings]
+        notes += [n for n in dict.fromkeys(s.note for s in settings) if n and n not in notes]
         procs = [predictors[i].meta_proc for i in idx] if patterns else None
         probs = predict_probs_multi([predictors[i].model for i in idx], dl, stack.slices, n=tta, amp_dtype=amps,
                                     progress=progress, blanks=procs if procs and any(procs) else None,
@@ -131,6 +127,15 @@ def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64,
     if not blank:
         return out
     return out, (out_blank if isinstance(blank, dict) else out_blank["all"])
+
+
+def prepare_models(predictors, device, precision: str | None = None) -> list:
+    """Each predictor's model put on `device` as it predicts (the precision and layout it was validated with, or
+    `precision`): their `Settings`, in order."""
+    settings = [resolve_settings(p.spec, device, precision) for p in predictors]
+    for p, s in zip(predictors, settings):
+        _prepare(p.model, s)
+    return settings
 
 
 def _say(msg: str, log=None, category=UserWarning, stacklevel: int = 3):
