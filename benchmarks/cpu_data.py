@@ -47,7 +47,7 @@ def _full_size_dataset(dest: Path, n: int, width: int, height: int) -> Path:
 
 def prepare_speed(src: Path, out: Path, size: int, workers: int) -> float:
     import melafast.data  # noqa: F401  (import fastai before the clock starts)
-    from melafast.prepare import prepare_dataset
+    from melafast.data.prepare import prepare_dataset
 
     t0 = time.perf_counter()
     res = prepare_dataset(src, out, size=size, workers=workers, log=lambda m: None)

@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from melafast.export import export_run
+    from melafast.deploy.export import export_run
     from melafast.inference import load_predictor
     from melafast.onnx import IMAGE_EXTS, load
 

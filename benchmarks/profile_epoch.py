@@ -79,7 +79,7 @@ def main(argv=None):
     import torch
 
     from melafast.data import load_competition, make_sample, melanoma_dls
-    from melafast.learner import melanoma_learner
+    from melafast.train.learner import melanoma_learner
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:

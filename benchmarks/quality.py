@@ -211,8 +211,9 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     "One `train_run` over the same folds; held-out predictions from its fold models as `submit` makes them."
     import pandas as pd
 
-    from melafast.checkpoint import load_predictor, predict_many
-    from melafast.run import TrainConfig, train_run
+    from melafast.inference.predictor import load_predictor
+    from melafast.inference.loop import predict_many
+    from melafast.train.run import TrainConfig, train_run
 
     data = Path(tmp) / f"data_{name}_{seed}"
     data.mkdir()
@@ -245,7 +246,7 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
                           _operating_point_check(cfg.out, fresh, a.op_fresh, saved).items() if k != "op_crossfit_sens"})
     if a.op_cal is not None:  # the operating point chosen on a calibration set of fresh lesions, on predict's scale
         from melafast.inference import load_predictor
-        from melafast.operating import _rates, calibrate_operating_point
+        from melafast.metrics.operating import _rates, calibrate_operating_point
 
         cal = predict_many(models, a.op_cal, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
         point = calibrate_operating_point(cfg.out, OPERATING_POINT, table=a.op_cal, per_model=cal, n_boot=200,
@@ -279,7 +280,7 @@ def _operating_point_check(run, held, hold, point=None) -> dict:
     import numpy as np
 
     from melafast.inference import load_predictor
-    from melafast.operating import _rates, save_operating_point
+    from melafast.metrics.operating import _rates, save_operating_point
 
     point = point or save_operating_point(run, OPERATING_POINT, n_boot=200)
     decision, _ = load_predictor(run).decide(held)
@@ -297,7 +298,7 @@ def _single_model_check(models, df, hold, a) -> dict:
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from melafast.checkpoint import predict_many
+    from melafast.inference.loop import predict_many
 
     out = {"valid": [], "holdout": [], "fresh": []}
     for model in models:
@@ -494,7 +495,7 @@ def _parse(argv):
         a.arch, a.images, a.size, a.epochs, a.folds, a.bs, a.lr = "tf_efficientnet_lite0", 160, 32, 1, 2, 32, 2e-3
         a.holdout_images, a.seeds, a.workers = SMALL_HOLDOUT_IMAGES, max(a.seeds, 2), 0
     a.weights = Path(a.weights or SHARED / "weights" / f"{a.arch}.safetensors")
-    from melafast.run import TrainConfig
+    from melafast.train.run import TrainConfig
 
     a.lr_mult = TrainConfig.lr_mult if a.lr_mult is None else a.lr_mult
     a.lr_find_on = a.settings.get("lr_find_on", a.lr_find_on or TrainConfig.lr_find_on)
@@ -518,7 +519,7 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score
 
     from melafast.data import load_competition, make_folds
-    from melafast.evaluate import pauc
+    from melafast.metrics import pauc
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full, _ = load_competition(a.data)

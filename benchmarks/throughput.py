@@ -88,7 +88,7 @@ def melafast_tta(learn, df, size, bs, workers, device) -> float:
     """Original images per second of dihedral TTA x8 over `df`'s JPEGs (second pass; the first warms up), and how
     many images were predicted."""
     from melafast.data import inference_dl
-    from melafast.tta import dihedral_tta
+    from melafast.inference.tta import dihedral_tta
 
     dl = inference_dl(df, size, learn.dls.meta_proc, bs=bs, num_workers=workers, device=device)
     dihedral_tta(learn, dl, n=8, progress=False)
@@ -106,7 +106,7 @@ def melafast_epoch(arch, size, bs, n_images, workers, device, tmp, compile=False
     from fastai.callback.core import Callback
 
     from melafast.data import load_competition, make_sample, melanoma_dls
-    from melafast.learner import melanoma_learner
+    from melafast.train.learner import melanoma_learner
 
     n_valid = bs
     data = make_sample(os.path.join(tmp, "data"), n_train=n_images + n_valid, n_test=1, px=size, seed=0)

@@ -18,15 +18,15 @@ _EXPORTS = {
     "melanoma_dls": "data", "inference_dl": "data", "make_sample": "data", "find_dataset": "data",
     "load_split": "data", "image_table": "data", "image_folder": "data",
     "MelanomaModel": "model", "melanoma_splitter": "model", "create_backbone": "model",
-    "melanoma_learner": "learner", "MelanomaLearner": "learner", "MelanomaAUC": "learner", "melanoma_probs": "learner",
-    "dihedral_tta": "tta", "dihedral_views": "tta",
-    "pseudo_labels": "pseudo", "SoftTargetCrossEntropy": "learner", "WeightEMA": "averaging",
-    "save_run": "checkpoint", "save_model": "checkpoint", "load_model": "checkpoint",
+    "melanoma_learner": "train.learner", "MelanomaLearner": "train.learner", "MelanomaAUC": "train.learner", "melanoma_probs": "train.learner",
+    "dihedral_tta": "train.learner", "dihedral_views": "inference.tta",
+    "pseudo_labels": "train.pseudo", "SoftTargetCrossEntropy": "train.learner", "WeightEMA": "train.averaging",
+    "save_run": "train.save", "save_model": "train.save", "load_model": "inference.checkpoint",
     "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
-    "MissingMetadataWarning": "inference", "MetaDropout": "data", "ImageHeadLoss": "learner", "compare_runs": "compare",
-    "run_report": "report",
-    "audit_run": "audit", "shortcut_audit": "audit", "save_operating_point": "operating",
-    "operating_table": "operating", "calibrate_operating_point": "operating", "model_card": "card", "export_run": "export", "stack_run": "stack",
+    "MissingMetadataWarning": "inference", "MetaDropout": "data", "ImageHeadLoss": "train.learner", "compare_runs": "evaluate.compare",
+    "run_report": "evaluate.report",
+    "audit_run": "evaluate.audit", "shortcut_audit": "evaluate.audit", "save_operating_point": "evaluate.operating",
+    "operating_table": "evaluate.operating", "calibrate_operating_point": "evaluate.operating", "model_card": "evaluate.card", "export_run": "deploy.export", "stack_run": "inference.stack",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.side import SideGenerator
 from .errors import MelafastError, WeightsError
 
-__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch", "SideGenerator", "SideDropout"]
+__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch", "SideDropout"]
 
 
 def check_arch(arch: str) -> str:
@@ -99,30 +100,6 @@ def create_backbone(arch: str, pretrained: bool = True, weights=None) -> nn.Modu
         if weights is not None:
             raise WeightsError(f"cannot read weights file {weights}: {e}") from None
         raise _offline_error(arch) from e
-
-
-class SideGenerator:
-    """Random numbers of the metadata side of training (its dropout masks, metadata dropout), from generators of
-    their own, one per device, seeded once: torch's global generator then serves the image side alone, which draws
-    exactly what it draws in an image-only model trained with the same seed."""
-
-    def __init__(self, seed: int):
-        self.seed, self._gens = int(seed), {}
-
-    def __call__(self, device) -> torch.Generator:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._gens:
-            self._gens[device] = torch.Generator(device=device)
-            self._gens[device].manual_seed(self.seed)
-        return self._gens[device]
-
-    def __getstate__(self):  # generators do not pickle or deep-copy: a copy starts the stream again
-        return {"seed": self.seed}
-
-    def __setstate__(self, state):
-        self.seed, self._gens = state["seed"], {}
 
 
 class SideDropout(nn.Module):

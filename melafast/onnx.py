@@ -47,7 +47,7 @@ def _view(x: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _open(path, size: int) -> np.ndarray:
+def open_image_array(path, size: int) -> np.ndarray:
     "One image as the model sees it: (3, size, size) float32 in [0, 1]."
     from PIL import Image
 
@@ -160,7 +160,7 @@ class ExportedRun:
         for start in range(0, len(paths), bs):
             chunk = paths[start:start + bs]
             for i, (m, session, proc) in enumerate(self.models):
-                batch = np.stack([_open(p, int(m["size"])) for p in chunk])
+                batch = np.stack([open_image_array(p, int(m["size"])) for p in chunk])
                 enc = None if proc is None else np.stack([proc.encode(rows.get(p.stem, {})) for p in chunk])
                 per_model[i][start:start + len(chunk)] = self._views(session, batch, enc)
         pred = np.mean(per_model, axis=0)

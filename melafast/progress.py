@@ -30,7 +30,7 @@ def interactive() -> bool:
 
 
 def _main_process() -> bool:
-    from .distributed import is_main
+    from .processes import is_main
 
     return is_main()
 

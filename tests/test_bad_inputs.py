@@ -11,11 +11,12 @@ from conftest import TINY_ARCH
 from PIL import Image
 from typer.testing import CliRunner
 
-from melafast.checkpoint import load_predictor, save_run
+from melafast.inference.predictor import load_predictor
+from melafast.train.save import save_run
 from melafast.cli import app
 from melafast.data import MetaProcessor, check_images, inference_dl, load_competition, make_folds, melanoma_dls
 from melafast.errors import DataError, MelafastError, RunError, WeightsError
-from melafast.submit import make_submission
+from melafast.inference.submit import make_submission
 
 runner = CliRunner()
 
@@ -174,7 +175,7 @@ def test_weights_that_do_not_fit(sample_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_model(sample_df, tmp_path_factory):
-    from melafast.learner import melanoma_learner
+    from melafast.train.learner import melanoma_learner
 
     dls = melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0)
     learn = melanoma_learner(dls, TINY_ARCH, pretrained=False)

@@ -40,7 +40,7 @@ def browser():
         b.close()
 
 
-def _open(browser, path) -> dict:
+def open_image_array(browser, path) -> dict:
     "Load the page as a user would (file://) and collect what the browser says about it."
     page = browser.new_page()
     problems, requests = [], []
@@ -75,13 +75,13 @@ def _check(got, n_images, sections):
 
 
 def test_report_page_in_a_browser(browser, tiny_run, tmp_path):
-    from melafast.report import SECTIONS
+    from melafast.metrics.report import SECTIONS
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     res = CliRunner().invoke(app, ["report", "--run", str(run), "--workers", "0", "--bootstrap", "100"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    got = _open(browser, run / "report.html")
+    got = open_image_array(browser, run / "report.html")
     _check(got, 9, list(SECTIONS))
     assert [link["heading"] for link in got["links"]] == list(SECTIONS.values())
 
@@ -91,14 +91,14 @@ def test_compare_and_audit_pages_in_a_browser(browser, tiny_run, make_run, tmp_p
     res = CliRunner().invoke(app, ["compare", str(tiny_run), str(make_run(tta=2)), "--out", str(out), "--bootstrap",
                                    "100"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    got = _open(browser, out)
+    got = open_image_array(browser, out)
     assert got["problems"] == [] and len(got["links"]) >= 3
     _check(got, len(got["images"]), [link["id"] for link in got["links"]])
     assert len(got["images"]) >= 2
     res = CliRunner().invoke(app, ["audit", "--run", str(tiny_run), "--out", str(tmp_path / "audit.html"),
                                    "--bootstrap", "100", "--workers", "0"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    _check(_open(browser, tmp_path / "audit.html"), 2, ["audit"])
+    _check(open_image_array(browser, tmp_path / "audit.html"), 2, ["audit"])
 
 
 def test_a_broken_page_is_caught(browser, tmp_path):
@@ -107,7 +107,7 @@ def test_a_broken_page_is_caught(browser, tmp_path):
     page.write_text('<!DOCTYPE html><html><body><nav><a href="#gone">gone</a></nav>'
                     '<img src="data:image/png;base64,iVBORw0KGgo=" alt="bad"><script>undefinedThing()</script>'
                     "</body></html>")
-    got = _open(browser, page)
+    got = open_image_array(browser, page)
     assert any("undefinedThing" in p for p in got["problems"])
     assert got["images"] == [{"alt": "bad", "width": 0, "height": 0}]
     assert got["links"] == [{"id": "gone", "found": False, "heading": None}]

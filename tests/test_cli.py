@@ -66,7 +66,7 @@ def test_train_writes_a_complete_run_folder(trained_run, sample_dir):
     assert results["oof_auc"] == pytest.approx(roc_auc_score(oof["target"], oof["pred"]))
     assert results["oof_auc_no_meta"] == pytest.approx(roc_auc_score(oof["target"], oof["pred_no_meta"]))
     assert "AUC, no metadata" in output  # the CV table's column for images that come without metadata
-    from melafast.evaluate import pauc, sens_at_spec
+    from melafast.metrics import pauc, sens_at_spec
 
     assert results["oof_pauc"] == pytest.approx(pauc(oof["target"], oof["pred"])) and results["pauc_min_tpr"] == 0.8
     assert results["fold_paucs"]["0"] == pytest.approx(pauc(*oof.query("fold == 0")[["target", "pred"]].T.values))
@@ -147,7 +147,7 @@ def test_prepare_resizes_once(sample_dir, tmp_path):
 
 
 def test_resize_keeps_aspect(tmp_path):
-    from melafast.prepare import resize_image
+    from melafast.data.prepare import resize_image
 
     Image.new("RGB", (300, 200), "red").save(tmp_path / "a.jpg")
     assert resize_image(str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), 100)

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from melafast.cli import app
-from melafast.evaluate import paired_bootstrap, pauc
+from melafast.metrics import paired_bootstrap, pauc
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def test_paired_bootstrap_is_zero_for_one_model_and_antisymmetric():
     assert (ab["lo"] <= ab["diff"]).all() and (ab["diff"] <= ab["hi"]).all()
     # pairing cancels what the two share: the paired interval of a small change is far narrower than the spread of
     # either model's own AUC
-    from melafast.evaluate import bootstrap_auc
+    from melafast.metrics import bootstrap_auc
 
     ci_a = bootstrap_auc(y, a, np.arange(300) // 3, n_boot=200)
     near = paired_bootstrap(y, a, a + rng.normal(0, 0.02, 300), groups=np.arange(300) // 3, n_boot=200)

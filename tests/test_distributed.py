@@ -96,7 +96,7 @@ def test_sync_batchnorm_keeps_timm_activations_where_torch_drops_them(meta_model
 
     from timm.layers import BatchNormAct2d
 
-    from melafast.distributed import sync_batchnorm
+    from melafast.train.distributed import sync_batchnorm
 
     x, meta = torch.rand(3, 3, 64, 64), torch.randn(3, 6)
     with torch.no_grad():
@@ -114,10 +114,10 @@ def test_sync_batchnorm_keeps_timm_activations_where_torch_drops_them(meta_model
 
 def test_sync_batchnorm_weights_load_into_the_model_load_predictor_builds(meta_model, tiny_dls, tmp_path):
     "The converted network's weights, saved as training saves them, rebuild the same network for prediction."
-    from melafast.checkpoint import save_model
-    from melafast.distributed import sync_batchnorm
+    from melafast.train.save import save_model
+    from melafast.train.distributed import sync_batchnorm
     from melafast.inference import load_predictor
-    from melafast.learner import melanoma_learner
+    from melafast.train.learner import melanoma_learner
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
     learn.model = sync_batchnorm(learn.model)
@@ -138,8 +138,8 @@ def test_frozen_epochs_hold_the_statistics_of_synchronised_batch_norm(tiny_dls):
     "fastai's BnFreeze knows only nn.BatchNorm1d/2d/3d: under data-parallel training it froze nothing."
     from fastai.callback.training import BnFreeze
 
-    from melafast.distributed import sync_batchnorm
-    from melafast.learner import FrozenBN, melanoma_learner
+    from melafast.train.distributed import sync_batchnorm
+    from melafast.train.learner import FrozenBN, melanoma_learner
 
     def buffers(model):
         return {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}

@@ -54,7 +54,7 @@ def test_predict_a_folder_of_new_images_matches_submit(run, sample_dir, new_imag
     assert len(both) == 16 and np.allclose(both["pred"], both["target"], atol=1e-6)  # same models, TTA, metadata
 
     # the library: the run's fold ensemble and TTA, from a folder or from file paths
-    from melafast.checkpoint import RunPredictor, load_predictor
+    from melafast.inference.predictor import RunPredictor, load_predictor
 
     predictor = load_predictor(run)
     assert isinstance(predictor, RunPredictor) and len(predictor.predictors) == 2 and predictor.tta == 1  # not 8
@@ -70,7 +70,7 @@ def test_predict_without_metadata_uses_the_missing_value_path(run, new_images, t
     assert res.exit_code == 0, res.output
     plain = pd.read_csv(tmp_path / "p.csv")
     assert len(plain) == 16 and plain["pred"].between(0, 1).all()
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.predictor import load_predictor
 
     predictor = load_predictor(run)
     with pytest.warns(UserWarning, match="16 of 16 images have no metadata"):
@@ -135,7 +135,7 @@ def restore_backend_flags():
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_train_leaves_fast_or_deterministic_flags(sample_dir, tmp_path, restore_backend_flags, deterministic):
-    from melafast.run import TrainConfig, train_run
+    from melafast.train.run import TrainConfig, train_run
 
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic, not deterministic
     cfg = TrainConfig(data=str(sample_dir), arch=TINY_ARCH, size=32, bs=16, epochs=1, freeze_epochs=0, lr=1e-2,
@@ -155,9 +155,9 @@ def test_train_leaves_fast_or_deterministic_flags(sample_dir, tmp_path, restore_
 
 
 def test_inference_model_is_channels_last_where_training_is(tiny_dls):
-    from melafast.checkpoint import inference_settings
-    from melafast.learner import melanoma_learner
-    from melafast.tta import predict_probs
+    from melafast.inference.settings import inference_settings
+    from melafast.train.learner import melanoma_learner
+    from melafast.inference.loop import predict_probs
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
     model = learn.model
@@ -176,8 +176,8 @@ def test_predictor_runs_with_the_training_speed_settings(run, new_images, monkey
     from melafast.inference import load_predictor, loop
 
     seen = []
-    real = loop._prepare
-    monkeypatch.setattr(loop, "_prepare", lambda m, s: seen.append((str(s.device), s.precision)) or real(m, s))
+    real = loop.prepare_model
+    monkeypatch.setattr(loop, "prepare_model", lambda m, s: seen.append((str(s.device), s.precision)) or real(m, s))
     load_predictor(run).predict(new_images[0], meta=new_images[1], num_workers=0, progress=False)
     assert seen == [("cpu", "fp32"), ("cpu", "fp32")]
 
@@ -220,20 +220,20 @@ def test_prediction_precision_is_the_validated_one_not_the_devices_best(monkeypa
 
 def test_a_run_validated_in_bf16_says_so_where_it_cannot_run_it(run, new_images, tmp_path):
     folder, _ = new_images
-    fp32 = pd.read_csv(_predict(run, folder, tmp_path / "a.csv").out)["pred"]
+    fp32 = pd.read_csv(predict_rows(run, folder, tmp_path / "a.csv").out)["pred"]
     for k in (0, 1):  # as a GPU run would have written them
         cfg_file = run / f"fold{k}" / "config.json"
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "precision": "bf16"}))
-    res = _predict(run, folder, tmp_path / "b.csv")
+    res = predict_rows(run, folder, tmp_path / "b.csv")
     assert "validated in bf16, which this cpu cannot run: predicting in fp32" in res.output
     assert np.allclose(pd.read_csv(tmp_path / "b.csv")["pred"], fp32)
-    res = _predict(run, folder, tmp_path / "c.csv", "--precision", "fp32")
+    res = predict_rows(run, folder, tmp_path / "c.csv", "--precision", "fp32")
     assert res.exit_code == 0 and "cannot run" not in res.output
-    res = _predict(run, folder, tmp_path / "d.csv", "--precision", "bf16")
+    res = predict_rows(run, folder, tmp_path / "d.csv", "--precision", "bf16")
     assert res.exit_code == 1 and "needs a CUDA GPU" in res.stderr and res.stderr.count("\n") == 1
 
 
-def _predict(run, folder, out, *args):
+def predict_rows(run, folder, out, *args):
     res = invoke("predict", "--run", run, "--images", folder, "--out", out, "--workers", 0, *args)
     res.out = out
     return res

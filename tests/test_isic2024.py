@@ -74,7 +74,7 @@ def test_stack_is_cross_fitted_and_submits(sample_2024, run_2024, tmp_path):
     import numpy as np
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from melafast.stack import TREE_PARAMS
+    from melafast.inference.stack import TREE_PARAMS
 
     run = shutil.copytree(run_2024[0], tmp_path / "run")  # the stack writes into it
     res = invoke("stack", "--run", run, "--cont", "clin_size_long_diam_mm", "--cont", "tbp_lv_norm_border",

@@ -8,11 +8,12 @@ from fastai.callback.core import Callback
 from conftest import LITE0, TINY_ARCH, needs_lite0
 
 from melafast import model as model_mod
-from melafast.checkpoint import load_predictor, save_run
+from melafast.inference.predictor import load_predictor
+from melafast.train.save import save_run
 from melafast.errors import MelafastError, RunError, WeightsError
-from melafast.learner import MelanomaAUC, melanoma_learner, resolve_precision
+from melafast.train.learner import MelanomaAUC, melanoma_learner, resolve_precision
 from melafast.model import create_backbone
-from melafast.tta import dihedral_tta
+from melafast.inference.tta import dihedral_tta
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ the sensitivity at 90% specificity, checked against ROC curves worked out by han
 import numpy as np
 import pytest
 
-from melafast.evaluate import auc, pauc, sens_at_spec
+from melafast.metrics import auc, pauc, sens_at_spec
 
 
 def test_pauc_of_the_extreme_rankings():
@@ -52,7 +52,7 @@ def test_pauc_is_the_isic_2024_scorer_and_not_sklearns_max_fpr():
 
 
 def test_weighted_pauc_is_the_pauc_of_the_resample_and_the_interval_holds_it():
-    from melafast.evaluate import bootstrap_pauc
+    from melafast.metrics import bootstrap_pauc
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 200)

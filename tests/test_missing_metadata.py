@@ -262,7 +262,7 @@ def test_the_image_head_learns_from_every_training_row(sample_df, with_loss):
     gradient; without it, neither gets one (the joint head fuses onto the image features without training them)."""
     from conftest import TINY_ARCH
 
-    from melafast.learner import ImageHeadLoss, melanoma_learner
+    from melafast.train.learner import ImageHeadLoss, melanoma_learner
 
     dls = melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0, meta_dropout=0.0)
     learn = melanoma_learner(dls, TINY_ARCH, pretrained=False)
@@ -285,7 +285,7 @@ def test_the_image_head_learns_from_every_training_row(sample_df, with_loss):
 
 def test_the_saved_run_scores_its_metadata_less_path_with_the_image_head(tiny_run):
     "The fold models of a run rebuild with the image head, its flags where the run's own metadata vector has them."
-    from melafast.checkpoint import load_model
+    from melafast.inference.checkpoint import load_model
     from melafast.config import TrainConfig
 
     for k in (0, 1):
@@ -319,7 +319,7 @@ def test_lr_find_follows_the_image_heads_loss_and_fit_logs_the_joint_one(sample_
     "The backbone learns from the image head: lr_find chooses its rate on that head's loss; training logs the joint."
     from conftest import TINY_ARCH
 
-    from melafast.learner import melanoma_learner
+    from melafast.train.learner import melanoma_learner
 
     dls = melanoma_dls(sample_df, fold=0, size=32, bs=16, num_workers=0, meta_dropout=0.0)
     learn = melanoma_learner(dls, TINY_ARCH, pretrained=False, path=tmp_path, model_dir=".")
@@ -360,7 +360,8 @@ def test_the_metadata_side_leaves_the_global_random_stream_alone(sample_df):
 
     from conftest import TINY_ARCH
 
-    from melafast.model import MelanomaModel, SideDropout, SideGenerator
+    from melafast.model import MelanomaModel, SideDropout
+    from melafast.data.side import SideGenerator
 
     def draws(fn):
         torch.manual_seed(0)

@@ -7,8 +7,8 @@ from fastai.callback.core import Callback
 from torch.overrides import TorchFunctionMode
 
 from melafast.data import melanoma_dls
-from melafast.hostsync import AsyncToDevice, async_copies
-from melafast.learner import melanoma_learner
+from melafast.data.transfer import AsyncToDevice, async_copies
+from melafast.train.learner import melanoma_learner
 
 # Tensor methods that copy a value back to the host: on a GPU each one waits for all queued work
 _READS = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__float__,
@@ -107,7 +107,7 @@ def test_async_copies_move_batches_in_a_batch_transform(sample_df):
     assert learn.dls.valid.new(bs=2).after_batch.fs[0].device == torch.device("cpu")
     # the inference DataLoader of predict/submit/pseudo takes the same path on GPUs
     from melafast.data import inference_dl
-    from melafast.hostsync import async_copy_dl
+    from melafast.data.transfer import async_copy_dl
 
     test = sample_df.head(6)
     plain_dl = inference_dl(test, 32, plain.meta_proc, bs=4, num_workers=0, device="cpu")
@@ -121,16 +121,17 @@ def test_fold_models_share_one_pass_over_the_images(sample_dir, tiny_run, monkey
     import numpy as np
 
     from melafast import data as data_mod
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.predictor import load_predictor
     from melafast.data import inference_dl, load_competition
-    from melafast.submit import model_dirs, predict_run
-    from melafast.tta import predict_probs
+    from melafast.inference.checkpoint import model_dirs
+    from melafast.inference.predict import predict_run
+    from melafast.inference.loop import predict_probs
 
     run = tiny_run  # 2 fold models
     _, test = load_competition(sample_dir)
     opened = []
-    real_call = data_mod._OpenImage.__call__
-    monkeypatch.setattr(data_mod._OpenImage, "__call__", lambda self, fn: opened.append(fn) or real_call(self, fn))
+    real_call = data_mod.OpenImage.__call__
+    monkeypatch.setattr(data_mod.OpenImage, "__call__", lambda self, fn: opened.append(fn) or real_call(self, fn))
     got = predict_run(run, test, tta=4, bs=8, num_workers=0, log=lambda *_: None)
     # two fold models, each image decoded once (+1: fastai decodes one item when it builds a DataLoader)
     assert len(opened) == len(test) + 1

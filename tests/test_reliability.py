@@ -14,10 +14,10 @@ import pytest
 from conftest import TINY_ARCH, copy_run
 from typer.testing import CliRunner
 
-from melafast import run as run_mod
-from melafast.checkpoint import atomic_path, write_json
+from melafast.train import run as run_mod
+from melafast.atomic import atomic_path, write_json
 from melafast.cli import app
-from melafast.run import TrainConfig, resume_run, train_run
+from melafast.train.run import TrainConfig, resume_run, train_run
 
 
 def silent(msg):
@@ -29,7 +29,7 @@ def test_atomic_write_survives_a_kill(tmp_path):
     target.write_text("old complete file\n")
     script = textwrap.dedent(f"""
         import time
-        from melafast.checkpoint import atomic_path
+        from melafast.inference.checkpoint import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "w") as f:
                 f.write("half of the new")
@@ -73,7 +73,7 @@ def _comparable(run):
 @pytest.fixture(scope="module")
 def full_run(make_run):
     "The session's tiny run with TTA x2, trained by `melafast train` with the settings of `_cfg` (shared with test_cli)."
-    from melafast.run import RunResult
+    from melafast.train.run import RunResult
 
     path = make_run(tta=2)
     results = json.loads((path / "results.json").read_text())
@@ -176,7 +176,7 @@ def test_run_folders_of_older_and_newer_formats(full_run, sample_dir, tmp_path):
 
 
 def test_train_passes_lr_mult_to_fine_tune(sample_dir, tmp_path, monkeypatch):
-    from melafast.learner import MelanomaLearner
+    from melafast.train.learner import MelanomaLearner
 
     seen, real = [], MelanomaLearner.fine_tune
 
@@ -203,7 +203,7 @@ PEAK_RSS = textwrap.dedent("""
     import resource, sys
     import numpy as np, pandas as pd
     from PIL import Image
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.checkpoint import load_predictor
     run, folder, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = np.random.default_rng(0)
     names = []

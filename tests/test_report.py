@@ -15,9 +15,8 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from melafast.cli import app
-from melafast.evaluate import (age_band, bootstrap_auc, calibration, operating_points, subgroup_aucs,
-                               weighted_auc)
-from melafast.report import SECTIONS
+from melafast.metrics import age_band, bootstrap_auc, calibration, operating_points, subgroup_aucs, weighted_auc
+from melafast.metrics.report import SECTIONS
 
 
 def invoke(*args):
@@ -86,7 +85,7 @@ def test_report_has_every_section_self_contained(run, tmp_path):
 
 
 def test_galleries_show_one_image_per_lesion_and_keep_carcinomas_apart_from_benign_lesions():
-    from melafast.report import galleries
+    from melafast.metrics.report import galleries
 
     df = pd.DataFrame(dict(
         image_name=[f"I{i}" for i in range(9)],
@@ -217,9 +216,9 @@ def test_subgroup_counts_add_up_and_small_groups_get_no_auc():
 
 
 def test_cam_maps_have_the_image_size_and_differ_across_images(run, sample_dir):
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.predictor import load_predictor
     from melafast.data import inference_dl, load_competition
-    from melafast.explain import grad_cam
+    from melafast.metrics.explain import grad_cam
 
     p = load_predictor(run / "fold0")
     train, _ = load_competition(sample_dir)
@@ -232,9 +231,9 @@ def test_cam_maps_have_the_image_size_and_differ_across_images(run, sample_dir):
 
 
 def test_metadata_importance_unshuffled_row_is_the_plain_oof_auc(run, sample_dir):
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.predictor import load_predictor
     from melafast.data import load_competition
-    from melafast.explain import metadata_importance
+    from melafast.metrics.explain import metadata_importance
 
     oof = pd.read_csv(run / "oof.csv")  # trained with --tta 1: the plain view
     train, _ = load_competition(sample_dir)
@@ -255,7 +254,7 @@ def test_fastai_top_losses_work_on_image_and_metadata_batches(tiny_dls):
     import matplotlib.pyplot as plt
     from fastai.interpret import ClassificationInterpretation
 
-    from melafast.learner import melanoma_learner
+    from melafast.train.learner import melanoma_learner
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
     learn.fit(1, 1e-2)

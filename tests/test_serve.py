@@ -19,8 +19,8 @@ def server(make_run, tmp_path_factory):
     "The TTA x2 shared run, with an operating point, served on a free port (0.2 MB upload limit)."
     import shutil
 
-    from melafast.operating import save_operating_point
-    from melafast.serve import make_server
+    from melafast.metrics.operating import save_operating_point
+    from melafast.deploy.serve import make_server
 
     run = shutil.copytree(make_run(tta=2), tmp_path_factory.mktemp("serve") / "run")
     save_operating_point(run, "sens90", n_boot=20)
@@ -187,7 +187,7 @@ def test_other_hosts_and_origins_are_refused(server, sample_dir):
 
 
 def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(server, sample_dir, monkeypatch):
-    from melafast.serve import Service
+    from melafast.deploy.serve import Service
 
     _, url = server
     image = (sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes()
@@ -217,9 +217,9 @@ def test_the_upload_is_decoded_once_for_every_fold_model(server, sample_dir, mon
 
     run, _ = server
     calls = []
-    real = melafast.onnx._open
-    monkeypatch.setattr(melafast.onnx, "_open", lambda *a: calls.append(a[1]) or real(*a))
-    from melafast.serve import Service
+    real = melafast.onnx.open_image_array
+    monkeypatch.setattr(melafast.onnx, "open_image_array", lambda *a: calls.append(a[1]) or real(*a))
+    from melafast.deploy.serve import Service
 
     service = Service(run, device="cpu")
     service.predict((sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes(), "x")
@@ -232,7 +232,7 @@ def test_a_stalled_client_times_out_and_the_threads_are_bounded(make_run):
     import socket
     import time
 
-    from melafast.serve import make_server
+    from melafast.deploy.serve import make_server
 
     srv = make_server(make_run(tta=2), port=0, log=lambda m: None, threads=1, timeout=1.0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -130,9 +130,9 @@ KINDS = {  # kind of run -> (make_run settings or a fixture's name, layout)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_surface_gives_predicts_answer(kind, request, make_run, sample_dir, tmp_path):
     from melafast.errors import MelafastError
-    from melafast.export import export_run
+    from melafast.deploy.export import export_run
     from melafast.onnx import load
-    from melafast.serve import Service
+    from melafast.deploy.serve import Service
 
     how, layout = KINDS[kind]
     if isinstance(how, dict):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from melafast.cli import app
 from melafast.data import add_external, diagnosis_labels, melanoma_dls
 from melafast.errors import MelafastError
-from melafast.learner import melanoma_index
+from melafast.train.learner import melanoma_index
 
 
 def _train(*args):
@@ -113,7 +113,7 @@ def test_extra_meta_features_are_fitted_saved_and_recomputed(sample_dir, make_ru
     run = make_run(extra_meta=True, fold=0)  # shared with test_missing_metadata
     proc = json.loads((run / "fold0" / "config.json").read_text())["meta_proc"]
     assert proc["cont_names"] == ["age_approx", "n_images", "log_file_size"]
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.predictor import load_predictor
 
     pred = load_predictor(run / "fold0").predict(test, tta=1, bs=8, num_workers=0, progress=False)
     assert pred.shape == (16,) and np.isfinite(pred).all()  # the features were computed for the test table
@@ -138,8 +138,8 @@ def test_augmentation_presets(sample_df, aug):
 def test_weight_ema_is_what_validation_sees(tiny_dls):
     import torch
 
-    from melafast.averaging import WeightEMA
-    from melafast.learner import melanoma_learner
+    from melafast.train.averaging import WeightEMA
+    from melafast.train.learner import melanoma_learner
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
     ema = WeightEMA(decay=0.9)
@@ -155,8 +155,8 @@ def test_weight_ema_is_what_validation_sees(tiny_dls):
 
 
 def test_ema_decay_zero_is_the_raw_model(tiny_dls):
-    from melafast.averaging import WeightEMA
-    from melafast.learner import melanoma_learner
+    from melafast.train.averaging import WeightEMA
+    from melafast.train.learner import melanoma_learner
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
     ema = WeightEMA(decay=0.0)
@@ -174,7 +174,7 @@ def test_train_with_ema_saves_the_average(sample_dir, tmp_path):
 def test_ensemble_scores_blends_honestly_and_submit_uses_it(make_run, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from melafast.submit import blend, crossfit_blend
+    from melafast.inference.blend import blend, crossfit_blend
 
     runs = [make_run(seed=1), make_run(seed=2, meta=False)]
     ens_file = tmp_path / "ensemble.json"
@@ -216,7 +216,7 @@ def test_ensemble_of_keep_best_runs_scores_the_models_submit_uses(tmp_path):
     "With --keep best, submit loads the kept epochs' models: the ensemble weighs and scores those, said optimistic."
     from sklearn.metrics import roc_auc_score
 
-    from melafast.submit import blend, ensemble_runs
+    from melafast.inference.blend import blend, ensemble_runs
 
     rng = np.random.default_rng(2)
     target, folds = rng.integers(0, 2, 200), np.tile([0, 1], 100)
@@ -229,7 +229,7 @@ def test_ensemble_of_keep_best_runs_scores_the_models_submit_uses(tmp_path):
 
 
 def test_crossfit_never_scores_a_fold_with_weights_fitted_on_its_labels():
-    from melafast.submit import crossfit_blend
+    from melafast.inference.blend import crossfit_blend
 
     rng = np.random.default_rng(0)
     target = rng.integers(0, 2, 300)
@@ -244,7 +244,7 @@ def test_crossfit_never_scores_a_fold_with_weights_fitted_on_its_labels():
 
 
 def test_ensemble_weights_only_when_the_honest_score_says_so(tmp_path):
-    from melafast.submit import ensemble_runs
+    from melafast.inference.blend import ensemble_runs
 
     rng = np.random.default_rng(1)
     target = rng.integers(0, 2, 400)
@@ -268,7 +268,7 @@ def test_ensemble_weights_only_when_the_honest_score_says_so(tmp_path):
 
 
 def test_blend_weights():
-    from melafast.submit import blend
+    from melafast.inference.blend import blend
 
     a, b = np.array([0.1, 0.2, 0.9]), np.array([0.9, 0.5, 0.1])
     assert np.allclose(blend([a, b], "mean", [3, 1]), 0.75 * a + 0.25 * b)
@@ -278,7 +278,7 @@ def test_blend_weights():
 def test_soft_target_loss_is_cross_entropy_on_probabilities():
     import torch
 
-    from melafast.learner import SoftTargetCrossEntropy
+    from melafast.train.learner import SoftTargetCrossEntropy
 
     loss, x = SoftTargetCrossEntropy(), torch.randn(6, 2)
     y = torch.tensor([0, 1, 1, 0, 1, 0])
@@ -367,8 +367,8 @@ def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(tiny_dls):
     import torch
     from fastai.callback.core import Callback
 
-    from melafast.averaging import WeightSWA, recompute_bn
-    from melafast.learner import melanoma_learner
+    from melafast.train.averaging import WeightSWA, recompute_bn
+    from melafast.train.learner import melanoma_learner
 
     class Snapshots(Callback):
         order = 80
@@ -422,7 +422,7 @@ def test_averaging_and_pseudo_option_errors(sample_dir, args, msg):
 
 def test_each_fold_trains_on_its_own_teachers_pseudo_labels(sample_dir, sample_df, tmp_path):
     from melafast.data import add_pseudo, load_competition, pseudo_for_fold
-    from melafast.run import TrainConfig, build_table
+    from melafast.train.run import TrainConfig, build_table
 
     _, test = load_competition(sample_dir)
     table = pd.DataFrame({"image_name": test["image_name"][:3], "soft_target": [0.05, np.nan, 0.95],

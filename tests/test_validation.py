@@ -12,8 +12,8 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from melafast.cli import app
-from melafast.learner import melanoma_learner
-from melafast.run import TrainConfig, train_run
+from melafast.train.learner import melanoma_learner
+from melafast.train.run import TrainConfig, train_run
 
 
 def silent(msg):
@@ -28,7 +28,7 @@ def _cfg(sample_dir, out, **kw):
 @pytest.fixture(scope="module")
 def best_run(make_run):
     "The session's tiny run with 3 epochs, keeping each fold's best epoch; and what `melafast train` printed."
-    from melafast.run import RunResult
+    from melafast.train.run import RunResult
 
     path = make_run(keep="best", epochs=3)
     res = json.loads((path / "results.json").read_text())
@@ -62,7 +62,7 @@ def test_keep_best_reports_the_honest_and_the_selected_cv(best_run):
 
 
 def test_keep_best_saves_the_selected_model(best_run, sample_dir):
-    from melafast.checkpoint import load_predictor
+    from melafast.inference.predictor import load_predictor
     from melafast.data import load_competition
 
     run = best_run[0].path
@@ -170,7 +170,7 @@ class _FrozenDuringFit(Callback):
 
 @pytest.mark.parametrize("on, frozen", [("frozen", True), ("unfrozen", False)])
 def test_lr_find_runs_on_the_model_asked_for(tiny_dls, tmp_path, on, frozen):
-    from melafast.fold import find_lr
+    from melafast.train.fold import find_lr
 
     learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False, path=tmp_path, model_dir=".")
     spy = _FrozenDuringFit()
@@ -183,7 +183,7 @@ def test_lr_find_sees_the_rows_train_would_use(sample_dir, tmp_path, monkeypatch
     "`melafast lr-find` (which data-parallel runs rely on) builds its table as `train` does: extras and external rows."
     import shutil
 
-    from melafast import run as run_module
+    from melafast.train import run as run_module
 
     ext = tmp_path / "ext"
     shutil.copytree(sample_dir, ext)

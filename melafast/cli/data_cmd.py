@@ -24,7 +24,7 @@ def prepare(
                                        "the ISIC 2024 layout) instead of JPEG folders.")] = False,
 ):
     """Write a resized copy of a dataset (shorter side = --size, aspect kept); reruns redo only what changed."""
-    from ..prepare import prepare_dataset
+    from ..data.prepare import prepare_dataset
 
     prepare_dataset(src, out, size=size, workers=workers, images=images, log=typer.echo, store=hdf5)
 
@@ -38,7 +38,7 @@ def download(
                                              "the 2024 data).")] = "siim-isic-melanoma-classification",
 ):
     """Download the competition (or a Kaggle dataset, e.g. a resized copy) with the Kaggle API."""
-    from ..kaggle import download as kaggle_download
+    from ..data.kaggle import download as kaggle_download
 
     kaggle_download(out, dataset=dataset, competition=competition, log=typer.echo)
     typer.echo(f"done: train with  melafast train --data {out}")

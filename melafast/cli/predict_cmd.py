@@ -39,7 +39,7 @@ def predict(
 ):
     """Predict melanoma probabilities with a run's fold models: a folder of new images, or a dataset split."""
     from ..inference import set_determinism
-    from ..submit import predict_images, predict_split
+    from ..inference.predict import predict_images, predict_split
 
     if meta is not None and not (data is None and images is not None):
         raise MelafastError("--meta goes with --images FOLDER (and no --data): a dataset's metadata is in its CSV")
@@ -73,7 +73,8 @@ def submit(
                                         "test table and its image scores.")] = False,
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
-    from ..submit import make_submission, read_ensemble
+    from ..inference.blend import read_ensemble
+    from ..inference.submit import make_submission
 
     if bool(run) == bool(ensemble):
         raise MelafastError("pass either --run DIR (repeatable) or --ensemble FILE")
@@ -85,7 +86,7 @@ def submit(
                            images=images, on_bad_image=on_bad_image.value, weights=weights, log=typer.echo,
                            precision=_value(precision), stack=stack)
     if upload:
-        from ..kaggle import upload_submission
+        from ..data.kaggle import upload_submission
 
         upload_submission(path, message)
         typer.echo(f"uploaded {path} to Kaggle")
@@ -108,7 +109,7 @@ def pseudo(
     precision: RunPrecisionOpt = None,
 ):
     """Label the confident test images with a run's predictions, for `melafast train --pseudo`."""
-    from ..pseudo import pseudo_labels
+    from ..train.pseudo import pseudo_labels
 
     pseudo_labels(run, data=data, out=out, low=low, high=high, hard=hard, tta=tta, bs=bs, num_workers=workers,
                   images=images, log=typer.echo, precision=_value(precision))
@@ -121,7 +122,7 @@ def ensemble_cmd(
     out: Annotated[Path, typer.Option("--out", help="Ensemble file to write (for submit --ensemble).")] = Path("ensemble.json"),
 ):
     """Score equal and weighted blends of runs on their OOF predictions (weights cross-fitted); keep the best."""
-    from ..submit import ensemble_runs
+    from ..inference.blend import ensemble_runs
 
     ensemble_runs([str(r) for r in run], out=out, log=typer.echo)
 
@@ -153,7 +154,7 @@ def report(
                                         "plain-view pass over the out-of-fold images per artefact.")] = True,
 ):
     """Write an HTML report of a run: where its models succeed and fail (AUC interval, curves, calibration, ...)."""
-    from ..report import run_report
+    from ..evaluate.report import run_report
 
     if errors < 0 or bootstrap < 1:
         raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
@@ -181,7 +182,7 @@ def calibrate(
 ):
     """Choose an operating point on a calibration set, on predict's own scale (the fold mean), and save it in the run:
     `predict` then decides by the fold mean against it."""
-    from ..operating import calibrate_operating_point
+    from ..evaluate.operating import calibrate_operating_point
 
     if bootstrap < 1 or folds < 2:
         raise MelafastError("--bootstrap must be at least 1 and --folds at least 2")
@@ -209,7 +210,7 @@ def audit(
 ):
     """Shortcut audit: draw ink, rulers, vignettes, hair and colour patches on the out-of-fold images; flag the ones
     that move the run's scores."""
-    from ..audit import audit_run
+    from ..evaluate.audit import audit_run
 
     if bootstrap < 1:
         raise MelafastError("--bootstrap must be at least 1")
@@ -225,7 +226,7 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
 ):
     """Export a run's fold models to ONNX, with its TTA, metadata encoding and operating point (see melafast.onnx)."""
-    from ..export import export_run
+    from ..deploy.export import export_run
 
     export_run(run, out, opset=opset, log=typer.echo)
 
@@ -244,7 +245,7 @@ def serve(
     precision: RunPrecisionOpt = None,
 ):
     """A local web page to try a run: drop images, see the probability, the decision and the Grad-CAM map."""
-    from ..serve import serve as run_server
+    from ..deploy.serve import serve as run_server
 
     run_server(run, host=host, port=port, max_mb=max_mb, precision=_value(precision), log=typer.echo,
                max_megapixels=max_megapixels, threads=threads)
@@ -266,7 +267,7 @@ def stack_cmd(
     """Gradient-boosted trees on the table and the run's out-of-fold image scores, cross-validated on its folds."""
     from ..data import resolve_columns
     from ..runfolder import RunFolder
-    from ..stack import stack_run
+    from ..inference.stack import stack_run
 
     if cat or cont:  # the same checks as train's: present, not the label, not train-only
         d = RunFolder(run).data_for(data)
@@ -294,7 +295,7 @@ def card(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
 ):
     """Write the run's model card (Hugging Face format) from what the run folder knows."""
-    from ..card import model_card
+    from ..evaluate.card import model_card
 
     if bootstrap < 1:
         raise MelafastError("--bootstrap must be at least 1")
@@ -313,6 +314,6 @@ def compare(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Paired bootstrap resamples (whole patients).")] = 1000,
 ):
     """Compare runs on the out-of-fold images they all scored: AUC and pAUC differences with paired intervals."""
-    from ..compare import compare_runs
+    from ..evaluate.compare import compare_runs
 
     compare_runs(runs, data=data, out=out, images=images, n_boot=bootstrap, log=typer.echo)

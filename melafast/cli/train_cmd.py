@@ -19,8 +19,8 @@ _RESUME = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=No
 
 def train(**options):
     """Train a cross-validated fold ensemble; write a run folder with models, metrics, OOF predictions and plots."""
-    from ..distributed import is_main
-    from ..run import resume_run, train_run
+    from ..processes import is_main
+    from ..train.run import resume_run, train_run
 
     resume = options.pop("resume")
     if resume is not None:
@@ -46,7 +46,7 @@ _LR_FIND_OWN = [
 def lr_find(**options):
     """Run fastai's learning-rate finder on one fold of the table `train` would use; save the plot, print the
     suggestions."""
-    from ..run import lr_find_run
+    from ..train.run import lr_find_run
 
     out = options.pop("out")
     fold = options.pop("fold")

@@ -13,7 +13,7 @@ One concern a file, each importing only the ones above it:
 from .tables import (CAT_NAMES, CONT_NAMES, IMAGE_EXTS, clean_columns, clean_metadata, find_dataset, find_image_dir,
                      image_folder, image_table, load_competition, load_split, read_table, resolve_columns,
                      split_csv)
-from .images import BAD_IMAGE_MODES, _OpenImage, check_images  # noqa: F401  (_OpenImage: tests count its calls)
+from .images import BAD_IMAGE_MODES, check_images
 from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
 from .meta import (EXTRA_CONT_NAMES, FILE_FEATURES, META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta,
                    add_meta_features, add_patient_features, check_file_features, file_reference,

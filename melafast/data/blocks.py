@@ -13,10 +13,10 @@ from fastai.vision.all import (
 
 from ..config import AUG_PRESETS, TARGETS
 from ..errors import DataError
-from ..hostsync import async_copies, async_copy_dl
-from .images import _OpenImage
+from .transfer import async_copies, async_copy_dl
+from .images import OpenImage
 from .meta import META_DROPOUT, MetaDropout, MetaProcessor
-from .tables import _norm_text
+from .tables import norm_text
 
 __all__ = ["TARGETS", "AUG_PRESETS", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
            "diagnosis_labels", "SoftLabel", "TensorSoftLabel", "TrainOnly"]
@@ -42,7 +42,7 @@ class SoftLabel(DisplayedTransform):
 
 
 def _image_block(size):
-    return TransformBlock(type_tfms=_OpenImage(size), batch_tfms=IntToFloatTensor)
+    return TransformBlock(type_tfms=OpenImage(size), batch_tfms=IntToFloatTensor)
 
 
 def default_item_tfms(size: int):
@@ -216,7 +216,7 @@ def diagnosis_labels(df: pd.DataFrame) -> pd.Series:
     """
     if "diagnosis" not in df.columns:
         raise DataError("target='diagnosis' needs a diagnosis column in train.csv")
-    diag = _norm_text(df["diagnosis"]).fillna("unknown")
+    diag = norm_text(df["diagnosis"]).fillna("unknown")
     diag = diag.where(~((df["target"] == 0) & (diag == "melanoma")), "unknown")
     return diag.where(df["target"] == 0, "melanoma")
 
@@ -230,7 +230,7 @@ def inference_dl(df: pd.DataFrame, size: int, meta_proc=None, bs: int = 64,
     """
     if "fname" not in df.columns:
         raise DataError("inference_dl needs an fname column (read the data with load_competition)")
-    tfms = [[ColReader("fname"), _OpenImage(size)]]
+    tfms = [[ColReader("fname"), OpenImage(size)]]
     if meta_proc is not None:
         tfms.append([meta_proc])
     dsets = Datasets(df.reset_index(drop=True), tfms=tfms, n_inp=len(tfms))

@@ -71,7 +71,7 @@ def check_images(df: pd.DataFrame, on_bad: str = "error", workers: int = 8, prog
 
 
 
-class _OpenImage:
+class OpenImage:
     "Open an image as RGB, letting JPEG decode at a reduced scale when the file is much larger than `size`."
 
     def __init__(self, size=None):

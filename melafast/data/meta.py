@@ -263,7 +263,7 @@ class MetaDropout(Transform):
     def __init__(self, proc: MetaProcessor, p: float = 0.5, patterns: str = "subsets"):
         import torch
 
-        from ..model import SideGenerator
+        from .side import SideGenerator
 
         super().__init__()
         if patterns not in DROPOUT_PATTERNS:
@@ -344,7 +344,7 @@ def add_meta_features(df: pd.DataFrame) -> pd.DataFrame:
 
 def _prepared_size(fname: str) -> int | None:
     "The --size of the `melafast prepare` copy an image belongs to (its prepare.json, up to 3 folders up), if any."
-    from ..prepare import RECORD
+    from .prepare import RECORD
 
     for parent in list(Path(fname).parents)[:3]:
         record = parent / RECORD

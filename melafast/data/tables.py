@@ -16,8 +16,8 @@ __all__ = ["IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "read_table", "clean_metadat
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 CAT_NAMES = ("sex", "anatom_site_general_challenge")  # categorical metadata of the competition CSVs
 CONT_NAMES = ("age_approx",)  # continuous metadata of the competition CSVs
-_SEXES = {"male": "male", "female": "female", "m": "male", "f": "female"}  # spellings of sex that are read
-_HOLES = {"", "na", "n/a", "nan", "none", "null", "unknown", "missing", "?", "-"}  # how tables write "not known"
+SEXES = {"male": "male", "female": "female", "m": "male", "f": "female"}  # spellings of sex that are read
+HOLES = {"", "na", "n/a", "nan", "none", "null", "unknown", "missing", "?", "-"}  # how tables write "not known"
 
 
 def read_table(csv, required=("image_name",)) -> pd.DataFrame:
@@ -59,7 +59,7 @@ def _common_names(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _norm_text(s: pd.Series) -> pd.Series:
+def norm_text(s: pd.Series) -> pd.Series:
     "Lower-case, stripped strings; anything empty or not a string becomes missing."
     return s.map(lambda v: v.strip().lower() if isinstance(v, str) and v.strip() else np.nan).astype(object)
 
@@ -68,7 +68,7 @@ def _hole(v) -> bool:
     "True for a value that says 'not known': empty, NaN, None, or a word such as unknown or n/a."
     if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
         return True
-    return isinstance(v, str) and v.strip().lower() in _HOLES
+    return isinstance(v, str) and v.strip().lower() in HOLES
 
 
 def _refuse(df: pd.DataFrame, bad: pd.Series, column: str, what: str, source) -> None:
@@ -96,7 +96,7 @@ def clean_metadata(df: pd.DataFrame, source=None) -> pd.DataFrame:
         if c not in df.columns:
             df[c] = np.nan
     holes = {c: df[c].map(_hole).astype(bool) for c in (*CAT_NAMES, *CONT_NAMES)}
-    sex = df["sex"].map(lambda v: _SEXES.get(v.strip().lower()) if isinstance(v, str) else None)
+    sex = df["sex"].map(lambda v: SEXES.get(v.strip().lower()) if isinstance(v, str) else None)
     _refuse(df, ~holes["sex"] & sex.isna(), "sex", "a sex (male, female, m or f)", source)
     df["sex"] = sex.where(sex.notna(), np.nan).astype(object)
     age = pd.to_numeric(df["age_approx"].where(~holes["age_approx"]), errors="coerce").astype(float)
@@ -106,7 +106,7 @@ def clean_metadata(df: pd.DataFrame, source=None) -> pd.DataFrame:
     _refuse(df, ~holes["anatom_site_general_challenge"] & pd.to_numeric(site, errors="coerce").notna(),
             "anatom_site_general_challenge", "a body site (a name such as torso; numbers are codes of some other "
             "table)", source)
-    df["anatom_site_general_challenge"] = _norm_text(site.where(~holes["anatom_site_general_challenge"]))
+    df["anatom_site_general_challenge"] = norm_text(site.where(~holes["anatom_site_general_challenge"]))
     if "patient_id" in df.columns:
         df["patient_id"] = df["patient_id"].map(lambda v: v.strip() if isinstance(v, str) and v.strip() else np.nan).astype(object)
     if "target" in df.columns:
@@ -184,7 +184,7 @@ def clean_columns(df: pd.DataFrame, cat=(), cont=(), source=None) -> pd.DataFram
     for c in cat:
         if c not in (*CAT_NAMES, *CONT_NAMES):
             holes = df[c].map(_hole).astype(bool)
-            df[c] = _norm_text(df[c].where(~holes).map(_category_text))
+            df[c] = norm_text(df[c].where(~holes).map(_category_text))
     for c in cont:
         if c not in (*CAT_NAMES, *CONT_NAMES):
             holes = df[c].map(_hole).astype(bool)

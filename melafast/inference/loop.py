@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..tta import dihedral_view, dihedral_views
+from .tta import dihedral_view, dihedral_views
 from .inputs import model_table
-from .settings import _prepare, default_device, resolve_settings
+from .settings import prepare_model, default_device, resolve_settings
 
 __all__ = ["predict_probs_multi", "predict_probs", "predict_many", "image_features", "model_batch", "prepare_models"]
 
@@ -123,7 +123,7 @@ def predict_many(predictors: list, df: pd.DataFrame, tta: int = 8, bs: int = 64,
             for j, name in enumerate(patterns):
                 out_blank[name][i] = None if pb is None else pb[j][:, pos].numpy().astype(np.float64)
     for note in notes:
-        _say(note, log, RuntimeWarning)
+        say(note, log, RuntimeWarning)
     if not blank:
         return out
     return out, (out_blank if isinstance(blank, dict) else out_blank["all"])
@@ -134,11 +134,11 @@ def prepare_models(predictors, device, precision: str | None = None) -> list:
     `precision`): their `Settings`, in order."""
     settings = [resolve_settings(p.spec, device, precision) for p in predictors]
     for p, s in zip(predictors, settings):
-        _prepare(p.model, s)
+        prepare_model(p.model, s)
     return settings
 
 
-def _say(msg: str, log=None, category=UserWarning, stacklevel: int = 3):
+def say(msg: str, log=None, category=UserWarning, stacklevel: int = 3):
     if log is not None:
         log(msg)
     else:
@@ -153,7 +153,7 @@ def image_features(predictor, df: pd.DataFrame, bs: int = 64, num_workers: int |
     from ..progress import progress as shown
 
     s = resolve_settings(predictor.spec, device, precision)
-    model = _prepare(predictor.model, s)
+    model = prepare_model(predictor.model, s)
     dl = inference_dl(df, predictor.spec.size, None, bs=bs, num_workers=num_workers, device=s.device)
     feats = []
     with torch.inference_mode(), s.autocast():
@@ -169,7 +169,7 @@ def model_batch(predictor, df: pd.DataFrame, device=None, precision: str | None 
     from ..data import inference_dl
 
     s = resolve_settings(predictor.spec, device, precision)
-    _prepare(predictor.model, s)
+    prepare_model(predictor.model, s)
     dl = inference_dl(df, predictor.spec.size, predictor.meta_proc, bs=len(df), num_workers=0, device=s.device)
     batch = next(iter(dl))
     img = batch[0].as_subclass(torch.Tensor).to(s.device)

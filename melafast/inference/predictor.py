@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from ..errors import RunError
-from .loop import _say, predict_many
+from .loop import say, predict_many
 
 __all__ = ["Predictor", "RunPredictor", "load_predictor", "MissingMetadataWarning"]
 
@@ -78,7 +78,7 @@ class Predictor:
         some have no metadata at all, `log` is told, or a `MissingMetadataWarning` raised, with how the model does
         on that path). `precision` overrides the precision the model was validated with.
         """
-        return _predict([self], self.figures, images, meta, tta or self.tta, bs, num_workers, device, progress,
+        return predict_rows([self], self.figures, images, meta, tta or self.tta, bs, num_workers, device, progress,
                         precision, log)[0]
 
 
@@ -95,7 +95,7 @@ class RunPredictor:
     def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
         """Melanoma probability of each image: the fold models' mean (arguments as `Predictor.predict`)."""
-        preds = _predict(self.predictors, self.figures or {}, images, meta, tta or self.tta, bs, num_workers, device,
+        preds = predict_rows(self.predictors, self.figures or {}, images, meta, tta or self.tta, bs, num_workers, device,
                          progress, precision, log)
         return np.mean(preds, axis=0)
 
@@ -106,7 +106,7 @@ class RunPredictor:
         from ..data import image_table
 
         df = image_table(images, meta)
-        preds = _predict(self.predictors, self.figures or {}, df, None, tta or self.tta, bs, num_workers, device,
+        preds = predict_rows(self.predictors, self.figures or {}, df, None, tta or self.tta, bs, num_workers, device,
                          progress, precision, log)
         out = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": np.mean(preds, axis=0)})
         if self.operating_point is not None:
@@ -127,21 +127,21 @@ class RunPredictor:
             raise ValueError(f"decide needs one prediction array per fold model ({len(self.predictors)}), "
                              f"got {len(per_model)}")
         if (tta and tta != point.tta) or precision:
-            _say(f"the operating point {point.operating_point} was chosen on scores made with TTA "
+            say(f"the operating point {point.operating_point} was chosen on scores made with TTA "
                  f"x{point.tta} in each model's validated precision; these use "
                  f"{'TTA x' + str(tta) if tta else 'the same TTA'}{', precision ' + precision if precision else ''}: "
                  "its figures may not hold", log, UserWarning, stacklevel=3)
         return point.decide(per_model)
 
 
-def _predict(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
+def predict_rows(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
     from ..data import image_table
     from .inputs import model_table
 
     table = model_table(predictors, image_table(images, meta))
     note = _no_metadata_note(predictors, table, figures)
     if note:
-        _say(note, log, MissingMetadataWarning, stacklevel=4)  # at the line that called .predict
+        say(note, log, MissingMetadataWarning, stacklevel=4)  # at the line that called .predict
     return predict_many(predictors, table, tta=tta, bs=bs, num_workers=num_workers, device=device, progress=progress,
                         precision=precision, log=log, prepared=True)
 
@@ -152,7 +152,7 @@ def load_predictor(path, device="cpu"):
     A fold folder gives a `Predictor`; a run folder gives a `RunPredictor` over all its fold models, which
     predicts with the run's TTA. Both have `.predict(images, meta=None)`.
     """
-    from ..checkpoint import load_model
+    from .checkpoint import load_model
     from ..runfolder import RunFolder
 
     run = RunFolder(path)

@@ -96,11 +96,11 @@ def inference_settings(model, device, precision: str = "auto", channels_last: bo
     device = torch.device(device)
     settings = Settings(device, resolve_precision(precision, device),
                         device.type == "cuda" if channels_last is None else channels_last)
-    _prepare(model, settings)
+    prepare_model(model, settings)
     return settings.amp_dtype
 
 
-def _prepare(model, settings: Settings):
+def prepare_model(model, settings: Settings):
     "Put `model` where and how `settings` say, in eval mode."
     model.to(settings.device).eval()
     model.to(memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)

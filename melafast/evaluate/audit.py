@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import MelafastError, RunError
+from ..errors import MelafastError, RunError
 
 __all__ = ["ARTEFACTS", "draw_artefact", "shortcut_audit", "audit_run", "MIN_SHIFT", "MIN_AUC_DROP"]
 
@@ -147,11 +147,11 @@ def _scores(models: dict, df: pd.DataFrame, names: list, seed: int, tta: int, bs
             precision, progress: bool) -> pd.DataFrame:
     """The melanoma probability of each row by its fold's model: plain (`clean`), with each artefact drawn, and for a
     coloured artefact with the same marks in grey (`<name> in grey`)."""
-    from .data import inference_dl
-    from .inference.inputs import model_table
-    from .inference.settings import _prepare, resolve_settings
-    from .progress import progress as shown
-    from .tta import dihedral_view, dihedral_views
+    from ..data import inference_dl
+    from ..inference.inputs import model_table
+    from ..inference.settings import prepare_model, resolve_settings
+    from ..progress import progress as shown
+    from ..inference.tta import dihedral_view, dihedral_views
 
     variants = [None] + [(n, g) for n in names for g in ((False, True) if ARTEFACTS[n].get("coloured") else (False,))]
     out = pd.DataFrame(index=df.index, columns=[_column(v) for v in variants], dtype=np.float64)
@@ -161,7 +161,7 @@ def _scores(models: dict, df: pd.DataFrame, names: list, seed: int, tta: int, bs
                            "with the model that scored it")
         p = models[int(k)]
         s = resolve_settings(p.spec, device, precision)
-        _prepare(p.model, s)
+        prepare_model(p.model, s)
         rows = model_table([p], part)
         dl = inference_dl(rows, p.spec.size, p.meta_proc, bs=bs, num_workers=num_workers, device=s.device)
         pos, start, got = p.spec.pos, 0, {_column(v): [] for v in variants}
@@ -185,12 +185,12 @@ def _scores(models: dict, df: pd.DataFrame, names: list, seed: int, tta: int, bs
 
 def _mean_interval(values, groups, n_boot, seed, level=0.95) -> tuple[float, float, float]:
     "Mean of `values` with a percentile bootstrap interval over whole groups (rows without one stand alone)."
-    from .evaluate import _resamples
+    from ..metrics import bootstrap_weights
 
     values = np.asarray(values, dtype=np.float64)
     if not len(values):
         return (np.nan, np.nan, np.nan)
-    means = [np.sum(w * values) / np.sum(w) for w in _resamples(groups, len(values), n_boot, seed) if np.sum(w) > 0]
+    means = [np.sum(w * values) / np.sum(w) for w in bootstrap_weights(groups, len(values), n_boot, seed) if np.sum(w) > 0]
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(values.mean()), float(lo), float(hi)
 
@@ -205,7 +205,7 @@ def shortcut_audit(models: dict, df: pd.DataFrame, artefacts=None, n_boot: int =
     fold's model (TTA `tta`, 1: the plain view). Returns (one row per artefact: mean change of the melanoma score on
     benign lesions and on melanomas, AUC clean and with the artefact, the change with a paired patient bootstrap
     interval, `flagged` and `shifts decisions` (see the module's doc); the scores, one column per variant)."""
-    from .evaluate import paired_bootstrap
+    from ..metrics import paired_bootstrap
 
     names = _check(artefacts)
     if df.empty or df["target"].nunique() < 2:
@@ -243,7 +243,7 @@ def _examples(df, names, seed, size, path) -> Path:
     "One out-of-fold image as the model sees it, plain and with each artefact drawn: what the audit draws."
     from PIL import Image
 
-    from .data.store import open_image
+    from ..data.store import open_image
     from .plots import plot_artefacts
 
     row = df.iloc[int(np.argmax(df["target"].to_numpy() == 0))]
@@ -303,9 +303,9 @@ def audit_run(run, artefacts=None, data=None, images=None, out=None, n_boot: int
     """`melafast audit`: the shortcut audit of a finished run on its out-of-fold images. Writes `out` (default
     <run>/audit.html, its figures in <out stem>_figures/) and the table beside it (<out stem>.csv: the run's
     audit.csv by default, which `melafast card` reads); returns the table."""
-    from .atomic import write_csv, write_text
+    from ..atomic import write_csv, write_text
     from .report import _fold_models, _oof_with_metadata, _page, _read_run
-    from .runfolder import RunFolder
+    from ..runfolder import RunFolder
 
     names = _check(artefacts)  # a bad name stops before any work
     if tta not in (1, 2, 4, 8):

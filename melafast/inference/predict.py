@@ -8,8 +8,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, MelafastError
-from .runfolder import RunFolder
+from ..errors import DataError, MelafastError
+from ..runfolder import RunFolder
 from .tta import dihedral_views
 
 __all__ = ["predict_run", "predict_split", "predict_images", "predict_usable"]
@@ -23,13 +23,12 @@ def predict_run(run, df: pd.DataFrame, tta: int | None = None, bs: int = 64, num
     The fold models share one pass over the images (each image is decoded once, not once per fold). `log` is told
     when some images come without any metadata, and how the run does on that path.
     """
-    return np.mean(_model_preds(run, df, tta, bs, num_workers, device, log, precision)[1], axis=0)
+    return np.mean(model_preds(run, df, tta, bs, num_workers, device, log, precision)[1], axis=0)
 
 
-def _model_preds(run, df, tta, bs, num_workers, device, log, precision) -> tuple:
+def model_preds(run, df, tta, bs, num_workers, device, log, precision) -> tuple:
     "(the run's predictor, one probability array per fold model) for the rows of `df`."
-    from .inference import load_predictor
-    from .inference.predictor import _predict
+    from .predictor import load_predictor, predict_rows
 
     predictor = load_predictor(run)
     models = getattr(predictor, "predictors", [predictor])
@@ -39,14 +38,14 @@ def _model_preds(run, df, tta, bs, num_workers, device, log, precision) -> tuple
             f"model(s) it saved (`melafast train --resume {run}` trains the others)")
     log(f"predicting {len(df)} images with the {len(models)} model(s) of {run} (TTA x{tta or predictor.tta})")
     figures = getattr(predictor, "figures", None) or {}
-    return predictor, _predict(models, figures, df, None, tta or predictor.tta, bs, num_workers, device, True,
+    return predictor, predict_rows(models, figures, df, None, tta or predictor.tta, bs, num_workers, device, True,
                                precision, log)
 
 
 def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.ndarray, dict]:
     """The fold mean of one run on the usable rows (the others get its median), and, when the run has a saved
     operating point, its `decision` and `votes` columns (empty for unusable rows)."""
-    predictor, preds = _model_preds(run, df[ok], tta, bs, num_workers, None, log, precision)
+    predictor, preds = model_preds(run, df[ok], tta, bs, num_workers, None, log, precision)
     pred = fill_unusable(np.mean(preds, axis=0), ok)
     point = getattr(predictor, "operating_point", None)
     if point is None:
@@ -66,9 +65,9 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.nd
     return pred, cols
 
 
-def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
+def usable_rows(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
     "Boolean mask of the rows whose image can be read; with `skip`, the others are reported, else an error."
-    from .data import check_images
+    from ..data import check_images
 
     good, bad = check_images(df, on_bad_image)
     if len(bad):
@@ -79,7 +78,7 @@ def _usable(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
 
 def predict_usable(runs, df, ok, tta, bs, num_workers, blend_method, log, weights=None, precision=None) -> np.ndarray:
     "Blend of every run's prediction on the usable rows; unusable rows get the median of those predictions."
-    from .submit import blend
+    from .blend import blend
 
     good = df[ok]
     preds = [predict_run(r, good, tta=tta, bs=bs, num_workers=num_workers, log=log, precision=precision) for r in runs]
@@ -98,7 +97,7 @@ def fill_unusable(values, ok) -> np.ndarray:
 def _write_preds(df: pd.DataFrame, pred, ok, run, out, decisions: dict | None = None) -> pd.DataFrame:
     """image_name, pred (the melanoma probability), run [, decision, votes] [, target] [, image_ok], written
     atomically to `out`."""
-    from .atomic import write_csv
+    from ..atomic import write_csv
 
     res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run), **(decisions or {})})
     if "target" in df.columns:
@@ -118,7 +117,7 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
     On the train split every model has seen most images: the honest cross-validated scores are the run's out-of-fold
     predictions.
     """
-    from .data import load_split
+    from ..data import load_split
 
     if split not in ("test", "train"):
         raise MelafastError(f"--split must be test or train, got {split!r}")
@@ -131,7 +130,7 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
     if df is None:
         raise DataError(f"{data} has no test.csv to predict; use --split train, another --data, or --images FOLDER")
     df = df.reset_index(drop=True)
-    ok = _usable(df, on_bad_image, log)
+    ok = usable_rows(df, on_bad_image, log)
     pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
     _write_preds(df, pred, ok, run, out, decisions)
     log(f"wrote {out}: {len(df)} predictions ({split} split of {data})")
@@ -145,13 +144,13 @@ def predict_images(run, images, meta=None, tta: int | None = None, out="preds.cs
     training images needed. `meta` (CSV or DataFrame with `image_name`) gives their metadata; images it does not
     cover, or all of them without it, count as of unknown sex, age and site. Writes image_name, pred, run.
     """
-    from .data import image_table
+    from ..data import image_table
 
     if tta is not None:
         dihedral_views(tta)
     RunFolder(run).model_dirs()
     df = image_table(images, meta).reset_index(drop=True)  # images without metadata are counted where they are scored
-    ok = _usable(df, on_bad_image, log)
+    ok = usable_rows(df, on_bad_image, log)
     pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
     _write_preds(df, pred, ok, run, out, decisions)
     log(f"wrote {out}: {len(df)} predictions from {run}")

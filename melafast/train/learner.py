@@ -12,20 +12,20 @@ from fastai.learner import Learner, Metric
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import to_detach
+from fastcore.basics import patch
 from fastcore.foundation import L
 from fastcore.meta import delegates
 
-from .errors import MelafastError
+from ..errors import MelafastError
 from . import interpret  # noqa: F401  (registers fastai's plot_top_losses for image + metadata batches)
-from . import tta  # noqa: F401  (attaches learn.dihedral_tta)
-from .evaluate import auc as _auc
+from ..metrics import auc as _auc
 from .hostsync import sync_free
-from .inference import PRECISIONS, resolve_precision
-from .model import MelanomaModel, melanoma_splitter
-from .progress import LineProgress, interactive
+from ..inference import PRECISIONS, predict_probs, resolve_precision
+from ..model import MelanomaModel, melanoma_splitter
+from ..progress import LineProgress, interactive
 
 __all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs",
-           "melanoma_index", "resolve_precision", "PRECISIONS", "FrozenBN", "ImageHeadLoss"]
+           "melanoma_index", "resolve_precision", "PRECISIONS", "FrozenBN", "ImageHeadLoss", "dihedral_tta", "amp_dtype"]
 
 
 class MelanomaLearner(Learner):
@@ -235,3 +235,25 @@ def melanoma_learner(
         learn.freeze()
     return learn
 
+
+def amp_dtype(learn):
+    "The autocast dtype of `learn`'s mixed precision (None without it)."
+    mp = getattr(learn, "mixed_precision", None)
+    if mp is None:
+        return None
+    return torch.bfloat16 if mp.amp_mode.value == "bf16" else torch.float16
+
+
+@patch
+def dihedral_tta(self: Learner, dl=None, n: int = 8, progress: bool = True) -> torch.Tensor:
+    """Class probabilities over `dl` (default the validation set), the mean over `n` fixed dihedral views.
+
+    Unlike fastai's `learn.tta()` nothing is random: the same views every time, in the learner's own precision.
+    Also `dihedral_tta(learn, ...)`.
+    """
+    dl = self.dls.valid if dl is None else dl
+    model = getattr(self.model, "module", self.model)  # inside DistributedDataParallel while a fit runs
+    return predict_probs(model, dl, n=n, amp_dtype=amp_dtype(self), n_inp=self.dls.n_inp, progress=progress)
+
+
+dihedral_tta = Learner.dihedral_tta  # noqa: F811 (fastcore's @patch returns nothing: the function, callable as dihedral_tta(learn)

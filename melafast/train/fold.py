@@ -14,7 +14,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
 from .averaging import unwrap
-from .config import TrainConfig
+from ..config import TrainConfig
 
 __all__ = ["seed_everything", "train_fold", "fold_learner", "find_lr", "phase_lr_find", "EpochTracker"]
 
@@ -57,8 +57,8 @@ class EpochTracker(Callback):
 
     def add_validation(self, learn, phase: str, t0: float):
         "Score the model as it is now on the validation set (no TTA) and log it as one more row."
-        from .evaluate import auc as _auc
-        from .tta import dihedral_tta
+        from ..metrics import auc as _auc
+        from .learner import dihedral_tta
 
         probs = dihedral_tta(learn, n=1, progress=False).double()
         items, vocab = learn.dls.valid_ds.items, list(learn.dls.vocab)
@@ -98,7 +98,7 @@ def seed_everything(seed: int, deterministic: bool = False):
     """
     from fastai.torch_core import set_seed
 
-    from .inference import set_determinism
+    from ..inference import set_determinism
 
     set_seed(seed)
     set_determinism(deterministic)
@@ -106,7 +106,7 @@ def seed_everything(seed: int, deterministic: bool = False):
 
 def fold_learner(df, k, cfg: TrainConfig, path):
     "The seeded Learner of fold `k`: its DataLoaders and model as `cfg` says; `path` holds lr_find's checkpoint."
-    from .data import melanoma_dls, pseudo_for_fold
+    from ..data import melanoma_dls, pseudo_for_fold
     from .distributed import process_device
     from .learner import melanoma_learner
 
@@ -132,7 +132,7 @@ def find_lr(learn, png, on: str = "frozen") -> float:
     "lr_find's valley on the frozen or unfrozen model; the plot saved to `png`."
     from fastai.callback.schedule import slide, valley
 
-    from .plots import save_current_figure
+    from ..evaluate.plots import save_current_figure
 
     sugg = phase_lr_find(learn, on, (valley, slide))
     save_current_figure(png)
@@ -144,10 +144,10 @@ def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
     the saved model's, chosen on these rows; `pred_no_meta`: the saved model's with every patient field blanked, for
     a model with metadata), its metric rows, the epoch it kept,
     and the operations that ran without a deterministic kernel although `cfg.deterministic` asked for one."""
-    from .checkpoint import save_model
-    from .distributed import is_main
-    from .inference import record_nondeterminism
-    from .runfolder import RunFolder
+    from .save import save_model
+    from ..processes import is_main
+    from ..inference import record_nondeterminism
+    from ..runfolder import RunFolder
 
     run = RunFolder(run_dir)
     fold_dir = run.fold_dir(k)
@@ -164,8 +164,9 @@ def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
 def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
     "Find the lr, fit, keep the model the rule says and predict the validation rows with it."
     from .averaging import WeightEMA, WeightSWA
-    from .distributed import to_distributed, world_size
-    from .evaluate import auc
+    from .distributed import to_distributed
+    from ..processes import world_size
+    from ..metrics import auc
 
     lr = cfg.lr if cfg.lr is not None else find_lr(learn, run.lr_find_file(k), cfg.lr_find_on)
     if world_size() > 1:
@@ -208,7 +209,7 @@ def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
                  valid_auc=auc(oof["target"], saved),
                  valid_auc_no_meta=auc(oof["target"], no_meta) if no_meta is not None else None)
     if cfg.meta and cfg.extra_meta:  # what the file features were computed on, to recognise other files later
-        from .data import file_reference
+        from ..data import file_reference
 
         extra["files"] = file_reference(df[df["fold"] != k])
     return dict(oof=oof, metrics=pd.DataFrame(tracker.rows).assign(fold=k), kept=kept, extra=extra)
@@ -217,13 +218,13 @@ def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
 def _valid_preds(learn, tta: int):
     """Melanoma probabilities of the validation rows with `tta` dihedral views, and for a model with metadata the
     same with every patient field blanked (None for an image-only model), from one pass over the images."""
-    from .inference import predict_probs_multi
+    from ..inference import predict_probs_multi
     from .learner import melanoma_probs
-    from .tta import _amp_dtype
+    from .learner import amp_dtype
 
     meta, pos = learn.dls.n_inp > 1, learn.metrics[0].pos
     out = predict_probs_multi([unwrap(learn.model)], learn.dls.valid, [slice(None) if meta else None], n=tta,
-                              amp_dtype=_amp_dtype(learn), n_inp=learn.dls.n_inp,
+                              amp_dtype=amp_dtype(learn), n_inp=learn.dls.n_inp,
                               blanks=[learn.dls.meta_proc] if meta else None)
     if not meta:
         return melanoma_probs(out[0], pos), None

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, MelafastError
+from ..errors import DataError, MelafastError
 
 __all__ = ["pseudo_labels", "select_pseudo"]
 
@@ -35,12 +35,12 @@ def pseudo_labels(run, data=None, out=None, low: float = 0.1, high: float = 0.9,
     labels of the teacher's fold-k model, which never saw fold k's labels, so its CV stays honest. An image is
     written when the ensemble or any fold model is confident about it. Test images that cannot be read are left out.
     """
-    from .atomic import write_csv
-    from .data import check_images, load_split
-    from .inference import load_predictor, predict_many
-    from .plots import plot_pseudo
-    from .runfolder import RunFolder
-    from .tta import dihedral_views
+    from ..atomic import write_csv
+    from ..data import check_images, load_split
+    from ..inference import load_predictor, predict_many
+    from ..evaluate.plots import plot_pseudo
+    from ..runfolder import RunFolder
+    from ..inference.tta import dihedral_views
 
     select_pseudo([], low, high)  # check the thresholds before any prediction
     if tta is not None:

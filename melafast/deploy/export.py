@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import MelafastError
+from ..errors import MelafastError
 
 __all__ = ["export_run", "DEFAULT_OPSET"]
 
@@ -60,10 +60,10 @@ def _export_one(predictor, path: Path, opset: int):
 def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> Path:
     """Export every fold model of `run` to the new (or empty) folder `out`, check each with `onnx.checker` and
     against torch on random inputs, and write the manifest `melafast.onnx` reads. Returns `out`."""
-    from .inference import load_predictor
-    from .inference.inputs import upload_refusal
-    from .onnx import MANIFEST
-    from .runfolder import RunFolder
+    from ..inference import load_predictor
+    from ..inference.inputs import upload_refusal
+    from ..onnx import MANIFEST
+    from ..runfolder import RunFolder
 
     try:
         import onnx  # noqa: F401
@@ -90,11 +90,11 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
         models.append(dict(file=path.name, fold=fold, size=int(p.spec.size), pos=int(p.spec.pos),
                            meta_proc=p.spec.meta_proc if p.spec.meta else None,
                            validated_precision=p.spec.precision, arch=p.spec.arch))
-    from .data.tables import _HOLES, _SEXES
+    from ..data.tables import HOLES, SEXES
 
     manifest = dict(format=1, run=str(folder.path.resolve()), tta=folder.tta, blend="mean of the fold models", opset=opset,
                     models=models, operating_point=point.to_dict() if (point := folder.operating_point()) else None,
-                    metadata_rules=dict(holes=sorted(_HOLES), sexes=_SEXES),
+                    metadata_rules=dict(holes=sorted(HOLES), sexes=SEXES),
                     exported=datetime.datetime.now().isoformat(timespec="seconds"),
                     note="fp32 graphs; runs validated in bf16/fp16 on a GPU differ from them by that precision")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, MelafastError, RunError
+from ..errors import DataError, MelafastError, RunError
 
 __all__ = ["stack_run", "stack_predict", "TREE_PARAMS"]
 
@@ -34,8 +34,8 @@ def _logit(p):
 
 def _table(data, cat, cont, patient_features, split="train") -> pd.DataFrame:
     "The split's table (no images needed) with the feature columns cleaned, and patient features when asked."
-    from .data import read_table, split_csv
-    from .inference.inputs import clean_table
+    from ..data import read_table, split_csv
+    from .inputs import clean_table
 
     data = Path(data)
     csv = split_csv(data, split)
@@ -79,7 +79,7 @@ def _columns(info, cat, cont):
 
 def _training(folder, data, cat, cont, patient_features):
     "(rows: OOF rows with their features, X, y, vocab, the feature names)."
-    from .data import patient_feature_names
+    from ..data import patient_feature_names
 
     oof = folder.oof(need="the stack learns from the run's out-of-fold image predictions")
     table = _table(data, cat, cont, patient_features)
@@ -99,9 +99,9 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
     """Cross-validate the trees on `run`'s folds; write stack.json (settings, figures, fingerprint) and stack_oof.csv
     into the run, print image-only vs stacked OOF AUC and pAUC with a paired patient-bootstrap interval. `cat`/`cont`
     default to the run's metadata columns."""
-    from .atomic import write_csv, write_json
-    from .evaluate import auc, paired_bootstrap, pauc
-    from .runfolder import RunFolder
+    from ..atomic import write_csv, write_json
+    from ..metrics import auc, paired_bootstrap, pauc
+    from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     cat, cont = _columns(folder.info(), cat, cont)
@@ -137,8 +137,8 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None) -> np.nda
     """The stacked melanoma probability of the `test` rows: fold k's trees (refitted from the run's out-of-fold rows
     and stack.json, checked against the saved stacked predictions) on the test table's features and fold k's image
     model's probabilities (`per_model`: fold -> array), averaged over the folds."""
-    from .data.meta import PATIENT_SUFFIXES
-    from .runfolder import RunFolder
+    from ..data.meta import PATIENT_SUFFIXES
+    from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     path = folder.path / STACK_JSON

@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import MelafastError
+from ..errors import MelafastError
 
 __all__ = ["COMPETITION", "kaggle_api", "upload_submission", "download"]
 

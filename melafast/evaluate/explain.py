@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import MelafastError
+from ..errors import MelafastError
 
 __all__ = ["cam_layer", "describe_cam_layer", "grad_cam", "metadata_importance"]
 
@@ -67,7 +67,7 @@ def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos:
 
 
 def _melanoma_probs(predictor, feats, meta_table: pd.DataFrame, precision=None) -> np.ndarray:
-    from .inference import resolve_settings
+    from ..inference import resolve_settings
 
     meta = torch.as_tensor(predictor.meta_proc.encode(meta_table), dtype=torch.float32, device=feats.device)
     with torch.inference_mode(), resolve_settings(predictor.spec, feats.device, precision).autocast():
@@ -87,8 +87,8 @@ def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, 
     column together, which leaves the model the image alone: the image-only contribution.
     Returns column, auc (mean over repeats), sd, drop (unshuffled AUC minus auc).
     """
-    from .evaluate import auc
-    from .inference import default_device, image_features
+    from ..metrics import auc
+    from ..inference import default_device, image_features
 
     device = torch.device(device) if device is not None else default_device()
     rng = np.random.default_rng(seed)

@@ -9,16 +9,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .errors import DataError, MelafastError
+from ..errors import DataError, MelafastError
 
 __all__ = ["resize_image", "prepare_dataset", "RECORD"]
 
 
 def _prepare_store(src, out, size, workers, train, test, record, settings, log) -> dict:
     "prepare_dataset's HDF5 path: each split resized into one store, streamed chunk by chunk."
-    from .atomic import write_json
-    from .data.store import write_store
-    from .progress import progress as shown
+    from ..atomic import write_json
+    from .store import write_store
+    from ..progress import progress as shown
 
     workers = workers or os.cpu_count() or 1
     write_json(dict(settings, src=str(src.resolve()), store=True, finished=False), record)
@@ -53,7 +53,7 @@ QUALITY = 95  # JPEG quality of the copies
 def _shorter_side(path: str) -> int:
     from PIL import Image
 
-    from .data.store import open_image
+    from .store import open_image
 
     with Image.open(open_image(path)) as im:  # reads the header only
         return min(im.size)
@@ -63,7 +63,7 @@ def _resized(src: str, size: int):
     "The image `src` (a file or a stored image) as RGB with its shorter side `size` (aspect kept, never enlarged)."
     from PIL import Image
 
-    from .data.store import open_image
+    from .store import open_image
 
     with Image.open(open_image(src)) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale straight away
@@ -122,9 +122,9 @@ def prepare_dataset(src, out, size: int = 384, workers: int | None = None, image
     `store=True` writes each split's images into one HDF5 store instead (`out/train-image.hdf5`, the ISIC 2024
     layout: JPEG bytes under each image's id), every image anew.
     """
-    from .atomic import write_json
-    from .data import load_competition
-    from .progress import progress as shown
+    from ..atomic import write_json
+    from .tables import load_competition
+    from ..progress import progress as shown
 
     if not 16 <= size <= 4096:
         raise MelafastError(f"--size must be between 16 and 4096, got {size}")

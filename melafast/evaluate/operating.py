@@ -31,7 +31,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from .errors import MelafastError, RunError
+from ..errors import MelafastError, RunError
 
 __all__ = ["parse_goal", "choose_threshold", "crossfit_decisions", "operating_table", "save_operating_point",
            "calibrate_operating_point", "vote", "decide", "STANDARD_GOALS", "ppv_npv"]
@@ -86,7 +86,7 @@ def choose_threshold(target, pred, goal) -> float:
     """The threshold (melanoma if pred >= it) that meets `goal` (see `parse_goal`) on these rows: for a sensitivity
     goal the highest one that reaches it (the best specificity there), for a specificity goal the lowest one that
     reaches it (the best sensitivity there); a fixed value as it is."""
-    from .evaluate import _cuts
+    from ..metrics import threshold_cuts
 
     goal = goal if isinstance(goal, dict) else parse_goal(goal)
     if goal["kind"] == "value":
@@ -94,7 +94,7 @@ def choose_threshold(target, pred, goal) -> float:
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
     if target.min(initial=1) == target.max(initial=0):
         raise RunError("an operating point needs melanomas and benign lesions among the rows it is chosen on")
-    cuts, tp, fp = _cuts(target, pred)  # cuts[0] = inf (nothing called), then every distinct score, highest first
+    cuts, tp, fp = threshold_cuts(target, pred)  # cuts[0] = inf (nothing called), then every distinct score, highest first
     sens, spec = tp / tp[-1], 1 - fp / fp[-1]
     ok = (sens if goal["kind"] == "sens" else spec) >= goal["level"] - 1e-12
     i = np.flatnonzero(ok)[0] if goal["kind"] == "sens" else np.flatnonzero(ok)[-1]
@@ -127,7 +127,7 @@ def _figures(target, decision, prevalences, weights=None) -> dict:
     return out
 
 
-def _prevalences(target, prevalence) -> list:
+def prevalences(target, prevalence) -> list:
     "The data's own prevalence, and the user's when given."
     out = [float(np.mean(target))]
     if prevalence is not None:
@@ -144,10 +144,10 @@ def operating_table(target, pred, fold, groups=None, goals=STANDARD_GOALS, preva
     (patients), beside the same figures of the threshold chosen and scored on all rows (in-sample: optimistic).
     One row per goal and measure. The bootstrap resamples the cross-fitted decisions; it does not choose again.
     With one fold there is nothing to cross-fit on: the cross-fitted figures are NaN (a fixed threshold is scored)."""
-    from .evaluate import _resamples
+    from ..metrics import bootstrap_weights
 
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
-    prevs = _prevalences(target, prevalence)
+    prevs = prevalences(target, prevalence)
     one_fold = len(pd.unique(np.asarray(fold))) < 2
     rows = []
     for spec in goals:
@@ -161,7 +161,7 @@ def operating_table(target, pred, fold, groups=None, goals=STANDARD_GOALS, preva
             decision, per_fold = crossfit_decisions(target, pred, fold, goal)
             point = _figures(target, decision, prevs)
         boots = ([] if decision is None else
-                 [_figures(target, decision, prevs, w) for w in _resamples(groups, len(target), n_boot, seed)])
+                 [_figures(target, decision, prevs, w) for w in bootstrap_weights(groups, len(target), n_boot, seed)])
         for key, value in point.items():
             vals = np.array([b[key] for b in boots], dtype=np.float64)
             vals = vals[~np.isnan(vals)]
@@ -191,7 +191,7 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
     """Choose the operating point `spec` (see `parse_goal`) on all of `run`'s out-of-fold rows, and write it, with its
     cross-fitted figures, to the run's threshold.json, from which `predict` and `load_predictor` add a decision.
     `table`: its rows of `operating_table`, when already computed. Returns what was written."""
-    from .runfolder import RunFolder
+    from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     oof = folder.oof(need="an operating point is chosen on the run's out-of-fold predictions")
@@ -231,7 +231,7 @@ def _by_measure(rows, value) -> dict:
 def vote(per_model, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The decision of `VOTE_RULE` from each fold model's probabilities (one array each): (0/1 decisions, number of
     models at or above the threshold)."""
-    from .record import OperatingPoint
+    from ..record import OperatingPoint
 
     return OperatingPoint(threshold).decide(per_model)  # the model scale's rule
 
@@ -240,7 +240,7 @@ def decide(point, per_model) -> tuple[np.ndarray, np.ndarray]:
     """(0/1 decisions, votes) of a saved operating point (an `OperatingPoint` or its dict) from each fold model's
     probabilities: the vote of `VOTE_RULE` for a point chosen on out-of-fold scores, the fold mean against the
     threshold (`ENSEMBLE_RULE`) for one chosen on a calibration set. `votes` is the number of models at or above it."""
-    from .record import OperatingPoint
+    from ..record import OperatingPoint
 
     return (point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point)).decide(per_model)
 
@@ -258,9 +258,9 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
     `folds` patient-grouped folds of the calibration set (each part judged by a threshold chosen on the others),
     with patient-bootstrap intervals; the threshold saved is the one chosen on all of it. `per_model`: the fold
     models' probabilities of `table`'s rows when already computed. Returns what was written to threshold.json."""
-    from .data import load_competition, make_folds
-    from .inference import load_predictor
-    from .runfolder import RunFolder
+    from ..data import load_competition, make_folds
+    from ..inference import load_predictor
+    from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     goal = parse_goal(spec)
@@ -295,7 +295,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
                             f"{MIN_CALIBRATION_MELANOMAS} melanomas and some benign lesions to place a threshold")
     predictor = load_predictor(folder.path)
     if per_model is None:
-        from .inference.loop import predict_many
+        from ..inference.loop import predict_many
 
         log(f"scoring {len(table)} calibration images with {len(predictor.predictors)} fold models, TTA "
             f"x{predictor.tta}")

@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, RunError
-from .runfolder import RunFolder
+from ..errors import DataError, RunError
+from ..runfolder import RunFolder
 
 __all__ = ["run_report", "SECTIONS"]
 
@@ -38,8 +38,8 @@ def _read_run(run: RunFolder) -> tuple:
 
 def _oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
     "The OOF rows with their images and metadata from the run's data folder (or `data`)."
-    from .data import add_meta_features, load_split
-    from .inference.inputs import clean_table
+    from ..data import add_meta_features, load_split
+    from ..inference.inputs import clean_table
 
     data = run.data_for(data)
     train = load_split(data, "train", images=images)
@@ -93,7 +93,7 @@ def _page(title: str, sections: dict, names: dict) -> str:
 
 
 def _summary(config, results, df, data, n_boot) -> str:
-    from .evaluate import PAUC_MIN_TPR, auc, bootstrap_auc, bootstrap_pauc, pauc, sens_at_spec
+    from ..metrics import PAUC_MIN_TPR, auc, bootstrap_auc, bootstrap_pauc, pauc, sens_at_spec
 
     s = config.settings
     ci = bootstrap_auc(df["target"], df["pred"], df.get("patient_id"), n_boot=n_boot)
@@ -147,7 +147,7 @@ def _summary(config, results, df, data, n_boot) -> str:
 
 
 def _curves(df, figdir, n_boot, operating_point=None, prevalence=None) -> tuple[str, pd.DataFrame]:
-    from .evaluate import operating_points
+    from ..metrics import operating_points
     from .operating import STANDARD_GOALS, operating_table, parse_goal
     from .plots import plot_roc_pr
 
@@ -199,7 +199,7 @@ def _saved_point(point) -> str:
 
 
 def _calibration(config, df, figdir) -> str:
-    from .evaluate import calibration
+    from ..metrics import calibration
     from .plots import plot_reliability
 
     cal = calibration(df["target"], df["pred"])
@@ -219,7 +219,7 @@ def _calibration(config, df, figdir) -> str:
 
 
 def _subgroups(config, df, figdir, n_boot) -> str:
-    from .evaluate import age_band, auc, subgroup_aucs
+    from ..metrics import age_band, auc, subgroup_aucs
     from .plots import plot_subgroups
 
     table = subgroup_aucs(df, {"sex": df["sex"], "age": age_band(df["age_approx"]), "site": df[SITE]}, n_boot=n_boot)
@@ -279,7 +279,7 @@ def galleries(df: pd.DataFrame, n: int) -> dict:
 
 def _errors(models, df, figdir, n_errors, bs, num_workers, device, precision=None) -> str:
     from .explain import describe_cam_layer
-    from .inference import resolve_settings
+    from ..inference import resolve_settings
     from .plots import plot_cam_grid
 
     used = sorted({resolve_settings(m.spec, device, precision).describe() for m in models.values()}) or ["fp32"]
@@ -310,7 +310,7 @@ def _errors(models, df, figdir, n_errors, bs, num_workers, device, precision=Non
 
 
 def _fold_models(run: RunFolder) -> dict:
-    from .inference import load_predictor
+    from ..inference import load_predictor
 
     models = {}
     for d in run.model_dirs():
@@ -321,9 +321,9 @@ def _fold_models(run: RunFolder) -> dict:
 
 def _cams(models, rows, device, precision=None) -> tuple[list, list, str]:
     "Images (uint8, as the model saw them) and Grad-CAM maps of `rows`, each by its own fold's model."
-    from .errors import MelafastError
+    from ..errors import MelafastError
     from .explain import grad_cam
-    from .inference import model_batch
+    from ..inference import model_batch
 
     imgs, maps, note = [None] * len(rows), [None] * len(rows), ""
     for k, part in rows.reset_index(drop=True).groupby("fold"):
@@ -380,12 +380,12 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     predictive values at that share of melanomas. `audit=False` leaves out the shortcut audit (see `audit`: one
     plain-view pass over the out-of-fold images per artefact).
     """
-    from .atomic import write_text
-    from .operating import _prevalences, parse_goal
+    from ..atomic import write_text
+    from .operating import prevalences, parse_goal
 
     if operating_point is not None:
         parse_goal(operating_point)  # a bad one stops before any work
-    _prevalences([0, 1], prevalence)
+    prevalences([0, 1], prevalence)
     folder = RunFolder(run)
     config, oof = _read_run(folder)
     results = folder.figures()
@@ -411,7 +411,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     if audit:
         from .audit import audit_section
 
-        from .atomic import write_csv
+        from ..atomic import write_csv
 
         sections["shortcuts"], audit_table = audit_section(folder, config, models, df, figdir, n_boot=n_boot, bs=bs,
                                                            num_workers=num_workers, device=device,

@@ -26,7 +26,7 @@ def auc(target, pred) -> float:
     return float(roc_auc_score(target, np.asarray(pred, dtype=np.float64)))
 
 
-def _cuts(target, pred, weights=None):
+def threshold_cuts(target, pred, weights=None):
     """Every distinct threshold at once (melanoma if pred >= it), highest first after `inf` (nothing called melanoma),
     with the melanomas (tp) and benign lesions (fp) at or above each, row `i` counted `weights[i]` times."""
     order = np.argsort(-pred, kind="mergesort")
@@ -40,7 +40,7 @@ def _cuts(target, pred, weights=None):
 def _roc(target, pred, weights=None):
     "The ROC curve's corners (fpr, tpr), one per distinct prediction value, from (0, 0) to (1, 1)."
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
-    _, tp, fp = _cuts(target, pred, weights)
+    _, tp, fp = threshold_cuts(target, pred, weights)
     return fp / max(fp[-1], 1e-300), tp / max(tp[-1], 1e-300)
 
 
@@ -95,7 +95,7 @@ def weighted_auc(target, pred, weights) -> float:
     return _Ranked(np.asarray(target), np.asarray(pred, dtype=np.float64)).auc(weights)
 
 
-def _resamples(groups, n: int, n_boot: int, seed: int):
+def bootstrap_weights(groups, n: int, n_boot: int, seed: int):
     """Bootstrap resamples as row weights (how often each row was drawn), whole groups when given (a row without one:
     its own group)."""
     rng = np.random.default_rng(seed)
@@ -125,7 +125,7 @@ def bootstrap_auc(target, pred, groups=None, n_boot: int = 1000, level: float = 
     """
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
     ranked = _Ranked(target, pred)  # sorted once: each resample is then a vector of row weights
-    values = [ranked.auc(w) for w in _resamples(groups, len(target), n_boot, seed)]
+    values = [ranked.auc(w) for w in bootstrap_weights(groups, len(target), n_boot, seed)]
     return _interval(auc(target, pred), [v for v in values if not np.isnan(v)], level, "auc")
 
 
@@ -134,7 +134,7 @@ def bootstrap_pauc(target, pred, groups=None, n_boot: int = 1000, level: float =
     """`pauc` with a percentile bootstrap interval, resampled as `bootstrap_auc` does. Returns pauc, lo, hi, level,
     n_boot."""
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
-    values = [pauc(target, pred, min_tpr, w) for w in _resamples(groups, len(target), n_boot, seed)]
+    values = [pauc(target, pred, min_tpr, w) for w in bootstrap_weights(groups, len(target), n_boot, seed)]
     return _interval(pauc(target, pred, min_tpr), [v for v in values if not np.isnan(v)], level, "pauc")
 
 
@@ -156,7 +156,7 @@ def paired_bootstrap(target, pred_a, pred_b, groups=None, n_boot: int = 1000, le
 
     metrics = {"AUC": auc_of, **({f"pAUC above {PAUC_MIN_TPR:.0%} TPR": pauc_of} if with_pauc else {})}
     diffs = {name: [] for name in metrics}
-    for w in _resamples(groups, len(target), n_boot, seed):
+    for w in bootstrap_weights(groups, len(target), n_boot, seed):
         for name, metric in metrics.items():
             d = metric("b", w) - metric("a", w)
             if not np.isnan(d):
@@ -184,7 +184,7 @@ def operating_points(target, pred, specificities=(0.90, 0.95), sensitivities=(0.
     specificity at each sensitivity of at least `sensitivities`, each with its threshold (melanoma if pred >= it)
     and its confusion counts."""
     target, pred = np.asarray(target).astype(int), np.asarray(pred, dtype=np.float64)
-    cuts, tp, fp = _cuts(target, pred)
+    cuts, tp, fp = threshold_cuts(target, pred)
     sens, spec = tp / max(target.sum(), 1), 1 - fp / max((target == 0).sum(), 1)
     rows = []
     for goal, ok, score in [*((f"specificity >= {s:.0%}", spec >= s - 1e-12, sens) for s in specificities),

@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, MelafastError, RunError
+from ..errors import DataError, MelafastError, RunError
 from .report import SITE, _img, _oof_with_metadata, _p, _page, _read_run, _table
-from .runfolder import RunFolder
+from ..runfolder import RunFolder
 
 __all__ = ["compare_runs"]
 
@@ -70,7 +70,7 @@ def _shared_rows(labels, loaded) -> tuple[pd.DataFrame, list]:
 
 def _metrics(labels, df, n_boot) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Per run: AUC, pAUC, sensitivity at 90% specificity; per later run: its paired differences from the first."
-    from .evaluate import auc, paired_bootstrap, pauc, sens_at_spec
+    from ..metrics import auc, paired_bootstrap, pauc, sens_at_spec
 
     groups = df["patient_id"] if "patient_id" in df else None
     scores = pd.DataFrame([dict(run=label, auc=auc(df["target"], df[f"pred_{i}"]), pauc=pauc(df["target"], df[f"pred_{i}"]),
@@ -86,7 +86,7 @@ def _metrics(labels, df, n_boot) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _subgroups(labels, df, n_boot, min_melanomas: int = 5) -> pd.DataFrame:
     "Each later run's AUC difference from the first per sex, age band and site, with paired intervals."
-    from .evaluate import age_band, paired_bootstrap, subgroups
+    from ..metrics import age_band, paired_bootstrap, subgroups
 
     by = {name: values for name, values in (("sex", df.get("sex")), ("age", age_band(df["age_approx"]) if "age_approx"
                                             in df else None), ("site", df.get(SITE))) if values is not None}
@@ -139,7 +139,7 @@ def compare_runs(runs, data=None, out=None, images=None, n_boot: int = 1000, log
     table through `log`. `data` is the dataset folder (default: the first run's), for patients and metadata.
     Returns dict(scores, differences, subgroups, settings, notes, rows, html).
     """
-    from .atomic import write_text
+    from ..atomic import write_text
     from .plots import plot_differences, plot_roc_overlay
 
     if len(runs) < 2:

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import torch
 
-from .errors import DataError, MelafastError
+from ..errors import DataError, MelafastError
 
 __all__ = ["Service", "make_server", "serve", "MAX_MB", "MAX_MEGAPIXELS", "THREADS", "READ_TIMEOUT"]
 
@@ -51,9 +51,9 @@ class Service:
     """What the server does with one upload: a run's fold models, one prediction at a time."""
 
     def __init__(self, run, device=None, precision: str | None = None, max_megapixels: float = MAX_MEGAPIXELS):
-        from .inference import load_predictor
-        from .inference.inputs import form_fields, upload_refusal
-        from .inference.settings import default_device
+        from ..inference import load_predictor
+        from ..inference.inputs import form_fields, upload_refusal
+        from ..inference.settings import default_device
 
         predictor = load_predictor(run)
         self.run = Path(run)
@@ -99,7 +99,7 @@ class Service:
         Its pixel count is checked from the header first."""
         from PIL import Image, UnidentifiedImageError
 
-        from .onnx import ExportError, _open
+        from ..onnx import ExportError, open_image_array
 
         try:
             with warnings.catch_warnings():
@@ -115,16 +115,16 @@ class Service:
             raise TooLarge(f"{name} is {w} x {h} pixels ({w * h / 1e6:.1f} megapixels); this server takes images of up "
                            f"to {self.max_pixels / 1e6:.3g} megapixels (--max-megapixels)")
         try:
-            return {size: torch.from_numpy(_open(io.BytesIO(data), size))[None] for size in sorted(set(sizes))}
+            return {size: torch.from_numpy(open_image_array(io.BytesIO(data), size))[None] for size in sorted(set(sizes))}
         except (ExportError, Image.DecompressionBombError) as e:
             raise DataError(f"{name}: {e}") from None
 
     def predict(self, data: bytes, name: str = "upload", **values) -> dict:
         """The prediction for one image file's bytes with its (optional) patient fields, by column name."""
-        from .data import MetaStack
-        from .explain import grad_cam
-        from .inference.inputs import model_table
-        from .inference.loop import prepare_models, predict_probs_multi
+        from ..data import MetaStack
+        from ..evaluate.explain import grad_cam
+        from ..inference.inputs import model_table
+        from ..inference.loop import prepare_models, predict_probs_multi
 
         table = model_table(self.models, self.row(name, values))  # cleaned and checked as predict does
         images = self.decode(data, name, [p.spec.size for p in self.models])

@@ -23,7 +23,7 @@ def _plt():
 
 def _save(fig, path, **kwargs) -> Path:
     "Write `fig` as a PNG atomically (a killed run never leaves half an image) and close it."
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, **kwargs)
@@ -61,7 +61,7 @@ def plot_roc(target, pred, path, title="out-of-fold ROC") -> Path:
     """ROC curve of predictions `pred` against 0/1 `target`, AUC in the legend."""
     from sklearn.metrics import roc_curve
 
-    from .evaluate import auc as roc_auc
+    from ..metrics import auc as roc_auc
 
     plt = _plt()
     fpr, tpr, _ = roc_curve(target, pred)
@@ -96,7 +96,7 @@ def plot_roc_pr(target, pred, points: pd.DataFrame, path) -> Path:
     """ROC curve with the clinical operating points marked, and the precision-recall curve, side by side."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
-    from .evaluate import auc as roc_auc
+    from ..metrics import auc as roc_auc
 
     plt = _plt()
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 5))
@@ -201,7 +201,7 @@ def plot_roc_overlay(target, preds: dict, path, min_tpr: float = 0.8) -> Path:
     above `min_tpr` that the partial AUC measures shaded."""
     from sklearn.metrics import roc_curve
 
-    from .evaluate import auc, pauc
+    from ..metrics import auc, pauc
 
     plt = _plt()
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 5))

@@ -122,8 +122,8 @@ def recompute_bn(learn, dl=None, progress: bool = True):
     averaged across them, so every process ends with the same model."""
     import contextlib
 
-    from .distributed import world_size
-    from .progress import progress as shown
+    from ..processes import world_size
+    from ..progress import progress as shown
 
     model = unwrap(learn.model)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

@@ -13,23 +13,10 @@ import os
 
 import torch
 
-__all__ = ["world_size", "rank", "is_main", "init_distributed", "barrier", "broadcast_object", "process_device",
+from ..processes import is_main, world_size
+
+__all__ = ["init_distributed", "barrier", "broadcast_object", "process_device",
            "sync_batchnorm", "to_distributed"]
-
-
-def world_size() -> int:
-    """Number of processes started by the launcher (1 without one)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rank() -> int:
-    """This process's rank (0 without a launcher)."""
-    return int(os.environ.get("RANK", 0))
-
-
-def is_main() -> bool:
-    """True in the process that writes files and prints results."""
-    return rank() == 0
 
 
 def _backend() -> str:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = ["model_card"]
 
@@ -73,11 +73,11 @@ def _header(name, data_name, ci, pci, sens90) -> str:
 def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: Callable = print) -> Path:
     """Write `out` (default <run>/MODEL_CARD.md): the run's model card. `data`/`images` as for `run_report` (default
     the run's data folder; without it the card says so and leaves out the figures that need the metadata)."""
-    from .atomic import write_text
-    from .evaluate import (PAUC_MIN_TPR, age_band, bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec,
+    from ..atomic import write_text
+    from ..metrics import (PAUC_MIN_TPR, age_band, bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec,
                            subgroup_aucs)
     from .report import SITE, _oof_with_metadata, _read_run
-    from .runfolder import RunFolder
+    from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     config, oof = _read_run(folder)

@@ -18,10 +18,8 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import AvgLoss, AvgSmoothLoss
 from fastai.torch_core import find_bs
-from fasttransform import Transform
 
-__all__ = ["DeviceSmoothLoss", "DeviceAvgLoss", "LazyProgress", "AsyncToDevice", "async_copies", "async_copy_dl",
-           "sync_free"]
+__all__ = ["DeviceSmoothLoss", "DeviceAvgLoss", "LazyProgress", "sync_free"]
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
@@ -95,34 +93,3 @@ def sync_free(learn):
         learn.add_cb(LazyProgress())
     learn.add_cb(_LossesToFloats())
     return learn
-
-
-class AsyncToDevice(Transform):
-    """First batch transform: copy the (pinned) batch to `device` without making the host wait."""
-
-    order = -100  # before every other batch transform, which then run on the device
-
-    def __init__(self, device):
-        super().__init__()
-        self.device = torch.device(device)
-
-    def encodes(self, x: torch.Tensor):
-        return x.to(self.device, non_blocking=True)
-
-
-def async_copies(dls, device):
-    """Move `dls`' batches to `device` through `AsyncToDevice` instead of fastai's blocking copy.
-
-    Each DataLoader keeps no device of its own (so fastai does not copy first); `dls.device` still says `device`.
-    """
-    for dl in dls.loaders:
-        async_copy_dl(dl, device)
-    dls._device = torch.device(device)
-    return dls
-
-
-def async_copy_dl(dl, device):
-    """The same for one DataLoader (e.g. an inference one): batches reach `device` through `AsyncToDevice`."""
-    dl.after_batch.add(AsyncToDevice(device))
-    dl._device = None
-    return dl

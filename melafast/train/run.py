@@ -18,9 +18,9 @@ from typing import Callable
 
 import pandas as pd
 
-from . import __version__
-from .config import KEEP_RULES, LR_FIND_ON, TrainConfig, epoch_rule
-from .errors import DataError, MelafastError
+from .. import __version__
+from ..config import KEEP_RULES, LR_FIND_ON, TrainConfig, epoch_rule
+from ..errors import DataError, MelafastError
 from .fold import fold_learner, phase_lr_find, seed_everything
 from .fold import train_fold as _train_fold  # a module global: the tests interrupt a run through it
 
@@ -45,7 +45,7 @@ class RunResult:
 def resolve_data(data=None, log: Callable = print) -> Path:
     """The dataset folder to use: `data`, or `data/sample`; with no `data` given and nothing in data/, the
     synthetic sample is written to data/sample first."""
-    from .data import find_dataset, make_sample
+    from ..data import find_dataset, make_sample
 
     found = find_dataset(data if data is not None else DEFAULT_DATA)
     if found is not None:
@@ -85,11 +85,11 @@ class RunTable:
 def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     """The training table of `cfg`, the one `train` and `lr-find` both use: the dataset (its unusable images checked),
     the extra metadata features, patient-grouped folds, then external rows and pseudo-labels, which only train."""
-    from .data import (add_external, add_meta_features, add_patient_features, add_pseudo, check_images,
-                       check_teacher_folds, clean_columns, load_competition, make_folds, patient_feature_names,
-                       read_pseudo, resolve_columns)
-    from .data.meta import PATIENT_SUFFIXES
-    from .runfolder import RunFolder
+    from ..data import (add_external, add_meta_features, add_patient_features, add_pseudo, check_images,
+                        check_teacher_folds, clean_columns, load_competition, make_folds, patient_feature_names,
+                        read_pseudo, resolve_columns)
+    from ..data.meta import PATIENT_SUFFIXES
+    from ..runfolder import RunFolder
 
     workers = max(cfg.workers if cfg.workers is not None else (os.cpu_count() or 1), 2)
     data = resolve_data(cfg.data, log)
@@ -149,20 +149,20 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
 
 def _check(cfg: TrainConfig):
     "Every setting as declared, and an architecture timm knows (with the closest names when it does not)."
-    from .model import check_arch
+    from ..model import check_arch
 
     cfg.validate()
     check_arch(cfg.arch)
 
 
 def _auc(target, pred) -> float:
-    from .evaluate import auc
+    from ..metrics import auc
 
     return auc(target, pred)
 
 
 def _pauc(target, pred) -> float:
-    from .evaluate import pauc
+    from ..metrics import pauc
 
     return pauc(target, pred)
 
@@ -191,8 +191,9 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
     out-of-fold AUCs. With `resume=True` the folds already finished in `cfg.out` are kept and the others trained
     (see `resume_run`).
     """
-    from .distributed import barrier, broadcast_object, init_distributed, is_main
-    from .runfolder import RunFolder
+    from .distributed import barrier, broadcast_object, init_distributed
+    from ..processes import is_main
+    from ..runfolder import RunFolder
 
     _check(cfg)
     if init_distributed():
@@ -238,8 +239,8 @@ def _quiet(msg):
 
 def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunResult:
     "Train the folds not in `kept` yet; rank 0 writes the run folder's CSVs, plots and results as they finish."
-    from .distributed import is_main
-    from .plots import plot_curves, plot_roc
+    from ..processes import is_main
+    from ..evaluate.plots import plot_curves, plot_roc
 
     log(f"each fold keeps {epoch_rule(cfg.keep, cfg.swa)}")
     nondeterministic = set()
@@ -262,7 +263,7 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
         return RunResult(run.path, keep=cfg.keep)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
     result = RunResult(run.path, _fold_aucs(oof, "pred"), _auc(oof["target"], oof["pred"]), keep=cfg.keep)
-    from .evaluate import PAUC_MIN_TPR, sens_at_spec
+    from ..metrics import PAUC_MIN_TPR, sens_at_spec
 
     results = dict(keep=cfg.keep, epoch_rule=epoch_rule(cfg.keep, cfg.swa), oof_auc=result.oof_auc,
                    fold_aucs=result.fold_aucs, oof_pauc=_pauc(oof["target"], oof["pred"]),
@@ -309,8 +310,8 @@ def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> Ru
 
     Finished folds are kept; a fold that did not finish is trained again from scratch.
     """
-    from .errors import RunError
-    from .runfolder import RunFolder
+    from ..errors import RunError
+    from ..runfolder import RunFolder
 
     run = RunFolder(run_dir)
     if not run.config_file.is_file():
@@ -328,7 +329,7 @@ def lr_find_run(cfg: TrainConfig, out=None, log: Callable = print):
     """Run fastai's lr_find on fold 0 of `cfg`'s data and model; save the plot; return the suggestions."""
     from fastai.callback.schedule import minimum, slide, steep, valley
 
-    from .plots import save_current_figure
+    from ..evaluate.plots import save_current_figure
 
     _check(cfg)
     table = build_table(cfg, log)  # the rows `train` would use: extra metadata, external and pseudo rows included

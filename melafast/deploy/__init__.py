@@ -1,0 +1,10 @@
+"""Deployment: thin skins over `melafast.inference`, never a second encoder.
+
+    export   a run's fold models as ONNX graphs with their TTA, metadata encoding and operating point
+    serve    a local web page and JSON API over a run
+
+The runtime that predicts from an export is `melafast.onnx` (`python -m melafast.onnx`): numpy, Pillow and
+onnxruntime only, importing nothing else from melafast, so it stays at the top where users run it.
+
+The ONNX parts need the `[export]` extra (onnx, onnxruntime, onnxscript) and say so in one line without it.
+"""
