@@ -88,7 +88,7 @@ def melafast_tta(learn, df, size, bs, workers, device) -> float:
     """Original images per second of dihedral TTA x8 over `df`'s JPEGs (second pass; the first warms up), and how
     many images were predicted."""
     from melafast.data import inference_dl
-    from melafast.inference.tta import dihedral_tta
+    from melafast.train.learner import dihedral_tta
 
     dl = inference_dl(df, size, learn.dls.meta_proc, bs=bs, num_workers=workers, device=device)
     dihedral_tta(learn, dl, n=8, progress=False)

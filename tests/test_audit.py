@@ -9,7 +9,7 @@ import pytest
 from conftest import _cli_args, _once
 from typer.testing import CliRunner
 
-from melafast.metrics.audit import ARTEFACTS, draw_artefact, in_grey
+from melafast.evaluate.audit import ARTEFACTS, draw_artefact, in_grey
 from melafast.cli import app
 from melafast.errors import MelafastError
 

@@ -75,7 +75,7 @@ def _check(got, n_images, sections):
 
 
 def test_report_page_in_a_browser(browser, tiny_run, tmp_path):
-    from melafast.metrics.report import SECTIONS
+    from melafast.evaluate.report import SECTIONS
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     res = CliRunner().invoke(app, ["report", "--run", str(run), "--workers", "0", "--bootstrap", "100"],

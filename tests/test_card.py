@@ -52,7 +52,7 @@ def test_every_figure_of_the_card_comes_from_the_run(tiny_run, sample_dir, tmp_p
     assert f"timm `{config['settings']['arch']}`" in model and "2 fold model(s)" in model
     assert f"{config['settings']['size']} px" in model and f"seed {config['settings']['seed']}" in model
     assert f"torch {config['versions']['torch']}" in model
-    from melafast.metrics.card import _command
+    from melafast.evaluate.card import _command
 
     assert _command("/usr/x/bin/melafast train --data d --out r") == "`melafast train --data d --out r`"
     assert "from Python" in model  # (this run was trained in-process, from the tests)

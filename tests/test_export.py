@@ -24,7 +24,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def exported(make_run, tmp_path_factory):
     "The TTA x2 shared run with an operating point, exported."
-    from melafast.metrics.operating import save_operating_point
+    from melafast.evaluate.operating import save_operating_point
 
     base = tmp_path_factory.mktemp("export")
     run = shutil.copytree(make_run(tta=2), base / "run")

@@ -13,7 +13,7 @@ from melafast.train.save import save_run
 from melafast.errors import MelafastError, RunError, WeightsError
 from melafast.train.learner import MelanomaAUC, melanoma_learner, resolve_precision
 from melafast.model import create_backbone
-from melafast.inference.tta import dihedral_tta
+from melafast.train.learner import dihedral_tta
 
 
 @pytest.fixture

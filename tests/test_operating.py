@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from melafast.cli import app
 from melafast.errors import MelafastError
-from melafast.metrics.operating import (choose_threshold, crossfit_decisions, operating_table, parse_goal, ppv_npv,
+from melafast.evaluate.operating import (choose_threshold, crossfit_decisions, operating_table, parse_goal, ppv_npv,
                                          save_operating_point, vote)
 
 
@@ -156,7 +156,7 @@ def test_a_one_fold_run_gets_in_sample_figures_only(make_run, tmp_path, sample_d
 
 
 def test_decide_by_the_saved_points_scale():
-    from melafast.metrics.operating import decide
+    from melafast.evaluate.operating import decide
 
     per_model = [[0.9, 0.45, 0.30, 0.1], [0.2, 0.45, 0.32, 0.1], [0.2, 0.45, 0.33, 0.1]]
     # chosen on out-of-fold scores: each model against the threshold, then the vote

@@ -29,7 +29,7 @@ def test_atomic_write_survives_a_kill(tmp_path):
     target.write_text("old complete file\n")
     script = textwrap.dedent(f"""
         import time
-        from melafast.inference.checkpoint import atomic_path
+        from melafast.atomic import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "w") as f:
                 f.write("half of the new")
@@ -203,7 +203,7 @@ PEAK_RSS = textwrap.dedent("""
     import resource, sys
     import numpy as np, pandas as pd
     from PIL import Image
-    from melafast.inference.checkpoint import load_predictor
+    from melafast import load_predictor
     run, folder, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = np.random.default_rng(0)
     names = []

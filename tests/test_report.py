@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from melafast.cli import app
 from melafast.metrics import age_band, bootstrap_auc, calibration, operating_points, subgroup_aucs, weighted_auc
-from melafast.metrics.report import SECTIONS
+from melafast.evaluate.report import SECTIONS
 
 
 def invoke(*args):
@@ -85,7 +85,7 @@ def test_report_has_every_section_self_contained(run, tmp_path):
 
 
 def test_galleries_show_one_image_per_lesion_and_keep_carcinomas_apart_from_benign_lesions():
-    from melafast.metrics.report import galleries
+    from melafast.evaluate.report import galleries
 
     df = pd.DataFrame(dict(
         image_name=[f"I{i}" for i in range(9)],
@@ -218,7 +218,7 @@ def test_subgroup_counts_add_up_and_small_groups_get_no_auc():
 def test_cam_maps_have_the_image_size_and_differ_across_images(run, sample_dir):
     from melafast.inference.predictor import load_predictor
     from melafast.data import inference_dl, load_competition
-    from melafast.metrics.explain import grad_cam
+    from melafast.evaluate.explain import grad_cam
 
     p = load_predictor(run / "fold0")
     train, _ = load_competition(sample_dir)
@@ -233,7 +233,7 @@ def test_cam_maps_have_the_image_size_and_differ_across_images(run, sample_dir):
 def test_metadata_importance_unshuffled_row_is_the_plain_oof_auc(run, sample_dir):
     from melafast.inference.predictor import load_predictor
     from melafast.data import load_competition
-    from melafast.metrics.explain import metadata_importance
+    from melafast.evaluate.explain import metadata_importance
 
     oof = pd.read_csv(run / "oof.csv")  # trained with --tta 1: the plain view
     train, _ = load_competition(sample_dir)

@@ -19,7 +19,7 @@ def server(make_run, tmp_path_factory):
     "The TTA x2 shared run, with an operating point, served on a free port (0.2 MB upload limit)."
     import shutil
 
-    from melafast.metrics.operating import save_operating_point
+    from melafast.evaluate.operating import save_operating_point
     from melafast.deploy.serve import make_server
 
     run = shutil.copytree(make_run(tta=2), tmp_path_factory.mktemp("serve") / "run")
