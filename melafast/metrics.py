@@ -72,6 +72,15 @@ def sens_at_spec(target, pred, specificity: float = 0.9, weights=None) -> float:
     return float(tpr[1 - fpr >= specificity - 1e-12].max())
 
 
+def spec_at_sens(target, pred, sensitivity: float = 0.9, weights=None) -> float:
+    """The highest specificity of any threshold whose sensitivity is at least `sensitivity` (how many benign lesions a
+    rule that finds 90% of melanomas clears); NaN with one class. Row `i` counts `weights[i]` times."""
+    fpr, tpr = _roc(target, pred, weights)
+    if not (fpr[-1] > 0 and tpr[-1] > 0):
+        return float("nan")
+    return float((1 - fpr[tpr >= sensitivity - 1e-12]).max())
+
+
 class _Ranked:
     "Targets sorted by prediction once, so that the AUC of any row weighting costs O(n) (no sort)."
 

@@ -49,8 +49,8 @@ class RunInfo:
     def metadata_columns(self) -> tuple[list, list]:
         """(categorical, continuous) metadata columns of the table the run read: those it declared, or the 2020 ones
         (sex, site; age). Not the patient-relative features computed from them (`settings.patient_features`)."""
-        from .data.meta import PATIENT_SUFFIXES
-        from .data.tables import CAT_NAMES, CONT_NAMES
+        from .data.features import PATIENT_SUFFIXES
+        from .data.columns import CAT_NAMES, CONT_NAMES
 
         s = self.settings
         if not s.cat and not s.cont:
@@ -69,6 +69,7 @@ class RunFigures:
     fold_paucs: dict = field(default_factory=dict)  # fold -> its pAUC
     pauc_min_tpr: float | None = None  # the sensitivity the pAUC starts at
     oof_sens_at_spec90: float | None = None  # sensitivity at 90% specificity
+    headline: dict = field(default_factory=dict)  # every headline measure of the OOF rows (evaluate.figures.HEADLINE)
     tta: int | None = None  # dihedral TTA of the out-of-fold predictions
     keep: str | None = None  # which epoch each fold kept
     epoch_rule: str | None = None  # that rule in words
@@ -175,14 +176,14 @@ class ModelSpec:
     @property
     def extra_meta(self) -> bool:
         "Trained with --extra-meta: features computed over the whole table and the image files."
-        from .data.meta import EXTRA_CONT_NAMES
+        from .data.features import EXTRA_CONT_NAMES
 
         return self.meta and any(c in EXTRA_CONT_NAMES for c in (self.meta_proc or {}).get("cont_names", []))
 
     @property
     def patient_features(self) -> bool:
         "Trained with --patient-features: features computed over each patient's other lesions in the table."
-        from .data.meta import PATIENT_SUFFIXES
+        from .data.features import PATIENT_SUFFIXES
 
         return self.meta and any(c.endswith(PATIENT_SUFFIXES) for c in (self.meta_proc or {}).get("cont_names", []))
 

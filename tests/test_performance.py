@@ -120,7 +120,7 @@ def test_async_copies_move_batches_in_a_batch_transform(sample_df):
 def test_fold_models_share_one_pass_over_the_images(sample_dir, tiny_run, monkeypatch):
     import numpy as np
 
-    from melafast import data as data_mod
+    from melafast.data import images as data_mod
     from melafast.inference.predictor import load_predictor
     from melafast.data import inference_dl, load_competition
     from melafast.inference.checkpoint import model_dirs

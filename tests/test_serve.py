@@ -187,7 +187,7 @@ def test_other_hosts_and_origins_are_refused(server, sample_dir):
 
 
 def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(server, sample_dir, monkeypatch):
-    from melafast.deploy.serve import Service
+    from melafast.deploy.service import Service
 
     _, url = server
     image = (sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes()
@@ -219,7 +219,7 @@ def test_the_upload_is_decoded_once_for_every_fold_model(server, sample_dir, mon
     calls = []
     real = melafast.onnx.open_image_array
     monkeypatch.setattr(melafast.onnx, "open_image_array", lambda *a: calls.append(a[1]) or real(*a))
-    from melafast.deploy.serve import Service
+    from melafast.deploy.service import Service
 
     service = Service(run, device="cpu")
     service.predict((sample_dir / "jpeg" / "test" / "SYNTH_000070.jpg").read_bytes(), "x")

@@ -132,7 +132,7 @@ def test_every_surface_gives_predicts_answer(kind, request, make_run, sample_dir
     from melafast.errors import MelafastError
     from melafast.deploy.export import export_run
     from melafast.onnx import load
-    from melafast.deploy.serve import Service
+    from melafast.deploy.service import Service
 
     how, layout = KINDS[kind]
     if isinstance(how, dict):

@@ -2,22 +2,29 @@
 
 One concern a file, each importing only the ones above it:
 
-    tables  read train.csv / test.csv, clean the metadata, find the images (load_competition, load_split, image_table)
-    images  check that image files are usable; open them as RGB, decoding large JPEGs at reduced scale
-    folds   patient-grouped stratified folds; external and pseudo-labelled rows that only train
-    meta    the metadata vector (MetaProcessor), fitted on training rows only, and its optional extra features
-    blocks  fastai blocks and augmentations; melanoma_dls for training, inference_dl for prediction
-    sample  the synthetic sample
+    store     images in one HDF5 file per split (`melafast prepare --store`), read like files
+    columns   the metadata columns: sex, age, site cleaned to one spelling; declared columns checked for leaks
+    tables    read train.csv / test.csv and find their images (load_competition, load_split, image_table)
+    images    check that image files are usable; open them as RGB, decoding large JPEGs at reduced scale
+    prepare   `melafast prepare`: a dataset resized once (files or a store), with its prepare.json
+    folds     patient-grouped stratified folds; external and pseudo-labelled rows that only train
+    side      random numbers of the metadata side of training
+    features  patient-relative features and the 2020 winners' extras (images per patient, log file size)
+    meta      the metadata vector (MetaProcessor), fitted on training rows only; metadata dropout
+    transfer  batches copied to the device without making the host wait
+    blocks    fastai blocks and augmentations; melanoma_dls for training, inference_dl for prediction
+    sample    the synthetic samples (2020 and 2024 layouts)
+    kaggle    the Kaggle CLI: download a competition, upload a submission
 """
 
-from .tables import (CAT_NAMES, CONT_NAMES, IMAGE_EXTS, clean_columns, clean_metadata, find_dataset, find_image_dir,
-                     image_folder, image_table, load_competition, load_split, read_table, resolve_columns,
-                     split_csv)
+from .columns import CAT_NAMES, CONT_NAMES, clean_columns, clean_metadata, resolve_columns
+from .tables import (IMAGE_EXTS, find_dataset, find_image_dir, image_folder, image_table, load_competition, load_split,
+                     read_table, split_csv)
 from .images import BAD_IMAGE_MODES, check_images
 from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
-from .meta import (EXTRA_CONT_NAMES, FILE_FEATURES, META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta,
-                   add_meta_features, add_patient_features, check_file_features, file_reference,
-                   patient_feature_names)
+from .features import (EXTRA_CONT_NAMES, FILE_FEATURES, add_meta_features, add_patient_features, check_file_features,
+                       file_reference, patient_feature_names)
+from .meta import META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta
 from .blocks import (AUG_PRESETS, TARGETS, SoftLabel, TensorSoftLabel, TrainOnly, default_batch_tfms, default_item_tfms,
                      diagnosis_labels, inference_dl, melanoma_dls)
 from .sample import make_sample, make_sample_2024

@@ -16,7 +16,7 @@ from ..errors import DataError
 from .transfer import async_copies, async_copy_dl
 from .images import OpenImage
 from .meta import META_DROPOUT, MetaDropout, MetaProcessor
-from .tables import norm_text
+from .columns import norm_text
 
 __all__ = ["TARGETS", "AUG_PRESETS", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
            "diagnosis_labels", "SoftLabel", "TensorSoftLabel", "TrainOnly"]
@@ -170,8 +170,8 @@ def melanoma_dls(
     if not is_valid.any():
         raise DataError(f"fold {fold} has no rows; folds present: {sorted(df['fold'].unique().tolist())}")
     if meta_proc is None and (cat_names or cont_names):
-        from .meta import EXTRA_CONT_NAMES
-        from .tables import clean_columns, resolve_columns
+        from .features import EXTRA_CONT_NAMES
+        from .columns import clean_columns, resolve_columns
 
         cat_names, cont_names = resolve_columns(df, None, cat_names or (), cont_names or ())
         cont_names = [*cont_names, *(c for c in EXTRA_CONT_NAMES if c in df.columns and c not in cont_names)]

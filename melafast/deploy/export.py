@@ -90,7 +90,7 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
         models.append(dict(file=path.name, fold=fold, size=int(p.spec.size), pos=int(p.spec.pos),
                            meta_proc=p.spec.meta_proc if p.spec.meta else None,
                            validated_precision=p.spec.precision, arch=p.spec.arch))
-    from ..data.tables import HOLES, SEXES
+    from ..data.columns import HOLES, SEXES
 
     manifest = dict(format=1, run=str(folder.path.resolve()), tta=folder.tta, blend="mean of the fold models", opset=opset,
                     models=models, operating_point=point.to_dict() if (point := folder.operating_point()) else None,

@@ -257,8 +257,8 @@ def _examples(df, names, seed, size, path) -> Path:
 def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=1000, seed=0, tta=1, bs=64,
                   num_workers=None, device=None, precision=None, log: Callable = print) -> tuple[str, pd.DataFrame]:
     "The audit as an HTML section (table, forest plot, the drawn artefacts), and its table."
+    from .pages import image, para, table as html_table
     from .plots import plot_audit
-    from .report import _img, _p, _table
 
     names = _check(artefacts)
     table, scores = shortcut_audit(models, df, names, n_boot=n_boot, seed=seed, tta=tta, bs=bs,
@@ -273,7 +273,7 @@ def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=100
     if shifting:
         verdict += (f" {', '.join(shifting)} {'moves' if len(shifting) == 1 else 'move'} the benign lesions' scores "
                     "without changing the ranking much: decisions at a fixed threshold change when it is present.")
-    parts = [_p(f"Each artefact drawn synthetically onto every one of the {len(df)} out-of-fold images, each image "
+    parts = [para(f"Each artefact drawn synthetically onto every one of the {len(df)} out-of-fold images, each image "
                 f"rescored by the fold model that scored it ({'plain view' if tta == 1 else f'TTA x{tta}'}). "
                 f"'benign change' is the mean change of the melanoma probability on benign lesions (a rise: false "
                 f"alarms the artefact causes), 'melanoma change' the same on melanomas, and the AUC is that of all "
@@ -284,11 +284,11 @@ def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=100
                 "lesion (hair) can lower the AUC by hiding it; on dark-lesion data a model that leans on overall "
                 "darkness reacts to every dark artefact."),
              f'<p class="{"note" if flagged else ""}"><b>{html.escape(verdict)}</b></p>',
-             _img(plot_audit(table, figdir / "audit.png")), _table(table, 3),
+             image(plot_audit(table, figdir / "audit.png", MIN_SHIFT)), html_table(table, 3),
              "<h3>What was drawn</h3>",
-             _p("Placement varies per image (generator seeded by the audit seed, the artefact and the image); the "
+             para("Placement varies per image (generator seeded by the audit seed, the artefact and the image); the "
                 "parameters: " + "; ".join(f"{n}: {_describe(n)}" for n in names) + f". Seed {seed}."),
-             _img(_examples(df, names, seed, size, figdir / "audit_artefacts.png"))]
+             image(_examples(df, names, seed, size, figdir / "audit_artefacts.png"))]
     return "\n".join(parts), table
 
 
@@ -304,22 +304,23 @@ def audit_run(run, artefacts=None, data=None, images=None, out=None, n_boot: int
     <run>/audit.html, its figures in <out stem>_figures/) and the table beside it (<out stem>.csv: the run's
     audit.csv by default, which `melafast card` reads); returns the table."""
     from ..atomic import write_csv, write_text
-    from .report import _fold_models, _oof_with_metadata, _page, _read_run
+    from .pages import page
+    from .runview import fold_models, oof_with_metadata, read_run
     from ..runfolder import RunFolder
 
     names = _check(artefacts)  # a bad name stops before any work
     if tta not in (1, 2, 4, 8):
         raise MelafastError(f"--tta must be 1, 2, 4 or 8, got {tta}")
     folder = RunFolder(run)
-    config, oof = _read_run(folder)
-    df, data = _oof_with_metadata(folder, config, oof, data, images)
+    config, oof = read_run(folder, "the audit")
+    df, data = oof_with_metadata(folder, config, oof, data, images)
     out = Path(out) if out is not None else folder.path / "audit.html"
     figdir = out.parent / f"{out.stem}_figures"
     figdir.mkdir(parents=True, exist_ok=True)
     log(f"shortcut audit of {run}: {', '.join(names)} drawn on {len(df)} out-of-fold images from {data}")
-    section, table = audit_section(folder, config, _fold_models(folder), df, figdir, names, n_boot, seed, tta, bs,
+    section, table = audit_section(folder, config, fold_models(folder), df, figdir, names, n_boot, seed, tta, bs,
                                    num_workers, device, precision, log)
-    write_text(_page(f"melafast shortcut audit: {Path(run).name}", {"audit": section}, {"audit": "Shortcut audit"}),
+    write_text(page(f"melafast shortcut audit: {Path(run).name}", {"audit": section}, {"audit": "Shortcut audit"}),
                out)
     write_csv(table, out.with_suffix(".csv"))
     for r in table.to_dict("records"):

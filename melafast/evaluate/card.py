@@ -49,9 +49,10 @@ def _command(command: str) -> str:
     return "from Python (`train_run`); every setting is in the run's config.json"
 
 
-def _header(name, data_name, ci, pci, sens90) -> str:
+def _header(name, data_name, ev) -> str:
     import yaml
 
+    headline = ev.headline
     header = {
         "library_name": "melafast",
         "pipeline_tag": "image-classification",
@@ -60,12 +61,9 @@ def _header(name, data_name, ci, pci, sens90) -> str:
         "model-index": [{"name": name, "results": [{
             "task": {"type": "image-classification", "name": "melanoma vs other skin lesions"},
             "dataset": {"name": data_name, "type": "dermoscopy"},
-            "metrics": [
-                {"type": "roc_auc", "value": round(ci["auc"], 4),
-                 "name": "out-of-fold ROC AUC (patient-grouped cross-validation)"},
-                {"type": "pauc", "value": round(pci["pauc"], 4), "name": "partial ROC AUC above 80% TPR (0 to 0.2)"},
-                {"type": "sensitivity", "value": round(sens90, 4), "name": "sensitivity at 90% specificity"},
-            ]}]}],
+            "metrics": [{"type": "roc_auc" if r.key == "auc" else r.key, "value": round(float(r.value), 4),
+                         "name": "out-of-fold " + r.figure + " (patient-grouped cross-validation)"}
+                        for r in headline.itertuples() if not np.isnan(r.value)]}]}],
     }
     return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n"
 
@@ -74,29 +72,24 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
     """Write `out` (default <run>/MODEL_CARD.md): the run's model card. `data`/`images` as for `run_report` (default
     the run's data folder; without it the card says so and leaves out the figures that need the metadata)."""
     from ..atomic import write_text
-    from ..metrics import (PAUC_MIN_TPR, age_band, bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec,
-                           subgroup_aucs)
-    from .report import SITE, _oof_with_metadata, _read_run
     from ..runfolder import RunFolder
+    from .figures import SUBGROUPS, Evaluation
+    from .runview import oof_with_metadata, read_run
 
     folder = RunFolder(run)
-    config, oof = _read_run(folder)
+    config, oof = read_run(folder, "the model card")
     results, s = folder.figures(), config.settings
     try:
-        df, data = _oof_with_metadata(folder, config, oof, data, images)
+        df, data = oof_with_metadata(folder, config, oof, data, images)
         data_note = ""
     except DataError as e:
         df, data, data_note = oof, config.data, f"The data folder could not be read ({e}): figures by patient " \
                                                         "group are left out."
     name = Path(run).resolve().name
     data_name = Path(str(data)).name if data else "unknown"
-    groups = df["patient_id"] if "patient_id" in df.columns else None
-    ci = bootstrap_auc(df["target"], df["pred"], groups, n_boot=n_boot)
-    pci = bootstrap_pauc(df["target"], df["pred"], groups, n_boot=n_boot)
-    sens90 = sens_at_spec(df["target"], df["pred"], 0.9)
-    cal = calibration(df["target"], df["pred"])
-    folds = sorted(int(k) for k in df["fold"].unique())
-    lines = [_header(name, data_name, ci, pci, sens90), f"# {name}: melanoma classifier (melafast)", ""]
+    ev = Evaluation(df, n_boot=n_boot)
+    cal = ev.calibration
+    lines = [_header(name, data_name, ev), f"# {name}: melanoma classifier (melafast)", ""]
 
     lines += ["## Model", "",
               f"- Architecture: timm `{s.arch}` image backbone"
@@ -129,9 +122,8 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
                  else "") + "."]
     if data_note:
         lines += ["", data_note]
-    elif {"sex", "age_approx", SITE} <= set(df.columns):
-        by = {"sex": df["sex"], "age": age_band(df["age_approx"]), "site": df[SITE]}
-        sub = subgroup_aucs(df, by, n_boot=max(n_boot // 2, 1))
+    elif set(SUBGROUPS.values()) & set(df.columns):
+        sub = ev.subgroups()
         lines += ["", "Who the data holds (out-of-fold images per group, with the AUC and its 95% patient-bootstrap "
                   "interval where a group has at least 5 melanomas):", "",
                   _md_table(sub[["variable", "group", "images", "melanomas", "auc", "lo", "hi"]]), ""]
@@ -144,21 +136,16 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
 
     lines += ["## Evaluation (out-of-fold, patient-grouped cross-validation)", "",
               "Each image is scored by the fold model that never trained on any image of its patient.", "",
-              f"- ROC AUC **{_fmt(ci['auc'])}** (95% interval {_fmt(ci['lo'])} to {_fmt(ci['hi'])}, {ci['n_boot']} "
-              "bootstrap resamples of whole patients)",
-              f"- Partial AUC above {PAUC_MIN_TPR:.0%} sensitivity **{_fmt(pci['pauc'])}** ({_fmt(pci['lo'])} to "
-              f"{_fmt(pci['hi'])}; 0 to {1 - PAUC_MIN_TPR:.1f}, the ISIC 2024 metric)",
-              f"- Sensitivity at 90% specificity {_fmt(sens90, 3)}",
+              *(f"- {r.figure[0].upper() + r.figure[1:]} **{_fmt(r.value, r.digits)}** ({ev.level:.0%} interval "
+                f"{_fmt(r.lo, r.digits)} to {_fmt(r.hi, r.digits)}; {r.about})" for r in ev.headline.itertuples()),
+              f"  (intervals from {ev.n_boot} bootstrap resamples of whole "
+              f"{'patients' if ev.n_patients is not None else 'images'})",
               f"- Calibration: expected calibration error {_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])}"]
     if results.oof_auc_no_meta is not None:
         lines.append(f"- Without any metadata (every patient field blanked): ROC AUC {_fmt(results.oof_auc_no_meta)}")
     if results.cv_note:
         lines.append(f"- Note: this CV is {results.cv_note}")
-    per_fold = pd.DataFrame([dict(fold=k, images=int((df["fold"] == k).sum()),
-                                  melanomas=int(df.loc[df["fold"] == k, "target"].sum()),
-                                  auc=results.fold_aucs.get(str(k)),
-                                  pauc=results.fold_paucs.get(str(k))) for k in folds])
-    lines += ["", _md_table(per_fold), ""]
+    lines += ["", _md_table(ev.per_fold), ""]
 
     point = folder.operating_point()
     lines += ["## Operating point", ""]

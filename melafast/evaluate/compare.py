@@ -7,7 +7,6 @@ of the difference. One self-contained HTML page in the report's style, its figur
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -16,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, MelafastError, RunError
-from .report import SITE, _img, _oof_with_metadata, _p, _page, _read_run, _table
 from ..runfolder import RunFolder
+from .figures import HEADLINE, SUBGROUPS, Evaluation
+from .pages import image, note, page, para, table
+from .runview import oof_with_metadata, read_run
 
 __all__ = ["compare_runs"]
 
@@ -69,37 +70,30 @@ def _shared_rows(labels, loaded) -> tuple[pd.DataFrame, list]:
 
 
 def _metrics(labels, df, n_boot) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Per run: AUC, pAUC, sensitivity at 90% specificity; per later run: its paired differences from the first."
-    from ..metrics import auc, paired_bootstrap, pauc, sens_at_spec
-
-    groups = df["patient_id"] if "patient_id" in df else None
-    scores = pd.DataFrame([dict(run=label, auc=auc(df["target"], df[f"pred_{i}"]), pauc=pauc(df["target"], df[f"pred_{i}"]),
-                                sens_at_spec90=sens_at_spec(df["target"], df[f"pred_{i}"], 0.9))
-                           for i, label in enumerate(labels)])
-    diffs = []
-    for i in range(1, len(labels)):
-        paired = paired_bootstrap(df["target"], df["pred_0"], df[f"pred_{i}"], groups, n_boot=n_boot)
-        diffs += [dict(comparison=f"{labels[i]} - {labels[0]}", metric=r.metric, diff=r.diff, lo=r.lo, hi=r.hi,
-                       share_of_resamples_better=r.b_better, resamples=r.n_boot) for r in paired.itertuples()]
-    return scores, pd.DataFrame(diffs)
+    "Per run: every headline measure; per later run: its paired differences from the first (same patients drawn)."
+    evs = [Evaluation(df, score=f"pred_{i}", n_boot=n_boot) for i in range(len(labels))]
+    scores = pd.DataFrame([dict(run=label, **dict(zip(ev.headline["key"], ev.headline["value"])))
+                           for label, ev in zip(labels, evs)])
+    diffs = [evs[0].paired(ev).assign(comparison=f"{labels[i]} - {labels[0]}") for i, ev in enumerate(evs) if i]
+    diffs = pd.concat(diffs, ignore_index=True) if diffs else pd.DataFrame()
+    diffs = diffs.rename(columns={"figure": "metric", "b_better": "share_of_resamples_better"})
+    return scores, diffs[["comparison", "metric", "diff", "lo", "hi", "share_of_resamples_better", "resamples"]]
 
 
 def _subgroups(labels, df, n_boot, min_melanomas: int = 5) -> pd.DataFrame:
     "Each later run's AUC difference from the first per sex, age band and site, with paired intervals."
-    from ..metrics import age_band, paired_bootstrap, subgroups
+    from ..metrics import age_band, subgroups
 
-    by = {name: values for name, values in (("sex", df.get("sex")), ("age", age_band(df["age_approx"]) if "age_approx"
-                                            in df else None), ("site", df.get(SITE))) if values is not None}
+    by = {name: age_band(df[col]) if col == "age_approx" else df[col] for name, col in SUBGROUPS.items() if col in df}
     rows = []
-    for name, group, part, note in subgroups(df, by, min_melanomas):
-        groups = part["patient_id"] if "patient_id" in part else None
+    for name, group, part, why in subgroups(df, by, min_melanomas):
+        first = Evaluation(part, "pred_0", n_boot, measures=HEADLINE[:1])  # the AUC
         for i in range(1, len(labels)):
             row = dict(variable=name, group=group, images=len(part), melanomas=int(part["target"].sum()),
                        comparison=f"{labels[i]} - {labels[0]}", auc_a=np.nan, auc_b=np.nan, diff=np.nan, lo=np.nan,
-                       hi=np.nan, note=note)
-            if not note:
-                r = paired_bootstrap(part["target"], part["pred_0"], part[f"pred_{i}"], groups, n_boot=n_boot,
-                                     with_pauc=False).iloc[0]
+                       hi=np.nan, note=why)
+            if not why:
+                r = first.paired(Evaluation(part, f"pred_{i}", n_boot, measures=HEADLINE[:1])).iloc[0]
                 row.update(auc_a=r["a"], auc_b=r["b"], diff=r["diff"], lo=r["lo"], hi=r["hi"])
             rows.append(row)
     return pd.DataFrame(rows)
@@ -119,13 +113,14 @@ def _settings(labels, configs) -> pd.DataFrame:
 
 
 def _printed(labels, df, scores, diffs) -> str:
+    keys = [c for c in scores.columns if c != "run"]
     lines = [f"compared on {len(df)} out-of-fold images ({int(df['target'].sum())} melanomas"
              + (f", {df['patient_id'].nunique()} patients" if "patient_id" in df else "") + ") that every run scored",
-             f"{'run':<24} {'AUC':>7} {'pAUC>80%TPR':>12} {'sens@90%spec':>13}"]
-    lines += [f"{r.run[-24:]:<24} {r.auc:>7.4f} {r.pauc:>12.4f} {r.sens_at_spec90:>13.3f}" for r in scores.itertuples()]
+             f"{'run':<24} " + " ".join(f"{k:>15}" for k in keys)]
+    lines += [f"{r['run'][-24:]:<24} " + " ".join(f"{r[k]:>15.4f}" for k in keys) for _, r in scores.iterrows()]
     if len(diffs):
-        lines.append(f"\n{'difference':<36} {'metric':<20} {'value':>8}  95% paired bootstrap interval  better in")
-        lines += [f"{r.comparison[-36:]:<36} {r.metric:<20} {r.diff:>+8.4f}  [{r.lo:+.4f}, {r.hi:+.4f}]"
+        lines.append(f"\n{'difference':<36} {'metric':<40} {'value':>8}  95% paired bootstrap interval  better in")
+        lines += [f"{r.comparison[-36:]:<36} {r.metric[:40]:<40} {r.diff:>+8.4f}  [{r.lo:+.4f}, {r.hi:+.4f}]"
                   f"{'':>12}{r.share_of_resamples_better:>6.0%}" for r in diffs.itertuples()]
     return "\n".join(lines)
 
@@ -147,12 +142,12 @@ def compare_runs(runs, data=None, out=None, images=None, n_boot: int = 1000, log
     if n_boot < 1:
         raise MelafastError("the bootstrap needs at least 1 resample")
     folders = [RunFolder(r) for r in runs]
-    loaded = [_read_run(f) for f in folders]
+    loaded = [read_run(f, "the comparison") for f in folders]
     labels = _labels(runs)
     df, notes = _shared_rows(labels, loaded)
     if df["target"].nunique() < 2:
         raise RunError("the images every run scored hold one class only: no AUC to compare")
-    df, data = _oof_with_metadata(folders[0], loaded[0][0], df, data, images)
+    df, data = oof_with_metadata(folders[0], loaded[0][0], df, data, images)
     if "patient_id" not in df or df["patient_id"].isna().all():
         notes.append("The data has no patient ids: the bootstrap resamples images, not patients, and its intervals "
                      "are too narrow where one patient has several images.")
@@ -175,20 +170,20 @@ def compare_runs(runs, data=None, out=None, images=None, n_boot: int = 1000, log
                                 if len(labels) == 2 else "AUC difference per subgroup") if len(sub_ok) else None)
 
     resampled = "whole patients" if "patient_id" in df else "images"
-    summary = [_p(f"Runs: {'; '.join(f'{label} ({Path(r).resolve()})' for label, r in zip(labels, runs))}."),
-               _p(f"Compared on {len(df)} out-of-fold images, {int(df['target'].sum())} melanomas, that every run "
+    summary = [para(f"Runs: {'; '.join(f'{label} ({Path(r).resolve()})' for label, r in zip(labels, runs))}."),
+               para(f"Compared on {len(df)} out-of-fold images, {int(df['target'].sum())} melanomas, that every run "
                   f"scored, from {data}. Each difference is the later run minus {labels[0]}; its 95% interval comes "
                   f"from {n_boot} bootstrap resamples of {resampled}, the same draw for both runs. An interval that "
                   "holds 0 means these images cannot tell the runs apart."),
-               *(f'<p class="note">{html.escape(n)}</p>' for n in notes)]
+               *map(note, notes)]
     sections = {"summary": "\n".join(summary),
-                "metrics": "\n".join([_table(scores), _img(diff_fig), _table(diffs)]),
-                "roc": _img(roc),
-                "subgroups": "\n".join([*([_img(sub_fig)] if sub_fig else []),
-                                        _p("Groups with fewer than 5 melanomas (or no benign lesion) get no AUC."),
-                                        _table(subgroups)]) if len(subgroups) else _p("The data has no metadata columns."),
-                "settings": _table(settings) if len(settings) else _p("Every recorded setting is the same.")}
-    write_text(_page("melafast compare: " + " vs ".join(labels), sections, SECTIONS), out)
+                "metrics": "\n".join([table(scores), image(diff_fig), table(diffs)]),
+                "roc": image(roc),
+                "subgroups": "\n".join([*([image(sub_fig)] if sub_fig else []),
+                                        para("Groups with fewer than 5 melanomas (or no benign lesion) get no AUC."),
+                                        table(subgroups)]) if len(subgroups) else para("The data has no metadata columns."),
+                "settings": table(settings) if len(settings) else para("Every recorded setting is the same.")}
+    write_text(page("melafast compare: " + " vs ".join(labels), sections, SECTIONS), out)
     log(_printed(labels, df, scores, diffs))
     for n in notes:
         log("note: " + n)

@@ -233,12 +233,11 @@ def plot_differences(table: pd.DataFrame, path, title: str) -> Path:
     return _save(fig, path)
 
 
-def plot_audit(table: pd.DataFrame, path) -> Path:
+def plot_audit(table: pd.DataFrame, path, min_shift: float) -> Path:
     """The shortcut audit at a glance: per artefact, the mean change of the benign lesions' melanoma score (left)
     and the AUC with the artefact on every image against the clean AUC (right), with their intervals; flagged
-    artefacts in red."""
+    artefacts in red; dotted lines at +-`min_shift`, the audit's 'shifts decisions' limit."""
     plt = _plt()
-    from .audit import MIN_SHIFT
 
     fig, (ax_b, ax_a) = plt.subplots(1, 2, figsize=(11, 0.55 * len(table) + 1.8), sharey=True)
     y = np.arange(len(table))[::-1]
@@ -253,7 +252,7 @@ def plot_audit(table: pd.DataFrame, path) -> Path:
             ax.errorbar(m, yi, xerr=[[max(e0, 0)], [max(e1, 0)]], fmt="o", color=c, capsize=3)
         ax.grid(alpha=0.3, axis="x")
     ax_b.axvline(0, color="grey", lw=1)
-    for x in (-MIN_SHIFT, MIN_SHIFT):
+    for x in (-min_shift, min_shift):
         ax_b.axvline(x, color="grey", lw=1, ls=":")
     ax_a.axvline(float(table["AUC clean"].iloc[0]), color="grey", lw=1, label="clean images")
     ax_b.set(yticks=y, yticklabels=table["artefact"], xlabel="mean change of the melanoma probability",

@@ -24,7 +24,7 @@ def clean_table(df: pd.DataFrame, cat=(), cont=(), relative=(), source=None) -> 
     patient-relative features computed over these rows. What the models read (`model_table`) and what the stack's
     trees read (`melafast stack`) both come through here."""
     from ..data import clean_columns, clean_metadata
-    from ..data.meta import add_patient_features
+    from ..data.features import add_patient_features
 
     df = clean_columns(clean_metadata(df, source), list(cat), list(cont), source)
     return add_patient_features(df, list(relative)) if relative else df
@@ -36,7 +36,7 @@ def model_table(predictors, df: pd.DataFrame) -> pd.DataFrame:
     over this one (`--extra-meta`: images per patient and log file size; `--patient-features`: each value against
     the same patient's other lesions)."""
     from ..data import EXTRA_CONT_NAMES, add_meta_features, check_file_features
-    from ..data.meta import PATIENT_SUFFIXES
+    from ..data.features import PATIENT_SUFFIXES
 
     procs = _procs(predictors)
     if any(c in EXTRA_CONT_NAMES and c not in df.columns for proc in procs for c in proc.cont_names):

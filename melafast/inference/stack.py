@@ -137,7 +137,7 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None) -> np.nda
     """The stacked melanoma probability of the `test` rows: fold k's trees (refitted from the run's out-of-fold rows
     and stack.json, checked against the saved stacked predictions) on the test table's features and fold k's image
     model's probabilities (`per_model`: fold -> array), averaged over the folds."""
-    from ..data.meta import PATIENT_SUFFIXES
+    from ..data.features import PATIENT_SUFFIXES
     from ..runfolder import RunFolder
 
     folder = RunFolder(run)

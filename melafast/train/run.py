@@ -21,6 +21,8 @@ import pandas as pd
 from .. import __version__
 from ..config import KEEP_RULES, LR_FIND_ON, TrainConfig, epoch_rule
 from ..errors import DataError, MelafastError
+from ..evaluate.figures import HEADLINE, Evaluation
+from ..metrics import PAUC_MIN_TPR
 from .fold import fold_learner, phase_lr_find, seed_everything
 from .fold import train_fold as _train_fold  # a module global: the tests interrupt a run through it
 
@@ -88,7 +90,7 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
     from ..data import (add_external, add_meta_features, add_patient_features, add_pseudo, check_images,
                         check_teacher_folds, clean_columns, load_competition, make_folds, patient_feature_names,
                         read_pseudo, resolve_columns)
-    from ..data.meta import PATIENT_SUFFIXES
+    from ..data.features import PATIENT_SUFFIXES
     from ..runfolder import RunFolder
 
     workers = max(cfg.workers if cfg.workers is not None else (os.cpu_count() or 1), 2)
@@ -155,33 +157,26 @@ def _check(cfg: TrainConfig):
     check_arch(cfg.arch)
 
 
-def _auc(target, pred) -> float:
-    from ..metrics import auc
-
-    return auc(target, pred)
-
-
-def _pauc(target, pred) -> float:
-    from ..metrics import pauc
-
-    return pauc(target, pred)
-
-
 def _cv_table(oof: pd.DataFrame, kept: dict) -> str:
-    selected = "pred_selected" in oof.columns
-    no_meta = "pred_no_meta" in oof.columns
+    "The run's figures per fold and over all out-of-fold rows, as printed at the end of training."
+    cols = [c for c in ("pred", "pred_no_meta", "pred_selected") if c in oof.columns]
+    evs = {c: Evaluation(oof, score=c, n_boot=0, measures=HEADLINE if c == "pred" else HEADLINE[:1]) for c in cols}
     head = f"{'fold':>5} {'images':>7} {'melanomas':>10} {'epoch kept':>11} {'AUC':>8} {'pAUC>80%TPR':>12}"
-    head += f" {'AUC, no metadata':>17}" if no_meta else ""
-    lines = [head + (f" {'AUC at kept epoch (optimistic)':>31}" if selected else "")]
+    head += f" {'AUC, no metadata':>17}" if "pred_no_meta" in cols else ""
+    lines = [head + (f" {'AUC at kept epoch (optimistic)':>31}" if "pred_selected" in cols else "")]
 
-    def row(name, rows, epoch):
-        line = (f"{name:>5} {len(rows):>7} {int(rows['target'].sum()):>10} {epoch:>11} "
-                f"{_auc(rows['target'], rows['pred']):>8.4f} {_pauc(rows['target'], rows['pred']):>12.4f}")
-        line += f" {_auc(rows['target'], rows['pred_no_meta']):>17.4f}" if no_meta else ""
-        return line + (f" {_auc(rows['target'], rows['pred_selected']):>31.4f}" if selected else "")
+    def row(name, n, mel, epoch, auc, pauc, others):
+        return (f"{name:>5} {n:>7} {mel:>10} {epoch:>11} {auc:>8.4f} {pauc:>12.4f}"
+                + "".join(f" {v:>{w}.4f}" for v, w in others))
 
-    lines += [row(k, rows, kept[k]) for k, rows in oof.groupby("fold")]
-    lines.append(row("OOF", oof, ""))
+    widths = {"pred_no_meta": 17, "pred_selected": 31}
+    per_fold = {c: ev.per_fold.set_index("fold") for c, ev in evs.items()}
+    for k, f in per_fold["pred"].iterrows():
+        lines.append(row(k, int(f["images"]), int(f["melanomas"]), kept[k], f["auc"], f["pauc"],
+                         [(per_fold[c].loc[k, "auc"], widths[c]) for c in cols[1:]]))
+    ev = evs["pred"]
+    lines.append(row("OOF", ev.n_images, ev.n_melanomas, "", ev.value("auc"), ev.value("pauc"),
+                     [(evs[c].value("auc"), widths[c]) for c in cols[1:]]))
     return "\n".join(lines)
 
 
@@ -262,15 +257,15 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
     if not is_main():
         return RunResult(run.path, keep=cfg.keep)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
-    result = RunResult(run.path, _fold_aucs(oof, "pred"), _auc(oof["target"], oof["pred"]), keep=cfg.keep)
-    from ..metrics import PAUC_MIN_TPR, sens_at_spec
-
+    ev = Evaluation(oof, n_boot=0)  # point figures: the report and the card add the intervals
+    folds = ev.per_fold.set_index("fold")
+    result = RunResult(run.path, folds["auc"].to_dict(), ev.value("auc"), keep=cfg.keep)
     results = dict(keep=cfg.keep, epoch_rule=epoch_rule(cfg.keep, cfg.swa), oof_auc=result.oof_auc,
-                   fold_aucs=result.fold_aucs, oof_pauc=_pauc(oof["target"], oof["pred"]),
-                   fold_paucs=_fold_aucs(oof, "pred", _pauc), pauc_min_tpr=PAUC_MIN_TPR,
-                   oof_sens_at_spec90=sens_at_spec(oof["target"], oof["pred"], 0.9), tta=cfg.tta, kept_epochs=kept)
+                   fold_aucs=result.fold_aucs, oof_pauc=ev.value("pauc"), fold_paucs=folds["pauc"].to_dict(),
+                   pauc_min_tpr=PAUC_MIN_TPR, oof_sens_at_spec90=ev.value("sens_at_spec90"),
+                   headline={k: v["value"] for k, v in ev.to_dict()["headline"].items()}, tta=cfg.tta, kept_epochs=kept)
     if "pred_no_meta" in oof.columns and oof["pred_no_meta"].notna().all():  # not in folds saved before it existed
-        result.oof_auc_no_meta = _auc(oof["target"], oof["pred_no_meta"])
+        result.oof_auc_no_meta = _auc(oof, "pred_no_meta")
         results.update(oof_auc_no_meta=result.oof_auc_no_meta, fold_aucs_no_meta=_fold_aucs(oof, "pred_no_meta"),
                        no_meta_note="every patient field blanked at prediction, as for images that come without "
                                     f"metadata (metadata dropout in training: {cfg.meta_dropout}; "
@@ -278,7 +273,7 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
                                     + ("; of the saved models, the epochs kept by the joint head's validation AUC: "
                                        "optimistic)" if "pred_selected" in oof.columns else ")"))
     if "pred_selected" in oof.columns and oof["pred_selected"].notna().all():  # not in folds saved before --keep
-        result.oof_auc_selected = _auc(oof["target"], oof["pred_selected"])
+        result.oof_auc_selected = _auc(oof, "pred_selected")
         results.update(oof_auc_selected=result.oof_auc_selected, fold_aucs_selected=_fold_aucs(oof, "pred_selected"),
                        selected_note="optimistic: each fold's epoch was chosen on the rows these AUCs score")
     if cfg.pseudo and not table.pseudo_per_fold:
@@ -301,8 +296,15 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
     return result
 
 
-def _fold_aucs(oof: pd.DataFrame, col: str, metric: Callable = _auc) -> dict:
-    return {int(k): metric(r["target"], r[col]) for k, r in oof.groupby("fold")}
+def _auc(oof: pd.DataFrame, col: str) -> float:
+    "The AUC of one score column of the out-of-fold rows."
+    return Evaluation(oof, score=col, n_boot=0, measures=HEADLINE[:1]).value("auc")
+
+
+def _fold_aucs(oof: pd.DataFrame, col: str) -> dict:
+    "fold -> the AUC of one score column of its out-of-fold rows."
+    ev = Evaluation(oof, score=col, n_boot=0, measures=HEADLINE[:1])
+    return ev.per_fold.set_index("fold")["auc"].to_dict()
 
 
 def resume_run(run_dir, workers: int | None = None, log: Callable = print) -> RunResult:
