@@ -24,7 +24,7 @@ LR_FIND_ON = ("frozen", "unfrozen")  # which model `--lr auto` runs lr_find on
 BLENDS = ("mean", "rank")  # how runs are blended
 TTA_VIEWS = (1, 2, 4, 8)  # dihedral TTA views
 _SAME = object()  # a setting whose value did not change meaning when it was introduced: old runs get the default
-# the share of training rows whose patient fields are blanked, chosen on CV figures (README: "Patients who come ...")
+# the share of training rows whose patient fields are blanked, chosen on CV figures (docs/metadata.md)
 META_DROPOUT = 0.5
 DROPOUT_PATTERNS = ("subsets", "all_or_one")  # which patient fields metadata dropout blanks together (MetaDropout)
 

@@ -119,7 +119,11 @@ class ExportedRun:
     """The fold models of an exported run as onnxruntime sessions, with what `predict` needs beside them."""
 
     def __init__(self, folder, providers=None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("predicting from an export needs onnxruntime: pip install onnxruntime "
+                              "(or melafast[deploy])") from None
 
         self.folder = Path(folder)
         manifest = self.folder / MANIFEST

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from melafast.cli import app
-from melafast.metrics import bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec
+from melafast.metrics import bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec, spec_at_sens
 
 
 def invoke(*args):
@@ -45,7 +45,8 @@ def test_every_figure_of_the_card_comes_from_the_run(tiny_run, sample_dir, tmp_p
     pci = bootstrap_pauc(oof["target"], oof["pred"], patients, n_boot=300)
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"roc_auc": round(ci["auc"], 4), "pauc": round(pci["pauc"], 4),
-                       "sensitivity": round(sens_at_spec(oof["target"], oof["pred"]), 4)}
+                       "sens_at_spec90": round(sens_at_spec(oof["target"], oof["pred"]), 4),
+                       "spec_at_sens90": round(spec_at_sens(oof["target"], oof["pred"]), 4)}
 
     config = json.loads((run / "config.json").read_text())
     model = _section(body, "Model")
@@ -69,8 +70,9 @@ def test_every_figure_of_the_card_comes_from_the_run(tiny_run, sample_dir, tmp_p
     assert "Under-represented" in data
 
     ev = _section(body, "Evaluation (out-of-fold, patient-grouped cross-validation)")
-    assert f"ROC AUC **{ci['auc']:.4f}** (95% interval {ci['lo']:.4f} to {ci['hi']:.4f}, 300 bootstrap" in ev
-    assert f"**{pci['pauc']:.4f}** ({pci['lo']:.4f} to {pci['hi']:.4f};" in ev
+    assert f"ROC AUC **{ci['auc']:.4f}** (95% interval {ci['lo']:.4f} to {ci['hi']:.4f};" in ev
+    assert "(intervals from 300 bootstrap resamples of whole patients)" in ev
+    assert f"**{pci['pauc']:.4f}** (95% interval {pci['lo']:.4f} to {pci['hi']:.4f};" in ev
     cal = calibration(oof["target"], oof["pred"])
     assert f"calibration error {cal['ece']:.4f}, Brier score {cal['brier']:.4f}" in ev
     results = json.loads((run / "results.json").read_text())

@@ -138,3 +138,13 @@ def test_export_refuses_bad_input(exported, tiny_run, tmp_path):
     with pytest.raises(ExportError, match="sex must be male, female"):
         load(out).predict(tiny_run.parent / "sample" / "jpeg" / "test", meta=[{"image_name": "SYNTH_000064",
                                                                                 "sex": "yes"}])
+
+
+def test_the_runtime_without_onnxruntime_says_what_to_install(exported, monkeypatch):
+    import sys
+
+    from melafast.onnx import ExportError, load
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed: importing it fails
+    with pytest.raises(ExportError, match=r"needs onnxruntime: pip install onnxruntime \(or melafast\[deploy\]\)"):
+        load(exported[1])

@@ -69,7 +69,7 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     assert f"Out-of-fold ROC AUC {roc_auc_score(oof['target'], oof['pred']):.4f}" in html
     # the ISIC 2024 metric beside it, checked against sklearn's McClish pAUC of the swapped classes, unscaled
     scaled = roc_auc_score(1 - oof["target"], -oof["pred"], max_fpr=0.2)
-    assert f"partial AUC above 80% sensitivity {0.02 + 0.36 * (scaled - 0.5):.4f}" in html
+    assert f"<td>partial AUC above 80% sensitivity</td>\n      <td>{0.02 + 0.36 * (scaled - 0.5):.4f}</td>" in html
     # the second CV figure: every patient field blanked, and whether the run was trained for that path
     assert f"score AUC {roc_auc_score(oof['target'], oof['pred_no_meta']):.4f}" in html
     settings = json.loads((run / "config.json").read_text())["settings"]

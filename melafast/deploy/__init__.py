@@ -7,5 +7,5 @@
 The runtime that predicts from an export is `melafast.onnx` (`python -m melafast.onnx`): numpy, Pillow and
 onnxruntime only, importing nothing else from melafast, so it stays at the top where users run it.
 
-The ONNX parts need the `[export]` extra (onnx, onnxruntime, onnxscript) and say so in one line without it.
+The ONNX parts need the `[deploy]` extra (onnx, onnxruntime, onnxscript) and say so in one line without it.
 """

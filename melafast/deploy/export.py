@@ -69,7 +69,7 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise MelafastError("export needs onnx and onnxruntime: pip install 'melafast[export]'") from None
+        raise MelafastError("export needs onnx and onnxruntime: pip install 'melafast[deploy]'") from None
     folder, out = RunFolder(run), Path(out)
     dirs = folder.model_dirs()  # a run without fold models stops here, saying so
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -57,8 +57,9 @@ class Evaluation:
     subgroups over any column, operating points, and paired differences from another evaluation of the same rows."""
 
     def __init__(self, rows: pd.DataFrame, score: str = "pred", n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95, measures: tuple = HEADLINE):
-        self.rows, self.score, self.n_boot, self.seed, self.level, self.measures = rows, score, n_boot, seed, level, measures
+                 level: float = 0.95, measures: tuple | None = None):
+        self.rows, self.score, self.n_boot, self.seed, self.level = rows, score, n_boot, seed, level
+        self.measures = HEADLINE if measures is None else measures  # read when made: a measure added is shown
         self.target = rows["target"].to_numpy().astype(int)
         self.pred = rows[score].to_numpy(dtype=np.float64)
         self.groups = rows["patient_id"] if "patient_id" in rows.columns else None

@@ -267,13 +267,13 @@ def _metadata(config, models, df, figdir, repeats, bs, num_workers, device, prec
 
     if not config.settings.meta:
         return para("This run uses the image only (--no-meta): there is no metadata to weigh.")
-    table = metadata_importance(models, df, n_repeats=repeats, bs=bs, num_workers=num_workers, device=device,
-                                precision=precision)
+    importance = metadata_importance(models, df, n_repeats=repeats, bs=bs, num_workers=num_workers, device=device,
+                                     precision=precision)
     text = para(f"Permutation importance: each column's values shuffled among the out-of-fold images of each fold "
-              f"({repeats} times), the images left as they are; the AUC drop says how much the model relies on it. "
-              "'all metadata' shuffles every column together, which leaves the model the image alone: the AUC in that "
-              "row is the image's own contribution. Plain view, no TTA.")
-    return "\n".join([image(plot_importance(table, figdir / "metadata_importance.png")), text, table(table)])
+                f"({repeats} times), the images left as they are; the AUC drop says how much the model relies on it. "
+                "'all metadata' shuffles every column together, which leaves the model the image alone: the AUC in "
+                "that row is the image's own contribution. Plain view, no TTA.")
+    return "\n".join([image(plot_importance(importance, figdir / "metadata_importance.png")), text, table(importance)])
 
 
 def _training(run: RunFolder) -> str:

@@ -33,7 +33,7 @@ class MelanomaLearner(Learner):
 
     fastai's `fine_tune` gives the backbone 1/100 of the head's rate (`lr_mult=100`); with melafast's two
     parameter groups that leaves a pretrained backbone nearly still. On HAM10000 (lite0, 96 px, 3 epochs) image-only
-    out-of-fold AUC went 0.698 / 0.748 / 0.780 / 0.823 for lr_mult 100 / 10 / 3 / 1 (README, Results).
+    out-of-fold AUC went 0.698 / 0.748 / 0.780 / 0.823 for lr_mult 100 / 10 / 3 / 1 (docs/results.md).
     """
 
     def fine_tune(self, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=1, pct_start=0.3, div=5.0, **kwargs):
