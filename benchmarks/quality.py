@@ -67,7 +67,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OPERATING_POINT = "sens90"  # the saved operating point whose held-out sensitivity the melafast recipes report
-SMALL_HOLDOUT_IMAGES = 200  # --small scores on about this many held-out images: enough to check the script
+SMALL_HOLDOUT_IMAGES = 120  # --small scores on about this many held-out images: enough to check the script
 BEST = {"extra_meta": True, "upsample": 2, "ema": 0.999}  # the candidate-best recipe's switches
 RECIPES = ("frozen_logreg", "plain_fastai", "melafast_image", "melafast_meta_tta", "melafast_best")
 ROWS = {"frozen_logreg": ("frozen_logreg",), "plain_fastai": ("plain_fastai", "plain_fastai_tta"),
@@ -108,7 +108,7 @@ def _cv_part(rest, hold, a, subset_seed: int, n_fresh):
     if a.fresh is not None and a.fresh["target"].nunique() < 2:
         raise SystemExit("--fresh-check needs --images smaller than the non-held-out part (fresh images of both classes)")
     if a.fresh is not None and a.small:
-        a.fresh = _subset(a.fresh, 150, seed=1)
+        a.fresh = _subset(a.fresh, 100, seed=1)
     if n_fresh is not None:  # about N fresh lesions: non-held-out images the CV subset left unused
         a.op_fresh = _subset(unused, n_fresh, seed=a.holdout_seed + 1) if n_fresh < len(unused) else unused
     if getattr(a, "op_calibrate", None) is not None:  # a calibration set: other fresh lesions (none of --op-fresh's)
@@ -120,6 +120,33 @@ def _cv_part(rest, hold, a, subset_seed: int, n_fresh):
     a.everything = pd.concat([cv, hold], ignore_index=True)
     a.__dict__.pop("_features", None)  # frozen_logreg's pooled features belong to one CV part
     return cv
+
+
+def _shrunk(a, tmp, frames: dict) -> dict:
+    """--small only: every image the run will read, resized once (shorter side 2 x --size) into `tmp`, and the tables
+    pointed at the copies. Decoding the full-size JPEGs again for every recipe and seed was most of --small's time."""
+    from PIL import Image
+
+    out = Path(tmp) / "small_images"
+    out.mkdir()
+    names = pd_concat([f[["image_name", "fname"]] for f in frames.values() if f is not None]).drop_duplicates("image_name")
+    side = 2 * a.size
+    for name, fname in zip(names["image_name"], names["fname"]):
+        with Image.open(fname) as im:
+            im.draft("RGB", (side, side))
+            im = im.convert("RGB")
+            scale = side / min(im.size)
+            im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale)))).save(out / f"{name}.jpg",
+                                                                                                      quality=95)
+    a.image_dir = out
+    return {k: None if f is None else f.assign(fname=[str(out / f"{n}.jpg") for n in f["image_name"]])
+            for k, f in frames.items()}
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
 
 
 def split_holdout(df, frac: float = 0.2, seed: int = 0):
@@ -218,7 +245,7 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
     data = Path(tmp) / f"data_{name}_{seed}"
     data.mkdir()
     df.drop(columns=["fname", "fold"]).to_csv(data / "train.csv", index=False)
-    cfg = TrainConfig(data=str(data), images=str(Path(a.data) / "images"), arch=a.arch, size=a.size,
+    cfg = TrainConfig(data=str(data), images=str(a.image_dir), arch=a.arch, size=a.size,
                       epochs=a.epochs, bs=a.bs, lr=a.lr, folds=a.folds, pretrained=True, weights=str(a.weights),
                       lr_mult=a.lr_mult, seed=seed, workers=a.workers, out=str(Path(tmp) / f"run_{name}_{seed}"),
                       **{"lr_find_on": a.lr_find_on, **a.settings, **settings})
@@ -532,7 +559,11 @@ def main(argv=None):
     per_seed = {row: [] for r in a.recipes.split(",") for row in ROWS[r]}
     cv_sizes = []
     # training's progress lines go to stderr with the log: stdout carries the JSON object only
+    a.image_dir = Path(a.data) / "images"
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        if a.small:  # a check of the script: read small copies of the few images it uses
+            parts = _shrunk(a, tmp, dict(cv=cv, hold=hold, fresh=a.fresh, everything=a.everything))
+            cv, hold, a.fresh, a.everything = parts["cv"], parts["hold"], parts["fresh"], parts["everything"]
         for seed in seeds:
             if a.resample and a.images:  # each seed its own CV subset (and fresh images) of the non-held-out part
                 cv = _cv_part(rest, hold, a, subset_seed=seed, n_fresh=n_fresh)

@@ -62,7 +62,7 @@ def test_quality_small_holds_out_lesions_and_repeats_seeds():
     rows = [row for r in quality.RECIPES for row in quality.ROWS[r]]
     assert list(res["recipes"]) == rows and res["seeds"] == [42, 43]
     assert 120 <= res["cv_images"] <= 200 and res["cv_melanomas"] >= 10
-    # the held-out part: whole lesions, 20% of them, of which --small scores about 200 images; melanomas at about
+    # the held-out part: whole lesions, 20% of them, of which --small scores about 120 images; melanomas at about
     # their share, and none of its lesions in the cross-validation part
     full, _ = load_competition(quality.SHARED / "data" / "ham10000")
     rest, held = quality.split_holdout(full, 0.2, 0)
