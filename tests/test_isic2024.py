@@ -94,6 +94,10 @@ def test_stack_is_cross_fitted_and_submits(sample_2024, run_2024, tmp_path):
     assert f"image {spec['image_auc']:.4f}  stacked {spec['stack_auc']:.4f}" in res.output
     res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 0, res.output
+    if spec["stack_auc"] < spec["image_auc"]:  # measured worse than the image score alone: said before it is used
+        assert "a submission without --stack may score higher" in res.output
+    else:
+        assert "may score higher" not in res.output
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert list(sub.columns) == ["isic_id", "target"] and sub["target"].between(0, 1).all()
     res = invoke("stack", "--run", run, "--cont", "iddx_1")
@@ -102,3 +106,22 @@ def test_stack_is_cross_fitted_and_submits(sample_2024, run_2024, tmp_path):
     oof_rows.assign(pred=oof_rows["pred"] * 0.9).to_csv(run / "oof.csv", index=False)  # the rows changed since
     res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub2.csv")
     assert res.exit_code == 1 and "changed since `melafast stack`" in res.stderr
+
+
+def test_submit_stack_fails_before_scoring_an_image(sample_2024, run_2024, tmp_path, monkeypatch):
+    "A run without stack.json, or a data folder without the train table, is refused before any model runs."
+    from melafast.inference import loop
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("an image was scored before the stack's checks")
+
+    monkeypatch.setattr(loop, "predict_probs_multi", no_scoring)
+    run = run_2024[0]
+    res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub.csv")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no stack.json" in res.stderr, res.output
+    stacked = shutil.copytree(run, tmp_path / "run")
+    assert invoke("stack", "--run", stacked, "--cont", "clin_size_long_diam_mm", "--bootstrap", 20).exit_code == 0
+    no_train = shutil.copytree(sample_2024, tmp_path / "data")
+    (no_train / "train-metadata.csv").unlink()
+    res = invoke("submit", "--run", stacked, "--stack", "--data", no_train, "--workers", 0, "--out", tmp_path / "s.csv")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no train.csv (nor train-metadata.csv)" in res.stderr, res.output

@@ -25,15 +25,32 @@ PRED = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
 
 
 def test_thresholds_meet_their_goal_by_hand():
-    assert choose_threshold(TARGET, PRED, "sens75") == 0.6  # 3 of 4 melanomas: the highest cut that keeps 3
-    assert choose_threshold(TARGET, PRED, "sens90") == 0.3  # all 4
+    # each threshold sits halfway between the score it keeps and the next lower one
+    assert choose_threshold(TARGET, PRED, "sens75") == pytest.approx(0.55)  # 3 of 4 melanomas: keeps 0.6, not 0.5
+    assert choose_threshold(TARGET, PRED, "sens90") == pytest.approx(0.25)  # all 4: keeps 0.3
     # specificity >= 80%: at most 1 of the 6 benign lesions at or above the cut; at 0.5 two are (0.7, 0.5): 4/6;
-    # at 0.6 one is (0.7): 5/6, so the lowest cut that reaches it is 0.6
-    assert choose_threshold(TARGET, PRED, "spec80") == 0.6
-    assert choose_threshold(TARGET, PRED, "0.35") == 0.35
-    assert choose_threshold(TARGET, PRED, "spec99.9") == 0.8  # every benign lesion (the highest is 0.7) below
+    # at 0.6 one is (0.7): 5/6, so the lowest cut that reaches it keeps 0.6
+    assert choose_threshold(TARGET, PRED, "spec80") == pytest.approx(0.55)
+    assert choose_threshold(TARGET, PRED, "0.35") == 0.35  # a fixed threshold stays as given
+    assert choose_threshold(TARGET, PRED, "spec99.9") == pytest.approx(0.75)  # every benign lesion (0.7 the highest) below
     # when the highest score is a benign lesion's, only calling nothing reaches 100% specificity
-    assert choose_threshold([0, 1, 1], [0.9, 0.5, 0.1], "spec99.9") > 0.9
+    assert choose_threshold([0, 1, 1], [0.9, 0.5, 0.1], "spec99.9") == pytest.approx(0.95)
+    assert choose_threshold([1, 0, 0], [0.9, 0.5, 0.1], "sens99") == pytest.approx(0.7)
+
+
+def test_a_threshold_never_sits_on_a_score_so_a_last_digit_cannot_flip_a_decision():
+    "A melanoma scored exactly at the threshold was lost by the ONNX runtime, 2e-7 lower: no threshold is a score."
+    rng = np.random.default_rng(5)
+    target = rng.integers(0, 2, 300)
+    pred = np.round(rng.random(300) * 0.5 + 0.4 * target, 3)  # ties, as fp16 or rounded scores make them
+    for goal in ("sens80", "sens90", "sens95", "spec80", "spec90", "spec95"):
+        t = choose_threshold(target, pred, goal)
+        assert not np.isclose(pred, t, rtol=0, atol=1e-5).any(), goal
+        gap = np.abs(pred - t).min()
+        # the same decisions for scores nudged by far less than the gap (another runtime's last digits)
+        for nudge in (-1e-6, 1e-6):
+            assert np.array_equal(pred >= t, pred + nudge >= t), goal
+        assert gap > 1e-4, goal
 
 
 def test_operating_point_names_are_checked():
@@ -112,7 +129,7 @@ def test_report_saves_the_operating_point_and_predict_decides_with_it(run, sampl
     decision, _ = crossfit_decisions(oof["target"], oof["pred"], oof["fold"], "sens90")
     assert point["crossfit"]["sensitivity"]["value"] == pytest.approx(decision[oof["target"] == 1].mean())
     assert [p["prevalence"] for p in point["crossfit"]["predictive"]] == [pytest.approx(oof["target"].mean()), 0.02]
-    assert "Saved operating point: sensitivity &gt;= 90%" in (run / "report.html").read_text()
+    assert "Operating point in force: sensitivity &gt;= 90%" in (run / "report.html").read_text()
 
     res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
                  tmp_path / "preds.csv")
@@ -210,6 +227,32 @@ def test_calibrate_chooses_on_predicts_scale_and_predict_decides_by_the_mean(run
     assert got["decision"].tolist() == (got["pred"] >= point["threshold"]).astype(int).tolist()
     per_test = [p.predict(sample_dir / "jpeg" / "test", progress=False) for p in predictor.predictors]
     assert got["votes"].tolist() == (np.asarray(per_test) >= point["threshold"]).sum(0).tolist()
+
+
+def test_a_calibrated_point_is_never_replaced_without_replace_and_the_report_shows_the_point_in_force(
+        run, calibration_dir):
+    assert invoke("calibrate", "--run", run, "--data", calibration_dir, "--bootstrap", 50, "--workers", 0).exit_code == 0
+    calibrated = (run / "threshold.json").read_text()
+    point = json.loads(calibrated)
+    # a plain report shows the point predict decides by: where it was chosen, its rule
+    res = invoke("report", "--run", run, "--workers", 0, "--bootstrap", 20, "--errors", 0, "--no-importance",
+                 "--no-audit")
+    assert res.exit_code == 0, res.output
+    page = (run / "report.html").read_text()
+    assert 'id="point-in-force"' in page and "Operating point in force" in page
+    assert f"Threshold {point['threshold']:.4f}" in page and "a calibration set of 80 images" in page
+    assert (run / "threshold.json").read_text() == calibrated  # reading is not choosing
+    # choosing on the out-of-fold rows would replace it: refused, naming the point that is there, before any work
+    for args in (["report", "--run", run, "--operating-point", "sens90", "--workers", 0, "--no-audit"],
+                 ["calibrate", "--run", run, "--data", calibration_dir, "--workers", 0]):
+        res = invoke(*args)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+        assert "already has a calibrated operating point, sens90 (threshold" in res.stderr and "--replace" in res.stderr
+        assert (run / "threshold.json").read_text() == calibrated
+    res = invoke("report", "--run", run, "--operating-point", "spec95", "--workers", 0, "--bootstrap", 20, "--errors", 0,
+                 "--no-importance", "--no-audit", "--replace")
+    assert res.exit_code == 0 and f"replacing the operating point sens90 (threshold {point['threshold']:.4f}" in res.output
+    assert json.loads((run / "threshold.json").read_text())["operating_point"] == "spec95"
 
 
 def test_calibrate_refuses_what_cannot_calibrate(run, sample_dir, calibration_dir):

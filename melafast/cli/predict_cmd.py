@@ -152,6 +152,8 @@ def report(
         "screening population; the data's own share is always given).")] = None,
     audit: Annotated[bool, typer.Option("--audit/--no-audit", help="The shortcut audit (see `melafast audit`): one "
                                         "plain-view pass over the out-of-fold images per artefact.")] = True,
+    replace: Annotated[bool, typer.Option("--replace", help="Let --operating-point replace a calibrated operating "
+                                          "point (one chosen by `melafast calibrate`).")] = False,
 ):
     """Write an HTML report of a run: where its models succeed and fail (AUC interval, curves, calibration, ...)."""
     from ..evaluate.report import run_report
@@ -160,7 +162,7 @@ def report(
         raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
     run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
                num_workers=workers, log=typer.echo, precision=_value(precision), operating_point=operating_point,
-               prevalence=prevalence, audit=audit)
+               prevalence=prevalence, audit=audit, replace=replace)
 
 
 @app.command()
@@ -179,6 +181,8 @@ def calibrate(
                                        "are cross-fitted on.")] = 5,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace a calibrated operating point already saved in "
+                                          "the run.")] = False,
 ):
     """Choose an operating point on a calibration set, on predict's own scale (the fold mean), and save it in the run:
     `predict` then decides by the fold mean against it."""
@@ -187,7 +191,7 @@ def calibrate(
     if bootstrap < 1 or folds < 2:
         raise MelafastError("--bootstrap must be at least 1 and --folds at least 2")
     calibrate_operating_point(run, operating_point, data=data, images=images, prevalence=prevalence, n_boot=bootstrap,
-                              bs=bs, num_workers=workers, folds=folds, log=typer.echo)
+                              bs=bs, num_workers=workers, folds=folds, log=typer.echo, replace=replace)
 
 
 @app.command()

@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..errors import MelafastError, RunError
 
-__all__ = ["parse_goal", "choose_threshold", "crossfit_decisions", "operating_table", "save_operating_point",
+__all__ = ["parse_goal", "choose_threshold", "between_scores", "check_replace", "point_in_force", "crossfit_decisions", "operating_table", "save_operating_point",
            "calibrate_operating_point", "vote", "decide", "STANDARD_GOALS", "ppv_npv"]
 
 STANDARD_GOALS = ("sens90", "sens95", "spec90", "spec95")  # the rows of the report's operating-point table
@@ -98,8 +98,19 @@ def choose_threshold(target, pred, goal) -> float:
     sens, spec = tp / tp[-1], 1 - fp / fp[-1]
     ok = (sens if goal["kind"] == "sens" else spec) >= goal["level"] - 1e-12
     i = np.flatnonzero(ok)[0] if goal["kind"] == "sens" else np.flatnonzero(ok)[-1]
-    # with a specificity goal the lowest cut may be inf (only when no threshold reaches it: call nothing)
-    return float(cuts[i]) if np.isfinite(cuts[i]) else float(np.nextafter(pred.max(), np.inf))
+    return between_scores(cuts, i)
+
+
+def between_scores(cuts, i: int) -> float:
+    """A threshold that calls what `cuts[i]` calls on these rows, placed halfway to the next lower score (`cuts` from
+    `metrics.threshold_cuts`): never on an observed score, so a score that moves in its last digits (another runtime,
+    another precision) does not flip the decision of the row the threshold was chosen at. `cuts[i]` = inf (call
+    nothing): halfway between the highest score and 1."""
+    if not np.isfinite(cuts[i]):
+        top = float(cuts[1]) if len(cuts) > 1 else 0.0
+        return (top + 1.0) / 2 if top < 1.0 else float(np.nextafter(top, np.inf))
+    lower = float(cuts[i + 1]) if i + 1 < len(cuts) else min(0.0, float(cuts[i]) - 1.0)
+    return (float(cuts[i]) + lower) / 2
 
 
 def crossfit_decisions(target, pred, fold, goal) -> tuple[np.ndarray, dict]:
@@ -187,15 +198,38 @@ def _patients(folder, oof) -> pd.Series | None:
     return oof["image_name"].map(train.set_index("image_name")["patient_id"])
 
 
-def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int = 1000, table=None) -> dict:
+def point_in_force(folder) -> str | None:
+    "The saved operating point in words (name, threshold, where it was chosen), or None."
+    point = folder.operating_point()
+    if point is None:
+        return None
+    return f"{point.operating_point} (threshold {point.threshold:.4f}, chosen on {point.chosen_on})"
+
+
+def check_replace(folder, replace: bool, log=print) -> None:
+    """Before a new operating point is chosen for `folder`: a calibrated one (chosen on patients the run never saw) is
+    never replaced without `replace`; any other that is replaced is named."""
+    point = folder.operating_point()
+    if point is None:
+        return
+    if point.scale == "ensemble" and not replace:
+        raise MelafastError(f"{folder.path} already has a calibrated operating point, {point_in_force(folder)}; pass "
+                            "--replace to replace it")
+    log(f"replacing the operating point {point_in_force(folder)}")
+
+
+def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int = 1000, table=None,
+                         replace: bool = False, log=print) -> dict:
     """Choose the operating point `spec` (see `parse_goal`) on all of `run`'s out-of-fold rows, and write it, with its
     cross-fitted figures, to the run's threshold.json, from which `predict` and `load_predictor` add a decision.
-    `table`: its rows of `operating_table`, when already computed. Returns what was written."""
+    `table`: its rows of `operating_table`, when already computed. A calibrated point (`calibrate_operating_point`)
+    already saved is replaced only with `replace` (see `check_replace`). Returns what was written."""
     from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     oof = folder.oof(need="an operating point is chosen on the run's out-of-fold predictions")
     goal = parse_goal(spec)
+    check_replace(folder, replace, log)
     if table is None or goal["name"] not in set(table["operating point"]):
         groups = _patients(folder, oof)
         table = operating_table(oof["target"], oof["pred"], oof["fold"], groups, [goal["name"]], prevalence, n_boot)
@@ -247,7 +281,8 @@ def decide(point, per_model) -> tuple[np.ndarray, np.ndarray]:
 
 def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataFrame | None = None,
                               prevalence: float | None = None, n_boot: int = 1000, per_model=None, bs: int = 64,
-                              num_workers: int | None = None, progress: bool = True, folds: int = 5, log=print) -> dict:
+                              num_workers: int | None = None, progress: bool = True, folds: int = 5, log=print,
+                              replace: bool = False) -> dict:
     """Choose the operating point `spec` on a calibration set, on `predict`'s own scale, and save it in `run`.
 
     The calibration set is labelled images of patients the run never trained on: `data` (a folder with a
@@ -267,6 +302,8 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
     if goal["kind"] == "value":
         raise MelafastError(f"a fixed threshold ({goal['threshold']}) needs no calibration set: save it with "
                             f"`melafast report --run {folder.path} --operating-point {goal['threshold']}`")
+    if folder.operating_point() is not None and folder.operating_point().scale == "ensemble" and not replace:
+        check_replace(folder, replace, log)  # stops before any image is scored
     if table is None:
         if data is None:
             raise MelafastError("a calibration set is needed: --data FOLDER (a train.csv of labelled images)")
@@ -302,6 +339,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
         per_model = predict_many(predictor.predictors, table, tta=predictor.tta, bs=bs, num_workers=num_workers,
                                  progress=progress)
     per_model = np.asarray(per_model, dtype=np.float64)
+    check_replace(folder, replace, log)
     if per_model.shape != (len(predictor.predictors), len(table)):
         raise ValueError(f"per_model must hold one row of {len(table)} probabilities per fold model "
                          f"({len(predictor.predictors)}), got shape {per_model.shape}")

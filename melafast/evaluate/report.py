@@ -122,7 +122,7 @@ def _saved_point(point) -> str:
            f"Cross-fitted{where}, a threshold chosen this way reaches sensitivity {cf['sensitivity']['value']:.3f} "
            f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and specificity "
            f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}).")
-    return (f'<h3>Saved operating point: {html.escape(point.goal)}</h3>' + para(
+    return (f'<h3 id="point-in-force">Operating point in force: {html.escape(point.goal)}</h3>' + para(
         f"Threshold {point.threshold:.4f} on the melanoma probability, chosen on {point.chosen_on}; saved in "
         f"threshold.json. {how} `melafast predict` and `load_predictor(run).predict_frame` add a decision column: "
         f"{point.rule}." + ("" if point.scale == "ensemble" else
@@ -291,7 +291,7 @@ def _training(run: RunFolder) -> str:
 def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importance: bool = True,
                n_boot: int = 1000, repeats: int = 5, bs: int = 64, num_workers: int | None = None, device=None,
                log: Callable = print, precision: str | None = None, operating_point: str | None = None,
-               prevalence: float | None = None, audit: bool = True) -> Path:
+               prevalence: float | None = None, audit: bool = True, replace: bool = False) -> Path:
     """Write `out` (default the run's report.html): a self-contained HTML page (figures embedded, no network needed),
     and its figures as PNGs in `<out stem>_figures/`. `data` defaults to the run's data folder; `n_errors` images
     per error grid (0: none); `importance=False` skips the metadata importance (one pass over the OOF images).
@@ -299,15 +299,19 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     `operating_point` (sens90, spec95, ..., or a threshold; see `operating.parse_goal`) is chosen on the out-of-fold
     predictions and saved in the run's threshold.json, from which `predict` adds a decision; `prevalence` adds the
     predictive values at that share of melanomas. `audit=False` leaves out the shortcut audit (see `audit`: one
-    plain-view pass over the out-of-fold images per artefact).
+    plain-view pass over the out-of-fold images per artefact). A calibrated operating point (`melafast calibrate`) is
+    replaced by `operating_point` only with `replace`; without `operating_point` the page shows the point in force.
     """
     from ..atomic import write_text
-    from .operating import prevalences, parse_goal
+    from .operating import check_replace, parse_goal, prevalences
 
+    folder = RunFolder(run)
     if operating_point is not None:
         parse_goal(operating_point)  # a bad one stops before any work
+        saved = folder.operating_point()
+        if saved is not None and saved.scale == "ensemble" and not replace:
+            check_replace(folder, replace)  # says which calibrated point is there, and stops
     prevalences([0, 1], prevalence)
-    folder = RunFolder(run)
     config, oof = read_run(folder)
     results = folder.figures()
     df, data = oof_with_metadata(folder, config, oof, data, images)
@@ -321,10 +325,13 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     if operating_point is not None:
         from .operating import save_operating_point
 
-        point = save_operating_point(folder, operating_point, prevalence, n_boot, table=points_table)
+        point = save_operating_point(folder, operating_point, prevalence, n_boot, table=points_table, replace=replace,
+                                     log=log)
         log(f"saved operating point {point.operating_point} (threshold {point.threshold:.4f}) to "
             f"{folder.operating_point_file}: `melafast predict` adds a decision column from it")
         sections["curves"] += _saved_point(point)
+    elif folder.operating_point() is not None:  # the point predict decides by, as it was saved
+        sections["curves"] += _saved_point(folder.operating_point())
     sections["calibration"] = _calibration(config, ev, figdir)
     sections["subgroups"] = _subgroups(config, ev, figdir)
     models = fold_models(folder) if n_errors > 0 or importance or audit else {}

@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..errors import DataError, MelafastError, RunError
 
-__all__ = ["stack_run", "stack_predict", "TREE_PARAMS"]
+__all__ = ["stack_run", "stack_ready", "stack_predict", "TREE_PARAMS"]
 
 TREE_PARAMS = dict(learning_rate=0.05, max_iter=200, max_leaf_nodes=15, min_samples_leaf=20, l2_regularization=1.0,
                    early_stopping=False)  # fixed, not tuned on the rows they score
@@ -133,11 +133,12 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
     return result
 
 
-def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None) -> np.ndarray:
-    """The stacked melanoma probability of the `test` rows: fold k's trees (refitted from the run's out-of-fold rows
-    and stack.json, checked against the saved stacked predictions) on the test table's features and fold k's image
-    model's probabilities (`per_model`: fold -> array), averaged over the folds."""
+def stack_ready(run, data=None, log: Callable = print) -> dict:
+    """Everything `stack_predict` needs that can fail without a model: the run's stack.json, its data folder's train
+    and test tables, and the fingerprint of the rows the stack was fitted on. Checked before any image is scored;
+    says so when `melafast stack` measured the stack below the image score alone."""
     from ..data.features import PATIENT_SUFFIXES
+    from ..data.tables import split_csv
     from ..runfolder import RunFolder
 
     folder = RunFolder(run)
@@ -147,13 +148,33 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None) -> np.nda
     spec = json.loads(path.read_text())
     cat, cont = spec["columns"]["cat"], [c for c in spec["columns"]["cont"] if not c.endswith(PATIENT_SUFFIXES)]
     data = folder.data_for(data)
+    for split in ("train", "test"):
+        if not split_csv(data, split).is_file():
+            raise DataError(f"{data} has no {split}.csv (nor {split}-metadata.csv): the stack reads the {split} table's "
+                            "columns "
+                            + ("(it refits its trees on the run's out-of-fold rows)" if split == "train" else
+                               "(the features of the images it scores)"))
     rows, X, y, _, cont_all = _training(folder, data, cat, cont, spec["patient_features"])
     if _fingerprint(X, y) != spec["fingerprint"]:
         raise RunError(f"the out-of-fold rows or the table of {folder.path} changed since `melafast stack`: run it "
                        "again")
-    saved = pd.read_csv(folder.path / STACK_OOF)
+    if spec.get("stack_auc") is not None and spec["stack_auc"] < spec["image_auc"]:
+        log(f"warning: `melafast stack` measured the stack below the image score alone on the out-of-fold rows (AUC "
+            f"{spec['stack_auc']:.4f} vs {spec['image_auc']:.4f}): a submission without --stack may score higher")
     test_table = _table(data, cat, cont, spec["patient_features"], split="test").set_index("image_name")
-    feats = test_table.loc[test["image_name"]].reset_index()
+    return dict(folder=folder, spec=spec, cat=cat, cont_all=cont_all, rows=rows, X=X, y=y, test_table=test_table)
+
+
+def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None, ready: dict | None = None) -> np.ndarray:
+    """The stacked melanoma probability of the `test` rows: fold k's trees (refitted from the run's out-of-fold rows
+    and stack.json, checked against the saved stacked predictions) on the test table's features and fold k's image
+    model's probabilities (`per_model`: fold -> array), averaged over the folds. `ready`: `stack_ready`'s answer,
+    when already checked."""
+    ready = ready or stack_ready(run, data, log=lambda m: None)
+    folder, spec, cat, cont_all = ready["folder"], ready["spec"], ready["cat"], ready["cont_all"]
+    rows, X, y = ready["rows"], ready["X"], ready["y"]
+    saved = pd.read_csv(folder.path / STACK_OOF)
+    feats = ready["test_table"].loc[test["image_name"]].reset_index()
     out, check = [], np.zeros(len(rows))
     for k in sorted(rows["fold"].unique()):
         if int(k) not in per_model:

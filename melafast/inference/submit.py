@@ -94,6 +94,8 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
         raise MelafastError(f"{len(weights)} blend weights for {len(runs)} runs")
     for r in runs:
         RunFolder(r).model_dirs()  # fail on a bad run before any prediction starts
+    if stack and len(runs) != 1:
+        raise MelafastError("--stack goes with one --run: the run `melafast stack` was fitted on")
     data = RunFolder(runs[0]).data_for(data)
     test = load_split(data, "test", images=images)  # the training images need not be there
     if test is None:
@@ -104,9 +106,14 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
     if absent:
         raise DataError(f"{len(absent)} ids of the submission template are not in test.csv, e.g. {', '.join(absent[:3])}")
     test = test.loc[ids].reset_index(drop=True)
+    ready = None
+    if stack:  # everything the stack needs, checked before any image is scored
+        from .stack import stack_ready
+
+        ready = stack_ready(runs[0], data, log=log)
     ok = usable_rows(test, on_bad_image, log)
     if stack:
-        final = _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision)
+        final = _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision, ready)
     else:
         final = predict_usable(runs, test, ok, tta, bs, num_workers, blend_method, log, weights, precision)
     path = write_submission(ids, final, out, submission_id_column(data))
@@ -115,14 +122,12 @@ def make_submission(runs, data=None, tta: int | None = None, blend_method: str =
     return path
 
 
-def _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision) -> np.ndarray:
+def _stacked(runs, test, ok, data, tta, bs, num_workers, log, precision, ready) -> np.ndarray:
     "The stacked predictions of one run's test rows (unusable images: the median)."
     from .stack import stack_predict
 
-    if len(runs) != 1:
-        raise MelafastError("--stack goes with one --run: the run `melafast stack` was fitted on")
     predictor, preds = model_preds(runs[0], test[ok], tta, bs, num_workers, None, log, precision)
     folds = [int((m.spec.fold if m.spec.fold is not None else i)) for i, m in enumerate(getattr(predictor, "predictors", [predictor]))]
-    out = fill_unusable(stack_predict(runs[0], test[ok].reset_index(drop=True), dict(zip(folds, preds)), data), ok)
+    out = fill_unusable(stack_predict(runs[0], test[ok].reset_index(drop=True), dict(zip(folds, preds)), data, ready), ok)
     log(f"stacked: the trees of {runs[0]} on the test table and each fold model's image scores")
     return out
