@@ -176,7 +176,9 @@ class ExportedRun:
             calls = (np.mean(per_model, axis=0) >= point["threshold"] if point.get("scale") == "ensemble"
                      else 2 * votes >= len(self.models))
             for row, v, c in zip(out, votes, calls):
-                row["decision"], row["votes"] = int(c), int(v)
+                row["decision"] = int(c)
+                if point.get("scale") != "ensemble":  # the fold mean decides: pred is the reason, not a vote
+                    row["votes"] = int(v)
         return out
 
 

@@ -104,7 +104,8 @@ def test_the_runtime_decides_by_a_calibrated_points_scale(exported, sample_dir):
         runtime.operating_point = point  # what the manifest holds when the run is exported after calibrating
         want, got = _torch_preds(run, images), pd.DataFrame(runtime.predict(images))
         assert got["decision"].tolist() == want["decision"].tolist() == (preds >= point["threshold"]).astype(int).tolist()
-        assert 0 < want["decision"].sum() < len(want) and got["votes"].tolist() == want["votes"].tolist()
+        assert 0 < want["decision"].sum() < len(want)
+        assert "votes" not in got.columns and "votes" not in want.columns  # the fold mean is the reason, not a vote
     finally:
         folder.write_operating_point(saved)
 

@@ -141,6 +141,7 @@ def test_report_saves_the_operating_point_and_predict_decides_with_it(run, sampl
     want, votes = vote(per_model, point["threshold"])
     assert frame["decision"].tolist() == want.tolist() == got["decision"].tolist()
     assert frame["votes"].tolist() == votes.tolist() == got["votes"].tolist()
+    assert ((2 * got["votes"] >= len(per_model)) == (got["decision"] == 1)).all()  # the votes are the reason given
     assert np.allclose(frame["pred"], got["pred"]) and np.allclose(got["pred"], np.mean(per_model, axis=0))
     with pytest.warns(UserWarning, match="TTA x2"):  # another TTA than the one that chose the threshold: said
         predictor.predict_frame(sample_dir / "jpeg" / "test", tta=2, progress=False)
@@ -219,14 +220,17 @@ def test_calibrate_chooses_on_predicts_scale_and_predict_decides_by_the_mean(run
     parts = make_folds(cal, n_folds=5, seed=0)["fold"]
     decision, _ = crossfit_decisions(target, mean, parts, "sens90")
     assert point["crossfit"]["sensitivity"]["value"] == pytest.approx(decision[target == 1].mean())
-    # predict decides by the fold mean against it; votes still count the models at or above it
+    # predict decides by the fold mean against it, and prints no votes that could contradict that decision
     res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
                  tmp_path / "preds.csv")
     assert res.exit_code == 0 and "fold models' mean probability" in res.output, res.output
     got = pd.read_csv(tmp_path / "preds.csv")
     assert got["decision"].tolist() == (got["pred"] >= point["threshold"]).astype(int).tolist()
-    per_test = [p.predict(sample_dir / "jpeg" / "test", progress=False) for p in predictor.predictors]
-    assert got["votes"].tolist() == (np.asarray(per_test) >= point["threshold"]).sum(0).tolist()
+    assert "votes" not in got.columns
+    assert "chosen on a calibration set of 80 images" in res.output and "each part of the calibration set" in res.output
+    assert "out-of-fold images" not in res.output.split("decision (1: melanoma)")[1].splitlines()[0]
+    frame = load_predictor(run).predict_frame(sample_dir / "jpeg" / "test", num_workers=0, progress=False)
+    assert "votes" not in frame.columns and frame["decision"].tolist() == got["decision"].tolist()
 
 
 def test_a_calibrated_point_is_never_replaced_without_replace_and_the_report_shows_the_point_in_force(

@@ -62,7 +62,10 @@ async function send(file) {{
     let decision = '';
     if (j.decision !== undefined) {{
       decision = '<div class="decision">decision at ' + esc(j.operating_point) + ': <b>' +
-        (j.decision ? 'melanoma' : 'not melanoma') + '</b> (' + j.votes + ' of ' + j.models + ' models)</div>';
+        (j.decision ? 'melanoma' : 'not melanoma') + '</b> (' + (j.votes !== undefined ?
+        j.votes + ' of ' + j.models + ' models at or above ' + j.threshold.toFixed(4) :
+        'fold mean ' + j.pred.toFixed(4) + (j.decision ? ' at or above ' : ' below ') + j.threshold.toFixed(4)) +
+        ')</div>';
     }}
     box.innerHTML = '<img alt="image" src="' + j.image_png + '"><img alt="Grad-CAM" src="' + j.cam_png + '">' +
       '<div><div>' + esc(j.image_name) + '</div><div>melanoma probability <span class="prob">' + j.pred.toFixed(4) +

@@ -131,8 +131,10 @@ class Service:
                    folds=[m.spec.fold for m in self.models], metadata=given)
         if self.point is not None:
             decision, votes = self.point.decide([[p] for p in probs])
-            out.update(decision=int(decision[0]), votes=int(votes[0]), operating_point=self.point.goal,
-                       threshold=self.point.threshold)
+            out.update(decision=int(decision[0]), operating_point=self.point.goal, threshold=self.point.threshold,
+                       rule=self.point.rule)
+            if self.point.scale != "ensemble":  # the models' vote decides; on the fold mean, pred is the reason
+                out["votes"] = int(votes[0])
         out["image_png"], out["cam_png"] = _png(view), _png(_overlay(view, np.mean(maps, axis=0)))
         return out
 

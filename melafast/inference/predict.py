@@ -44,21 +44,27 @@ def model_preds(run, df, tta, bs, num_workers, device, log, precision) -> tuple:
 
 def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.ndarray, dict]:
     """The fold mean of one run on the usable rows (the others get its median), and, when the run has a saved
-    operating point, its `decision` and `votes` columns (empty for unusable rows)."""
+    operating point, its `decision` column and, when the decision is the fold models' vote, `votes` (empty for
+    unusable rows). Under a point chosen on the fold mean (`calibrate`) the reason is `pred` itself: no votes."""
     predictor, preds = model_preds(run, df[ok], tta, bs, num_workers, None, log, precision)
     pred = fill_unusable(np.mean(preds, axis=0), ok)
     point = getattr(predictor, "operating_point", None)
     if point is None:
         return pred, {}
     decision, votes = predictor.decide(preds, tta=tta, precision=precision, log=log)
-    cols = {"decision": pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64"),
-            "votes": pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64")}
-    cols["decision"][ok], cols["votes"][ok] = decision, votes
-    cols["decision"][~ok], cols["votes"][~ok] = pd.NA, pd.NA
+    cols = {"decision": (decision, "decision")} | ({} if point.scale == "ensemble" else {"votes": (votes, "votes")})
+    for name, (values, _) in list(cols.items()):
+        col = pd.array(np.zeros(len(df), dtype=np.int64), dtype="Int64")
+        col[ok], col[~ok] = values, pd.NA
+        cols[name] = col
     cf = point.crossfit
+    where = ("each part of the calibration set judged by a threshold chosen on the others" if point.scale == "ensemble"
+             else "each fold judged by a threshold chosen on the other folds")
     how = ("it was not cross-fitted (one fold)" if cf.get("sensitivity") is None else
-           f"cross-fitted it reached sensitivity {cf['sensitivity']['value']:.3f} and specificity "
-           f"{cf['specificity']['value']:.3f} on the run's out-of-fold images")
+           f"chosen on {point.chosen_on}; cross-fitted there ({where}) it reached sensitivity "
+           f"{cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and "
+           f"specificity {cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to "
+           f"{cf['specificity']['hi']:.3f})")
     log(f"decision (1: melanoma) at the run's operating point {point.operating_point} ({point.goal}, threshold "
         f"{point.threshold:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point.rule}; "
         f"{how}")

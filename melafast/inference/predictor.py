@@ -102,7 +102,8 @@ class RunPredictor:
     def predict_frame(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                       device=None, progress: bool = True, precision: str | None = None, log=None) -> pd.DataFrame:
         """A table of image_name, pred (the fold models' mean probability) and, when the run has a saved operating
-        point, `decision` (1: melanoma) and `votes` (fold models at or above its threshold): see `decide`."""
+        point, `decision` (1: melanoma) and, when the decision is the fold models' vote, `votes` (the models at or
+        above its threshold; a point chosen on the fold mean decides by `pred` itself): see `decide`."""
         from ..data import image_table
 
         df = image_table(images, meta)
@@ -110,7 +111,9 @@ class RunPredictor:
                          progress, precision, log)
         out = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": np.mean(preds, axis=0)})
         if self.operating_point is not None:
-            out["decision"], out["votes"] = self.decide(preds, tta=tta, precision=precision, log=log)
+            out["decision"], votes = self.decide(preds, tta=tta, precision=precision, log=log)
+            if self.operating_point.scale != "ensemble":
+                out["votes"] = votes
         return out
 
     def decide(self, per_model, tta: int | None = None, precision: str | None = None, log=None):
