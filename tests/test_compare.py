@@ -94,8 +94,11 @@ def test_compare_refuses_runs_without_shared_images(tiny_run, tmp_path):
     oof.to_csv(stranger / "oof.csv", index=False)
     res = invoke("compare", tiny_run, stranger, "--out", tmp_path / "x.html")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "share no out-of-fold image" in res.stderr
-    res = invoke("compare", tiny_run, "--out", tmp_path / "x.html")
-    assert res.exit_code == 1 and "at least two run folders" in res.stderr
+    res = invoke("compare", "--run", tiny_run, "--run", stranger, "--out", tmp_path / "x.html")  # as every command
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "share no out-of-fold image" in res.stderr
+    for args in ([tiny_run], ["--run", tiny_run]):
+        res = invoke("compare", *args, "--out", tmp_path / "x.html")
+        assert res.exit_code == 1 and "at least two run folders: --run A --run B" in res.stderr
     flipped = tmp_path / "flipped"
     shutil.copytree(tiny_run, flipped)
     oof = pd.read_csv(flipped / "oof.csv")
@@ -103,3 +106,10 @@ def test_compare_refuses_runs_without_shared_images(tiny_run, tmp_path):
     oof.to_csv(flipped / "oof.csv", index=False)
     res = invoke("compare", tiny_run, flipped, "--out", tmp_path / "x.html")
     assert res.exit_code == 1 and "disagree on the label of 64 shared images" in res.stderr
+
+
+def test_predict_help_lists_its_output_columns():
+    res = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(res.output.split())
+    for column in ("image_name", "pred (the melanoma probability", "decision (1: melanoma)", "votes", "image_ok"):
+        assert column in text, column

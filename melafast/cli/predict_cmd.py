@@ -29,8 +29,11 @@ def predict(
     tta: RunTtaOpt = None,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name, pred (the melanoma probability), run "
-                                      "(and target for train).")] = Path("preds.csv"),
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name; pred (the melanoma probability: the "
+                                      "mean of the fold models over the run's TTA views); run; with an operating "
+                                      "point saved in the run, decision (1: melanoma) and, when the fold models' vote "
+                                      "decides, votes (the models at or above its threshold); target for --split "
+                                      "train; image_ok when --on-bad-image skip skipped any.")] = Path("preds.csv"),
     on_bad_image: BadImageOpt = BadImage.error,
     precision: RunPrecisionOpt = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU kernels, no cuDNN autotuning: "
@@ -309,8 +312,10 @@ def card(
 @app.command()
 @friendly
 def compare(
-    runs: Annotated[List[Path], typer.Argument(help="Two or more finished run folders; each later one is compared "
-                                               "with the first.", show_default=False)],
+    runs: Annotated[Optional[List[Path]], typer.Argument(help="Run folders (as --run: either way, two or more).",
+                                                         show_default=False)] = None,
+    run: Annotated[Optional[List[Path]], typer.Option("--run", help="A finished run folder; repeat it: each later run "
+                                                      "is compared with the first.", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the first run's).")] = None,
     images: ImagesOpt = None,
     out: Annotated[Path, typer.Option("--out", help="HTML file to write; its figures go to <out stem>_figures/.")]
@@ -320,4 +325,7 @@ def compare(
     """Compare runs on the out-of-fold images they all scored: AUC and pAUC differences with paired intervals."""
     from ..evaluate.compare import compare_runs
 
+    runs = [*(run or []), *(runs or [])]
+    if len(runs) < 2:
+        raise MelafastError("compare needs at least two run folders: --run A --run B")
     compare_runs(runs, data=data, out=out, images=images, n_boot=bootstrap, log=typer.echo)
