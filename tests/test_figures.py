@@ -100,3 +100,23 @@ def test_a_measure_added_to_the_headline_shows_on_every_page(tiny_run, tmp_path,
     assert "Median melanoma score" in card and "median_score" in card.split("---\n")[1]  # the list and the metadata
     out = invoke("compare", tiny_run, run, "--out", tmp_path / "cmp.html", "--bootstrap", 20)
     assert "median_score" in out and "median melanoma score" in (tmp_path / "cmp.html").read_text()
+
+
+def test_subgroups_served_worse_are_named():
+    "A group whose AUC interval lies below the whole's is named (report summary, card limits); a group that is not, isn't."
+    rng = np.random.default_rng(1)
+    n = 900
+    y = rng.integers(0, 2, n)
+    age = rng.choice([40.0, 80.0], n)
+    signal = np.where(age < 75, 1.5, 0.1)  # the model barely ranks the over-75s
+    df = pd.DataFrame(dict(target=y, pred=rng.random(n) + signal * y, age_approx=age, fold=np.arange(n) % 3,
+                           patient_id=[f"p{i}" for i in range(n)], sex=rng.choice(["male", "female"], n)))
+    ev = Evaluation(df, n_boot=200)
+    low = ev.below_whole()
+    assert low[["variable", "group"]].values.tolist() == [["age", "75+"]]
+    assert (low["hi"] < ev.value("auc")).all()
+    from melafast.evaluate.card import _served_worse
+
+    line = _served_worse(ev, data_note="")[0]
+    assert "age 75+" in line and f"{low['auc'].iloc[0]:.3f}" in line and "male" not in line
+    assert _served_worse(Evaluation(df.assign(pred=rng.random(n) + y), n_boot=200), "") == []

@@ -41,6 +41,18 @@ def _md_table(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([head, "|" + "---|" * len(df.columns), *("| " + " | ".join(r) + " |" for r in cells)])
 
 
+def _served_worse(ev, data_note) -> list:
+    "A limit for the subgroups whose AUC interval lies below the whole's (none when the metadata could not be read)."
+    if data_note:
+        return []
+    low = ev.below_whole()
+    if not len(low):
+        return []
+    return ["- Served measurably worse in this data (the AUC interval of each lies below the AUC of all images, "
+            f"{ev.value('auc'):.3f}): " + "; ".join(f"{r.variable} {r.group}, AUC {r.auc:.3f} ({r.lo:.3f} to {r.hi:.3f}, "
+                                                  f"{r.images} images)" for r in low.itertuples()) + "."]
+
+
 def _command(command: str) -> str:
     "How the run was started: the `melafast train ...` command as typed, when the run was started by one."
     words = str(command or "").split()
@@ -111,7 +123,7 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
     lines += ["## Intended use and limits", "",
               "A research model that ranks dermoscopic images of skin lesions by their risk of melanoma, for studying "
               "such models and for decision support research under clinical oversight.", "",
-              *(f"- {t}" for t in LIMITS), ""]
+              *(f"- {t}" for t in LIMITS), *_served_worse(ev, data_note), ""]
 
     lines += ["## Training data", "",
               f"`{data_name}`: {config.n_train or len(df)} training images, "

@@ -63,6 +63,7 @@ class Evaluation:
         self.target = rows["target"].to_numpy().astype(int)
         self.pred = rows[score].to_numpy(dtype=np.float64)
         self.groups = rows["patient_id"] if "patient_id" in rows.columns else None
+        self._subgroups = {}
 
     @property
     def n_images(self) -> int:
@@ -120,10 +121,21 @@ class Evaluation:
         """AUC with its patient-bootstrap interval per group of each variable: `columns` maps a name to a column of
         the rows (default `SUBGROUPS`: sex, age band, site, where present); an age column is read in age bands."""
         columns = SUBGROUPS if columns is None else columns
-        by = {name: age_band(self.rows[col]) if col == "age_approx" else self.rows[col]
-              for name, col in columns.items() if col in self.rows.columns}
-        scored = self.rows.assign(pred=self.pred)
-        return subgroup_aucs(scored, by, min_melanomas=min_melanomas, n_boot=max(self.n_boot, 1), seed=self.seed)
+        key = (tuple(sorted(columns.items())), min_melanomas)
+        if key not in self._subgroups:
+            by = {name: age_band(self.rows[col]) if col == "age_approx" else self.rows[col]
+                  for name, col in columns.items() if col in self.rows.columns}
+            scored = self.rows.assign(pred=self.pred)
+            self._subgroups[key] = subgroup_aucs(scored, by, min_melanomas=min_melanomas, n_boot=max(self.n_boot, 1),
+                                                 seed=self.seed)
+        return self._subgroups[key]
+
+    def below_whole(self, columns: dict | None = None) -> pd.DataFrame:
+        """The subgroups (see `subgroups`) whose AUC interval lies wholly below the AUC of all the rows: the patients
+        the model serves measurably worse. Worst first."""
+        groups = self.subgroups(columns)
+        low = groups[groups["hi"].notna() & (groups["hi"] < self.value("auc"))]
+        return low.sort_values("auc").reset_index(drop=True)
 
     def operating(self, goals, prevalence: float | None = None) -> pd.DataFrame:
         "Cross-fitted operating-point figures of each goal (see `operating.operating_table`)."

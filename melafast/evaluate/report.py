@@ -56,6 +56,11 @@ def _summary(config, results, ev: Evaluation, data) -> str:
            f"{'patients' if ev.n_patients is not None else 'images'}). "
            + html.escape(f"Each fold kept {results.epoch_rule or 'its epoch as the run says'}.") + "</p>",
            headline_table(ev.headline, ev.level)]
+    low = ev.below_whole()
+    if len(low):
+        out.append(note("Served worse: " + "; ".join(f"{r.variable} {r.group} (AUC {r.auc:.3f}, {r.lo:.3f} to "
+                                                     f"{r.hi:.3f}, {r.images} images)" for r in low.itertuples())
+                        + f": each interval lies below the AUC of all images ({ev.value('auc'):.3f}). See Subgroups."))
     if results.oof_auc_no_meta is not None:
         drop = config.settings.meta_dropout or 0
         if config.settings.image_head:  # runs saved before the image head have none
