@@ -259,6 +259,22 @@ def test_a_calibrated_point_is_never_replaced_without_replace_and_the_report_sho
     assert json.loads((run / "threshold.json").read_text())["operating_point"] == "spec95"
 
 
+def test_operating_point_is_its_own_step_and_chooses_what_the_report_would(run, tmp_path):
+    res = invoke("operating-point", "--run", run, "--goal", "spec95", "--bootstrap", 50)
+    assert res.exit_code == 0, res.output
+    point = json.loads((run / "threshold.json").read_text())
+    oof = pd.read_csv(run / "oof.csv")
+    assert point["operating_point"] == "spec95" and point["threshold"] == choose_threshold(oof["target"], oof["pred"],
+                                                                                           "spec95")
+    assert f"threshold {point['threshold']:.4f}" in res.output and "out-of-fold images" in res.output
+    assert not (run / "report.html").exists()  # choosing writes the point only
+    other = shutil.copytree(run, tmp_path / "other")
+    (other / "threshold.json").unlink()
+    assert invoke("report", "--run", other, "--operating-point", "spec95", "--bootstrap", 50, "--workers", 0,
+                  "--errors", 0, "--no-importance", "--no-audit").exit_code == 0
+    assert json.loads((other / "threshold.json").read_text())["threshold"] == point["threshold"]
+
+
 def test_calibrate_refuses_what_cannot_calibrate(run, sample_dir, calibration_dir):
     cases = [(["--data", sample_dir], "calibration images were in the run's training table"),
              (["--data", calibration_dir, "--operating-point", "0.3"], "needs no calibration set"),
