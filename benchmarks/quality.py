@@ -273,7 +273,8 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
                           _operating_point_check(cfg.out, fresh, a.op_fresh, saved).items() if k != "op_crossfit_sens"})
     if a.op_cal is not None:  # the operating point chosen on a calibration set of fresh lesions, on predict's scale
         from melafast.inference import load_predictor
-        from melafast.evaluate.operating import _rates, calibrate_operating_point
+        from melafast.evaluate.calibrate import calibrate_operating_point
+        from melafast.evaluate.operating import _rates
 
         cal = predict_many(models, a.op_cal, tta=cfg.tta, bs=a.bs, num_workers=a.workers, progress=False)
         point = calibrate_operating_point(cfg.out, OPERATING_POINT, table=a.op_cal, per_model=cal, n_boot=200,

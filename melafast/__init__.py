@@ -26,7 +26,7 @@ _EXPORTS = {
     "MissingMetadataWarning": "inference", "MetaDropout": "data", "ImageHeadLoss": "train.learner", "compare_runs": "evaluate.compare",
     "run_report": "evaluate.report",
     "audit_run": "evaluate.audit", "shortcut_audit": "evaluate.audit", "save_operating_point": "evaluate.operating",
-    "operating_table": "evaluate.operating", "calibrate_operating_point": "evaluate.operating", "model_card": "evaluate.card", "export_run": "deploy.export", "stack_run": "inference.stack",
+    "operating_table": "evaluate.operating", "calibrate_operating_point": "evaluate.calibrate", "model_card": "evaluate.card", "export_run": "deploy.export", "stack_run": "inference.stack",
 }
 
 __all__ = ["__version__", *_EXPORTS]

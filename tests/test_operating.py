@@ -294,3 +294,20 @@ def test_calibrate_refuses_what_cannot_calibrate(run, sample_dir, calibration_di
         res = invoke("calibrate", "--run", run, "--workers", 0, *args)
         assert res.exit_code == 1 and res.stderr.count("\n") == 1 and msg in res.stderr, (args, res.output)
     assert not (run / "threshold.json").exists()
+
+
+def test_the_report_gives_one_row_per_operating_point():
+    "Four points were 24 rows (one per measure); now one row each, every measure with its interval beside it."
+    from melafast.evaluate.report import point_rows
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = rng.random(300) + 0.6 * y
+    table = operating_table(y, p, np.arange(300) % 3, None, ["sens90", "sens95", "spec90", "spec95"], 0.02, 50)
+    rows = point_rows(table)
+    assert rows["operating point"].tolist() == ["sens90", "sens95", "spec90", "spec95"]
+    first = table[table["operating point"] == "sens90"].set_index(["measure", "prevalence"], drop=False)
+    sens = table[(table["operating point"] == "sens90") & (table["measure"] == "sensitivity")].iloc[0]
+    assert rows.loc[0, "sensitivity"] == f"{sens['cross-fitted']:.3f} ({sens['lo']:.3f} to {sens['hi']:.3f})"
+    assert {"PPV at 2.0%", "NPV at 2.0%", "in-sample sensitivity (optimistic)"} <= set(rows.columns)
+    assert len(first) == 6  # sensitivity, specificity, PPV and NPV at the data's prevalence and at 2%

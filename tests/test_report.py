@@ -80,12 +80,13 @@ def test_report_has_every_section_self_contained(run, tmp_path):
     assert re.search(r"taken at backbone layer [\w.]+ \(stride \d+: a \d+ x \d+ grid at 32 px\)", html)
     assert "explain the plain view" in html and "By diagnosis: melanoma " in html
     # operating points: cross-fitted with intervals, the in-sample figure only as optimistic; nothing saved unasked
-    assert "cross-fitted" in html and "in-sample (optimistic)" in html and not (run / "threshold.json").exists()
+    assert "cross-fitted" in html and "in-sample sensitivity (optimistic)" in html
+    assert not (run / "threshold.json").exists()
     assert "Each artefact drawn synthetically onto every one of the 64 out-of-fold images" in html
 
 
 def test_galleries_show_one_image_per_lesion_and_keep_carcinomas_apart_from_benign_lesions():
-    from melafast.evaluate.report import galleries
+    from melafast.evaluate.gallery import galleries
 
     df = pd.DataFrame(dict(
         image_name=[f"I{i}" for i in range(9)],

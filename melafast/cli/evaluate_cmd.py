@@ -102,7 +102,7 @@ def calibrate(
 ):
     """Choose an operating point on a calibration set, on predict's own scale (the fold mean), and save it in the run:
     `predict` then decides by the fold mean against it."""
-    from ..evaluate.operating import calibrate_operating_point
+    from ..evaluate.calibrate import calibrate_operating_point
 
     if bootstrap < 1 or folds < 2:
         raise MelafastError("--bootstrap must be at least 1 and --folds at least 2")

@@ -11,11 +11,11 @@ import html
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from ..runfolder import RunFolder
-from .figures import SITE, Evaluation
+from .figures import Evaluation
+from .gallery import error_section
 from .pages import headline_table, image, interval, note, page, para, table
 from .runview import fold_models, oof_with_metadata, read_run
 
@@ -95,10 +95,7 @@ def _curves(ev: Evaluation, figdir, operating_point=None, prevalence=None) -> tu
     if operating_point is not None and parse_goal(operating_point)["name"] not in goals:
         goals.append(parse_goal(operating_point)["name"])
     points_table = ev.operating(goals, prevalence)
-    shown = points_table.assign(**{"95% interval": ["" if np.isnan(lo) else f"{lo:.3f} to {hi:.3f}"
-                                             for lo, hi in zip(points_table["lo"], points_table["hi"])]})
-    shown = shown[["operating point", "threshold", "measure", "prevalence", "cross-fitted", "95% interval",
-                   "in-sample (optimistic)"]]
+    shown = point_rows(points_table)
     text = [para("Operating points as they hold on new patients (cross-fitted): each fold's threshold is chosen on the "
                "other folds' out-of-fold images only and applied to that fold, so no image is judged by a threshold "
                "chosen on it. Sensitivity, specificity, and the predictive values (PPV: the share of melanoma calls "
@@ -117,6 +114,27 @@ def _curves(ev: Evaluation, figdir, operating_point=None, prevalence=None) -> tu
                "optimistic), with precision-recall beside it."),
             image(fig), table(points.rename(columns={"goal": "goal (in-sample, optimistic)"}))]
     return "\n".join(text), points_table
+
+
+def point_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """`operating_table`'s rows (one per point and measure) as one row per operating point: its threshold, then each
+    cross-fitted measure (PPV and NPV at each prevalence) as "value (lo to hi)", then the in-sample sensitivity and
+    specificity (optimistic)."""
+    def cell(r):
+        if pd.isna(r["cross-fitted"]):
+            return "not cross-fitted"
+        return f"{r['cross-fitted']:.3f}" + ("" if pd.isna(r["lo"]) else f" ({r['lo']:.3f} to {r['hi']:.3f})")
+
+    rows = []
+    for name, part in table.groupby("operating point", sort=False):
+        row = {"operating point": name, "threshold": f"{part['threshold'].iloc[0]:.4f}"}
+        for r in part.to_dict("records"):
+            label = r["measure"] + ("" if pd.isna(r["prevalence"]) else f" at {r['prevalence']:.1%}")
+            row[label] = cell(r)
+        for r in part[part["prevalence"].isna()].to_dict("records"):
+            row[f"in-sample {r['measure']} (optimistic)"] = f"{r['in-sample (optimistic)']:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _saved_point(point) -> str:
@@ -166,104 +184,6 @@ def _subgroups(config, ev: Evaluation, figdir) -> str:
         text.append(f"The run also trained on {config.n_external} external images; they only ever train, so "
                     "there is no out-of-fold score for them: every figure here is on the main data.")
     return "\n".join([image(fig), *map(para, text), table(groups)])
-
-
-def _describe(row) -> str:
-    age = "?" if pd.isna(row.get("age_approx")) else f"{row['age_approx']:.0f}"
-    return f"{row.get('sex') if isinstance(row.get('sex'), str) else '?'}, {age}, " \
-           f"{row.get(SITE) if isinstance(row.get(SITE), str) else '?'}"
-
-
-# diagnoses that are not benign although the melanoma target calls them 0 (HAM10000 even files them as "benign"):
-# a high score on one of these is not a false alarm a dermatologist would accept
-NOT_BENIGN = ("basal cell carcinoma", "squamous cell carcinoma", "intraepithelial carcinoma", "actinic keratosis",
-              "bowen", "merkel", "kaposi", "atypical melanocytic proliferation", "carcinoma", "melanoma")
-
-
-def _diagnosis(df: pd.DataFrame) -> pd.Series:
-    "Each row's diagnosis in lower case ('melanoma' / 'not given' where the data has none)."
-    if "diagnosis" in df.columns:
-        diag = df["diagnosis"].astype("string").str.strip().str.lower()
-        return diag.where(diag.notna() & (diag != ""), "not given").astype(object)
-    return pd.Series(np.where(df["target"] == 1, "melanoma", "not given"), index=df.index, dtype=object)
-
-
-def galleries(df: pd.DataFrame, n: int) -> dict:
-    """The error galleries: the `n` melanomas scored lowest, the `n` benign lesions scored highest and, when the data
-    names them, the `n` other (non-melanoma) malignant or premalignant lesions scored highest; one image per lesion
-    (`lesion_id`) or patient (`patient_id`; a row without either stands alone), the most extreme image of each; in
-    each gallery grouped by diagnosis, most extreme first. Returns name -> (title, rows with a `diagnosis` column)."""
-    df = df.assign(diagnosis=_diagnosis(df))
-    key = next((c for c in ("lesion_id", "patient_id") if c in df.columns), None)
-    who = df[key].astype(object).where(df[key].notna(), "row " + df.index.astype(str)) if key else df.index.to_series()
-    df = df.assign(_who=who.to_numpy())
-    not_benign = df["diagnosis"].str.contains("|".join(NOT_BENIGN), regex=True)
-    picks = {"missed_melanomas": ("melanomas scored lowest", df[df["target"] == 1], True),
-             "false_alarms": ("benign lesions scored highest", df[(df["target"] == 0) & ~not_benign], False),
-             "other_malignant": ("other malignant or premalignant lesions (not melanoma) scored highest",
-                                 df[(df["target"] == 0) & not_benign], False)}
-    out = {}
-    for name, (title, rows, lowest) in picks.items():
-        if rows.empty:
-            continue
-        rows = rows.sort_values("pred", ascending=lowest, kind="mergesort").drop_duplicates("_who").head(n)
-        worst = rows.groupby("diagnosis")["pred"].transform("min" if lowest else "max")  # diagnosis groups, worst first
-        rows = rows.assign(_g=worst if lowest else -worst, _p=rows["pred"] if lowest else -rows["pred"])
-        out[name] = (title, rows.sort_values(["_g", "diagnosis", "_p"], kind="mergesort").drop(columns=["_g", "_p", "_who"]))
-    return out
-
-
-def _errors(models, df, figdir, n_errors, bs, num_workers, device, precision=None) -> str:
-    from .explain import describe_cam_layer
-    from ..inference import resolve_settings
-    from .plots import plot_cam_grid
-
-    used = sorted({resolve_settings(m.spec, device, precision).describe() for m in models.values()}) or ["fp32"]
-    layers = sorted({describe_cam_layer(m.model, m.spec.size) for m in models.values()})
-    chosen = galleries(df, n_errors)
-    parts = [para("The melanomas scored lowest and the lesions scored highest that are not melanomas, one image per "
-                + ("lesion" if "lesion_id" in df.columns else "patient") + " (its most extreme), grouped by diagnosis "
-                "where the data gives one. Each image is shown as it is and beside its Grad-CAM map for the melanoma "
-                "output of the fold model that scored it (red: regions that raise the melanoma score), with its "
-                "metadata (sex, age, site) and its score."),
-             para(f"The maps are taken at {' / '.join(layers)} and scaled up to the image; they explain the plain view "
-                "of the image, while the score is the mean over the run's TTA views. The maps were computed "
-                f"in {' / '.join(used)}: each model's own precision and layout, as its out-of-fold scores were.")]
-    if "other_malignant" in chosen:
-        parts.append(para("Lesions whose diagnosis is malignant or premalignant but not melanoma (e.g. basal cell "
-                        "carcinoma) count as 0 for the melanoma target; they have their own gallery, apart from the "
-                        "benign lesions, since a high score on them is not a false alarm."))
-    for name, (title, rows) in chosen.items():
-        imgs, maps, warning = _cams(models, rows, device, precision)
-        titles = [f"{r.image_name}\n{r.diagnosis} · {r.pred:.3f}\n{_describe(r._asdict())}" for r in rows.itertuples()]
-        counts = rows["diagnosis"].value_counts(sort=False)
-        parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts.append(para("By diagnosis: " + ", ".join(f"{d} {c}" for d, c in counts.items()) + "."))
-        if warning:
-            parts.append(note(warning))
-        parts.append(image(plot_cam_grid(imgs, maps, titles, figdir / f"{name}.png", title=title)))
-    return "\n".join(parts)
-
-
-def _cams(models, rows, device, precision=None) -> tuple[list, list, str]:
-    "Images (uint8, as the model saw them) and Grad-CAM maps of `rows`, each by its own fold's model."
-    from ..errors import MelafastError
-    from .explain import grad_cam
-    from ..inference import model_batch
-
-    imgs, maps, warning = [None] * len(rows), [None] * len(rows), ""
-    for k, part in rows.reset_index(drop=True).groupby("fold"):
-        p = models[int(k)]
-        s, img, meta = model_batch(p, part, device, precision)
-        try:
-            with s.autocast():
-                cams = grad_cam(p.model, img, meta, p.spec.pos)
-        except MelafastError as e:
-            cams, warning = np.zeros(img.shape[:1] + img.shape[2:]), f"no Grad-CAM: {e}"
-        pixels = (img.permute(0, 2, 3, 1).clamp(0, 1) * 255).byte().cpu().numpy()
-        for j, i in enumerate(part.index):
-            imgs[i], maps[i] = pixels[j], cams[j]
-    return imgs, maps, warning
 
 
 def _metadata(config, models, df, figdir, repeats, bs, num_workers, device, precision=None) -> str:
@@ -340,7 +260,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     sections["calibration"] = _calibration(config, ev, figdir)
     sections["subgroups"] = _subgroups(config, ev, figdir)
     models = fold_models(folder) if n_errors > 0 or importance or audit else {}
-    sections["errors"] = (_errors(models, df, figdir, n_errors, bs, num_workers, device, precision) if n_errors > 0
+    sections["errors"] = (error_section(models, df, figdir, n_errors, bs, num_workers, device, precision) if n_errors > 0
                           else para("Left out (n_errors=0)."))
     if audit:
         from .audit import audit_section
