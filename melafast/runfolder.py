@@ -245,9 +245,20 @@ class RunFolder:
     def audit(self) -> pd.DataFrame | None:
         """The shortcut audit's table: audit.csv from `melafast audit`, else the one the report's section saved
         (None when neither ran)."""
+        f = self.audit_path()
+        return None if f is None else pd.read_csv(f)
+
+    def audit_path(self, current: bool = False) -> Path | None:
+        """Where the shortcut audit's table is (see `audit`); with `current`, only one written after every model
+        file of the run (an audit of the models as they are now)."""
         for f in (self.audit_file, self.report_file.parent / f"{self.report_file.stem}_figures" / self.audit_file.name):
             if f.is_file():
-                return pd.read_csv(f)
+                if current:
+                    newest = max((p.stat().st_mtime for d in self.model_dirs() for p in model_files(d) if p.is_file()),
+                                 default=0.0)
+                    if f.stat().st_mtime < newest:
+                        continue
+                return f
         return None
 
     def metrics(self) -> pd.DataFrame | None:

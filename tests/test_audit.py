@@ -109,3 +109,38 @@ def test_audit_bad_input_is_one_error_line(tiny_run, tmp_path):
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no oof.csv" in res.stderr
     res = invoke("audit", "--run", tiny_run, "--tta", 3)
     assert res.exit_code == 1 and "--tta must be 1, 2, 4 or 8" in res.stderr
+
+
+def test_the_report_reuses_a_saved_audit_of_the_same_models(tiny_run, tmp_path, monkeypatch):
+    import os
+
+    from melafast.evaluate import audit as audit_mod
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    res = invoke("audit", "--run", run, "--bootstrap", 20, "--workers", 0, "--artefact", "ink")
+    assert res.exit_code == 0, res.output
+    saved = pd.read_csv(run / "audit.csv")
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the audit ran again")
+
+    monkeypatch.setattr(audit_mod, "shortcut_audit", not_again)
+    res = invoke("report", "--run", run, "--workers", 0, "--bootstrap", 20, "--errors", 0, "--no-importance")
+    assert res.exit_code == 0, res.output
+    assert f"reusing {run / 'audit.csv'}" in res.output
+    page = (run / "report.html").read_text()
+    assert "shown as it was run" in page and "--rerun-audit" in page
+    assert pd.read_csv(run / "report_figures" / "audit.csv")["artefact"].tolist() == saved["artefact"].tolist()
+    # asked to, or when a model changed after the audit, it runs again
+    for args in (["--rerun-audit"], []):
+        if not args:
+            (run / "audit.csv").unlink()
+            (run / "report_figures" / "audit.csv").unlink()
+            monkeypatch.undo()
+            invoke("audit", "--run", run, "--bootstrap", 20, "--workers", 0, "--artefact", "ink")
+            monkeypatch.setattr(audit_mod, "shortcut_audit", not_again)
+            weights = next(run.glob("fold0/model.*"))
+            later = (run / "audit.csv").stat().st_mtime + 10
+            os.utime(weights, (later, later))  # the fold model was rewritten after that audit
+        with pytest.raises(AssertionError, match="the audit ran again"):
+            invoke("report", "--run", run, "--workers", 0, "--bootstrap", 20, "--errors", 0, "--no-importance", *args)

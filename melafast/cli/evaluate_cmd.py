@@ -40,6 +40,9 @@ def report(
                                         "plain-view pass over the out-of-fold images per artefact.")] = True,
     replace: Annotated[bool, typer.Option("--replace", help="Let --operating-point replace a calibrated operating "
                                           "point (one chosen by `melafast calibrate`).")] = False,
+    rerun_audit: Annotated[bool, typer.Option("--rerun-audit", help="Run the shortcut audit again even when one of "
+                                              "these models is saved (by `melafast audit` or an earlier report).")]
+    = False,
 ):
     """Write an HTML report of a run: where its models succeed and fail (AUC interval, curves, calibration, ...)."""
     from ..evaluate.report import run_report
@@ -48,7 +51,8 @@ def report(
         raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
     run_report(run, data=data, out=out, images=images, n_errors=errors, importance=importance, n_boot=bootstrap, bs=bs,
                num_workers=workers, log=typer.echo, precision=_value(precision), operating_point=operating_point,
-               prevalence=prevalence, audit=audit, replace=replace)
+               prevalence=prevalence, audit=audit, replace=replace,
+               rerun_audit=rerun_audit)
 
 
 @app.command("operating-point")

@@ -255,14 +255,21 @@ def _examples(df, names, seed, size, path) -> Path:
 
 
 def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=1000, seed=0, tta=1, bs=64,
-                  num_workers=None, device=None, precision=None, log: Callable = print) -> tuple[str, pd.DataFrame]:
-    "The audit as an HTML section (table, forest plot, the drawn artefacts), and its table."
+                  num_workers=None, device=None, precision=None, log: Callable = print,
+                  saved=None) -> tuple[str, pd.DataFrame]:
+    """The audit as an HTML section (table, forest plot, the drawn artefacts), and its table. `saved`: the path of
+    an audit table of these models already written (`melafast audit`, an earlier report): shown, not run again."""
     from .pages import image, para, table as html_table
     from .plots import plot_audit
 
-    names = _check(artefacts)
-    table, scores = shortcut_audit(models, df, names, n_boot=n_boot, seed=seed, tta=tta, bs=bs,
-                                   num_workers=num_workers, device=device, precision=precision)
+    if saved is not None:
+        table = pd.read_csv(saved)
+        names = _check(table["artefact"].tolist())
+        log(f"shortcut audit: reusing {saved} (`--rerun-audit` runs it again)")
+    else:
+        names = _check(artefacts)
+        table, scores = shortcut_audit(models, df, names, n_boot=n_boot, seed=seed, tta=tta, bs=bs,
+                                       num_workers=num_workers, device=device, precision=precision)
     size = max(int(m.spec.size) for m in models.values())
     flagged = table.loc[table["flagged"], "artefact"].tolist()
     verdict = (f"Flagged: {', '.join(flagged)}. The run's scores depend on these artefacts; check its training "
@@ -273,7 +280,11 @@ def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=100
     if shifting:
         verdict += (f" {', '.join(shifting)} {'moves' if len(shifting) == 1 else 'move'} the benign lesions' scores "
                     "without changing the ranking much: decisions at a fixed threshold change when it is present.")
-    parts = [para(f"Each artefact drawn synthetically onto every one of the {len(df)} out-of-fold images, each image "
+    reused = [] if saved is None else [para(f"The audit of these models saved in {saved} (written "
+                                            f"{_when(saved)}), shown as it was run; `melafast report --rerun-audit` "
+                                            "or `melafast audit` runs it again.")]
+    parts = [*reused,
+             para(f"Each artefact drawn synthetically onto every one of the {len(df)} out-of-fold images, each image "
                 f"rescored by the fold model that scored it ({'plain view' if tta == 1 else f'TTA x{tta}'}). "
                 f"'benign change' is the mean change of the melanoma probability on benign lesions (a rise: false "
                 f"alarms the artefact causes), 'melanoma change' the same on melanomas, and the AUC is that of all "
@@ -290,6 +301,12 @@ def audit_section(folder, config, models, df, figdir, artefacts=None, n_boot=100
                 "parameters: " + "; ".join(f"{n}: {_describe(n)}" for n in names) + f". Seed {seed}."),
              image(_examples(df, names, seed, size, figdir / "audit_artefacts.png"))]
     return "\n".join(parts), table
+
+
+def _when(path) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat(sep=" ", timespec="minutes")
 
 
 def _describe(name) -> str:

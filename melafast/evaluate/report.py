@@ -216,7 +216,8 @@ def _training(run: RunFolder) -> str:
 def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importance: bool = True,
                n_boot: int = 1000, repeats: int = 5, bs: int = 64, num_workers: int | None = None, device=None,
                log: Callable = print, precision: str | None = None, operating_point: str | None = None,
-               prevalence: float | None = None, audit: bool = True, replace: bool = False) -> Path:
+               prevalence: float | None = None, audit: bool = True, replace: bool = False,
+               rerun_audit: bool = False) -> Path:
     """Write `out` (default the run's report.html): a self-contained HTML page (figures embedded, no network needed),
     and its figures as PNGs in `<out stem>_figures/`. `data` defaults to the run's data folder; `n_errors` images
     per error grid (0: none); `importance=False` skips the metadata importance (one pass over the OOF images).
@@ -224,7 +225,8 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     `operating_point` (sens90, spec95, ..., or a threshold; see `operating.parse_goal`) is chosen on the out-of-fold
     predictions and saved in the run's threshold.json, from which `predict` adds a decision; `prevalence` adds the
     predictive values at that share of melanomas. `audit=False` leaves out the shortcut audit (see `audit`: one
-    plain-view pass over the out-of-fold images per artefact). A calibrated operating point (`melafast calibrate`) is
+    plain-view pass over the out-of-fold images per artefact; an audit of these models already saved, by `melafast
+    audit` or an earlier report, is shown again unless `rerun_audit`). A calibrated operating point (`melafast calibrate`) is
     replaced by `operating_point` only with `replace`; without `operating_point` the page shows the point in force.
     """
     from ..atomic import write_text
@@ -267,9 +269,10 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
 
         from ..atomic import write_csv
 
+        saved = None if rerun_audit else folder.audit_path(current=True)  # read before this page rewrites it
         sections["shortcuts"], audit_table = audit_section(folder, config, models, df, figdir, n_boot=n_boot, bs=bs,
                                                            num_workers=num_workers, device=device,
-                                                           precision=precision, log=log)
+                                                           precision=precision, log=log, saved=saved)
         write_csv(audit_table, figdir / "audit.csv")
     else:
         sections["shortcuts"] = para("Left out (--no-audit).")
