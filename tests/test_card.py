@@ -111,3 +111,34 @@ def test_card_without_operating_point_audit_or_data(tiny_run, tmp_path):
     assert np.isfinite(float(re.search(r"ROC AUC \*\*(\d\.\d+)\*\*", card).group(1)))
     res = invoke("card", "--run", tmp_path / "nowhere")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1
+
+
+def test_the_card_names_its_data_source_licence_prevalence_and_negatives(tiny_run, sample_dir, tmp_path):
+    import pandas as pd
+
+    from melafast.evaluate.card import data_source
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    res = invoke("card", "--run", run, "--bootstrap", 20)
+    assert res.exit_code == 0, res.output
+    card = (run / "MODEL_CARD.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["datasets"] == ["melafast synthetic sample"] and meta["license"] == "other"
+    data = _section(card.split("---\n", 2)[2], "Training data")
+    train = pd.read_csv(sample_dir / "train.csv")
+    assert f"melanomas are {train['target'].mean():.1%} of the training images" in data
+    res = invoke("card", "--run", run, "--bootstrap", 20, "--dataset", "Clinic X 2026", "--license", "cc-by-4.0")
+    meta = yaml.safe_load((run / "MODEL_CARD.md").read_text().split("---\n")[1])
+    assert meta["datasets"] == ["Clinic X 2026"] and meta["license"] == "cc-by-4.0"
+    # recognised by their names: ISIC 2020, HAM10000 (its lesions), ISIC 2024 (its columns); else unknown
+    isic = pd.DataFrame(dict(image_name=["ISIC_0000001"], patient_id=["IP_0000001"]))
+    assert data_source(isic)["name"] == "SIIM-ISIC 2020" and "doi:10.34970/2020-ds01" in data_source(isic)["citation"]
+    ham = pd.DataFrame(dict(image_name=["ISIC_0027419"], lesion_id=["HAM_0000118"], patient_id=["HAM_0000118"]))
+    assert data_source(ham)["hf_license"] == "cc-by-nc-sa-4.0"
+    assert data_source(ham.drop(columns="lesion_id"))["name"] == "HAM10000"
+    assert data_source(pd.DataFrame(dict(image_name=["x1"])))["name"] == "unknown"
+    # the diagnoses of the negatives, when the data names them
+    from melafast.evaluate.card import _negatives
+
+    rows = pd.DataFrame(dict(target=[0, 0, 0, 1], diagnosis=["nevus", "nevus", "seborrheic keratosis", "melanoma"]))
+    assert _negatives(rows) == ["- The lesions that are not melanoma: nevus 67%, seborrheic keratosis 33% (of 3 images)."]

@@ -151,13 +151,18 @@ def card(
     out: Annotated[Optional[Path], typer.Option("--out", help="Markdown file to write (default <run>/MODEL_CARD.md).")]
     = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="The training data's source, when the card does "
+                                                   "not recognise it (SIIM-ISIC 2020, HAM10000, ISIC 2024 are).")]
+    = None,
+    license: Annotated[Optional[str], typer.Option("--license", help="Its licence (e.g. cc-by-nc-4.0).")] = None,
 ):
     """Write the run's model card (Hugging Face format) from what the run folder knows."""
     from ..evaluate.card import model_card
 
     if bootstrap < 1:
         raise MelafastError("--bootstrap must be at least 1")
-    model_card(run, out=out, data=data, images=images, n_boot=bootstrap, log=typer.echo)
+    model_card(run, out=out, data=data, images=images, n_boot=bootstrap, log=typer.echo, dataset=dataset,
+               license=license)
 
 
 @app.command()
