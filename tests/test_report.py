@@ -231,7 +231,7 @@ def test_cam_maps_have_the_image_size_and_differ_across_images(run, sample_dir):
     assert len({tuple(np.round(m, 4)) for m in flat}) == 6  # six images, six different maps
 
 
-def test_metadata_importance_unshuffled_row_is_the_plain_oof_auc(run, sample_dir):
+def test_metadata_importance_blanks_fields_as_a_missing_field_is_scored(run, sample_dir):
     from melafast.inference.predictor import load_predictor
     from melafast.data import load_competition
     from melafast.evaluate.explain import metadata_importance
@@ -240,12 +240,17 @@ def test_metadata_importance_unshuffled_row_is_the_plain_oof_auc(run, sample_dir
     train, _ = load_competition(sample_dir)
     df = oof.merge(train.drop(columns="target"), on="image_name")
     models = {k: load_predictor(run / f"fold{k}") for k in (0, 1)}
-    table = metadata_importance(models, df, n_repeats=3, num_workers=0, progress=False).set_index("column")
-    assert table.loc["none (unshuffled)", "auc"] == pytest.approx(roc_auc_score(df["target"], df["pred"]), abs=1e-4)
-    assert set(table.index) == {"none (unshuffled)", "sex", "anatom_site_general_challenge", "age_approx",
-                                "all metadata"}
-    assert (table["drop"] == table.loc["none (unshuffled)", "auc"] - table["auc"]).all()
-    assert table.loc["age_approx", "sd"] > 0  # the repeats shuffle differently
+    table = metadata_importance(models, df, num_workers=0, progress=False).set_index("field")
+    assert table.loc["all fields given", "auc"] == pytest.approx(roc_auc_score(df["target"], df["pred"]), abs=1e-4)
+    assert set(table.index) == {"all fields given", "sex", "anatom_site_general_challenge", "age_approx",
+                                "every field blanked"}
+    assert (table["drop"] == table.loc["all fields given", "auc"] - table["auc"]).all()
+    # every field blanked is the path of a patient without metadata: the run's own no-metadata OOF figure
+    assert table.loc["every field blanked", "auc"] == pytest.approx(roc_auc_score(df["target"], df["pred_no_meta"]),
+                                                                    abs=1e-4)
+    # blanking is the missing-field path, not a shuffle: the same call gives the same table
+    again = metadata_importance(models, df, num_workers=0, progress=False).set_index("field")
+    assert np.allclose(again["auc"], table["auc"])
 
 
 def test_fastai_top_losses_work_on_image_and_metadata_batches(tiny_dls):

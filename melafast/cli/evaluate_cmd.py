@@ -23,8 +23,8 @@ def report(
                                                 "its figures go to <out stem>_figures/.")] = None,
     errors: Annotated[int, typer.Option("--errors", help="Images per error grid (missed melanomas, false alarms) "
                                         "with Grad-CAM maps; 0 leaves the grids out.")] = 8,
-    importance: Annotated[bool, typer.Option("--importance/--no-importance", help="Permutation importance of the "
-                                             "metadata (one pass over the out-of-fold images).")] = True,
+    importance: Annotated[bool, typer.Option("--importance/--no-importance", help="What each patient field "
+                                             "adds: each blanked in turn (one pass over the out-of-fold images).")] = True,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the AUC intervals.")] = 1000,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,

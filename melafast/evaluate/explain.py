@@ -1,8 +1,8 @@
-"""Why a model scores an image as it does: class-activation maps on the image, permutation importance of the metadata.
+"""Why a model scores an image as it does: class-activation maps on the image, and what each patient field adds.
 
 Grad-CAM comes from captum (`LayerGradCam`), which passes the metadata vector to the model as an additional forward
 argument, so the image + metadata model needs no wrapper. The importance of the metadata reuses each image's
-backbone features: shuffling a column only reruns the metadata MLP and the head, not the backbone.
+backbone features: blanking a field only reruns the metadata MLP and the heads, not the backbone.
 """
 
 from __future__ import annotations
@@ -75,46 +75,46 @@ def _melanoma_probs(predictor, feats, meta_table: pd.DataFrame, precision=None) 
     return torch.softmax(logits, dim=-1)[:, predictor.spec.pos].cpu().numpy()
 
 
-def metadata_importance(predictors: dict, df: pd.DataFrame, n_repeats: int = 5, seed: int = 0, bs: int = 64,
-                        num_workers: int | None = None, device=None, progress: bool = True,
-                        precision: str | None = None) -> pd.DataFrame:
-    """Permutation importance of each metadata column, on out-of-fold rows.
+def metadata_importance(predictors: dict, df: pd.DataFrame, bs: int = 64, num_workers: int | None = None,
+                        device=None, progress: bool = True, precision: str | None = None) -> pd.DataFrame:
+    """What each patient field adds, measured by blanking it: the path the model takes for a patient who comes
+    without that field, which it was trained for (metadata dropout), on out-of-fold rows.
 
     `predictors` maps each fold to its model; `df` holds the OOF rows (`fold`, `target`, `fname` and the metadata
-    columns). Each fold's model scores its own rows with one column shuffled among them (`n_repeats` times); the AUC
-    over all rows is compared with the unshuffled one (plain view, no TTA; each model in the precision it was
-    validated with, or `precision`). The row `all metadata` shuffles every
-    column together, which leaves the model the image alone: the image-only contribution.
-    Returns column, auc (mean over repeats), sd, drop (unshuffled AUC minus auc).
+    columns). Each fold's model scores its own rows as they are, with one field blanked (a field and its
+    patient-relative features together), and with every field blanked: the image path alone (the image head, where
+    the run has one), the figure a patient without metadata gets. Plain view, no TTA; each model in the precision it
+    was validated with, or `precision`. Shuffling a field among rows instead would feed the joint head values that
+    contradict the image (a 20-year-old's age on an 80-year-old's lesion) and measure that confusion, not the field.
+    Returns field, auc, drop (the AUC with every field given minus this one; negative: the model does better without
+    the field) and what (in words).
     """
-    from ..metrics import auc
     from ..inference import default_device, image_features
+    from ..metrics import auc
 
     device = torch.device(device) if device is not None else default_device()
-    rng = np.random.default_rng(seed)
     first = next(iter(predictors.values()))
     if first.meta_proc is None:
-        raise MelafastError("this run does not use metadata (trained with --no-meta): nothing to shuffle")
-    columns = [*first.meta_proc.cat_names, *first.meta_proc.cont_names]
-    trials = {"none": 1, **{c: n_repeats for c in columns}, "all metadata": n_repeats}
-    preds = {name: np.zeros((n, len(df))) for name, n in trials.items()}
+        raise MelafastError("this run does not use metadata (trained with --no-meta): nothing to blank")
+    groups = first.meta_proc.field_groups()
+    trials = {"all fields given": [], **{g[0]: g for g in groups},
+              "every field blanked": [c for g in groups for c in g]}
+    preds = {name: np.zeros(len(df)) for name in trials}
     for k, predictor in predictors.items():
         rows = np.flatnonzero(df["fold"].to_numpy() == k)
         part = df.iloc[rows].reset_index(drop=True)
         feats = image_features(predictor, part, bs=bs, num_workers=num_workers, device=device,
                                label=f"metadata importance, fold {k}", progress=progress, precision=precision)
-        for name, n in trials.items():
-            for r in range(n):
-                table = part.copy()
-                shuffle = rng.permutation(len(part))
-                cols = [] if name == "none" else columns if name == "all metadata" else [name]
-                table[cols] = part[cols].to_numpy()[shuffle]
-                preds[name][r, rows] = _melanoma_probs(predictor, feats, table, precision)
+        for name, cols in trials.items():
+            table = part.copy()
+            for c in cols:  # a hole, as the table would hold it
+                table[c] = np.nan if c in predictor.meta_proc.cont_names else None
+            preds[name][rows] = _melanoma_probs(predictor, feats, table, precision)
     target = df["target"].to_numpy()
-    base = auc(target, preds["none"][0])
-    out = []
-    for name in trials:
-        aucs = [auc(target, p) for p in preds[name]]
-        out.append(dict(column="none (unshuffled)" if name == "none" else name, auc=float(np.mean(aucs)),
-                        sd=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0, drop=base - float(np.mean(aucs))))
-    return pd.DataFrame(out)
+    base = auc(target, preds["all fields given"])
+    what = {"all fields given": "every field as the patient gave it",
+            "every field blanked": "the image path alone: what a patient without metadata gets"}
+    return pd.DataFrame([dict(field=name, auc=auc(target, p), drop=base - auc(target, p),
+                              what=what.get(name, f"{name} missing" + (f" (with {', '.join(trials[name][1:])})"
+                                                                       if len(trials[name]) > 1 else "")))
+                         for name, p in preds.items()])

@@ -162,14 +162,14 @@ def plot_subgroups(table: pd.DataFrame, overall: dict, path) -> Path:
 
 
 def plot_importance(table: pd.DataFrame, path) -> Path:
-    """Drop in out-of-fold AUC when each metadata column (or all of them) is shuffled."""
+    """The AUC drop when each patient field (or every field) is blanked: the path of a patient without it."""
     plt = _plt()
-    rows = table[table["column"] != "none (unshuffled)"]
+    rows = table[table["field"] != "all fields given"]
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.2))
-    ax.barh(rows["column"], rows["drop"], xerr=rows["sd"], color="tab:blue", capsize=3)
+    ax.barh(rows["field"], rows["drop"], color=["tab:red" if d < 0 else "tab:blue" for d in rows["drop"]])
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
-    ax.set(xlabel="AUC drop when shuffled (mean ± sd over repeats)", title="what the metadata adds")
+    ax.set(xlabel="AUC drop when the field is blanked (red: higher without it)", title="what the metadata adds")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return _save(fig, path)
