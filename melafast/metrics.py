@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["auc", "pauc", "sens_at_spec", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
+__all__ = ["auc", "pauc", "sens_at_spec", "spec_at_sens", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
            "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroups", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
@@ -70,6 +70,18 @@ def sens_at_spec(target, pred, specificity: float = 0.9, weights=None) -> float:
     if not (fpr[-1] > 0 and tpr[-1] > 0):
         return float("nan")
     return float(tpr[1 - fpr >= specificity - 1e-12].max())
+
+
+def at_prevalence(prob, trained: float, prevalence: float):
+    """Probabilities moved from the share of melanomas they were learnt at (`trained`) to another (`prevalence`): the
+    odds times the ratio of the two prior odds (Bayes' rule; it assumes the images of each class look the same in
+    both populations, only their shares differ)."""
+    for name, v in (("trained", trained), ("prevalence", prevalence)):
+        if not 0 < v < 1:
+            raise ValueError(f"{name} prevalence must be between 0 and 1, got {v}")
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1 - 1e-12)
+    odds = p / (1 - p) * (prevalence / (1 - prevalence)) / (trained / (1 - trained))
+    return odds / (1 + odds)
 
 
 def spec_at_sens(target, pred, sensitivity: float = 0.9, weights=None) -> float:

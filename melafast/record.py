@@ -57,6 +57,15 @@ class RunInfo:
             return list(CAT_NAMES), list(CONT_NAMES)
         return list(s.cat), [c for c in s.cont if not c.endswith(PATIENT_SUFFIXES)]
 
+    @property
+    def training_prevalence(self) -> float | None:
+        """The share of melanomas the models learnt from (each shown `upsample` times per epoch), what their
+        probabilities are scaled to; None when the run did not record its counts."""
+        if not self.n_train or self.n_melanoma is None or not 0 < self.n_melanoma < self.n_train:
+            return None
+        k = self.settings.upsample or 1
+        return self.n_melanoma * k / (self.n_train + self.n_melanoma * (k - 1))
+
 
 @dataclass(frozen=True)
 class RunFigures:

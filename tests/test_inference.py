@@ -49,7 +49,7 @@ def test_predict_a_folder_of_new_images_matches_submit(run, sample_dir, new_imag
     assert res.exit_code == 0, res.output
     assert "have no metadata" not in res.output  # the table covers every image
     preds = pd.read_csv(tmp_path / "p.csv")
-    assert list(preds.columns) == ["image_name", "pred", "run"] and (preds["run"] == str(run)).all()
+    assert list(preds.columns) == ["image_name", "pred", "run", "pred_min", "pred_max"] and (preds["run"] == str(run)).all()
     both = preds.merge(pd.read_csv(sub), on="image_name")
     assert len(both) == 16 and np.allclose(both["pred"], both["target"], atol=1e-6)  # same models, TTA, metadata
 

@@ -66,6 +66,23 @@ def test_the_json_endpoint_gives_predicts_figures(server, sample_dir, tmp_path):
     assert sorted(p for p in run.rglob("*")) == files  # the upload was never written anywhere near the run
     with urllib.request.urlopen(f"{url}/api/info") as r:
         assert json.loads(r.read())["operating_point"]["operating_point"] == "sens90"
+    # the fold models' spread, the metadata used, and the probability at a stated prevalence, as predict gives them
+    assert min(got["per_model"]) == pytest.approx(want["pred_min"], abs=1e-5)
+    assert max(got["per_model"]) == pytest.approx(want["pred_max"], abs=1e-5)
+    assert got["metadata"] == {"sex": "male", "age_approx": 60.0, "anatom_site_general_challenge": "torso"}
+    assert got["unseen"] == {}
+    status, low = _post(f"{url}/api/predict?name={image.stem}&sex=male&age=60&site=torso&prevalence=0.02",
+                        image.read_bytes())
+    assert status == 200 and low["prevalence"] == 0.02
+    from melafast.metrics import at_prevalence
+
+    assert low["pred_at_prevalence"] == pytest.approx(float(at_prevalence(got["pred"], got["trained_prevalence"], 0.02)))
+    assert low["pred_at_prevalence"] < got["pred"] and low["pred"] == pytest.approx(got["pred"])  # pred stays
+    # a site the run never saw is not accepted silently: echoed as unseen
+    status, leg = _post(f"{url}/api/predict?name={image.stem}&site=leg", image.read_bytes())
+    assert status == 200 and leg["unseen"] == {"anatom_site_general_challenge": ["leg"]}
+    status, bad = _post(f"{url}/api/predict?name=x&prevalence=lots", image.read_bytes())
+    assert status == 400 and "prevalence" in bad["error"]
 
 
 def test_uploads_it_refuses(server, sample_dir):
@@ -94,17 +111,28 @@ def test_the_page_in_a_browser_shows_predicts_probability(server, sample_dir, tm
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.goto(url)
+        page.select_option("select[data-field=sex]", "female")
+        page.fill("#prevalence", "0.02")
         page.set_input_files("#files", str(image))
         result = page.wait_for_selector(".result .prob", timeout=60_000)
         shown = float(result.text_content())
         text = page.text_content(".result")
+        prevalence_text = page.text_content(".result .at-prevalence")
+        spread_text = page.text_content(".result .spread")
+        used_text = page.text_content(".result .metadata")
         images = page.evaluate("() => Array.from(document.querySelectorAll('.result img')).map(i => i.naturalWidth)")
         before = list(problems)  # the refused upload below makes the browser log its 415
         page.set_input_files("#files", str(tmp_path / "p.csv"))  # not an image: said on the page
         page.wait_for_selector(".result .error", timeout=60_000)
         error = page.text_content(".result .error")
         browser.close()
-    assert shown == pytest.approx(want["pred"], abs=5e-5)  # the page shows 4 decimals of predict's figure
+    want_female = _predicted(run, image, tmp_path, pd.DataFrame([{"image_name": image.stem, "sex": "female"}]))
+    assert shown == pytest.approx(want_female["pred"], abs=5e-5)  # the page shows 4 decimals of predict's figure
+    assert "where 2.0% of lesions are melanomas" in prevalence_text
+    assert spread_text.startswith("fold models: ") and len(spread_text.split(" / ")) == 2
+    assert f"{want_female['pred_min']:.3f}" in spread_text and f"{want_female['pred_max']:.3f}" in spread_text
+    assert used_text == "metadata used: age approx not given; sex female; anatom site general challenge not given"
+    want = want_female
     assert f"{int(want['votes'])} of 2 models" in text and ("not melanoma" in text) == (want["decision"] == 0)
     assert images == [224, 224] and before == [] and "2 fold models (folds 0, 1), TTA x2" in text
     assert "p.csv" in error and "not an image" in error

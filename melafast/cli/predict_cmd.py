@@ -30,12 +30,16 @@ def predict(
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name; pred (the melanoma probability: the "
-                                      "mean of the fold models over the run's TTA views); run; with an operating "
+                                      "mean of the fold models over the run's TTA views); run; pred_min and pred_max "
+                                      "(the fold models' range); pred_at_prevalence with --prevalence; with an operating "
                                       "point saved in the run, decision (1: melanoma) and, when the fold models' vote "
                                       "decides, votes (the models at or above its threshold); target for --split "
                                       "train; image_ok when --on-bad-image skip skipped any.")] = Path("preds.csv"),
     on_bad_image: BadImageOpt = BadImage.error,
     precision: RunPrecisionOpt = None,
+    prevalence: Annotated[Optional[float], typer.Option(
+        "--prevalence", help="Also write pred_at_prevalence: the probability where this share of lesions are "
+        "melanomas (e.g. 0.02 for a screening clinic), moved from the share the run learnt from.")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU kernels, no cuDNN autotuning: "
                                                 "the same images give the same bits on this machine and software, "
                                                 "slower. (The CPU repeats anyway.)")] = False,
@@ -49,10 +53,11 @@ def predict(
     set_determinism(deterministic)
     if data is None and images is not None:
         predict_images(run, images, meta=meta, tta=tta, out=out, bs=bs, num_workers=workers,
-                       on_bad_image=on_bad_image.value, log=typer.echo, precision=_value(precision))
+                       on_bad_image=on_bad_image.value, log=typer.echo, precision=_value(precision),
+                       prevalence=prevalence)
         return
     predict_split(run, data=data, split=split.value, tta=tta, out=out, bs=bs, num_workers=workers, images=images,
-                  on_bad_image=on_bad_image.value, log=typer.echo, precision=_value(precision))
+                  on_bad_image=on_bad_image.value, log=typer.echo, precision=_value(precision), prevalence=prevalence)
 
 
 @app.command()

@@ -41,6 +41,8 @@ label{{margin-right:1em}}.note{{color:#555;font-size:.9em}}</style></head><body>
 <p class="note">{about} Research use only: not a medical device.</p>
 <form id="form" onsubmit="return false">
 {fields}
+<label title="the share of lesions that are melanomas where the images come from">prevalence
+<input id="prevalence" type="number" min="0.001" max="0.999" step="any" placeholder="{trained}"></label>
 <div id="drop">Drop dermoscopic images here, or <input id="files" type="file" accept="image/*" multiple></div>
 </form>
 <div id="results"></div>
@@ -55,6 +57,8 @@ async function send(file) {{
   results.prepend(box);
   const q = new URLSearchParams({{name: file.name}});
   for (const f of document.querySelectorAll('[data-field]')) if (f.value !== '') q.append(f.dataset.field, f.value);
+  const prev = document.getElementById('prevalence').value;
+  if (prev !== '') q.append('prevalence', prev);
   try {{
     const r = await fetch('/api/predict?' + q, {{method: 'POST', body: file}});
     const j = await r.json();
@@ -67,10 +71,21 @@ async function send(file) {{
         'fold mean ' + j.pred.toFixed(4) + (j.decision ? ' at or above ' : ' below ') + j.threshold.toFixed(4)) +
         ')</div>';
     }}
+    const scale = j.trained_prevalence ? ' (where ' + (100 * j.trained_prevalence).toFixed(1) +
+      '% of lesions are melanomas, as in training)' : '';
+    const atPrev = j.pred_at_prevalence !== undefined ? '<div class="at-prevalence">where ' +
+      (100 * j.prevalence).toFixed(1) + '% of lesions are melanomas: <b>' + j.pred_at_prevalence.toFixed(4) +
+      '</b></div>' : '';
+    const spread = '<div class="spread">fold models: ' + j.per_model.map(p => p.toFixed(3)).join(' / ') + '</div>';
+    const used = Object.entries(j.metadata).map(([k, v]) => esc(k.replace(/_/g, ' ') + ' ' +
+      (v === null ? 'not given' : v)) +
+      ((j.unseen[k] || []).includes(String(v)) ? ' <span class="error">(never seen in training: scored as an ' +
+      'unknown category, not as a missing field)</span>' : '')).join('; ');
     box.innerHTML = '<img alt="image" src="' + j.image_png + '"><img alt="Grad-CAM" src="' + j.cam_png + '">' +
       '<div><div>' + esc(j.image_name) + '</div><div>melanoma probability <span class="prob">' + j.pred.toFixed(4) +
-      '</span></div>' + decision + '<div class="note">mean of ' + j.models + ' fold models (folds ' +
-      j.folds.join(', ') + '), TTA x' + j.tta +
+      '</span>' + scale + '</div>' + atPrev + spread + decision + '<div class="metadata">metadata used: ' +
+      (used || 'none (the image path alone)') + '</div><div class="note">mean of ' + j.models +
+      ' fold models (folds ' + j.folds.join(', ') + '), TTA x' + j.tta +
       '; map: Grad-CAM of the plain view, red raises the score</div></div>';
     box.dataset.pred = j.pred;
   }} catch (e) {{ box.innerHTML = '<span class="error">' + esc(file.name + ': ' + e) + '</span>'; }}
@@ -120,10 +135,13 @@ def _handler(service: Service, max_bytes: int, log: Callable, hosts: set | None,
     info = service.info()
     point = service.point
     about = (f"{len(service.models)} fold model(s), TTA x{service.tta}"
-             + (f"; decision at {point.goal} (threshold {point.threshold:.4f})" if point
-                else "; no operating point saved (`melafast report --operating-point`)") + ".")
+             + (f"; the operating point in force: {point.goal}, threshold {point.threshold:.4f}, chosen on "
+                f"{point.chosen_on}; {point.rule}" if point
+                else "; no operating point saved (`melafast operating-point` or `melafast calibrate`)") + ".")
     fields = "\n".join(_field_html(f) for f in service.fields) or "<p>This run uses no patient metadata.</p>"
-    page = _PAGE.format(run=html.escape(info["run"]), about=html.escape(about), fields=fields).encode("utf-8")
+    trained = "" if service.trained_prevalence is None else f"{service.trained_prevalence:.3f} (training)"
+    page = _PAGE.format(run=html.escape(info["run"]), about=html.escape(about), fields=fields,
+                        trained=html.escape(trained)).encode("utf-8")
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "melafast"
@@ -221,7 +239,12 @@ def _handler(service: Service, max_bytes: int, log: Callable, hosts: set | None,
                 data = self._body()
                 q = {k: v[0] for k, v in parse_qs(url.query).items()}
                 name = q.pop("name", "upload")
-                return service.predict(data, name, **q)
+                prevalence = q.pop("prevalence", "")
+                try:
+                    prevalence = float(prevalence) if prevalence != "" else None
+                except ValueError:
+                    raise _Refused(400, f"prevalence must be a number between 0 and 1, got {prevalence!r}") from None
+                return service.predict(data, name, prevalence=prevalence, **q)
 
             self._answer(work)
 

@@ -48,6 +48,12 @@ class Service:
         self.precision = precision
         self.max_pixels = int(max_megapixels * 1e6)
         self.lock = threading.Lock()
+        try:  # the share of melanomas the models learnt from: what a probability at another prevalence moves from
+            from ..inference.predict import training_prevalence
+
+            self.trained_prevalence = training_prevalence(run)
+        except MelafastError:
+            self.trained_prevalence = None
 
     def info(self) -> dict:
         p = self.point
@@ -99,13 +105,22 @@ class Service:
         except (ExportError, Image.DecompressionBombError) as e:
             raise DataError(f"{name}: {e}") from None
 
-    def predict(self, data: bytes, name: str = "upload", **values) -> dict:
-        """The prediction for one image file's bytes with its (optional) patient fields, by column name."""
+    def predict(self, data: bytes, name: str = "upload", prevalence: float | None = None, **values) -> dict:
+        """The prediction for one image file's bytes with its (optional) patient fields, by column name: the fold
+        mean, each fold model's probability, the metadata used (values never seen in training listed in `unseen`),
+        with `prevalence` the probability where that share of lesions are melanomas, and the decision."""
         from ..data import MetaStack
         from ..evaluate.explain import grad_cam
         from ..inference.inputs import model_table
         from ..inference.loop import prepare_models, predict_probs_multi
 
+        from ..inference.inputs import unseen_values
+
+        if prevalence is not None and not 0 < prevalence < 1:
+            raise DataError(f"prevalence must be between 0 and 1 (a share of melanomas, e.g. 0.02), got {prevalence}")
+        if prevalence is not None and self.trained_prevalence is None:
+            raise DataError("this run does not record how many melanomas it trained on: no probability at another "
+                            "prevalence")
         table = model_table(self.models, self.row(name, values))  # cleaned and checked as predict does
         images = self.decode(data, name, [p.spec.size for p in self.models])
         probs, maps = [None] * len(self.models), [None] * len(self.models)
@@ -128,7 +143,14 @@ class Service:
             view = (img[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
         given = {f["name"]: _plain(table[f["name"]].iloc[0]) for f in self.fields if f["name"] in table.columns}
         out = dict(image_name=name, pred=float(np.mean(probs)), per_model=probs, models=len(self.models), tta=self.tta,
-                   folds=[m.spec.fold for m in self.models], metadata=given)
+                   folds=[m.spec.fold for m in self.models], metadata=given,
+                   unseen={c: list(v) for c, v in unseen_values(self.models, table).items()},
+                   trained_prevalence=self.trained_prevalence)
+        if prevalence is not None:
+            from ..metrics import at_prevalence
+
+            out.update(prevalence=prevalence,
+                       pred_at_prevalence=float(at_prevalence(out["pred"], self.trained_prevalence, prevalence)))
         if self.point is not None:
             decision, votes = self.point.decide([[p] for p in probs])
             out.update(decision=int(decision[0]), operating_point=self.point.goal, threshold=self.point.threshold,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["clean_table", "model_table", "no_metadata", "form_fields", "upload_refusal"]
+__all__ = ["clean_table", "model_table", "no_metadata", "form_fields", "upload_refusal", "unseen_values", "unseen_note"]
 
 
 def _procs(predictors) -> list:
@@ -74,6 +74,33 @@ def form_fields(predictors) -> list[dict]:
             else:
                 out.setdefault(c, dict(name=c, kind="number"))
     return list(out.values())
+
+
+def unseen_values(predictors, table) -> dict:
+    """column -> {value: images} of the categories in `table` (cleaned, as `model_table` returns it) that no fold model
+    saw in training. The model scores them through its `unknown` slot, which training barely taught: neither the
+    category nor a missing field (a misspelt or new site, `leg` for `lower extremity`)."""
+    out = {}
+    for c in {c for proc in _procs(predictors) for c in proc.given_columns if c in proc.cat_names}:
+        if c not in table.columns:
+            continue
+        known = set().union(*(proc.vocab.get(c, []) for proc in _procs(predictors)))
+        values = table[c].dropna().astype(str)
+        counts = values[~values.isin(known)].value_counts()
+        if len(counts):
+            out[c] = {str(v): int(n) for v, n in counts.items()}
+    return out
+
+
+def unseen_note(unseen: dict) -> str | None:
+    "The warning for `unseen_values`, or None."
+    if not unseen:
+        return None
+    said = "; ".join(f"{c} " + ", ".join(f"{v!r} ({n} image{'s' if n > 1 else ''})" for v, n in vals.items())
+                     for c, vals in unseen.items())
+    return (f"metadata values the run never saw in training: {said}. They are scored through the model's unknown "
+            "slot, not as the category they may mean, nor as a missing field: check the spelling against the "
+            "training categories, or leave the field empty")
 
 
 def upload_refusal(predictors, what: str) -> str | None:

@@ -42,15 +42,52 @@ def model_preds(run, df, tta, bs, num_workers, device, log, precision) -> tuple:
                                precision, log)
 
 
-def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.ndarray, dict]:
-    """The fold mean of one run on the usable rows (the others get its median), and, when the run has a saved
-    operating point, its `decision` column and, when the decision is the fold models' vote, `votes` (empty for
-    unusable rows). Under a point chosen on the fold mean (`calibrate`) the reason is `pred` itself: no votes."""
+def training_prevalence(run) -> float:
+    "The share of melanomas `run` (or the run a fold folder belongs to) learnt from; an error when not recorded."
+    for folder in (RunFolder(run), RunFolder(Path(run).parent)):
+        if folder.config_file.is_file():
+            share = folder.info().training_prevalence
+            if share is not None:
+                return share
+    raise MelafastError(f"{run} does not record how many melanomas it trained on: its probabilities cannot be moved "
+                        "to another prevalence")
+
+
+def check_prevalence(run, prevalence) -> None:
+    "Before any image is scored: a prevalence in (0, 1), and a run that recorded the share it learnt from."
+    if prevalence is None:
+        return
+    if not 0 < prevalence < 1:
+        raise MelafastError(f"--prevalence must be between 0 and 1 (a share of melanomas, e.g. 0.02), got {prevalence}")
+    training_prevalence(run)
+
+
+def _spread(preds, ok, prevalence, run, log) -> dict:
+    "pred_min and pred_max (the fold models' range) and, with `prevalence`, pred_at_prevalence."
+    cols = {}
+    if len(preds) > 1:
+        cols = {"pred_min": fill_unusable(np.min(preds, axis=0), ok), "pred_max": fill_unusable(np.max(preds, axis=0), ok)}
+    if prevalence is not None:
+        from ..metrics import at_prevalence
+
+        trained = training_prevalence(run)
+        cols["pred_at_prevalence"] = fill_unusable(at_prevalence(np.mean(preds, axis=0), trained, prevalence), ok)
+        log(f"pred_at_prevalence: the probability where {prevalence:.1%} of lesions are melanomas (the models learnt "
+            f"from {trained:.1%}); `pred` stays at the training share, and decisions use `pred`")
+    return cols
+
+
+def _decisions(run, df, ok, tta, bs, num_workers, log, precision, prevalence=None) -> tuple[np.ndarray, dict]:
+    """The fold mean of one run on the usable rows (the others get its median), its fold models' range and, with
+    `prevalence`, the probability at that prevalence; and, when the run has a saved operating point, its `decision`
+    column and, when the decision is the fold models' vote, `votes` (empty for unusable rows). Under a point chosen on
+    the fold mean (`calibrate`) the reason is `pred` itself: no votes."""
     predictor, preds = model_preds(run, df[ok], tta, bs, num_workers, None, log, precision)
     pred = fill_unusable(np.mean(preds, axis=0), ok)
+    spread = _spread(preds, ok, prevalence, run, log)
     point = getattr(predictor, "operating_point", None)
     if point is None:
-        return pred, {}
+        return pred, spread
     decision, votes = predictor.decide(preds, tta=tta, precision=precision, log=log)
     cols = {"decision": (decision, "decision")} | ({} if point.scale == "ensemble" else {"votes": (votes, "votes")})
     for name, (values, _) in list(cols.items()):
@@ -68,7 +105,7 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision) -> tuple[np.nd
     log(f"decision (1: melanoma) at the run's operating point {point.operating_point} ({point.goal}, threshold "
         f"{point.threshold:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point.rule}; "
         f"{how}")
-    return pred, cols
+    return pred, {**spread, **cols}
 
 
 def usable_rows(df: pd.DataFrame, on_bad_image: str, log: Callable) -> np.ndarray:
@@ -101,8 +138,8 @@ def fill_unusable(values, ok) -> np.ndarray:
 
 
 def _write_preds(df: pd.DataFrame, pred, ok, run, out, decisions: dict | None = None) -> pd.DataFrame:
-    """image_name, pred (the melanoma probability), run [, decision, votes] [, target] [, image_ok], written
-    atomically to `out`."""
+    """image_name, pred (the melanoma probability), run [, pred_min, pred_max] [, pred_at_prevalence]
+    [, decision[, votes]] [, target] [, image_ok], written atomically to `out`."""
     from ..atomic import write_csv
 
     res = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": pred, "run": str(run), **(decisions or {})})
@@ -116,7 +153,7 @@ def _write_preds(df: pd.DataFrame, pred, ok, run, out, decisions: dict | None = 
 
 def predict_split(run, data=None, split: str = "test", tta: int | None = None, out="preds.csv", bs: int = 64,
                   num_workers: int | None = None, images=None, on_bad_image: str = "error",
-                  log: Callable = print, precision: str | None = None) -> Path:
+                  log: Callable = print, precision: str | None = None, prevalence: float | None = None) -> Path:
     """Predict `split` (test or train) of a dataset with every fold model of `run`; write image_name, pred, run
     (+ target). `tta` defaults to the run's. Only that split's CSV and images need to exist.
 
@@ -129,6 +166,7 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
         raise MelafastError(f"--split must be test or train, got {split!r}")
     if tta is not None:
         dihedral_views(tta)
+    check_prevalence(run, prevalence)
     folder = RunFolder(run)
     folder.model_dirs()
     data = folder.data_for(data)
@@ -137,7 +175,7 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
         raise DataError(f"{data} has no test.csv to predict; use --split train, another --data, or --images FOLDER")
     df = df.reset_index(drop=True)
     ok = usable_rows(df, on_bad_image, log)
-    pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
+    pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision, prevalence)
     _write_preds(df, pred, ok, run, out, decisions)
     log(f"wrote {out}: {len(df)} predictions ({split} split of {data})")
     return Path(out)
@@ -145,7 +183,7 @@ def predict_split(run, data=None, split: str = "test", tta: int | None = None, o
 
 def predict_images(run, images, meta=None, tta: int | None = None, out="preds.csv", bs: int = 64,
                    num_workers: int | None = None, on_bad_image: str = "error", log: Callable = print,
-                   precision: str | None = None) -> Path:
+                   precision: str | None = None, prevalence: float | None = None) -> Path:
     """Predict every image of a folder (or a list of image paths) with every fold model of `run`: no dataset, no
     training images needed. `meta` (CSV or DataFrame with `image_name`) gives their metadata; images it does not
     cover, or all of them without it, count as of unknown sex, age and site. Writes image_name, pred, run.
@@ -154,10 +192,11 @@ def predict_images(run, images, meta=None, tta: int | None = None, out="preds.cs
 
     if tta is not None:
         dihedral_views(tta)
+    check_prevalence(run, prevalence)
     RunFolder(run).model_dirs()
     df = image_table(images, meta).reset_index(drop=True)  # images without metadata are counted where they are scored
     ok = usable_rows(df, on_bad_image, log)
-    pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision)
+    pred, decisions = _decisions(run, df, ok, tta, bs, num_workers, log, precision, prevalence)
     _write_preds(df, pred, ok, run, out, decisions)
     log(f"wrote {out}: {len(df)} predictions from {run}")
     return Path(out)

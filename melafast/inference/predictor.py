@@ -139,9 +139,12 @@ class RunPredictor:
 
 def predict_rows(predictors, figures, images, meta, tta, bs, num_workers, device, progress, precision, log) -> list:
     from ..data import image_table
-    from .inputs import model_table
+    from .inputs import model_table, unseen_note, unseen_values
 
     table = model_table(predictors, image_table(images, meta))
+    unseen = unseen_note(unseen_values(predictors, table))
+    if unseen:
+        say(unseen, log, UserWarning, stacklevel=4)
     note = _no_metadata_note(predictors, table, figures)
     if note:
         say(note, log, MissingMetadataWarning, stacklevel=4)  # at the line that called .predict

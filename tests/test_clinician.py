@@ -1,0 +1,61 @@
+"""What a clinician reads from `predict`: the fold models' spread, a probability at a stated prevalence, and a
+warning for metadata values the run never saw (a misspelt or new site is neither the site it means nor missing)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from melafast.cli import app
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_predict_gives_the_spread_and_a_probability_at_a_stated_prevalence(make_run, sample_dir, tmp_path):
+    from melafast.metrics import at_prevalence
+    from melafast.runfolder import RunFolder
+
+    run = make_run(tta=2)
+    images = sample_dir / "jpeg" / "test"
+    res = invoke("predict", "--run", run, "--images", images, "--workers", 0, "--prevalence", 0.02, "--out",
+                 tmp_path / "p.csv")
+    assert res.exit_code == 0, res.output
+    got = pd.read_csv(tmp_path / "p.csv")
+    assert (got["pred_min"] <= got["pred"] + 1e-9).all() and (got["pred"] <= got["pred_max"] + 1e-9).all()
+    assert (got["pred_max"] - got["pred_min"]).max() > 0  # two fold models do not agree to the last digit
+    info = RunFolder(run).info()
+    trained = info.n_melanoma / info.n_train
+    assert np.allclose(got["pred_at_prevalence"], at_prevalence(got["pred"], trained, 0.02))
+    assert (got["pred_at_prevalence"] < got["pred"]).all()  # 2% is far below the sample's share of melanomas
+    assert f"the models learnt from {trained:.1%}" in res.output
+    for bad in (0, 1.5):
+        res = invoke("predict", "--run", run, "--images", images, "--prevalence", bad, "--out", tmp_path / "q.csv")
+        assert res.exit_code == 1 and "--prevalence must be between 0 and 1" in res.stderr
+    # the odds move by the ratio of the prior odds, and back
+    p = np.array([0.1, 0.5, 0.9])
+    assert np.allclose(at_prevalence(at_prevalence(p, 0.3, 0.02), 0.02, 0.3), p)
+    assert at_prevalence(0.5, 0.5, 0.2) == pytest.approx(0.2)
+
+
+def test_metadata_the_run_never_saw_is_said_not_silently_scored(make_run, sample_dir, tmp_path):
+    run = make_run(tta=2)
+    images = sample_dir / "jpeg" / "test"
+    names = sorted(p.stem for p in images.glob("*.jpg"))[:3]
+    meta = pd.DataFrame({"image_name": names, "sex": ["male", "female", "male"], "age_approx": [50, 60, 70],
+                         "anatom_site_general_challenge": ["leg", "torso", "leg"]})
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    res = invoke("predict", "--run", run, "--images", images, "--meta", tmp_path / "meta.csv", "--workers", 0,
+                 "--out", tmp_path / "p.csv")
+    assert res.exit_code == 0, res.output
+    assert "never saw in training: anatom_site_general_challenge 'leg' (2 images)" in res.output
+    meta.assign(anatom_site_general_challenge="torso").to_csv(tmp_path / "ok.csv", index=False)
+    res = invoke("predict", "--run", run, "--images", images, "--meta", tmp_path / "ok.csv", "--workers", 0,
+                 "--out", tmp_path / "q.csv")
+    assert res.exit_code == 0 and "never saw in training" not in res.output
+    # in Python, a warning
+    from melafast import load_predictor
+
+    with pytest.warns(UserWarning, match="never saw in training"):
+        load_predictor(run).predict(images, meta=meta, num_workers=0, progress=False)
