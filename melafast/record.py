@@ -214,6 +214,7 @@ class OperatingPoint:
     fold_thresholds: list | None = None  # the threshold each part's complement chose
     prevalence: float | None = None  # the prevalence its predictive values are stated at
     calibration: dict | None = None  # the calibration set, for a point chosen on one
+    paths: dict | None = None  # input path -> its cross-fitted figures at this point ("as given", "no metadata")
     meta: bool | None = None  # the run used metadata
     saved: str | None = None  # when
 
@@ -232,6 +233,23 @@ class OperatingPoint:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def paths_in_words(self) -> str | None:
+        """The point's figures on each input path in words (None when it has them for one path only): one threshold
+        serves images with their metadata and images without, and each path reaches its own sensitivity and
+        specificity."""
+        paths = self.paths or {}
+        if not paths.get("no metadata") or not paths.get("as given") or paths["as given"].get("sensitivity") is None:
+            return None
+
+        def f(p, m):
+            return f"{p[m]['value']:.3f} ({p[m]['lo']:.3f} to {p[m]['hi']:.3f})"
+
+        given, none = paths["as given"], paths["no metadata"]
+        return ("One threshold serves both input paths: cross-fitted, images with their metadata reach sensitivity "
+                f"{f(given, 'sensitivity')} and specificity {f(given, 'specificity')}; the same images with every "
+                f"patient field blanked (a patient who comes without metadata) reach sensitivity "
+                f"{f(none, 'sensitivity')} and specificity {f(none, 'specificity')}.")
 
     def decide(self, per_model):
         """(0/1 decisions, votes) from each fold model's probabilities (one array each): on the model scale the vote

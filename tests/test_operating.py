@@ -275,6 +275,35 @@ def test_operating_point_is_its_own_step_and_chooses_what_the_report_would(run, 
     assert json.loads((other / "threshold.json").read_text())["threshold"] == point["threshold"]
 
 
+def test_the_point_says_how_it_does_for_images_with_and_without_metadata(run, sample_dir, calibration_dir, tmp_path):
+    "The threshold is chosen on images with metadata; what it reaches on images without is measured, not assumed."
+    assert invoke("operating-point", "--run", run, "--goal", "sens90", "--bootstrap", 50).exit_code == 0
+    point = json.loads((run / "threshold.json").read_text())
+    oof = pd.read_csv(run / "oof.csv")
+    target, fold = oof["target"].to_numpy(), oof["fold"].to_numpy()
+    given, per_fold = crossfit_decisions(target, oof["pred"], fold, "sens90")
+    without = (oof["pred_no_meta"].to_numpy() >= np.array([per_fold[k] for k in fold])).astype(int)
+    paths = point["paths"]
+    assert paths["as given"]["sensitivity"]["value"] == pytest.approx(given[target == 1].mean())
+    assert paths["as given"]["sensitivity"]["value"] == pytest.approx(point["crossfit"]["sensitivity"]["value"])
+    assert paths["no metadata"]["sensitivity"]["value"] == pytest.approx(without[target == 1].mean())
+    assert paths["no metadata"]["specificity"]["value"] == pytest.approx(1 - without[target == 0].mean())
+    assert paths["no metadata"]["sensitivity"]["lo"] <= paths["no metadata"]["sensitivity"]["value"]
+    said = f"without metadata) reach sensitivity {paths['no metadata']['sensitivity']['value']:.3f}"
+    res = invoke("predict", "--run", run, "--images", sample_dir / "jpeg" / "test", "--workers", 0, "--out",
+                 tmp_path / "p.csv")
+    assert res.exit_code == 0 and said in " ".join(res.output.split()), res.output
+    invoke("report", "--run", run, "--workers", 0, "--bootstrap", 20, "--errors", 0, "--no-importance", "--no-audit")
+    assert said in (run / "report.html").read_text()
+    invoke("card", "--run", run, "--bootstrap", 20)
+    assert said in " ".join((run / "MODEL_CARD.md").read_text().split())
+    # a calibrated point measures both paths on its calibration set, from the same pass over the images
+    res = invoke("calibrate", "--run", run, "--data", calibration_dir, "--bootstrap", 50, "--workers", 0, "--replace")
+    assert res.exit_code == 0, res.output
+    cal = json.loads((run / "threshold.json").read_text())
+    assert cal["scale"] == "ensemble" and set(cal["paths"]) == {"as given", "no metadata"}
+
+
 def test_calibrate_refuses_what_cannot_calibrate(run, sample_dir, calibration_dir):
     cases = [(["--data", sample_dir], "calibration images were in the run's training table"),
              (["--data", calibration_dir, "--operating-point", "0.3"], "needs no calibration set"),

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MelafastError
-from .operating import ENSEMBLE_RULE, by_measure, check_replace, oof_patients, operating_table, parse_goal
+from .operating import (ENSEMBLE_RULE, by_measure, check_replace, oof_patients, operating_table, parse_goal,
+                        path_figures)
 
 __all__ = ["calibrate_operating_point", "MIN_CALIBRATION_MELANOMAS"]
 
@@ -68,13 +69,16 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
         raise MelafastError(f"the calibration set holds {n_mel} melanomas in {len(target)} images: it needs at least "
                             f"{MIN_CALIBRATION_MELANOMAS} melanomas and some benign lesions to place a threshold")
     predictor = load_predictor(folder.path)
+    blanked = None
     if per_model is None:
         from ..inference.loop import predict_many
 
         log(f"scoring {len(table)} calibration images with {len(predictor.predictors)} fold models, TTA "
-            f"x{predictor.tta}")
-        per_model = predict_many(predictor.predictors, table, tta=predictor.tta, bs=bs, num_workers=num_workers,
-                                 progress=progress)
+            f"x{predictor.tta}, with their metadata and with every field blanked (the same pass)")
+        per_model, blank = predict_many(predictor.predictors, table, tta=predictor.tta, bs=bs, num_workers=num_workers,
+                                        progress=progress, blank=True)
+        if all(b is not None for b in blank):  # a run with metadata: both paths, as predict takes them
+            blanked = np.mean(np.asarray(blank, dtype=np.float64), axis=0)
     per_model = np.asarray(per_model, dtype=np.float64)
     check_replace(folder, replace, log)
     if per_model.shape != (len(predictor.predictors), len(table)):
@@ -84,6 +88,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
     parts = make_folds(table.assign(target=target), n_folds=folds, seed=0)["fold"].to_numpy()
     groups = table["patient_id"] if "patient_id" in table.columns else None
     rows = operating_table(target, mean, parts, groups, [goal["name"]], prevalence, n_boot)
+    paths = path_figures(target, mean, blanked, parts, goal, groups, prevalence, n_boot)
     point = dict(operating_point=goal["name"], goal=goal["label"], threshold=float(rows["threshold"].iloc[0]),
                  scale="ensemble", rule=ENSEMBLE_RULE,
                  chosen_on=f"a calibration set of {len(table)} images ({n_mel} melanomas) of patients the run never "
@@ -97,7 +102,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
                  calibration=dict(source=str(data) if data is not None else "a table", images=len(table),
                                   melanomas=n_mel, folds=folds,
                                   patients=int(groups.nunique()) if groups is not None else len(table)),
-                 meta=folder.train_config().meta if folder.config_file.is_file() else None,
+                 meta=folder.train_config().meta if folder.config_file.is_file() else None, paths=paths,
                  saved=datetime.datetime.now().isoformat(timespec="seconds"))
     point = folder.write_operating_point(point)
     cf = point.crossfit

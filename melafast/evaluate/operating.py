@@ -35,7 +35,8 @@ from ..errors import MelafastError, RunError
 
 __all__ = ["parse_goal", "choose_threshold", "between_scores", "crossfit_decisions", "operating_table",
            "save_operating_point", "check_replace", "point_in_force", "oof_patients", "by_measure", "vote", "decide",
-           "STANDARD_GOALS", "VOTE_RULE", "ENSEMBLE_RULE", "ppv_npv", "prevalences"]
+           "STANDARD_GOALS", "VOTE_RULE", "ENSEMBLE_RULE", "ppv_npv", "prevalences", "decision_figures",
+           "path_figures"]
 
 STANDARD_GOALS = ("sens90", "sens95", "spec90", "spec95")  # the rows of the report's operating-point table
 VOTE_RULE = ("melanoma when at least half of the fold models score the image at or above the threshold, each as its "
@@ -138,6 +139,41 @@ def _figures(target, decision, prevalences, weights=None) -> dict:
     return out
 
 
+def decision_figures(target, decision, groups=None, prevalence: float | None = None, n_boot: int = 1000,
+                     level: float = 0.95, seed: int = 0) -> dict:
+    """The sensitivity, specificity, PPV and NPV of fixed 0/1 `decision`s with patient-bootstrap intervals, laid out
+    as threshold.json's `crossfit` (see `by_measure`)."""
+    from ..metrics import bootstrap_weights
+
+    target = np.asarray(target).astype(int)
+    prevs = prevalences(target, prevalence)
+    point = _figures(target, decision, prevs)
+    boots = [_figures(target, decision, prevs, w) for w in bootstrap_weights(groups, len(target), n_boot, seed)]
+    rows = []
+    for key, value in point.items():
+        vals = np.array([b[key] for b in boots], dtype=np.float64)
+        vals = vals[~np.isnan(vals)]
+        lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2]) if len(vals) else (np.nan, np.nan)
+        rows.append(dict(measure=key[0], prevalence=np.nan if key[1] is None else key[1], value=value,
+                         lo=float(lo), hi=float(hi)))
+    return by_measure(rows, lambda r: None if r["value"] is None else dict(value=r["value"], lo=r["lo"], hi=r["hi"]))
+
+
+def path_figures(target, pred, blanked, parts, goal, groups, prevalence, n_boot) -> dict | None:
+    """The point's cross-fitted figures on each input path: the rows as given, and the same rows with every patient
+    field blanked (`blanked`: their scores on that path; None for an image-only run), each part judged by the
+    threshold the other parts chose on the scores as given: one threshold serves both paths, and this says how it
+    does on each."""
+    if blanked is None or len(pd.unique(np.asarray(parts))) < 2:
+        return None
+    target, parts = np.asarray(target).astype(int), np.asarray(parts)
+    given, thresholds = crossfit_decisions(target, pred, parts, goal)
+    t = np.array([thresholds[int(k) if np.issubdtype(type(k), np.integer) else k] for k in parts])
+    without = (np.asarray(blanked, dtype=np.float64) >= t).astype(np.int8)
+    return {"as given": decision_figures(target, given, groups, prevalence, n_boot),
+            "no metadata": decision_figures(target, without, groups, prevalence, n_boot)}
+
+
 def prevalences(target, prevalence) -> list:
     "The data's own prevalence, and the user's when given."
     out = [float(np.mean(target))]
@@ -236,6 +272,10 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
     mine = table[table["operating point"] == goal["name"]]
     rows = mine.to_dict("records")
     meta = folder.train_config().meta if folder.config_file.is_file() else None
+    blanked = oof["pred_no_meta"] if meta and "pred_no_meta" in oof.columns and oof["pred_no_meta"].notna().all() \
+        else None
+    paths = path_figures(oof["target"], oof["pred"], blanked, oof["fold"], goal, oof_patients(folder, oof), prevalence,
+                         n_boot)
     point = dict(operating_point=goal["name"], goal=goal["label"], threshold=float(mine["threshold"].iloc[0]),
                  rule=VOTE_RULE, chosen_on=f"{len(oof)} out-of-fold images ({int(oof['target'].sum())} melanomas), "
                  f"each scored by the fold model that did not train on it, TTA x{folder.tta}",
@@ -243,7 +283,7 @@ def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int
                  crossfit=by_measure(rows, lambda r: None if r["cross-fitted"] is None else
                                       dict(value=r["cross-fitted"], lo=r["lo"], hi=r["hi"])),
                  in_sample=by_measure(rows, lambda r: r["in-sample (optimistic)"]),
-                 fold_thresholds=mine["fold thresholds"].iloc[0] or None, meta=meta,
+                 fold_thresholds=mine["fold thresholds"].iloc[0] or None, meta=meta, paths=paths,
                  saved=datetime.datetime.now().isoformat(timespec="seconds"))
     return folder.write_operating_point(point)
 

@@ -151,7 +151,8 @@ def _saved_point(point) -> str:
         f"{point.rule}." + ("" if point.scale == "ensemble" else
         " A point chosen on out-of-fold scores is carried to the fold ensemble by this vote, and what it reaches on "
         "new patients moves with the few low-scored melanomas of the CV it was chosen on; with labelled patients "
-        "the run never saw, `melafast calibrate` chooses it on predict's own scale instead.")))
+        "the run never saw, `melafast calibrate` chooses it on predict's own scale instead."))
+        + (para(point.paths_in_words()) if point.paths_in_words() else ""))
 
 
 def _calibration(config, ev: Evaluation, figdir) -> str:

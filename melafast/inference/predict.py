@@ -105,6 +105,8 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision, prevalence=Non
     log(f"decision (1: melanoma) at the run's operating point {point.operating_point} ({point.goal}, threshold "
         f"{point.threshold:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point.rule}; "
         f"{how}")
+    if point.paths_in_words():
+        log(point.paths_in_words())
     return pred, {**spread, **cols}
 
 
