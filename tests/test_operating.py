@@ -340,3 +340,22 @@ def test_the_report_gives_one_row_per_operating_point():
     assert rows.loc[0, "sensitivity"] == f"{sens['cross-fitted']:.3f} ({sens['lo']:.3f} to {sens['hi']:.3f})"
     assert {"PPV at 2.0%", "NPV at 2.0%", "in-sample sensitivity (optimistic)"} <= set(rows.columns)
     assert len(first) == 6  # sensitivity, specificity, PPV and NPV at the data's prevalence and at 2%
+
+
+def test_the_report_says_which_diagnoses_the_point_calls_melanoma():
+    from melafast.evaluate.report import _by_diagnosis
+    from melafast.record import OperatingPoint
+
+    rng = np.random.default_rng(2)
+    n = 300
+    diagnosis = rng.choice(["nevus", "seborrheic keratosis", "melanoma"], n, p=[0.5, 0.3, 0.2])
+    target = (diagnosis == "melanoma").astype(int)
+    pred = rng.random(n) * 0.5 + 0.4 * target + 0.25 * (diagnosis == "seborrheic keratosis")  # keratoses look worse
+    df = pd.DataFrame(dict(target=target, pred=pred, fold=np.arange(n) % 3, diagnosis=diagnosis))
+    html = _by_diagnosis(df, OperatingPoint(threshold=0.5, operating_point="sens90"))
+    decision, _ = crossfit_decisions(target, pred, df["fold"], "sens90")
+    for d in ("nevus", "seborrheic keratosis", "melanoma"):
+        share = decision[diagnosis == d].mean()
+        assert f"<td>{d}</td>" in html and f"{share:.3f}" in html, d
+    assert decision[diagnosis == "seborrheic keratosis"].mean() > decision[diagnosis == "nevus"].mean()
+    assert _by_diagnosis(df.drop(columns="diagnosis"), OperatingPoint(threshold=0.5)) == ""

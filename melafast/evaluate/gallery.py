@@ -11,7 +11,7 @@ import pandas as pd
 from .figures import SITE
 from .pages import image, note, para
 
-__all__ = ["galleries", "error_section", "NOT_BENIGN"]
+__all__ = ["galleries", "error_section", "diagnoses", "NOT_BENIGN"]
 
 
 def _describe(row) -> str:
@@ -26,7 +26,7 @@ NOT_BENIGN = ("basal cell carcinoma", "squamous cell carcinoma", "intraepithelia
               "bowen", "merkel", "kaposi", "atypical melanocytic proliferation", "carcinoma", "melanoma")
 
 
-def _diagnosis(df: pd.DataFrame) -> pd.Series:
+def diagnoses(df: pd.DataFrame) -> pd.Series:
     "Each row's diagnosis in lower case ('melanoma' / 'not given' where the data has none)."
     if "diagnosis" in df.columns:
         diag = df["diagnosis"].astype("string").str.strip().str.lower()
@@ -39,7 +39,7 @@ def galleries(df: pd.DataFrame, n: int) -> dict:
     names them, the `n` other (non-melanoma) malignant or premalignant lesions scored highest; one image per lesion
     (`lesion_id`) or patient (`patient_id`; a row without either stands alone), the most extreme image of each; in
     each gallery grouped by diagnosis, most extreme first. Returns name -> (title, rows with a `diagnosis` column)."""
-    df = df.assign(diagnosis=_diagnosis(df))
+    df = df.assign(diagnosis=diagnoses(df))
     key = next((c for c in ("lesion_id", "patient_id") if c in df.columns), None)
     who = df[key].astype(object).where(df[key].notna(), "row " + df.index.astype(str)) if key else df.index.to_series()
     df = df.assign(_who=who.to_numpy())

@@ -137,6 +137,32 @@ def point_rows(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _by_diagnosis(df: pd.DataFrame, point) -> str:
+    """Which diagnoses the point in force calls melanoma, from the out-of-fold rows (empty when the data names no
+    diagnosis): its specificity on each benign diagnosis and its sensitivity on melanomas."""
+    from ..errors import RunError
+    from .gallery import diagnoses
+    from .operating import crossfit_decisions
+
+    if "diagnosis" not in df.columns:
+        return ""
+    how = "the cross-fitted decisions (each fold judged by the threshold the other folds chose)"
+    try:
+        if point.scale != "model" or point.operating_point == "threshold":
+            raise RunError("not chosen on these rows")
+        decision = crossfit_decisions(df["target"], df["pred"], df["fold"], point.operating_point)[0]
+    except RunError:
+        decision = (df["pred"] >= point.threshold).to_numpy().astype(int)
+        how = "each out-of-fold score against the threshold (one model's score, not the fold mean: indicative)"
+    rows = df.assign(diagnosis=diagnoses(df), called=decision).groupby("diagnosis").agg(
+        images=("called", "size"), melanomas=("target", "sum"), called_melanoma=("called", "sum")).reset_index()
+    rows["share called melanoma"] = rows["called_melanoma"] / rows["images"]
+    rows = rows.sort_values(["melanomas", "share called melanoma"], ascending=[False, False])
+    return ("<h4>Who the point calls melanoma, by diagnosis</h4>"
+            + para(f"From {how}. On a benign diagnosis the share called melanoma is 1 - its specificity: the false "
+                   "alarms this point raises on it.") + table(rows, 3))
+
+
 def _saved_point(point) -> str:
     cf = point.crossfit
     where = (" on the calibration set (each patient-grouped part of it judged by a threshold chosen on the others)"
@@ -262,9 +288,9 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
                                      log=log)
         log(f"saved operating point {point.operating_point} (threshold {point.threshold:.4f}) to "
             f"{folder.operating_point_file}: `melafast predict` adds a decision column from it")
-        sections["curves"] += _saved_point(point)
+        sections["curves"] += _saved_point(point) + _by_diagnosis(df, point)
     elif folder.operating_point() is not None:  # the point predict decides by, as it was saved
-        sections["curves"] += _saved_point(folder.operating_point())
+        sections["curves"] += _saved_point(folder.operating_point()) + _by_diagnosis(df, folder.operating_point())
     sections["calibration"] = _calibration(config, ev, figdir)
     sections["subgroups"] = _subgroups(config, ev, figdir)
     models = fold_models(folder) if n_errors > 0 or importance or audit else {}
