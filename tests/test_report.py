@@ -231,6 +231,34 @@ def test_cam_maps_have_the_image_size_and_differ_across_images(run, sample_dir):
     assert len({tuple(np.round(m, 4)) for m in flat}) == 6  # six images, six different maps
 
 
+def test_cam_layer_has_enough_cells_for_the_input_size():
+    from melafast.evaluate.explain import describe_cam_layer
+    from melafast.model import MelanomaModel
+
+    model = MelanomaModel("mobilenetv3_small_050", pretrained=False, n_meta=0)
+    assert "(stride 16: a 24 x 24 grid at 384 px)" in describe_cam_layer(model, 384)  # not the last stage's 12 x 12
+    assert "(stride 16: a 14 x 14 grid at 224 px)" in describe_cam_layer(model, 224)
+    assert "(stride 32: a 16 x 16 grid at 512 px)" in describe_cam_layer(model, 512)
+
+
+def test_a_cam_gallery_shares_one_colour_scale_with_a_colour_bar(run, tmp_path, monkeypatch):
+    from melafast.evaluate import gallery, plots
+    from melafast.evaluate.runview import fold_models, oof_with_metadata, read_run
+    from melafast.runfolder import RunFolder
+
+    folder = RunFolder(run)
+    config, oof = read_run(folder)
+    df, _ = oof_with_metadata(folder, config, oof, None, None)
+    calls, real = [], plots.plot_cam_grid
+    monkeypatch.setattr(plots, "plot_cam_grid", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    html = gallery.error_section(fold_models(folder), df, tmp_path, 4, 16, 0, "cpu")
+    assert calls and "one colour scale" in html and "What it cannot" in html
+    for (imgs, maps, *_), kw in calls:
+        peaks = [float(m.max()) for m in maps]
+        assert kw["vmax"] == pytest.approx(max(peaks)) and kw["scale"]
+        assert min(peaks) < max(peaks)  # not each stretched to its own peak: a faint map stays faint
+
+
 def test_metadata_importance_blanks_fields_as_a_missing_field_is_scored(run, sample_dir):
     from melafast.inference.predictor import load_predictor
     from melafast.data import load_competition

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MelafastError
 
-__all__ = ["cam_layer", "describe_cam_layer", "grad_cam", "metadata_importance"]
+__all__ = ["cam_layer", "describe_cam_layer", "grad_cam", "metadata_importance", "MIN_CAM_CELLS"]
 
 
 def _cam_choice(model, size: int | None, min_cells: int):
@@ -29,14 +29,17 @@ def _cam_choice(model, size: int | None, min_cells: int):
     return convs[-1][1], convs[-1][0], None
 
 
-def cam_layer(model, size: int | None = None, min_cells: int = 7) -> torch.nn.Module:
+MIN_CAM_CELLS = 14  # the coarsest Grad-CAM grid shown: a lesion spans a few cells of it, not one
+
+
+def cam_layer(model, size: int | None = None, min_cells: int = MIN_CAM_CELLS) -> torch.nn.Module:
     """Where Grad-CAM looks: the backbone's deepest feature stage whose map is at least `min_cells` wide for
-    `size`-pixel images (the last stage, stride 32, from 224 px up; an earlier one for small images, whose last map
-    would be a pixel or two)."""
+    `size`-pixel images (stride 16 at 224-384 px, where the last stage's 7-12 cells would paint a lesion as one or
+    two blobs; stride 32 from 448 px up)."""
     return _cam_choice(model, size, min_cells)[0]
 
 
-def describe_cam_layer(model, size: int | None = None, min_cells: int = 7) -> str:
+def describe_cam_layer(model, size: int | None = None, min_cells: int = MIN_CAM_CELLS) -> str:
     """The layer `grad_cam` takes its maps at for `size`-pixel images, in words: its name and the grid of cells it
     sees, e.g. "backbone layer blocks.5 (stride 32: a 12 x 12 grid at 384 px)"."""
     size = size or 224
@@ -47,9 +50,11 @@ def describe_cam_layer(model, size: int | None = None, min_cells: int = 7) -> st
     return f"backbone layer {name} (stride {stride}: a {cells} x {cells} grid at {size} px)"
 
 
-def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos: int = 1) -> np.ndarray:
+def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos: int = 1,
+             normalize: bool = True) -> np.ndarray:
     """Grad-CAM heat maps of the melanoma output (class `pos`) for a batch of images (N, 3, H, W) in [0, 1]:
-    an (N, H, W) array, each map scaled to [0, 1] (all zeros where nothing pushes towards melanoma)."""
+    an (N, H, W) array, each map scaled to [0, 1] (all zeros where nothing pushes towards melanoma); with
+    `normalize=False` the maps as they are, so that maps of several images can share one colour scale."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     model.eval()
@@ -62,6 +67,8 @@ def grad_cam(model, images: torch.Tensor, meta: torch.Tensor | None = None, pos:
         raise MelafastError(f"Grad-CAM needs spatial feature maps; {model.config['arch']} gives {tuple(attr.shape)}")
     maps = LayerAttribution.interpolate(attr, tuple(images.shape[-2:]), interpolate_mode="bilinear")[:, 0]
     maps = maps.detach().float().cpu().numpy()
+    if not normalize:
+        return maps
     peak = maps.reshape(len(maps), -1).max(1).reshape(-1, 1, 1)
     return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0.0)
 

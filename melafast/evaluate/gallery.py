@@ -75,7 +75,13 @@ def error_section(models, df, figdir, n_errors, bs, num_workers, device, precisi
                 "metadata (sex, age, site) and its score."),
              para(f"The maps are taken at {' / '.join(layers)} and scaled up to the image; they explain the plain view "
                 "of the image, while the score is the mean over the run's TTA views. The maps were computed "
-                f"in {' / '.join(used)}: each model's own precision and layout, as its out-of-fold scores were.")]
+                f"in {' / '.join(used)}: each model's own precision and layout, as its out-of-fold scores were."),
+             para("All the maps of a gallery share one colour scale (the bar beside it): a faint map is an image the "
+                  "model found little to raise its score on, not one drawn as hot as the others. What a map can "
+                  "show: where, at that layer's grid, the features that raise the melanoma score sit. What it "
+                  "cannot: why, which colour or texture there, or whether the model is right; a coarse grid "
+                  "blurs small structures, and a map on the skin or a corner rather than the lesion is a warning "
+                  "sign (see the shortcut audit).")]
     if "other_malignant" in chosen:
         parts.append(para("Lesions whose diagnosis is malignant or premalignant but not melanoma (e.g. basal cell "
                         "carcinoma) count as 0 for the melanoma target; they have their own gallery, apart from the "
@@ -88,7 +94,9 @@ def error_section(models, df, figdir, n_errors, bs, num_workers, device, precisi
         parts.append(para("By diagnosis: " + ", ".join(f"{d} {c}" for d, c in counts.items()) + "."))
         if warning:
             parts.append(note(warning))
-        parts.append(image(plot_cam_grid(imgs, maps, titles, figdir / f"{name}.png", title=title)))
+        vmax = max((float(np.max(m)) for m in maps if m is not None), default=1.0)
+        parts.append(image(plot_cam_grid(imgs, maps, titles, figdir / f"{name}.png", title=title, vmax=vmax,
+                                         scale="Grad-CAM, one scale for this gallery")))
     return "\n".join(parts)
 
 
@@ -104,7 +112,7 @@ def _cams(models, rows, device, precision=None) -> tuple[list, list, str]:
         s, img, meta = model_batch(p, part, device, precision)
         try:
             with s.autocast():
-                cams = grad_cam(p.model, img, meta, p.spec.pos)
+                cams = grad_cam(p.model, img, meta, p.spec.pos, normalize=False)
         except MelafastError as e:
             cams, warning = np.zeros(img.shape[:1] + img.shape[2:]), f"no Grad-CAM: {e}"
         pixels = (img.permute(0, 2, 3, 1).clamp(0, 1) * 255).byte().cpu().numpy()

@@ -175,10 +175,13 @@ def plot_importance(table: pd.DataFrame, path) -> Path:
     return _save(fig, path)
 
 
-def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 3) -> Path:
-    """Each image (N, H, W, 3 uint8) as it is, and beside it its class-activation map (N, H, W in [0, 1]) over a
-    faded copy, `ncols` pairs a row; each pair titled."""
+def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 3, vmax: float = 1.0,
+                  scale: str | None = None) -> Path:
+    """Each image (N, H, W, 3 uint8) as it is, and beside it its class-activation map (N, H, W, 0 to `vmax`) over a
+    faded copy, `ncols` pairs a row; each pair titled. `scale`: the colour bar's label, drawn when given (one scale
+    for every map of the grid)."""
     plt = _plt()
+    vmax = vmax if vmax > 0 else 1.0
     n = len(images)
     nrows = max(1, int(np.ceil(n / ncols)))
     fig, axs = plt.subplots(nrows, 2 * ncols, figsize=(4.4 * ncols, 2.6 * nrows + 0.4), squeeze=False)
@@ -189,10 +192,14 @@ def plot_cam_grid(images, maps, titles, path, title: str = "", ncols: int = 3) -
         ax_img.imshow(img)
         ax_img.set_title(t, fontsize=6.5, loc="left")
         ax_cam.imshow(img, alpha=0.5)
-        ax_cam.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        shown = ax_cam.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
         ax_cam.set_title("Grad-CAM", fontsize=6.5)
     fig.suptitle(title)
     fig.tight_layout()
+    if scale and n:
+        bar = fig.colorbar(shown, ax=axs.ravel().tolist(), shrink=0.6, pad=0.01)
+        bar.set_label(scale, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     return _save(fig, path)
 
 
