@@ -10,6 +10,7 @@ import typer
 from ..errors import MelafastError
 from .app import app, friendly
 from .options import BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, WorkersOpt
+from .options import check_run
 from .options import value as _value
 
 
@@ -106,6 +107,7 @@ def calibrate(
 ):
     """Choose an operating point on a calibration set, on predict's own scale (the fold mean), and save it in the run:
     `predict` then decides by the fold mean against it."""
+    check_run(run)
     from ..evaluate.calibrate import calibrate_operating_point
 
     if bootstrap < 1 or folds < 2:
@@ -134,6 +136,7 @@ def audit(
 ):
     """Shortcut audit: draw ink, rulers, vignettes, hair and colour patches on the out-of-fold images; flag the ones
     that move the run's scores."""
+    check_run(run)
     from ..evaluate.audit import audit_run
 
     if bootstrap < 1:

@@ -133,3 +133,12 @@ def with_params(fn, params: list):
     "Give `fn(**options)` the signature Typer reads: `params` (keyword-only options)."
     fn.__signature__ = inspect.Signature(params)
     return fn
+
+
+def check_run(*runs) -> None:
+    """Stop with one line, before torch loads, when a run folder holds no trained model (or is not a run)."""
+    from ..runfolder import RunFolder
+
+    for run in runs:
+        if run is not None:
+            RunFolder(run).model_dirs()

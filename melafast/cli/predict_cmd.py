@@ -11,6 +11,7 @@ from ..errors import MelafastError
 from .app import app, friendly
 from .options import (BadImage, BadImageOpt, Blend, BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt,
                       RunTtaOpt, Split, WorkersOpt)
+from .options import check_run
 from .options import value as _value
 
 
@@ -45,6 +46,7 @@ def predict(
                                                 "slower. (The CPU repeats anyway.)")] = False,
 ):
     """Predict melanoma probabilities with a run's fold models: a folder of new images, or a dataset split."""
+    check_run(run)
     from ..inference import set_determinism
     from ..inference.predict import predict_images, predict_split
 
@@ -81,6 +83,7 @@ def submit(
                                         "test table and its image scores.")] = False,
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
+    check_run(*(run or []))
     from ..inference.blend import read_ensemble
     from ..inference.submit import make_submission
 
@@ -117,6 +120,7 @@ def pseudo(
     precision: RunPrecisionOpt = None,
 ):
     """Label the confident test images with a run's predictions, for `melafast train --pseudo`."""
+    check_run(run)
     from ..train.pseudo import pseudo_labels
 
     pseudo_labels(run, data=data, out=out, low=low, high=high, hard=hard, tta=tta, bs=bs, num_workers=workers,
@@ -143,6 +147,7 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
 ):
     """Export a run's fold models to ONNX, with its TTA, metadata encoding and operating point (see melafast.onnx)."""
+    check_run(run)
     from ..deploy.export import export_run
 
     export_run(run, out, opset=opset, log=typer.echo)
@@ -162,6 +167,7 @@ def serve(
     precision: RunPrecisionOpt = None,
 ):
     """A local web page to try a run: drop images, see the probability, the decision and the Grad-CAM map."""
+    check_run(run)
     from ..deploy.serve import serve as run_server
 
     run_server(run, host=host, port=port, max_mb=max_mb, precision=_value(precision), log=typer.echo,
@@ -182,6 +188,7 @@ def stack_cmd(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Paired bootstrap resamples (whole patients).")] = 1000,
 ):
     """Gradient-boosted trees on the table and the run's out-of-fold image scores, cross-validated on its folds."""
+    check_run(run)
     from ..data import resolve_columns
     from ..runfolder import RunFolder
     from ..inference.stack import stack_run

@@ -6,10 +6,12 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.torch_core import TensorBase
-from fastai.vision.all import (
-    Category, CategoryBlock, CategoryMap, ColReader, DataBlock, Datasets, DisplayedTransform, IndexSplitter,
-    IntToFloatTensor, Resize, ResizeMethod, TfmdDL, ToTensor, TransformBlock, aug_transforms,
-)
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.core import Datasets, TfmdDL
+from fastai.data.transforms import Category, CategoryMap, ColReader, IndexSplitter, IntToFloatTensor
+from fastai.vision.augment import Resize, ResizeMethod, aug_transforms
+from fastai.vision.core import ToTensor
+from fasttransform import DisplayedTransform
 
 from ..config import AUG_PRESETS, TARGETS
 from ..errors import DataError

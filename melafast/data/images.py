@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from fastai.vision.all import PILImage
+from fastai.vision.core import PILImage
 
 from ..config import BAD_IMAGE_MODES
 from ..errors import DataError

@@ -7,6 +7,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import fastai.vision.all  # noqa: F401  (fastai's methods on Learner: fine_tune, lr_find, to_fp16, tta, show_results...)
 from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner, Metric
 from fastai.losses import CrossEntropyLossFlat
