@@ -99,7 +99,7 @@ def test_predict_train_split(trained_run, sample_dir, tmp_path):
     res = invoke("predict", "--run", out, "--split", "train", "--tta", 1, "--out", tmp_path / "p.csv", "--workers", 0)
     assert res.exit_code == 0, res.output
     preds = pd.read_csv(tmp_path / "p.csv")
-    assert list(preds.columns) == ["image_name", "pred", "run", "target"] and len(preds) == 64
+    assert list(preds.columns) == ["image_name", "pred", "run", "pred_min", "pred_max", "target"] and len(preds) == 64
 
 
 def test_upload_without_credentials_keeps_the_file(trained_run, tmp_path, monkeypatch):

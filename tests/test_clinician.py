@@ -61,9 +61,11 @@ def test_metadata_the_run_never_saw_is_said_not_silently_scored(make_run, sample
         load_predictor(run).predict(images, meta=meta, num_workers=0, progress=False)
 
 
-@pytest.mark.parametrize("command", [["predict", "--images", "IMAGES"], ["submit"], ["calibrate", "--data", "DATA"],
-                                     ["serve"], ["audit"], ["export", "--out", "OUT"], ["pseudo"], ["stack"]])
-def test_a_run_without_models_is_refused_before_torch_loads(command, tiny_run, sample_dir, tmp_path):
+COMMANDS = [["predict", "--images", "IMAGES"], ["submit"], ["calibrate", "--data", "DATA"], ["serve"], ["audit"],
+            ["export", "--out", "OUT"], ["pseudo"], ["stack"]]
+
+
+def test_a_run_without_models_is_refused_before_torch_loads(tiny_run, sample_dir, tmp_path):
     "Seconds of importing torch and fastai, then an error a folder listing could have given: said at once instead."
     import json
     import shutil
@@ -73,11 +75,15 @@ def test_a_run_without_models_is_refused_before_torch_loads(command, tiny_run, s
     empty = tmp_path / "run"
     empty.mkdir()
     shutil.copy(tiny_run / "config.json", empty / "config.json")
-    args = [a.replace("IMAGES", str(sample_dir / "jpeg" / "test")).replace("DATA", str(sample_dir))
-            .replace("OUT", str(tmp_path / "out")) for a in command]
-    code = ("import json, sys\nfrom melafast.cli import app\ntry:\n    app(sys.argv[1:], prog_name='melafast')\n"
-            "except SystemExit as e:\n    print(json.dumps([e.code, 'torch' in sys.modules]))")
-    res = subprocess.run([sys.executable, "-c", code, args[0], "--run", str(empty), *args[1:]], capture_output=True,
-                         text=True, timeout=120)
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == [1, False], res.stdout + res.stderr
-    assert res.stderr.count("\n") == 1 and "holds no trained model" in res.stderr, res.stderr
+    calls = [[a.replace("IMAGES", str(sample_dir / "jpeg" / "test")).replace("DATA", str(sample_dir))
+              .replace("OUT", str(tmp_path / "out")) for a in c[:1] + ["--run", str(empty)] + c[1:]] for c in COMMANDS]
+    # every command in one process: each must stop before anything imports torch
+    code = ("import json, sys\nfrom melafast.cli import app\nout = []\n"
+            "for args in json.loads(sys.argv[1]):\n    try:\n        app(args, prog_name='melafast')\n"
+            "    except SystemExit as e:\n        out.append([args[0], e.code, 'torch' in sys.modules])\n"
+            "print(json.dumps(out))")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], capture_output=True, text=True, timeout=120)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == [[c[0], 1, False] for c in COMMANDS], res.stdout + res.stderr
+    errors = res.stderr.strip().splitlines()
+    assert len(errors) == len(COMMANDS) and all("holds no trained model" in e for e in errors), res.stderr
