@@ -271,11 +271,28 @@ def test_piped_train_writes_a_line_per_epoch(sample_dir, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     lines = res.stdout.splitlines()
     assert "\r" not in res.stdout and "█" not in res.stdout + res.stderr  # no bar redraws
-    epochs = [line for line in lines if line.startswith("epoch ")]
+    epochs = [line for line in lines if " · epoch " in line]
     assert len(epochs) == 2 * 3  # 2 folds x (1 frozen + 2) epochs, 4 batches of 8 each: one line per epoch
     assert all("melanoma_auc" in line and "img/s" in line and "ETA" in line for line in epochs)
+    # each says which fold of how many, and the time left in the whole run
+    assert [line.split(" · ")[0] for line in epochs] == ["fold 0 (1/2)"] * 3 + ["fold 1 (2/2)"] * 3
+    assert all(" · run ETA " in line for line in epochs)
+    assert "fold 1: " in res.stdout and "(2 of the run's 2 folds; run ETA " in res.stdout
     assert sum(line.startswith("TTA x2: ") for line in lines) == 2
-    assert len(lines) <= 20, res.stdout  # the epochs, the TTA lines, the settings and the CV table; nothing more
+    assert len(lines) <= 20, res.stdout  # the epochs, the TTA and fold lines, the settings and the CV table
+
+
+def test_lr_find_is_never_silent_in_a_log(tiny_dls, capsys, monkeypatch):
+    from melafast import melanoma_learner
+    from melafast.progress import LineProgress
+
+    monkeypatch.setattr(LineProgress, "every", 0.0)  # a line at every batch instead of every 30 s
+    learn = melanoma_learner(tiny_dls, TINY_ARCH, pretrained=False)
+    assert isinstance(learn.progress, LineProgress)  # pytest's stdout is not a terminal: a log
+    learn.lr_find(num_it=6, show_plot=False)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lr_find: ")]
+    assert said[0].startswith("lr_find: up to ") and said[-1].startswith("lr_find: ")
+    assert len(said) >= 4 and any("iterations in" in line for line in said[1:-1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fastai.learner import Recorder
 
 from .averaging import unwrap
 from ..config import TrainConfig
+from ..progress import LineProgress
 
 __all__ = ["seed_everything", "train_fold", "fold_learner", "find_lr", "phase_lr_find", "EpochTracker"]
 
@@ -139,11 +140,12 @@ def find_lr(learn, png, on: str = "frozen") -> float:
     return float(sugg.valley)
 
 
-def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
+def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable, clock=None):
     """Train fold `k`; return its OOF rows (`pred`: the last epoch's, the honest CV; `pred_selected` with keep="best":
     the saved model's, chosen on these rows; `pred_no_meta`: the saved model's with every patient field blanked, for
     a model with metadata), its metric rows, the epoch it kept,
-    and the operations that ran without a deterministic kernel although `cfg.deterministic` asked for one."""
+    and the operations that ran without a deterministic kernel although `cfg.deterministic` asked for one. `clock`
+    (a `progress.RunClock`): where the run stands, for the progress lines."""
     from .save import save_model
     from ..processes import is_main
     from ..inference import record_nondeterminism
@@ -155,13 +157,15 @@ def train_fold(df, k, cfg: TrainConfig, run_dir: Path, log: Callable):
     # with --deterministic, the operations torch had no deterministic kernel for (other warnings pass untouched)
     with (record_nondeterminism() if cfg.deterministic else contextlib.nullcontext([])) as nondeterministic:
         learn = fold_learner(df, k, cfg, fold_dir)
-        result = _fit_fold(learn, df, k, cfg, run, log)
+        if clock is not None and isinstance(getattr(learn, "progress", None), LineProgress):
+            learn.progress.clock = clock  # a log, not a screen: each epoch's line says the fold and the run's ETA
+        result = _fit_fold(learn, df, k, cfg, run, log, clock)
     if is_main():
         save_model(learn, fold_dir, extra=dict(result.pop("extra"), nondeterministic_ops=nondeterministic))
     return result["oof"], result["metrics"], result["kept"], nondeterministic
 
 
-def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
+def _fit_fold(learn, df, k, cfg: TrainConfig, run, log, clock=None) -> dict:
     "Find the lr, fit, keep the model the rule says and predict the validation rows with it."
     from .averaging import WeightEMA, WeightSWA
     from .distributed import to_distributed
@@ -171,7 +175,9 @@ def _fit_fold(learn, df, k, cfg: TrainConfig, run, log) -> dict:
     lr = cfg.lr if cfg.lr is not None else find_lr(learn, run.lr_find_file(k), cfg.lr_find_on)
     if world_size() > 1:
         to_distributed(learn)
-    log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}")
+    where = "" if clock is None else (f" ({clock.position} of the run's {len(clock.folds)} folds"
+                                      + (f"; {clock.eta()}" if clock.eta() else "") + ")")
+    log(f"fold {k}: {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, lr {lr:.2e}{where}")
     tracker = EpochTracker(keep_best=cfg.keep == "best")
     ema = WeightEMA(cfg.ema) if cfg.ema is not None else None
     swa = WeightSWA(cfg.swa) if cfg.swa else None

@@ -237,14 +237,20 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
     from ..processes import is_main
     from ..evaluate.plots import plot_curves, plot_roc
 
+    from ..progress import RunClock
+
     log(f"each fold keeps {epoch_rule(cfg.keep, cfg.swa)}")
     nondeterministic = set()
-    for k in range(cfg.folds) if cfg.fold is None else [cfg.fold]:
-        if k in kept:
-            continue
+    todo = [k for k in (range(cfg.folds) if cfg.fold is None else [cfg.fold]) if k not in kept]
+    clock = RunClock(todo, cfg.freeze_epochs + cfg.epochs)  # "fold 2/5" and the run's time left, on every line
+    for k in todo:
         if resume:
             log(f"fold {k} did not finish before: training it from scratch")
-        oof, m, kept[k], ops = _train_fold(df, k, cfg, run.path, log)
+        clock.start_fold(k)
+        oof, m, kept[k], ops = _train_fold(df, k, cfg, run.path, log, clock=clock)
+        clock.end_fold()
+        if clock.eta() and clock.position < len(todo):  # the run's time left, between folds too
+            log(f"{clock.prefix} done; {clock.eta()}")
         nondeterministic.update(ops)
         if not is_main():
             continue
