@@ -40,7 +40,7 @@ def browser():
         b.close()
 
 
-def open_image_array(browser, path) -> dict:
+def open_page(browser, path) -> dict:
     "Load the page as a user would (file://) and collect what the browser says about it."
     page = browser.new_page()
     problems, requests = [], []
@@ -81,7 +81,7 @@ def test_report_page_in_a_browser(browser, tiny_run, tmp_path):
     res = CliRunner().invoke(app, ["report", "--run", str(run), "--workers", "0", "--bootstrap", "100"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    got = open_image_array(browser, run / "report.html")
+    got = open_page(browser, run / "report.html")
     _check(got, 9, list(SECTIONS))
     assert [link["heading"] for link in got["links"]] == list(SECTIONS.values())
 
@@ -91,14 +91,14 @@ def test_compare_and_audit_pages_in_a_browser(browser, tiny_run, make_run, tmp_p
     res = CliRunner().invoke(app, ["compare", str(tiny_run), str(make_run(tta=2)), "--out", str(out), "--bootstrap",
                                    "100"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    got = open_image_array(browser, out)
+    got = open_page(browser, out)
     assert got["problems"] == [] and len(got["links"]) >= 3
     _check(got, len(got["images"]), [link["id"] for link in got["links"]])
     assert len(got["images"]) >= 2
     res = CliRunner().invoke(app, ["audit", "--run", str(tiny_run), "--out", str(tmp_path / "audit.html"),
                                    "--bootstrap", "100", "--workers", "0"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    _check(open_image_array(browser, tmp_path / "audit.html"), 2, ["audit"])
+    _check(open_page(browser, tmp_path / "audit.html"), 2, ["audit"])
 
 
 def test_a_broken_page_is_caught(browser, tmp_path):
@@ -107,7 +107,32 @@ def test_a_broken_page_is_caught(browser, tmp_path):
     page.write_text('<!DOCTYPE html><html><body><nav><a href="#gone">gone</a></nav>'
                     '<img src="data:image/png;base64,iVBORw0KGgo=" alt="bad"><script>undefinedThing()</script>'
                     "</body></html>")
-    got = open_image_array(browser, page)
+    got = open_page(browser, page)
     assert any("undefinedThing" in p for p in got["problems"])
     assert got["images"] == [{"alt": "bad", "width": 0, "height": 0}]
     assert got["links"] == [{"id": "gone", "found": False, "heading": None}]
+
+
+def test_the_reports_operating_point_in_force_in_a_browser(browser, tiny_run, tmp_path):
+    "What a clinician reads about the point: where it was chosen, its rule, both input paths; one row per point."
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    assert CliRunner().invoke(app, ["operating-point", "--run", str(run), "--bootstrap", "50"],
+                              catch_exceptions=False).exit_code == 0
+    res = CliRunner().invoke(app, ["report", "--run", str(run), "--workers", "0", "--bootstrap", "50", "--errors",
+                                   "0", "--no-importance", "--no-audit"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    page = browser.new_page()
+    page.goto((run / "report.html").as_uri())
+    got = page.evaluate("""() => {
+        const h = document.getElementById('point-in-force');
+        const box = h.getBoundingClientRect();
+        const table = document.querySelector('#curves table.t');
+        return {section: h.closest('section').id, heading: h.textContent, visible: box.width > 0 && box.height > 0,
+                text: h.parentElement.textContent,
+                rows: Array.from(table.querySelectorAll('tbody tr')).map(r => r.cells[0].textContent)};
+    }""")
+    page.close()
+    assert got["section"] == "curves" and got["visible"] and "sensitivity >= 90%" in got["heading"]
+    assert "out-of-fold images" in got["text"] and "melanoma when at least half of the fold models" in got["text"]
+    assert "One threshold serves both input paths" in got["text"]
+    assert got["rows"] == ["sens90", "sens95", "spec90", "spec95"]  # one row per operating point
