@@ -87,3 +87,11 @@ def test_a_run_without_models_is_refused_before_torch_loads(tiny_run, sample_dir
     assert got == [[c[0], 1, False] for c in COMMANDS], res.stdout + res.stderr
     errors = res.stderr.strip().splitlines()
     assert len(errors) == len(COMMANDS) and all("holds no trained model" in e for e in errors), res.stderr
+
+
+def test_a_one_fold_run_says_its_oof_row_is_not_the_cv(make_run):
+    from conftest import run_output
+
+    out = run_output(make_run(lr="auto", fold=1, tta=2))  # shared with test_cli
+    assert "note: the OOF row covers 1 of the run's 2 folds" in out and "fold(s) 0 not trained (--fold)" in out
+    assert "covers" not in run_output(make_run(tta=2))  # every fold trained: no such note

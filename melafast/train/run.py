@@ -294,6 +294,10 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
     note = "; OPTIMISTIC: pseudo-labels from the teacher's whole ensemble" if "cv_note" in results else ""
     log("\nCross-validated melanoma AUC (out-of-fold, dihedral TTA x%d; %s%s)\n%s"
         % (cfg.tta, rule, note, _cv_table(oof, kept)))
+    missing = sorted(set(range(cfg.folds)) - {int(k) for k in oof["fold"].unique()})
+    if missing:
+        log(f"note: the OOF row covers {oof['fold'].nunique()} of the run's {cfg.folds} folds ({len(oof)} images): "
+            f"fold(s) {', '.join(map(str, missing))} not trained (--fold); it is not the run's cross-validated figure")
     if cfg.deterministic:
         ops = results["nondeterministic_ops"]
         log("--deterministic: every operation ran a deterministic kernel" if not ops else
