@@ -74,6 +74,7 @@ class RunFolder:
     report_file = property(lambda self: self.path / "report.html")
     operating_point_file = property(lambda self: self.path / "threshold.json")
     audit_file = property(lambda self: self.path / "audit.csv")
+    stack_file = property(lambda self: self.path / "stack.json")  # after `melafast stack`
     pseudo_file = property(lambda self: self.path / "pseudo.csv")
 
     def fold_dir(self, k: int) -> Path:
@@ -241,6 +242,11 @@ class RunFolder:
     def train_config(self):
         """The run's training settings as a `TrainConfig` (settings it predates get the value then in effect)."""
         return self.info().settings
+
+    def check_stack(self) -> None:
+        "Stop with one line when the run has no stack (`melafast stack` writes it)."
+        if not self.stack_file.is_file():
+            raise RunError(f"{self.path} has no {self.stack_file.name}: run `melafast stack --run {self.path}` first")
 
     def audit(self) -> pd.DataFrame | None:
         """The shortcut audit's table: audit.csv from `melafast audit`, else the one the report's section saved

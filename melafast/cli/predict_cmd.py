@@ -84,6 +84,10 @@ def submit(
 ):
     """Predict the test set with every fold of every run, blend, write and validate submission.csv."""
     check_run(*(run or []))
+    if stack and run:
+        from ..runfolder import RunFolder
+
+        RunFolder(run[0]).check_stack()  # before torch loads
     from ..inference.blend import read_ensemble
     from ..inference.submit import make_submission
 

@@ -142,9 +142,8 @@ def stack_ready(run, data=None, log: Callable = print) -> dict:
     from ..runfolder import RunFolder
 
     folder = RunFolder(run)
-    path = folder.path / STACK_JSON
-    if not path.is_file():
-        raise RunError(f"{folder.path} has no {STACK_JSON}: run `melafast stack --run {folder.path}` first")
+    folder.check_stack()
+    path = folder.stack_file
     spec = json.loads(path.read_text())
     cat, cont = spec["columns"]["cat"], [c for c in spec["columns"]["cont"] if not c.endswith(PATIENT_SUFFIXES)]
     data = folder.data_for(data)
