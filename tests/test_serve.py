@@ -65,7 +65,12 @@ def test_the_json_endpoint_gives_predicts_figures(server, sample_dir, tmp_path):
     assert got["tta"] == 2 and got["cam_png"].startswith("data:image/png;base64,")
     assert sorted(p for p in run.rglob("*")) == files  # the upload was never written anywhere near the run
     with urllib.request.urlopen(f"{url}/api/info") as r:
-        assert json.loads(r.read())["operating_point"]["operating_point"] == "sens90"
+        info = json.loads(r.read())["operating_point"]
+    assert info["operating_point"] == "sens90" and "out-of-fold images" in info["chosen_on"]
+    assert set(info["paths"]) == {"as given", "no metadata"} and info["crossfit"]["sensitivity"]["lo"] is not None
+    with urllib.request.urlopen(url) as r:
+        page = r.read().decode()
+    assert "the operating point in force: sensitivity &gt;= 90%" in page and "One threshold serves both" in page
     # the fold models' spread, the metadata used, and the probability at a stated prevalence, as predict gives them
     assert min(got["per_model"]) == pytest.approx(want["pred_min"], abs=1e-5)
     assert max(got["per_model"]) == pytest.approx(want["pred_max"], abs=1e-5)

@@ -99,6 +99,19 @@ drop.addEventListener('drop', e => {{ e.preventDefault(); drop.classList.remove(
 </script></body></html>
 """
 
+def _figures(point) -> str:
+    "The point's cross-fitted figures in words, both input paths when it has them."
+    both = point.paths_in_words()
+    if both:
+        return ". " + both.rstrip(".")
+    cf = point.crossfit
+    if not cf or cf.get("sensitivity") is None:
+        return " (not cross-fitted)"
+    return (f"; cross-fitted: sensitivity {cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to "
+            f"{cf['sensitivity']['hi']:.3f}), specificity {cf['specificity']['value']:.3f} "
+            f"({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f})")
+
+
 def _field_html(f: dict) -> str:
     "One form control for a field the run learned: its categories to choose from, or a number."
     name = html.escape(f["name"])
@@ -136,7 +149,7 @@ def _handler(service: Service, max_bytes: int, log: Callable, hosts: set | None,
     point = service.point
     about = (f"{len(service.models)} fold model(s), TTA x{service.tta}"
              + (f"; the operating point in force: {point.goal}, threshold {point.threshold:.4f}, chosen on "
-                f"{point.chosen_on}; {point.rule}" if point
+                f"{point.chosen_on}; {point.rule}" + _figures(point) if point
                 else "; no operating point saved (`melafast operating-point` or `melafast calibrate`)") + ".")
     fields = "\n".join(_field_html(f) for f in service.fields) or "<p>This run uses no patient metadata.</p>"
     trained = "" if service.trained_prevalence is None else f"{service.trained_prevalence:.3f} (training)"

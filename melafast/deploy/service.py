@@ -61,7 +61,8 @@ class Service:
                     folds=[m.spec.fold for m in self.models], metadata=any(m.meta_proc for m in self.models),
                     fields=self.fields, max_megapixels=self.max_pixels / 1e6,
                     operating_point=None if p is None else
-                    dict(operating_point=p.operating_point, goal=p.goal, threshold=p.threshold, rule=p.rule))
+                    dict(operating_point=p.operating_point, goal=p.goal, threshold=p.threshold, rule=p.rule,
+                         scale=p.scale, chosen_on=p.chosen_on, crossfit=p.crossfit, paths=p.paths))
 
     def row(self, name: str, values: dict):
         """The one-row table of an upload: its name and the fields given (short names `age`, `site` allowed); a
