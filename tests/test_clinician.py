@@ -95,3 +95,17 @@ def test_a_one_fold_run_says_its_oof_row_is_not_the_cv(make_run):
     out = run_output(make_run(lr="auto", fold=1, tta=2))  # shared with test_cli
     assert "note: the OOF row covers 1 of the run's 2 folds" in out and "fold(s) 0 not trained (--fold)" in out
     assert "covers" not in run_output(make_run(tta=2))  # every fold trained: no such note
+
+
+def test_errors_name_the_command_that_needs_what_is_missing(tiny_run, tmp_path):
+    "card and compare used to say 'the report is made from ...' about a run without out-of-fold predictions."
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "oof.csv").unlink()
+    for args, who in ((["card", "--run", run], "the model card"), (["compare", "--run", run, "--run", tiny_run],
+                                                                   "the comparison"),
+                      (["report", "--run", run], "the report"), (["audit", "--run", run], "the audit")):
+        res = invoke(*args)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+        assert f"{who} is made from a run's out-of-fold predictions" in res.stderr, res.stderr
