@@ -240,7 +240,8 @@ def melafast_recipe(df, hold, a, seed, tmp, device, name, **settings):
 
     from melafast.inference.predictor import load_predictor
     from melafast.inference.loop import predict_many
-    from melafast.train.run import TrainConfig, train_run
+    from melafast.config import TrainConfig
+    from melafast.train.run import train_run
 
     data = Path(tmp) / f"data_{name}_{seed}"
     data.mkdir()
@@ -523,7 +524,7 @@ def _parse(argv):
         a.arch, a.images, a.size, a.epochs, a.folds, a.bs, a.lr = "tf_efficientnet_lite0", 160, 32, 1, 2, 32, 2e-3
         a.holdout_images, a.seeds, a.workers = SMALL_HOLDOUT_IMAGES, max(a.seeds, 2), 0
     a.weights = Path(a.weights or SHARED / "weights" / f"{a.arch}.safetensors")
-    from melafast.train.run import TrainConfig
+    from melafast.config import TrainConfig
 
     a.lr_mult = TrainConfig.lr_mult if a.lr_mult is None else a.lr_mult
     a.lr_find_on = a.settings.get("lr_find_on", a.lr_find_on or TrainConfig.lr_find_on)

@@ -135,7 +135,8 @@ def restore_backend_flags():
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_train_leaves_fast_or_deterministic_flags(sample_dir, tmp_path, restore_backend_flags, deterministic):
-    from melafast.train.run import TrainConfig, train_run
+    from melafast.config import TrainConfig
+    from melafast.train.run import train_run
 
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic, not deterministic
     cfg = TrainConfig(data=str(sample_dir), arch=TINY_ARCH, size=32, bs=16, epochs=1, freeze_epochs=0, lr=1e-2,

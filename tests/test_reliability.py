@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from melafast.train import run as run_mod
 from melafast.atomic import atomic_path, write_json
 from melafast.cli import app
-from melafast.train.run import TrainConfig, resume_run, train_run
+from melafast.config import TrainConfig
+from melafast.train.run import resume_run, train_run
 
 
 def silent(msg):

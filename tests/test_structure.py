@@ -146,6 +146,28 @@ def test_no_compatibility_shims():
     assert shims == []
 
 
+def test_no_module_re_exports_another_modules_names():
+    "A module's __all__ lists what it defines; a package's __init__ may gather its own modules' names, not others'."
+    found = []
+    for module, path in MODULES.items():
+        if module == "melafast":  # the public API: lazy names from every layer, by design
+            continue
+        tree = ast.parse(path.read_text())
+        names = next((ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                      and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)), [])
+        if path.name == "__init__.py":  # its own submodules' names only
+            own = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.level == 1
+                   for a in n.names}
+            found += [f"{module}: {x}" for x in names if x not in own]
+            continue
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
+        defined |= {e.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) for e in ast.walk(t)
+                    if isinstance(e, ast.Name)}
+        found += [f"{module}: {x}" for x in names if x not in defined]
+    assert found == []
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_each_module_stays_within_a_screenful_of_contents(module):
     n = len(MODULES[module].read_text().splitlines())

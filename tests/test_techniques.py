@@ -422,7 +422,8 @@ def test_averaging_and_pseudo_option_errors(sample_dir, args, msg):
 
 def test_each_fold_trains_on_its_own_teachers_pseudo_labels(sample_dir, sample_df, tmp_path):
     from melafast.data import add_pseudo, load_competition, pseudo_for_fold
-    from melafast.train.run import TrainConfig, build_table
+    from melafast.config import TrainConfig
+    from melafast.train.table import build_table
 
     _, test = load_competition(sample_dir)
     table = pd.DataFrame({"image_name": test["image_name"][:3], "soft_target": [0.05, np.nan, 0.95],

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from melafast.cli import app
 from melafast.train.learner import melanoma_learner
-from melafast.train.run import TrainConfig, train_run
+from melafast.config import TrainConfig
+from melafast.train.run import train_run
 
 
 def silent(msg):

@@ -20,22 +20,19 @@ One concern a file, each importing only the ones above it:
 from .columns import CAT_NAMES, CONT_NAMES, clean_columns, clean_metadata, resolve_columns
 from .tables import (IMAGE_EXTS, find_dataset, find_image_dir, image_folder, image_table, load_competition, load_split,
                      read_table, split_csv)
-from .images import BAD_IMAGE_MODES, check_images
+from .images import check_images
 from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
 from .features import (EXTRA_CONT_NAMES, FILE_FEATURES, add_meta_features, add_patient_features, check_file_features,
                        file_reference, patient_feature_names)
-from .meta import META_DROPOUT, MetaDropout, MetaProcessor, MetaStack, TensorMeta
-from .blocks import (AUG_PRESETS, TARGETS, SoftLabel, TensorSoftLabel, TrainOnly, default_batch_tfms, default_item_tfms,
+from .meta import MetaDropout, MetaProcessor, MetaStack, TensorMeta
+from .blocks import (SoftLabel, TensorSoftLabel, TrainOnly, default_batch_tfms, default_item_tfms,
                      diagnosis_labels, inference_dl, melanoma_dls)
 from .sample import make_sample, make_sample_2024
 
-__all__ = [
-    "IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "load_split", "image_folder", "image_table",
-    "read_table", "clean_metadata", "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta", "melanoma_dls",
-    "inference_dl", "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset", "check_images",
-    "BAD_IMAGE_MODES", "diagnosis_labels", "TARGETS", "add_external", "add_meta_features", "EXTRA_CONT_NAMES",
-    "AUG_PRESETS", "add_pseudo", "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly",
-    "FILE_FEATURES", "META_DROPOUT", "MetaDropout", "check_file_features", "file_reference", "pseudo_for_fold",
-    "check_teacher_folds", "resolve_columns", "clean_columns", "make_sample_2024", "split_csv",
-    "add_patient_features", "patient_feature_names",
-]
+__all__ = ["IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "load_split", "image_folder", "image_table",
+           "read_table", "clean_metadata", "find_image_dir", "make_folds", "MetaProcessor", "TensorMeta",
+           "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms", "make_sample", "find_dataset",
+           "check_images", "diagnosis_labels", "add_external", "add_meta_features", "EXTRA_CONT_NAMES", "add_pseudo",
+           "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly", "FILE_FEATURES", "MetaDropout",
+           "check_file_features", "file_reference", "pseudo_for_fold", "check_teacher_folds", "resolve_columns",
+           "clean_columns", "make_sample_2024", "split_csv", "add_patient_features", "patient_feature_names"]

@@ -20,8 +20,8 @@ from .images import OpenImage
 from .meta import META_DROPOUT, MetaDropout, MetaProcessor
 from .columns import norm_text
 
-__all__ = ["TARGETS", "AUG_PRESETS", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
-           "diagnosis_labels", "SoftLabel", "TensorSoftLabel", "TrainOnly"]
+__all__ = ["melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms", "diagnosis_labels", "SoftLabel",
+           "TensorSoftLabel", "TrainOnly"]
 
 
 

@@ -10,7 +10,7 @@ from fastai.vision.core import PILImage
 from ..config import BAD_IMAGE_MODES
 from ..errors import DataError
 
-__all__ = ["BAD_IMAGE_MODES", "check_images"]
+__all__ = ["check_images"]
 
 
 

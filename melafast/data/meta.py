@@ -13,12 +13,12 @@ import pandas as pd
 from fastai.torch_core import TensorBase
 from fasttransform import Transform
 
-from ..config import DROPOUT_PATTERNS, META_DROPOUT
+from ..config import DROPOUT_PATTERNS
 from ..errors import DataError
 from .features import EXTRA_CONT_NAMES, FILE_FEATURES, PATIENT_SUFFIXES
 from .columns import CAT_NAMES, CONT_NAMES
 
-__all__ = ["META_DROPOUT", "MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout"]
+__all__ = ["MetaProcessor", "MetaStack", "TensorMeta", "MetaDropout"]
 
 
 

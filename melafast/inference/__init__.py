@@ -6,11 +6,11 @@ A saved model is predicted with the precision and memory layout its fold was val
 config), wherever the device can run them; `precision=` overrides, and any difference is said, not hidden.
 """
 
-from .settings import (PRECISIONS, Settings, default_device, inference_settings, record_nondeterminism,
+from .settings import (Settings, default_device, inference_settings, record_nondeterminism,
                        resolve_precision, resolve_settings, set_determinism)
 from .loop import image_features, model_batch, predict_many, predict_probs, predict_probs_multi
 from .predictor import MissingMetadataWarning, Predictor, RunPredictor, load_predictor
 
-__all__ = ["PRECISIONS", "resolve_precision", "Settings", "resolve_settings", "inference_settings", "set_determinism",
+__all__ = ["resolve_precision", "Settings", "resolve_settings", "inference_settings", "set_determinism",
            "record_nondeterminism", "predict_probs_multi", "predict_probs", "predict_many", "image_features",
            "model_batch", "Predictor", "RunPredictor", "load_predictor", "MissingMetadataWarning", "default_device"]

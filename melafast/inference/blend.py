@@ -14,7 +14,7 @@ from ..config import BLENDS
 from ..errors import MelafastError, RunError
 from ..runfolder import RunFolder
 
-__all__ = ["blend", "crossfit_blend", "ensemble_runs", "read_ensemble", "BLENDS"]
+__all__ = ["blend", "crossfit_blend", "ensemble_runs", "read_ensemble"]
 
 
 def _ranks(p) -> np.ndarray:

@@ -13,7 +13,7 @@ from ..config import PRECISIONS
 from ..errors import MelafastError
 
 __all__ = ["resolve_precision", "Settings", "resolve_settings", "inference_settings", "set_determinism",
-           "record_nondeterminism", "default_device", "PRECISIONS"]
+           "record_nondeterminism", "default_device"]
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -21,12 +21,12 @@ from ..errors import MelafastError
 from . import interpret  # noqa: F401  (registers fastai's plot_top_losses for image + metadata batches)
 from ..metrics import auc as _auc
 from .hostsync import sync_free
-from ..inference import PRECISIONS, predict_probs, resolve_precision
+from ..inference import predict_probs, resolve_precision
 from ..model import MelanomaModel, melanoma_splitter
 from ..progress import LineProgress, interactive
 
 __all__ = ["melanoma_learner", "MelanomaLearner", "MelanomaAUC", "SoftTargetCrossEntropy", "melanoma_probs",
-           "melanoma_index", "resolve_precision", "PRECISIONS", "FrozenBN", "ImageHeadLoss", "dihedral_tta", "amp_dtype"]
+           "melanoma_index", "FrozenBN", "ImageHeadLoss", "dihedral_tta", "amp_dtype"]
 
 
 class MelanomaLearner(Learner):

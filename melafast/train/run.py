@@ -1,14 +1,13 @@
 """A cross-validated run folder: train every fold, keep score of them, write the results; resume; lr-find.
 
 The settings are `config.TrainConfig`; training one fold is `fold.train_fold`; the folder's layout and files are
-`runfolder.RunFolder`'s; this module assembles the training table (`build_table`, shared with lr-find), trains the
+`runfolder.RunFolder`'s; the training table is `table.build_table` (shared with lr-find); this module trains the
 folds, and writes the CV figures, the plots and the CV table.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,18 +17,16 @@ from typing import Callable
 
 import pandas as pd
 
-from .. import __version__
-from ..config import KEEP_RULES, LR_FIND_ON, TrainConfig, epoch_rule
-from ..errors import DataError, MelafastError
+from ..config import TrainConfig, epoch_rule
+from ..errors import MelafastError
 from ..evaluate.figures import HEADLINE, Evaluation
 from ..metrics import PAUC_MIN_TPR
-from .fold import fold_learner, phase_lr_find, seed_everything
+from .fold import fold_learner, phase_lr_find
 from .fold import train_fold as _train_fold  # a module global: the tests interrupt a run through it
+from .table import build_table, versions
 
-__all__ = ["TrainConfig", "RunResult", "RunTable", "build_table", "resolve_data", "train_run", "resume_run",
-           "lr_find_run", "seed_everything", "DEFAULT_DATA", "KEEP_RULES", "LR_FIND_ON", "epoch_rule"]
+__all__ = ["RunResult", "train_run", "resume_run", "lr_find_run"]
 
-DEFAULT_DATA = Path("data")  # where users put a Kaggle download; the synthetic sample goes to data/sample
 
 
 @dataclass
@@ -42,111 +39,6 @@ class RunResult:
     keep: str = "last"  # the epoch rule the run used
     oof_auc_selected: float | None = None  # with keep="best": the AUC of the kept epochs (optimistic), else None
     oof_auc_no_meta: float | None = None  # with metadata: the OOF AUC with every patient field blanked, else None
-
-
-def resolve_data(data=None, log: Callable = print) -> Path:
-    """The dataset folder to use: `data`, or `data/sample`; with no `data` given and nothing in data/, the
-    synthetic sample is written to data/sample first."""
-    from ..data import find_dataset, make_sample
-
-    found = find_dataset(data if data is not None else DEFAULT_DATA)
-    if found is not None:
-        return found.resolve()
-    if data is not None:
-        raise DataError(f"train.csv not found in {data} (nor in {Path(data) / 'sample'}): point --data at a dataset folder, "
-                        "or run `melafast download` / `melafast sample --out PATH`")
-    dest = DEFAULT_DATA / "sample"
-    log(f"No dataset in {DEFAULT_DATA}/: writing the SYNTHETIC sample to {dest}/ (drawn lesions, not real patients). "
-        f"Put a Kaggle download in {DEFAULT_DATA}/ (melafast download) to train on real images.")
-    return make_sample(dest).resolve()
-
-
-def _versions() -> dict:
-    import fastai
-    import timm
-    import torch
-
-    return dict(melafast=__version__, fastai=fastai.__version__, torch=torch.__version__, timm=timm.__version__,
-                python=platform.python_version(),
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)")
-
-
-@dataclass
-class RunTable:
-    """The rows a run trains and validates on, as `build_table` assembles them, and how they came together."""
-
-    df: pd.DataFrame  # every row: the main table with its folds, then external and pseudo-labelled rows (fold -1)
-    data: Path  # the dataset folder
-    n_main: int  # rows of the main table (the ones the CV scores)
-    n_external: int = 0  # external training rows
-    n_pseudo: int = 0  # pseudo-labelled test rows
-    bad: pd.DataFrame | None = None  # unusable images left out (--on-bad-image skip)
-    pseudo_per_fold: bool = False  # fold k trains on the teacher's fold-k labels only (else the ensemble's)
-
-
-def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
-    """The training table of `cfg`, the one `train` and `lr-find` both use: the dataset (its unusable images checked),
-    the extra metadata features, patient-grouped folds, then external rows and pseudo-labels, which only train."""
-    from ..data import (add_external, add_meta_features, add_patient_features, add_pseudo, check_images,
-                        check_teacher_folds, clean_columns, load_competition, make_folds, patient_feature_names,
-                        read_pseudo, resolve_columns)
-    from ..data.features import PATIENT_SUFFIXES
-    from ..runfolder import RunFolder
-
-    workers = max(cfg.workers if cfg.workers is not None else (os.cpu_count() or 1), 2)
-    data = resolve_data(cfg.data, log)
-    train, test = load_competition(data, images=cfg.images)
-    declared = cfg.meta and bool(cfg.cat or cfg.cont or cfg.patient_features)
-    if declared:  # the columns the user declared, checked; config.json then records the ones the run uses
-        given = [c for c in cfg.cont if not (cfg.patient_features and c.endswith(PATIENT_SUFFIXES))]  # (a resume)
-        cfg.cat, cfg.cont = resolve_columns(train, test, cfg.cat, given, log)
-        train = clean_columns(train, cfg.cat, cfg.cont, data / "train.csv")
-        test = None if test is None else clean_columns(test, cfg.cat, cfg.cont, data / "test.csv")
-        base = list(cfg.cont)  # the declared continuous columns (their patient features join below)
-        if cfg.patient_features:  # each table over its own rows, no labels: as predict computes them
-            train = add_patient_features(train, base)
-            test = None if test is None else add_patient_features(test, base)
-            cfg.cont = [*base, *patient_feature_names(base)]
-        log(f"metadata columns: categorical {', '.join(cfg.cat) or '(none)'}; continuous {', '.join(cfg.cont) or '(none)'}")
-    train, bad = check_images(train, cfg.on_bad_image, workers=workers)
-    df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
-    table = RunTable(df, data, len(df), bad=bad)
-    for path in cfg.external:
-        ext, _ = load_competition(path)
-        ext = clean_columns(ext, cfg.cat, base, path) if declared else ext
-        if declared and cfg.patient_features:
-            ext = add_patient_features(ext, base)
-        ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=workers)
-        ext = add_meta_features(ext) if cfg.extra_meta else ext
-        table.df, n_dup = add_external(table.df, ext)
-        added = table.df.iloc[len(table.df) - (len(ext) - n_dup):]
-        shared = int(added["home_fold"].notna().sum())
-        log(f"external data {path}: {len(ext) - n_dup} training rows added ({int(ext['target'].sum())} melanomas in "
-            f"the file), {n_dup} already present dropped" + (f", {len(ext_bad)} unusable images skipped" if len(ext_bad) else "")
-            + (f"; {shared} of them belong to {added['patient_id'][added['home_fold'].notna()].nunique()} patient(s) of "
-               "the main table and train every fold but the one that validates their patient" if shared else ""))
-    table.n_external = len(table.df) - table.n_main
-    if cfg.pseudo:
-        pseudo = read_pseudo(cfg.pseudo)
-        info = RunFolder.pseudo_info(cfg.pseudo)
-        if test is not None:
-            test = add_meta_features(test) if cfg.extra_meta else test  # per-patient counts over the whole test set
-            test = test[test["image_name"].isin(pseudo["image_name"])]
-            test, test_bad = check_images(test, cfg.on_bad_image, workers=workers)
-            pseudo = pseudo[~pseudo["image_name"].isin(test_bad["image_name"])]
-        table.pseudo_per_fold = any(c.startswith("soft_target_fold") for c in pseudo.columns)
-        if table.pseudo_per_fold:
-            check_teacher_folds(table.df, info.get("fold_of", {}), cfg.pseudo, info.get("run", ""))
-        n_before = len(table.df)
-        table.df = add_pseudo(table.df, test, pseudo)
-        added = table.df.iloc[n_before:]
-        table.n_pseudo = len(added)
-        how = ("fold k trains only on the pseudo-labels of the teacher's fold-k model, so the CV stays honest"
-               if table.pseudo_per_fold else "the labels come from the teacher's whole fold ensemble, which saw every "
-               "fold's labels: the CV is optimistic")
-        log(f"pseudo-labels {cfg.pseudo}: {len(added)} soft-labelled test images join the training folds; {how}; "
-            "validation keeps the labelled images only")
-    return table
 
 
 def _check(cfg: TrainConfig):
@@ -219,7 +111,7 @@ def train_run(cfg: TrainConfig, log: Callable = print, resume: bool = False) -> 
             main = df.iloc[:n_main]
             run.write_config(dict(settings=asdict(cfg), data=str(table.data), n_train=n_main,
                                   n_melanoma=int(main["target"].sum()), n_external=table.n_external,
-                                  n_pseudo=table.n_pseudo, pseudo_per_fold=table.pseudo_per_fold, versions=_versions(),
+                                  n_pseudo=table.n_pseudo, pseudo_per_fold=table.pseudo_per_fold, versions=versions(),
                                   command=" ".join(sys.argv)))
     log(f"run folder {run.path}: {n_main} training images ({int(df['target'].iloc[:n_main].sum())} melanomas) from "
         f"{cfg.data or table.data}")  # the folder as the user named it; config.json records the full path
