@@ -13,11 +13,11 @@ from fastai.vision.augment import Resize, ResizeMethod, aug_transforms
 from fastai.vision.core import ToTensor
 from fasttransform import DisplayedTransform
 
-from ..config import AUG_PRESETS, TARGETS
+from ..config import AUG_PRESETS, META_DROPOUT, TARGETS
 from ..errors import DataError
 from .transfer import async_copies, async_copy_dl
 from .images import OpenImage
-from .meta import META_DROPOUT, MetaDropout, MetaProcessor
+from .meta import MetaDropout, MetaProcessor
 from .columns import norm_text
 
 __all__ = ["melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms", "diagnosis_labels", "SoftLabel",
