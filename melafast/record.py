@@ -197,6 +197,11 @@ class ModelSpec:
         return self.meta and any(c.endswith(PATIENT_SUFFIXES) for c in (self.meta_proc or {}).get("cont_names", []))
 
 
+def figure_in_words(fig: dict, digits: int = 3) -> str:
+    "One of threshold.json's figures ({value, lo, hi}) as 'value (lo to hi)'."
+    return f"{fig['value']:.{digits}f} ({fig['lo']:.{digits}f} to {fig['hi']:.{digits}f})"
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """threshold.json: the operating point `predict`, `serve` and the exported runtime decide with."""
@@ -243,7 +248,7 @@ class OperatingPoint:
             return None
 
         def f(p, m):
-            return f"{p[m]['value']:.3f} ({p[m]['lo']:.3f} to {p[m]['hi']:.3f})"
+            return figure_in_words(p[m])
 
         given, none = paths["as given"], paths["no metadata"]
         return ("One threshold serves both input paths: cross-fitted, images with their metadata reach sensitivity "

@@ -72,6 +72,7 @@ def operating_point_cmd(
     """Choose an operating point on the run's out-of-fold predictions (cross-fitted) and save it: predict then adds a
     decision. (`report --operating-point` does the same; `calibrate` chooses one on patients the run never saw.)"""
     from ..evaluate.operating import save_operating_point
+    from ..record import figure_in_words
 
     if bootstrap < 1:
         raise MelafastError("--bootstrap must be at least 1")
@@ -79,9 +80,7 @@ def operating_point_cmd(
     cf = point.crossfit
     how = ("it could not be cross-fitted (one fold)" if cf.get("sensitivity") is None else
            f"cross-fitted (each fold judged by a threshold chosen on the others): sensitivity "
-           f"{cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}), "
-           f"specificity {cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to "
-           f"{cf['specificity']['hi']:.3f})")
+           f"{figure_in_words(cf['sensitivity'])}, specificity {figure_in_words(cf['specificity'])}")
     typer.echo(f"operating point {point.operating_point} ({point.goal}): threshold {point.threshold:.4f}, chosen on "
                f"{point.chosen_on}; {point.rule}; {how}; saved in {Path(run) / 'threshold.json'}")
 

@@ -26,6 +26,7 @@ from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
 from ..errors import DataError, MelafastError
+from ..record import figure_in_words
 from .service import MAX_MB, MAX_MEGAPIXELS, READ_TIMEOUT, THREADS, Service, TooLarge
 
 __all__ = ["make_server", "serve"]
@@ -107,9 +108,8 @@ def _figures(point) -> str:
     cf = point.crossfit
     if not cf or cf.get("sensitivity") is None:
         return " (not cross-fitted)"
-    return (f"; cross-fitted: sensitivity {cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to "
-            f"{cf['sensitivity']['hi']:.3f}), specificity {cf['specificity']['value']:.3f} "
-            f"({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f})")
+    return (f"; cross-fitted: sensitivity {figure_in_words(cf['sensitivity'])}, specificity "
+            f"{figure_in_words(cf['specificity'])}")
 
 
 def _field_html(f: dict) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MelafastError
+from ..record import figure_in_words
 from .operating import (ENSEMBLE_RULE, by_measure, check_replace, oof_patients, operating_table, parse_goal,
                         path_figures)
 
@@ -40,8 +41,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
     if goal["kind"] == "value":
         raise MelafastError(f"a fixed threshold ({goal['threshold']}) needs no calibration set: save it with "
                             f"`melafast report --run {folder.path} --operating-point {goal['threshold']}`")
-    if folder.operating_point() is not None and folder.operating_point().scale == "ensemble" and not replace:
-        check_replace(folder, replace, log)  # stops before any image is scored
+    check_replace(folder, replace)  # a calibrated point there stops it before any image is scored
     if table is None:
         if data is None:
             raise MelafastError("a calibration set is needed: --data FOLDER (a train.csv of labelled images)")
@@ -107,8 +107,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
     point = folder.write_operating_point(point)
     cf = point.crossfit
     log(f"operating point {goal['name']} ({goal['label']}) on the fold mean: threshold {point.threshold:.4f}; "
-        f"cross-fitted on the calibration set: sensitivity {cf['sensitivity']['value']:.3f} "
-        f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}), specificity "
-        f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}); "
+        f"cross-fitted on the calibration set: sensitivity {figure_in_words(cf['sensitivity'])}, specificity "
+        f"{figure_in_words(cf['specificity'])}; "
         f"saved in {folder.operating_point_file}")
     return point

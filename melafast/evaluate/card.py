@@ -234,8 +234,8 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
             how = ("on the calibration set (each patient-grouped part of it judged by a threshold chosen on the "
                    "others)" if point.scale == "ensemble" else "(each fold's threshold chosen on the other folds)")
             lines += [f"Cross-fitted {how}, 95% patient-bootstrap intervals:", "", _md_table(pd.DataFrame(rows), 3), ""]
-            if point.paths_in_words():
-                lines += [point.paths_in_words(), ""]
+            if both := point.paths_in_words():
+                lines += [both, ""]
         else:
             lines += ["It could not be cross-fitted (one fold): its in-sample figures are optimistic.", ""]
 

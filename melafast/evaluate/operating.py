@@ -34,7 +34,7 @@ import pandas as pd
 from ..errors import MelafastError, RunError
 
 __all__ = ["parse_goal", "choose_threshold", "between_scores", "crossfit_decisions", "operating_table",
-           "save_operating_point", "check_replace", "point_in_force", "oof_patients", "by_measure", "vote", "decide",
+           "save_operating_point", "check_replace", "oof_patients", "by_measure", "vote", "decide",
            "STANDARD_GOALS", "VOTE_RULE", "ENSEMBLE_RULE", "ppv_npv", "prevalences", "decision_figures",
            "path_figures"]
 
@@ -234,24 +234,19 @@ def oof_patients(folder, oof) -> pd.Series | None:
     return oof["image_name"].map(train.set_index("image_name")["patient_id"])
 
 
-def point_in_force(folder) -> str | None:
-    "The saved operating point in words (name, threshold, where it was chosen), or None."
-    point = folder.operating_point()
-    if point is None:
-        return None
-    return f"{point.operating_point} (threshold {point.threshold:.4f}, chosen on {point.chosen_on})"
-
-
-def check_replace(folder, replace: bool, log=print) -> None:
+def check_replace(folder, replace: bool, log=None) -> None:
     """Before a new operating point is chosen for `folder`: a calibrated one (chosen on patients the run never saw) is
-    never replaced without `replace`; any other that is replaced is named."""
+    never replaced without `replace`; any other that is replaced is named to `log` (None: the check alone, as a
+    command makes it before any work)."""
     point = folder.operating_point()
     if point is None:
         return
+    words = f"{point.operating_point} (threshold {point.threshold:.4f}, chosen on {point.chosen_on})"
     if point.scale == "ensemble" and not replace:
-        raise MelafastError(f"{folder.path} already has a calibrated operating point, {point_in_force(folder)}; pass "
-                            "--replace to replace it")
-    log(f"replacing the operating point {point_in_force(folder)}")
+        raise MelafastError(f"{folder.path} already has a calibrated operating point, {words}; pass --replace to "
+                            "replace it")
+    if log is not None:
+        log(f"replacing the operating point {words}")
 
 
 def save_operating_point(run, spec, prevalence: float | None = None, n_boot: int = 1000, table=None,

@@ -146,12 +146,13 @@ def _by_diagnosis(df: pd.DataFrame, point) -> str:
 
     if "diagnosis" not in df.columns:
         return ""
-    how = "the cross-fitted decisions (each fold judged by the threshold the other folds chose)"
-    try:
-        if point.scale != "model" or point.operating_point == "threshold":
-            raise RunError("not chosen on these rows")
-        decision = crossfit_decisions(df["target"], df["pred"], df["fold"], point.operating_point)[0]
-    except RunError:
+    how, decision = "the cross-fitted decisions (each fold judged by the threshold the other folds chose)", None
+    if point.scale == "model" and point.operating_point != "threshold":  # a goal chosen on these rows: re-fit it
+        try:
+            decision = crossfit_decisions(df["target"], df["pred"], df["fold"], point.operating_point)[0]
+        except RunError:  # one fold: nothing to cross-fit on
+            pass
+    if decision is None:
         decision = (df["pred"] >= point.threshold).to_numpy().astype(int)
         how = "each out-of-fold score against the threshold (one model's score, not the fold mean: indicative)"
     rows = df.assign(diagnosis=diagnoses(df), called=decision).groupby("diagnosis").agg(
@@ -164,13 +165,14 @@ def _by_diagnosis(df: pd.DataFrame, point) -> str:
 
 
 def _saved_point(point) -> str:
+    from ..record import figure_in_words
+
     cf = point.crossfit
     where = (" on the calibration set (each patient-grouped part of it judged by a threshold chosen on the others)"
              if point.scale == "ensemble" else "")
     how = ("It could not be cross-fitted (one fold)." if cf["sensitivity"] is None else
-           f"Cross-fitted{where}, a threshold chosen this way reaches sensitivity {cf['sensitivity']['value']:.3f} "
-           f"({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and specificity "
-           f"{cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to {cf['specificity']['hi']:.3f}).")
+           f"Cross-fitted{where}, a threshold chosen this way reaches sensitivity "
+           f"{figure_in_words(cf['sensitivity'])} and specificity {figure_in_words(cf['specificity'])}.")
     return (f'<h3 id="point-in-force">Operating point in force: {html.escape(point.goal)}</h3>' + para(
         f"Threshold {point.threshold:.4f} on the melanoma probability, chosen on {point.chosen_on}; saved in "
         f"threshold.json. {how} `melafast predict` and `load_predictor(run).predict_frame` add a decision column: "
@@ -178,7 +180,7 @@ def _saved_point(point) -> str:
         " A point chosen on out-of-fold scores is carried to the fold ensemble by this vote, and what it reaches on "
         "new patients moves with the few low-scored melanomas of the CV it was chosen on; with labelled patients "
         "the run never saw, `melafast calibrate` chooses it on predict's own scale instead."))
-        + (para(point.paths_in_words()) if point.paths_in_words() else ""))
+        + (para(both) if (both := point.paths_in_words()) else ""))
 
 
 def _calibration(config, ev: Evaluation, figdir) -> str:
@@ -267,9 +269,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     folder = RunFolder(run)
     if operating_point is not None:
         parse_goal(operating_point)  # a bad one stops before any work
-        saved = folder.operating_point()
-        if saved is not None and saved.scale == "ensemble" and not replace:
-            check_replace(folder, replace)  # says which calibrated point is there, and stops
+        check_replace(folder, replace)  # a calibrated point there stops it, named, before any work
     prevalences([0, 1], prevalence)
     config, oof = read_run(folder)
     results = folder.figures()
@@ -289,8 +289,8 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
         log(f"saved operating point {point.operating_point} (threshold {point.threshold:.4f}) to "
             f"{folder.operating_point_file}: `melafast predict` adds a decision column from it")
         sections["curves"] += _saved_point(point) + _by_diagnosis(df, point)
-    elif folder.operating_point() is not None:  # the point predict decides by, as it was saved
-        sections["curves"] += _saved_point(folder.operating_point()) + _by_diagnosis(df, folder.operating_point())
+    elif (saved := folder.operating_point()) is not None:  # the point predict decides by, as it was saved
+        sections["curves"] += _saved_point(saved) + _by_diagnosis(df, saved)
     sections["calibration"] = _calibration(config, ev, figdir)
     sections["subgroups"] = _subgroups(config, ev, figdir)
     models = fold_models(folder) if n_errors > 0 or importance or audit else {}

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, MelafastError
+from ..record import figure_in_words
 from ..runfolder import RunFolder
 from .tta import dihedral_views
 
@@ -99,14 +100,12 @@ def _decisions(run, df, ok, tta, bs, num_workers, log, precision, prevalence=Non
              else "each fold judged by a threshold chosen on the other folds")
     how = ("it was not cross-fitted (one fold)" if cf.get("sensitivity") is None else
            f"chosen on {point.chosen_on}; cross-fitted there ({where}) it reached sensitivity "
-           f"{cf['sensitivity']['value']:.3f} ({cf['sensitivity']['lo']:.3f} to {cf['sensitivity']['hi']:.3f}) and "
-           f"specificity {cf['specificity']['value']:.3f} ({cf['specificity']['lo']:.3f} to "
-           f"{cf['specificity']['hi']:.3f})")
+           f"{figure_in_words(cf['sensitivity'])} and specificity {figure_in_words(cf['specificity'])}")
     log(f"decision (1: melanoma) at the run's operating point {point.operating_point} ({point.goal}, threshold "
         f"{point.threshold:.4f}): {int(decision.sum())} of {int(ok.sum())} images called melanoma; {point.rule}; "
         f"{how}")
-    if point.paths_in_words():
-        log(point.paths_in_words())
+    if both := point.paths_in_words():
+        log(both)
     return pred, {**spread, **cols}
 
 
