@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["auc", "pauc", "sens_at_spec", "spec_at_sens", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
-           "bootstrap_auc", "operating_points", "calibration", "age_band", "subgroups", "subgroup_aucs", "AGE_BANDS"]
+           "bootstrap_auc", "operating_points", "calibration", "age_band", "diagnoses", "subgroups", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
 PAUC_MIN_TPR = 0.8  # the partial AUC of every table: the ROC area where sensitivity >= 80% (ISIC 2024's metric)
@@ -238,6 +238,14 @@ def age_band(age) -> pd.Series:
     labels = [f"under {edges[1]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[1:-2], edges[2:-1])] + [f"{edges[-2]}+"]
     bands = pd.cut(age, edges, right=False, labels=labels).astype(object).where(age.notna(), "unknown")
     return pd.Series(pd.Categorical(bands, categories=[*labels, "unknown"], ordered=True), index=age.index)
+
+
+def diagnoses(df: pd.DataFrame) -> pd.Series:
+    "Each row's diagnosis in lower case ('melanoma' / 'not given' where the data has none)."
+    if "diagnosis" in df.columns:
+        diag = df["diagnosis"].astype("string").str.strip().str.lower()
+        return diag.where(diag.notna() & (diag != ""), "not given").astype(object)
+    return pd.Series(np.where(df["target"] == 1, "melanoma", "not given"), index=df.index, dtype=object)
 
 
 def subgroups(df: pd.DataFrame, by: dict, min_melanomas: int = 5):

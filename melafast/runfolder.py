@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import write_csv, write_json
-from .errors import MelafastError, RunError
+from .errors import DataError, MelafastError, RunError
+from .layout import missing_tables
 
 __all__ = ["RunFolder", "RUN_FORMAT", "MODEL_WEIGHTS", "MODEL_CONFIG", "model_files", "is_model_dir"]
 
@@ -243,10 +244,18 @@ class RunFolder:
         """The run's training settings as a `TrainConfig` (settings it predates get the value then in effect)."""
         return self.info().settings
 
-    def check_stack(self) -> None:
-        "Stop with one line when the run has no stack (`melafast stack` writes it)."
+    def check_stack(self, data=None) -> Path:
+        """Stop with one line when the run has no stack (`melafast stack` writes it), or when its dataset folder
+        (`data`, else the run's) lacks the train or test table the stack reads; the dataset folder otherwise.
+        Reads no table, so `submit --stack` says it before torch loads."""
         if not self.stack_file.is_file():
             raise RunError(f"{self.path} has no {self.stack_file.name}: run `melafast stack --run {self.path}` first")
+        data = self.data_for(data)
+        for split in missing_tables(data):
+            raise DataError(f"{data} has no {split}.csv (nor {split}-metadata.csv): the stack reads the {split} table's "
+                            "columns " + ("(it refits its trees on the run's out-of-fold rows)" if split == "train" else
+                                          "(the features of the images it scores)"))
+        return data
 
     def audit(self) -> pd.DataFrame | None:
         """The shortcut audit's table: audit.csv from `melafast audit`, else the one the report's section saved

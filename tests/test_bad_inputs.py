@@ -92,7 +92,7 @@ def test_bad_data_cli(data, tmp_path, mutate, msg):
     out = tmp_path / "run"
     code, err, output = cli("train", "--data", data, "--arch", TINY_ARCH, "--size", 32, "--no-pretrained",
                             "--workers", 0, "--out", out)
-    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], output
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: melafast train: ") and msg in err[0], output
     assert "Traceback" not in output
     assert not (out / "fold0").exists()  # nothing trained, nothing half-written
 
@@ -259,4 +259,4 @@ def test_image_failing_inside_a_worker_is_still_one_line(data, tmp_path, monkeyp
                             "--freeze-epochs", 0, "--folds", 2, "--lr", "1e-2", "--no-pretrained", "--workers", 1,
                             "--out", tmp_path / "run")
     assert code == 1 and len(err) == 1, output
-    assert err[0].startswith("error: cannot read image") and _img(data, 2).name in err[0]
+    assert err[0].startswith("error: melafast train: cannot read image") and _img(data, 2).name in err[0]

@@ -142,3 +142,40 @@ def test_the_card_names_its_data_source_licence_prevalence_and_negatives(tiny_ru
 
     rows = pd.DataFrame(dict(target=[0, 0, 0, 1], diagnosis=["nevus", "nevus", "seborrheic keratosis", "melanoma"]))
     assert _negatives(rows) == ["- The lesions that are not melanoma: nevus 67%, seborrheic keratosis 33% (of 3 images)."]
+
+
+def test_the_card_and_report_summary_name_the_benign_diagnoses_the_point_flags(tiny_run, sample_dir, tmp_path):
+    "Per-diagnosis specificity at the point in force: in the card's limits and table, and in the report's summary."
+    from melafast.evaluate.operating import crossfit_decisions
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    data = shutil.copytree(sample_dir, tmp_path / "data")
+    train = pd.read_csv(data / "train.csv")
+    oof = pd.read_csv(run / "oof.csv")
+    # the benign lesions the run scores highest are keratoses, the others nevi
+    high = set(oof.loc[(oof["target"] == 0) & (oof["pred"] >= oof.loc[oof["target"] == 0, "pred"].median()),
+                       "image_name"])
+    train["diagnosis"] = np.where(train["target"] == 1, "melanoma",
+                                  np.where(train["image_name"].isin(high), "seborrheic keratosis", "nevus"))
+    train.to_csv(data / "train.csv", index=False)
+    assert invoke("operating-point", "--run", run, "--goal", "sens90", "--bootstrap", 20).exit_code == 0
+    res = invoke("card", "--run", run, "--data", data, "--bootstrap", 20)
+    assert res.exit_code == 0, res.output
+    body = (run / "MODEL_CARD.md").read_text().split("---\n", 2)[2]
+    diag = oof["image_name"].map(train.set_index("image_name")["diagnosis"]).to_numpy()
+    decision = crossfit_decisions(oof["target"], oof["pred"], oof["fold"], "sens90")[0]
+    share = {d: decision[diag == d].mean() for d in ("seborrheic keratosis", "nevus", "melanoma")}
+    assert share["seborrheic keratosis"] > share["nevus"]  # the planted pattern: keratoses flagged more
+    limits = _section(body, "Intended use and limits")
+    line = next(ln for ln in limits.splitlines() if "benign diagnoses it calls melanoma" in ln)
+    assert (f"seborrheic keratosis {share['seborrheic keratosis']:.0%} of {(diag == 'seborrheic keratosis').sum()}, "
+            f"nevus {share['nevus']:.0%} of {(diag == 'nevus').sum()}; it calls {share['melanoma']:.0%} of melanomas"
+            in line), line
+    table = {r[0]: r for r in _rows(_section(body, "Operating point"))}
+    assert float(table["nevus"][-1]) == round(share["nevus"], 3)
+    assert float(table["melanoma"][-1]) == round(share["melanoma"], 3)
+    # the report's summary says the same
+    assert invoke("report", "--run", run, "--data", data, "--workers", 0, "--bootstrap", 20, "--errors", 0,
+                  "--no-importance", "--no-audit").exit_code == 0
+    summary = (run / "report.html").read_text().split('id="curves"')[0]
+    assert f"nevus {share['nevus']:.0%} of {(diag == 'nevus').sum()}" in summary

@@ -20,6 +20,17 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_every_error_line_names_its_command():
+    "The error line names the command from its function's name: it must be the name the command is registered under."
+    from typer.main import get_command
+
+    from melafast.cli.app import command_name
+
+    commands = get_command(app).commands
+    assert len(commands) >= 15
+    assert {command_name(cmd.callback): name for name, cmd in commands.items()} == {n: n for n in commands}
+
+
 def test_help_imports_no_torch():
     code = "import sys, melafast.cli; print('torch' in sys.modules, 'fastai' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -112,7 +123,7 @@ def test_upload_without_credentials_keeps_the_file(trained_run, tmp_path, monkey
     res = invoke("submit", "--run", out, "--tta", 1, "--out", sub, "--workers", 0, "--upload")
     assert res.exit_code != 0
     err = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: upload failed") and str(sub) in err[0]
+    assert len(err) == 1 and err[0].startswith("error: melafast submit: upload failed") and str(sub) in err[0]
     assert len(pd.read_csv(sub)) == 16
 
 
@@ -130,7 +141,7 @@ def test_bad_arguments_give_one_line(sample_dir, tmp_path):
     for args, msg in [(("--tta", 3), "--tta must be 1, 2, 4 or 8"), (("--fold", 5), "--fold must be 'all' or 0..1"),
                       (("--lr", "fast"), "--lr must be a number or 'auto'")]:
         res = invoke(*_train_args(sample_dir, tmp_path / "r"), *args)
-        assert res.exit_code == 1 and res.stderr.strip().startswith("error: " ) and msg in res.stderr
+        assert res.exit_code == 1 and res.stderr.strip().startswith("error: melafast train: ") and msg in res.stderr
 
 
 def test_prepare_resizes_once(sample_dir, tmp_path):

@@ -77,6 +77,12 @@ def test_a_run_without_models_is_refused_before_torch_loads(tiny_run, sample_dir
     shutil.copy(tiny_run / "config.json", empty / "config.json")
     calls = [[a.replace("IMAGES", str(sample_dir / "jpeg" / "test")).replace("DATA", str(sample_dir))
               .replace("OUT", str(tmp_path / "out")) for a in c[:1] + ["--run", str(empty)] + c[1:]] for c in COMMANDS]
+    # a run with models and a stack, submitted with --stack against a folder that has no tables
+    stacked = shutil.copytree(tiny_run, tmp_path / "stacked", ignore=shutil.ignore_patterns("*.csv", "*.html"))
+    (stacked / "stack.json").write_text("{}")  # only its presence is checked before torch
+    (tmp_path / "empty_data").mkdir()
+    calls.append(["submit", "--run", str(stacked), "--stack", "--data", str(tmp_path / "empty_data"),
+                  "--out", str(tmp_path / "s.csv")])
     # every command in one process: each must stop before anything imports torch
     code = ("import json, sys\nfrom melafast.cli import app\nout = []\n"
             "for args in json.loads(sys.argv[1]):\n    try:\n        app(args, prog_name='melafast')\n"
@@ -84,9 +90,12 @@ def test_a_run_without_models_is_refused_before_torch_loads(tiny_run, sample_dir
             "print(json.dumps(out))")
     res = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], capture_output=True, text=True, timeout=120)
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got == [[c[0], 1, False] for c in COMMANDS], res.stdout + res.stderr
+    assert got == [[c[0], 1, False] for c in calls], res.stdout + res.stderr
     errors = res.stderr.strip().splitlines()
-    assert len(errors) == len(COMMANDS) and all("holds no trained model" in e for e in errors), res.stderr
+    assert len(errors) == len(calls) and all("holds no trained model" in e for e in errors[:-1]), res.stderr
+    assert "empty_data has no train.csv (nor train-metadata.csv)" in errors[-1], res.stderr
+    # each line names the command that failed, so a log of several steps says which one
+    assert [e.split(": ")[1] for e in errors] == [f"melafast {c[0]}" for c in calls], res.stderr
 
 
 def test_a_one_fold_run_says_its_oof_row_is_not_the_cv(make_run):

@@ -343,6 +343,7 @@ def test_the_report_gives_one_row_per_operating_point():
 
 
 def test_the_report_says_which_diagnoses_the_point_calls_melanoma():
+    from melafast.evaluate.operating import calls_by_diagnosis
     from melafast.evaluate.report import _by_diagnosis
     from melafast.record import OperatingPoint
 
@@ -352,10 +353,11 @@ def test_the_report_says_which_diagnoses_the_point_calls_melanoma():
     target = (diagnosis == "melanoma").astype(int)
     pred = rng.random(n) * 0.5 + 0.4 * target + 0.25 * (diagnosis == "seborrheic keratosis")  # keratoses look worse
     df = pd.DataFrame(dict(target=target, pred=pred, fold=np.arange(n) % 3, diagnosis=diagnosis))
-    html = _by_diagnosis(df, OperatingPoint(threshold=0.5, operating_point="sens90"))
+    html = _by_diagnosis(calls_by_diagnosis(df, OperatingPoint(threshold=0.5, operating_point="sens90")))
     decision, _ = crossfit_decisions(target, pred, df["fold"], "sens90")
     for d in ("nevus", "seborrheic keratosis", "melanoma"):
         share = decision[diagnosis == d].mean()
         assert f"<td>{d}</td>" in html and f"{share:.3f}" in html, d
     assert decision[diagnosis == "seborrheic keratosis"].mean() > decision[diagnosis == "nevus"].mean()
-    assert _by_diagnosis(df.drop(columns="diagnosis"), OperatingPoint(threshold=0.5)) == ""
+    assert calls_by_diagnosis(df.drop(columns="diagnosis"), OperatingPoint(threshold=0.5)) is None
+    assert _by_diagnosis(None) == ""

@@ -10,8 +10,8 @@ PKG = Path(__file__).resolve().parents[1] / "melafast"
 
 # lowest first: a module may import from its own layer and the ones before it, never from a later one
 LAYERS = (
-    ("foundation", ("melafast", "melafast.errors", "melafast.atomic", "melafast.config", "melafast.processes",
-                    "melafast.progress", "melafast.metrics")),
+    ("foundation", ("melafast", "melafast.errors", "melafast.atomic", "melafast.config", "melafast.layout",
+                    "melafast.processes", "melafast.progress", "melafast.metrics")),
     ("data", ("melafast.data",)),
     ("model", ("melafast.model",)),
     ("run folder", ("melafast.record", "melafast.runfolder")),

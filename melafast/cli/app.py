@@ -9,7 +9,7 @@ import typer
 
 from ..errors import MelafastError
 
-__all__ = ["app", "friendly", "main"]
+__all__ = ["app", "friendly", "command_name", "main"]
 
 _state = {"debug": False}  # set by the top-level callback on every invocation
 
@@ -17,8 +17,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="melafast: melanoma detection from dermoscopic images + metadata (fastai + timm).")
 
 
+def command_name(fn) -> str:
+    "The name a command function is registered under: Typer's rule, less our `_cmd` suffix (stack_cmd: `stack`)."
+    return fn.__name__.removesuffix("_cmd").replace("_", "-")
+
+
 def friendly(fn):
-    "Turn a MelafastError into one line on stderr and exit code 1; --debug shows the traceback instead."
+    """Turn a MelafastError into one line on stderr and exit code 1; --debug shows the traceback instead.
+
+    The line names the command that failed (`error: melafast predict: ...`), so a log of several steps says which one."""
+
+    command = command_name(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,7 +39,7 @@ def friendly(fn):
             msg = str(e)
             if "Original Traceback" in msg:  # raised in a DataLoader worker: torch wraps it in the worker's traceback
                 msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
-            typer.echo(f"error: {msg}", err=True)
+            typer.echo(f"error: melafast {command}: {msg}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper

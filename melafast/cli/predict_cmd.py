@@ -87,7 +87,7 @@ def submit(
     if stack and run:
         from ..runfolder import RunFolder
 
-        RunFolder(run[0]).check_stack()  # before torch loads
+        RunFolder(run[0]).check_stack(data)  # the stack and its dataset's tables, before torch loads
     from ..inference.blend import read_ensemble
     from ..inference.submit import make_submission
 
@@ -206,7 +206,8 @@ def stack_cmd(
 
 
 def _stack_table(data, split):
-    from ..data import read_table, split_csv
+    from ..data import read_table
+    from ..layout import split_csv
 
     csv = split_csv(data, split)
     return read_table(csv) if csv.is_file() else None

@@ -19,7 +19,7 @@ One concern a file, each importing only the ones above it:
 
 from .columns import CAT_NAMES, CONT_NAMES, clean_columns, clean_metadata, resolve_columns
 from .tables import (IMAGE_EXTS, find_dataset, find_image_dir, image_folder, image_table, load_competition, load_split,
-                     read_table, split_csv)
+                     read_table)
 from .images import check_images
 from .folds import add_external, add_pseudo, check_teacher_folds, make_folds, pseudo_for_fold, read_pseudo
 from .features import (EXTRA_CONT_NAMES, FILE_FEATURES, add_meta_features, add_patient_features, check_file_features,
@@ -35,4 +35,4 @@ __all__ = ["IMAGE_EXTS", "CAT_NAMES", "CONT_NAMES", "load_competition", "load_sp
            "check_images", "diagnosis_labels", "add_external", "add_meta_features", "EXTRA_CONT_NAMES", "add_pseudo",
            "read_pseudo", "SoftLabel", "TensorSoftLabel", "MetaStack", "TrainOnly", "FILE_FEATURES", "MetaDropout",
            "check_file_features", "file_reference", "pseudo_for_fold", "check_teacher_folds", "resolve_columns",
-           "clean_columns", "make_sample_2024", "split_csv", "add_patient_features", "patient_feature_names"]
+           "clean_columns", "make_sample_2024", "add_patient_features", "patient_feature_names"]

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
+from ..layout import split_csv
 from .columns import clean_metadata
 
 __all__ = ["IMAGE_EXTS", "read_table", "find_image_dir", "load_split", "load_competition", "image_folder",
-           "image_table", "find_dataset", "common_names", "split_csv"]
+           "image_table", "find_dataset", "common_names"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -99,14 +100,6 @@ def _attach_fnames(df: pd.DataFrame, folder: Path, csv_name: str) -> pd.DataFram
     df = df.copy()
     df["fname"] = [os.path.join(folder, f) for f in files]
     return df
-
-
-def split_csv(path, split: str) -> Path:
-    """The table of `split` in the dataset folder `path`: `<split>.csv`, or the ISIC 2024 layout's
-    `<split>-metadata.csv` when only that exists (`<split>.csv` when neither does)."""
-    csv = Path(path) / f"{split}.csv"
-    alt = Path(path) / f"{split}-metadata.csv"
-    return alt if not csv.is_file() and alt.is_file() else csv
 
 
 def load_split(path, split: str = "test", images=None) -> pd.DataFrame | None:

@@ -59,10 +59,11 @@ def _share(part, whole) -> str:
 
 def _negatives(df) -> list:
     "The diagnoses of the benign (target 0) images, when the data names them."
+    from ..metrics import diagnoses
+
     if "diagnosis" not in df.columns:
         return []
-    diag = df.loc[df["target"] == 0, "diagnosis"].astype("string").str.strip().str.lower().fillna("not given")
-    counts = diag.replace("", "not given").value_counts()
+    counts = diagnoses(df)[df["target"] == 0].value_counts()
     return ["- The lesions that are not melanoma: " + ", ".join(f"{d} {c / counts.sum():.0%}" for d, c in
                                                                 counts.items()) + f" (of {counts.sum()} images)."]
 
@@ -136,6 +137,7 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
     from ..atomic import write_text
     from ..runfolder import RunFolder
     from .figures import SUBGROUPS, Evaluation
+    from .operating import calls_by_diagnosis, flags_in_words
     from .runview import oof_with_metadata, read_run
 
     folder = RunFolder(run)
@@ -171,10 +173,13 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
               "- Software: " + ", ".join(f"{k} {v}" for k, v in config.versions.items()) + ".",
               f"- Trained with: {_command(config.command)}", ""]
 
+    point = folder.operating_point()
+    calls = None if point is None or data_note else calls_by_diagnosis(df, point)
     lines += ["## Intended use and limits", "",
               "A research model that ranks dermoscopic images of skin lesions by their risk of melanoma, for studying "
               "such models and for decision support research under clinical oversight.", "",
-              *(f"- {t}" for t in LIMITS), *_served_worse(ev, data_note), ""]
+              *(f"- {t}" for t in LIMITS), *_served_worse(ev, data_note),
+              *([f"- {flags_in_words(calls, point)}"] if calls is not None else []), ""]
 
     lines += ["## Training data", "",
               f"`{data_name}`: {config.n_train or len(df)} training images, "
@@ -217,7 +222,6 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
         lines.append(f"- Note: this CV is {results.cv_note}")
     lines += ["", _md_table(ev.per_fold), ""]
 
-    point = folder.operating_point()
     lines += ["## Operating point", ""]
     if point is None:
         lines += ["None saved: the model gives a probability only. Choose one with `melafast report --run RUN "
@@ -238,6 +242,10 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
                 lines += [both, ""]
         else:
             lines += ["It could not be cross-fitted (one fold): its in-sample figures are optimistic.", ""]
+        if calls is not None:
+            rows, how = calls
+            lines += [f"Who it calls melanoma, by diagnosis (from {how}; on a benign diagnosis the share called "
+                      "melanoma is 1 - its specificity):", "", _md_table(rows, 3), ""]
 
     table = folder.audit()
     lines += ["## Shortcut audit", ""]

@@ -8,10 +8,11 @@ import html
 import numpy as np
 import pandas as pd
 
+from ..metrics import diagnoses
 from .figures import SITE
 from .pages import image, note, para
 
-__all__ = ["galleries", "error_section", "diagnoses", "NOT_BENIGN"]
+__all__ = ["galleries", "error_section", "NOT_BENIGN"]
 
 
 def _describe(row) -> str:
@@ -24,14 +25,6 @@ def _describe(row) -> str:
 # a high score on one of these is not a false alarm a dermatologist would accept
 NOT_BENIGN = ("basal cell carcinoma", "squamous cell carcinoma", "intraepithelial carcinoma", "actinic keratosis",
               "bowen", "merkel", "kaposi", "atypical melanocytic proliferation", "carcinoma", "melanoma")
-
-
-def diagnoses(df: pd.DataFrame) -> pd.Series:
-    "Each row's diagnosis in lower case ('melanoma' / 'not given' where the data has none)."
-    if "diagnosis" in df.columns:
-        diag = df["diagnosis"].astype("string").str.strip().str.lower()
-        return diag.where(diag.notna() & (diag != ""), "not given").astype(object)
-    return pd.Series(np.where(df["target"] == 1, "melanoma", "not given"), index=df.index, dtype=object)
 
 
 def galleries(df: pd.DataFrame, n: int) -> dict:

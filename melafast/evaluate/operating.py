@@ -36,7 +36,7 @@ from ..errors import MelafastError, RunError
 __all__ = ["parse_goal", "choose_threshold", "between_scores", "crossfit_decisions", "operating_table",
            "save_operating_point", "check_replace", "oof_patients", "by_measure", "vote", "decide",
            "STANDARD_GOALS", "VOTE_RULE", "ENSEMBLE_RULE", "ppv_npv", "prevalences", "decision_figures",
-           "path_figures"]
+           "path_figures", "calls_by_diagnosis", "flags_in_words"]
 
 STANDARD_GOALS = ("sens90", "sens95", "spec90", "spec95")  # the rows of the report's operating-point table
 VOTE_RULE = ("melanoma when at least half of the fold models score the image at or above the threshold, each as its "
@@ -312,3 +312,38 @@ def decide(point, per_model) -> tuple[np.ndarray, np.ndarray]:
     from ..record import OperatingPoint
 
     return (point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point)).decide(per_model)
+
+
+def calls_by_diagnosis(df: pd.DataFrame, point) -> tuple[pd.DataFrame, str] | None:
+    """Which diagnoses a saved operating point calls melanoma on the out-of-fold rows `df` (None when the data names
+    no diagnosis): per diagnosis, images, melanomas, how many it calls melanoma and that share (on a benign
+    diagnosis, 1 - its specificity), most melanomas first; and how the decisions were made, in words."""
+    from ..metrics import diagnoses
+
+    if "diagnosis" not in df.columns:
+        return None
+    how, decision = "the cross-fitted decisions (each fold judged by the threshold the other folds chose)", None
+    if point.scale == "model" and point.operating_point != "threshold":  # a goal chosen on these rows: re-fit it
+        try:
+            decision = crossfit_decisions(df["target"], df["pred"], df["fold"], point.operating_point)[0]
+        except RunError:  # one fold: nothing to cross-fit on
+            pass
+    if decision is None:
+        decision = (df["pred"] >= point.threshold).to_numpy().astype(int)
+        how = "each out-of-fold score against the threshold (one model's score, not the fold mean: indicative)"
+    rows = df.assign(diagnosis=diagnoses(df), called=decision).groupby("diagnosis").agg(
+        images=("called", "size"), melanomas=("target", "sum"), called_melanoma=("called", "sum")).reset_index()
+    rows["share called melanoma"] = rows["called_melanoma"] / rows["images"]
+    return rows.sort_values(["melanomas", "share called melanoma"], ascending=[False, False]), how
+
+
+def flags_in_words(calls: tuple[pd.DataFrame, str], point) -> str:
+    "One sentence of `calls_by_diagnosis`: the share of each benign diagnosis the point calls melanoma, most first."
+    rows, how = calls
+    rows = rows.rename(columns={"share called melanoma": "share"})
+    benign, mel = rows[rows["melanomas"] == 0].sort_values("share", ascending=False), rows[rows["melanomas"] > 0]
+    caught = f"; it calls {mel['called_melanoma'].sum() / mel['images'].sum():.0%} of melanomas" if len(mel) else ""
+    return (f"At the operating point in force ({point.operating_point}, threshold {point.threshold:.4f}), the benign "
+            "diagnoses it calls melanoma (1 - specificity on each): "
+            + ", ".join(f"{r.diagnosis} {r.share:.0%} of {r.images}" for r in benign.itertuples())
+            + f"{caught} (from {how}).")

@@ -137,28 +137,12 @@ def point_rows(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _by_diagnosis(df: pd.DataFrame, point) -> str:
-    """Which diagnoses the point in force calls melanoma, from the out-of-fold rows (empty when the data names no
+def _by_diagnosis(calls) -> str:
+    """Which diagnoses the point in force calls melanoma (`calls_by_diagnosis`; empty when the data names no
     diagnosis): its specificity on each benign diagnosis and its sensitivity on melanomas."""
-    from ..errors import RunError
-    from .gallery import diagnoses
-    from .operating import crossfit_decisions
-
-    if "diagnosis" not in df.columns:
+    if calls is None:
         return ""
-    how, decision = "the cross-fitted decisions (each fold judged by the threshold the other folds chose)", None
-    if point.scale == "model" and point.operating_point != "threshold":  # a goal chosen on these rows: re-fit it
-        try:
-            decision = crossfit_decisions(df["target"], df["pred"], df["fold"], point.operating_point)[0]
-        except RunError:  # one fold: nothing to cross-fit on
-            pass
-    if decision is None:
-        decision = (df["pred"] >= point.threshold).to_numpy().astype(int)
-        how = "each out-of-fold score against the threshold (one model's score, not the fold mean: indicative)"
-    rows = df.assign(diagnosis=diagnoses(df), called=decision).groupby("diagnosis").agg(
-        images=("called", "size"), melanomas=("target", "sum"), called_melanoma=("called", "sum")).reset_index()
-    rows["share called melanoma"] = rows["called_melanoma"] / rows["images"]
-    rows = rows.sort_values(["melanomas", "share called melanoma"], ascending=[False, False])
+    rows, how = calls
     return ("<h4>Who the point calls melanoma, by diagnosis</h4>"
             + para(f"From {how}. On a benign diagnosis the share called melanoma is 1 - its specificity: the false "
                    "alarms this point raises on it.") + table(rows, 3))
@@ -264,7 +248,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     replaced by `operating_point` only with `replace`; without `operating_point` the page shows the point in force.
     """
     from ..atomic import write_text
-    from .operating import check_replace, parse_goal, prevalences
+    from .operating import calls_by_diagnosis, check_replace, flags_in_words, parse_goal, prevalences
 
     folder = RunFolder(run)
     if operating_point is not None:
@@ -288,9 +272,13 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
                                      log=log)
         log(f"saved operating point {point.operating_point} (threshold {point.threshold:.4f}) to "
             f"{folder.operating_point_file}: `melafast predict` adds a decision column from it")
-        sections["curves"] += _saved_point(point) + _by_diagnosis(df, point)
-    elif (saved := folder.operating_point()) is not None:  # the point predict decides by, as it was saved
-        sections["curves"] += _saved_point(saved) + _by_diagnosis(df, saved)
+    else:
+        point = folder.operating_point()  # the point predict decides by, as it was saved (None: no point)
+    if point is not None:
+        calls = calls_by_diagnosis(df, point)
+        sections["curves"] += _saved_point(point) + _by_diagnosis(calls)
+        if calls is not None:  # the summary names the benign diagnoses it flags
+            sections["summary"] += note(flags_in_words(calls, point) + " See Curves and operating points.")
     sections["calibration"] = _calibration(config, ev, figdir)
     sections["subgroups"] = _subgroups(config, ev, figdir)
     models = fold_models(folder) if n_errors > 0 or importance or audit else {}

@@ -34,7 +34,8 @@ def _logit(p):
 
 def _table(data, cat, cont, patient_features, split="train") -> pd.DataFrame:
     "The split's table (no images needed) with the feature columns cleaned, and patient features when asked."
-    from ..data import read_table, split_csv
+    from ..data import read_table
+    from ..layout import split_csv
     from .inputs import clean_table
 
     data = Path(data)
@@ -138,21 +139,12 @@ def stack_ready(run, data=None, log: Callable = print) -> dict:
     and test tables, and the fingerprint of the rows the stack was fitted on. Checked before any image is scored;
     says so when `melafast stack` measured the stack below the image score alone."""
     from ..data.features import PATIENT_SUFFIXES
-    from ..data.tables import split_csv
     from ..runfolder import RunFolder
 
     folder = RunFolder(run)
-    folder.check_stack()
-    path = folder.stack_file
-    spec = json.loads(path.read_text())
+    data = folder.check_stack(data)
+    spec = json.loads(folder.stack_file.read_text())
     cat, cont = spec["columns"]["cat"], [c for c in spec["columns"]["cont"] if not c.endswith(PATIENT_SUFFIXES)]
-    data = folder.data_for(data)
-    for split in ("train", "test"):
-        if not split_csv(data, split).is_file():
-            raise DataError(f"{data} has no {split}.csv (nor {split}-metadata.csv): the stack reads the {split} table's "
-                            "columns "
-                            + ("(it refits its trees on the run's out-of-fold rows)" if split == "train" else
-                               "(the features of the images it scores)"))
     rows, X, y, _, cont_all = _training(folder, data, cat, cont, spec["patient_features"])
     if _fingerprint(X, y) != spec["fingerprint"]:
         raise RunError(f"the out-of-fold rows or the table of {folder.path} changed since `melafast stack`: run it "

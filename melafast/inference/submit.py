@@ -20,7 +20,8 @@ __all__ = ["submission_ids", "submission_id_column", "write_submission", "valida
 def submission_ids(data) -> list[str]:
     """Image ids a submission must list, in order: those of sample_submission.csv, else of test.csv (or the ISIC
     2024 layout's test-metadata.csv)."""
-    from ..data import read_table, split_csv
+    from ..data import read_table
+    from ..layout import split_csv
 
     data = Path(data)
     for csv in (data / "sample_submission.csv", split_csv(data, "test")):
