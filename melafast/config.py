@@ -123,6 +123,9 @@ class TrainConfig:
     frozen_bn: bool = setting(True, "During frozen epochs keep the backbone's batch-norm statistics fixed, or let "
                               "them adapt to the data.", flag="--frozen-bn/--adapt-bn", before=False)
     folds: int = setting(5, "Number of patient-grouped folds.", low=2, must="at least 2")
+    group_by: str = setting("patient_id", "Column of train.csv whose values stay in one fold: patient_id, or e.g. "
+                            "attribution (folds by institution: the CV then scores clinics it did not train on) or "
+                            "lesion_id. A patient's images always stay together.")
     fold: int | None = setting(None, "'all', or one fold number to train only that fold.", kind="fold")
     meta: bool = setting(True, "Fuse patient metadata with the image.", flag="--meta/--no-meta")
     cat: list = setting([], "Categorical metadata column of train.csv (repeatable). With --cont, they replace the "
@@ -140,6 +143,9 @@ class TrainConfig:
     image_head: bool = setting(True, "With metadata, score images that come without any patient field by an image-only "
                                "head trained on every row, instead of the joint head's image part.",
                                flag="--image-head/--no-image-head", before=False)
+    color_constancy: int = setting(0, "Shades of Gray colour constancy on every image, in training and every "
+                                   "prediction path: the Minkowski p of the illuminant estimate (6, as ISIC 2018-2019 "
+                                   "winners used), or 0 for off.", low=0, before=0)
     precision: str = setting("auto", "auto: bf16 on new GPUs, fp16 on old, fp32 on the CPU.", choices=PRECISIONS)
     tta: int = setting(8, "Dihedral TTA views for the out-of-fold predictions.", choices=TTA_VIEWS)
     weights: str | None = setting(None, "Local timm backbone checkpoint (.safetensors/.pth).", kind="path")

@@ -11,7 +11,7 @@ from torch import nn
 from .data.side import SideGenerator
 from .errors import MelafastError, WeightsError
 
-__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch", "SideDropout"]
+__all__ = ["create_backbone", "MelanomaModel", "melanoma_splitter", "check_arch", "SideDropout", "shades_of_gray"]
 
 
 def check_arch(arch: str) -> str:
@@ -119,6 +119,17 @@ class SideDropout(nn.Module):
         return f"p={self.p}"
 
 
+def shades_of_gray(x: torch.Tensor, p: int = 6, eps: float = 1e-6) -> torch.Tensor:
+    """Shades of Gray colour constancy (Finlayson and Trezzi 2004) of images (N, 3, H, W) in [0, 1]: each image's
+    illuminant is estimated as the Minkowski p-norm mean of each channel, and each channel is scaled so that
+    illuminant becomes neutral grey (a white light leaves the image unchanged); values are clipped to [0, 1]. p = 1 is
+    grey world, large p tends to max-RGB; 6 is what ISIC 2018-2019 entries used."""
+    x = x.float().clamp(0, 1)
+    light = x.pow(p).mean(dim=(2, 3), keepdim=True).pow(1.0 / p)  # (N, 3, 1, 1)
+    light = light / (light.norm(dim=1, keepdim=True) + eps)  # unit length: white is (1, 1, 1) / sqrt(3)
+    return (x / (light * 3 ** 0.5 + eps)).clamp(0, 1)
+
+
 def _mlp_block(n_in, n_out, p, side=None):
     drop = nn.Dropout(p) if side is None else SideDropout(p, side)
     return [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.SiLU(), drop]
@@ -145,6 +156,7 @@ class MelanomaModel(nn.Module):
         mean=None,  # input normalisation; default the backbone's pretrained_cfg mean
         std=None,  # input normalisation; default the backbone's pretrained_cfg std
         blank_flags=None,  # indices of the patient fields' missing flags in the metadata vector: adds the image head
+        color_constancy: int = 0,  # Shades of Gray colour constancy with this Minkowski p on every input image; 0: off
     ):
         super().__init__()
         self.backbone = create_backbone(arch, pretrained=pretrained, weights=weights)
@@ -189,14 +201,23 @@ class MelanomaModel(nn.Module):
                            head_drop=head_drop, drop_samples=drop_samples, mean=mean, std=std)
         if blank_flags:  # only then: the config of an image-head-less model stays what older melafast reads
             self.config["blank_flags"] = blank_flags
+        if color_constancy < 0:
+            raise MelafastError(f"color_constancy is a Minkowski p (6) or 0 for off, got {color_constancy}")
+        self.color_constancy = int(color_constancy)
+        if self.color_constancy:  # only then, as for blank_flags
+            self.config["color_constancy"] = self.color_constancy
 
     def forward(self, x, meta=None):
         return self.classify(self.image_features(x), meta)
 
     def image_features(self, x):
-        """Pooled backbone features of a batch of images (N, 3, H, W) with values in [0, 1]."""
+        """Pooled backbone features of a batch of images (N, 3, H, W) with values in [0, 1]. Colour constancy, when
+        the model has it, is the first step: part of the model, so training, every prediction path and the exported
+        ONNX graph apply the same one."""
         # fastai's tensor subclasses dispatch every op through Python; plain tensors keep the backbone fast
         x = x.as_subclass(torch.Tensor)
+        if self.color_constancy:
+            x = shades_of_gray(x, self.color_constancy).to(x.dtype)
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -228,3 +228,10 @@ def main_job(shared_root):
 
     path = _once(shared_root, "main-job", make)
     return path / "run", path / "sample"
+
+
+@pytest.fixture(scope="session")
+def constancy_run(make_run):
+    """The tiny run with Shades of Gray colour constancy (p = 6) and folds grouped by sex (a stand-in for an
+    institution column: each patient has one)."""
+    return make_run(color_constancy=6, group_by="sex")

@@ -50,6 +50,34 @@ def test_folds_rows_without_patient_are_their_own_groups():
         make_folds(df.iloc[30:], n_folds=5)
 
 
+def test_folds_by_institution_keep_each_institution_and_each_patient_whole():
+    "--group-by attribution: an institution is held out whole; a patient seen at two is kept with both."
+    from melafast.data.folds import fold_groups
+
+    rng = np.random.default_rng(0)
+    n = 400
+    df = pd.DataFrame({"image_name": [f"i{i}" for i in range(n)], "patient_id": [f"p{i // 4}" for i in range(n)],
+                       "attribution": np.repeat(rng.choice(["vienna", "queensland", "barcelona", "milan", "sydney"],
+                                                           n // 4), 4),
+                       "target": rng.integers(0, 2, n)})
+    df.loc[df["patient_id"] == "p0", "attribution"] = ["vienna", "vienna", "milan", "milan"]  # one patient, two sites
+    f = make_folds(df, n_folds=3, seed=0, group_by="attribution")
+    assert f.groupby("attribution")["fold"].nunique().max() == 1  # each institution in one fold
+    assert f.groupby("patient_id")["fold"].nunique().max() == 1
+    assert f.loc[f["attribution"] == "vienna", "fold"].iloc[0] == f.loc[f["attribution"] == "milan", "fold"].iloc[0]
+    assert sorted(f["fold"].unique()) == [0, 1, 2]
+    # the default is unchanged: the same folds as grouping by patient alone always gave
+    assert make_folds(df, 3, seed=0)["fold"].equals(make_folds(df.drop(columns="attribution"), 3, seed=0)["fold"])
+    # a near-duplicate cluster kept together across patients; rows with no value stand alone
+    g = fold_groups(pd.DataFrame({"patient_id": ["a", "b", None, None], "dup": ["x", "x", None, "y"]}),
+                    ("patient_id", "dup"))
+    assert g[0] == g[1] and len({g[1], g[2], g[3]}) == 3
+    with pytest.raises(DataError, match="at least 5 groups of attribution"):
+        make_folds(df, n_folds=5, group_by="attribution")  # vienna and milan joined: 4 groups
+    with pytest.raises(DataError, match="no clinic column"):
+        make_folds(df, n_folds=3, group_by="clinic")
+
+
 # ---- reading datasets
 
 @needs_ham

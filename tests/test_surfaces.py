@@ -121,6 +121,7 @@ KINDS = {  # kind of run -> (make_run settings or a fixture's name, layout)
     "--no-meta": (dict(seed=2, meta=False), "2020"),
     "--extra-meta": (dict(extra_meta=True, fold=0), "2020"),
     "--keep best": (dict(keep="best", epochs=3), "2020"),
+    "--color-constancy 6, --group-by sex": ("constancy", "2020"),
     "--target diagnosis": ("diagnosis", "2020"),
     "--cat/--cont, ISIC 2024": ("run_2024", "2024"),
     "--patient-features, ISIC 2024": ("run_2024_patient", "2024"),
@@ -139,6 +140,8 @@ def test_every_surface_gives_predicts_answer(kind, request, make_run, sample_dir
         run = make_run(**how)
     elif how == "diagnosis":
         run = make_run(data=request.getfixturevalue("sample_diagnosis"), target="diagnosis")
+    elif how == "constancy":
+        run = request.getfixturevalue("constancy_run")
     elif how == "main_job":  # README command 1, trained once for tests/test_validation.py too
         run, sample_dir = request.getfixturevalue(how)
     else:

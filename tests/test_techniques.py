@@ -460,3 +460,51 @@ def test_read_pseudo_checks_the_file(tmp_path):
         read_pseudo(f)
     f.write_text("image_name,pred,soft_target\nA,0.93,0.93\nB,0.01,0\n")
     assert read_pseudo(f)["soft_target"].tolist() == [0.93, 0.0]
+
+
+def test_shades_of_gray_makes_the_illuminant_grey():
+    "Shades of Gray (p = 6): a colour cast is removed; a grey-lit image is left as it is; numbers as the formula says."
+    import torch
+
+    from melafast.model import shades_of_gray
+
+    g = torch.Generator().manual_seed(0)
+    scene = torch.rand(2, 1, 24, 24, generator=g).expand(2, 3, 24, 24) * 0.7  # grey surfaces under white light
+    scene = scene * (0.9 + 0.2 * torch.rand(2, 3, 24, 24, generator=g))  # some colour in the surfaces
+    cast = torch.tensor([1.0, 0.8, 0.55]).view(1, 3, 1, 1)
+    out = shades_of_gray(scene * cast, 6)
+    light = out.pow(6).mean(dim=(2, 3)).pow(1 / 6)
+    assert (light.max(dim=1).values / light.min(dim=1).values).max() < 1.01  # the channels' p-means now agree
+    before = (scene * cast).pow(6).mean(dim=(2, 3)).pow(1 / 6)
+    assert (before.max(dim=1).values / before.min(dim=1).values).min() > 1.5  # and did not before
+    # the formula, written out with numpy for one image
+    x = (scene * cast)[0].permute(1, 2, 0).numpy().astype(np.float64)
+    e = np.power(np.mean(np.power(x, 6), axis=(0, 1)), 1 / 6)
+    e = e / np.sqrt(np.sum(e ** 2))
+    want = np.clip(x / (e * np.sqrt(3)), 0, 1)
+    assert np.abs(out[0].permute(1, 2, 0).numpy() - want).max() < 1e-5
+    grey = torch.full((1, 3, 8, 8), 0.4)
+    assert torch.allclose(shades_of_gray(grey, 6), grey, atol=1e-5)  # white light: unchanged
+
+
+def test_a_run_with_colour_constancy_and_folds_by_a_column(constancy_run, sample_dir, tmp_path):
+    "The settings reach the saved models and the folds; the models apply constancy (taking it away moves the scores)."
+    from conftest import run_output
+
+    from melafast.inference import load_predictor
+
+    cfg = json.loads((constancy_run / "config.json").read_text())["settings"]
+    assert cfg["color_constancy"] == 6 and cfg["group_by"] == "sex"
+    oof = pd.read_csv(constancy_run / "oof.csv").merge(pd.read_csv(sample_dir / "train.csv")[["image_name", "sex"]])
+    assert oof.dropna(subset=["sex"]).groupby("sex")["fold"].nunique().max() == 1  # each value in one fold
+    assert "folds grouped by sex (2 values, each patient kept whole)" in run_output(constancy_run)
+    images = sample_dir / "jpeg" / "test"
+    with_cc = load_predictor(constancy_run).predict(images, num_workers=0, progress=False)
+    plain = copy_run(constancy_run, tmp_path / "plain")
+    for f in plain.glob("fold*/config.json"):
+        spec = json.loads(f.read_text())
+        assert spec["model"].pop("color_constancy") == 6
+        f.write_text(json.dumps(spec))
+    without = load_predictor(plain).predict(images, num_workers=0, progress=False)
+    # (a one-epoch run scores near 0.49 everywhere: a move far above float noise, 1e-7, is the constancy's)
+    assert np.abs(np.asarray(with_cc) - np.asarray(without)).max() > 2e-5

@@ -11,13 +11,43 @@ import pandas as pd
 from ..errors import DataError
 from .tables import read_table
 
-__all__ = ["make_folds", "add_external", "read_pseudo", "add_pseudo", "pseudo_for_fold", "check_teacher_folds"]
+__all__ = ["make_folds", "fold_groups", "add_external", "read_pseudo", "add_pseudo", "pseudo_for_fold", "check_teacher_folds"]
 
 
-def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
-    """Return a copy of `df` with an int `fold` column: grouped by `patient_id`, stratified by `target`.
+def fold_groups(df: pd.DataFrame, by=("patient_id",)) -> np.ndarray:
+    """One group code per row: rows that share a value in any column of `by` (e.g. the same institution, the same
+    patient, the same near-duplicate cluster) share a group, joined transitively; a row whose every one of these
+    columns is empty stands alone. Columns `df` lacks are skipped."""
+    n = len(df)
+    parent = np.arange(n)
 
-    Rows with an empty `patient_id` are each their own group. The same seed always gives the same folds.
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for col in [c for c in by if c in df.columns]:
+        values = df[col].to_numpy()
+        present = pd.notna(df[col]).to_numpy()
+        first = {}
+        for i in np.flatnonzero(present):
+            j = first.setdefault(values[i], i)
+            if j != i:
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[a] = b
+    return pd.factorize(np.array([root(i) for i in range(n)]))[0]
+
+
+def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42, group_by: str = "patient_id",
+               together: tuple = ()) -> pd.DataFrame:
+    """Return a copy of `df` with an int `fold` column: grouped by `group_by` (default `patient_id`; e.g.
+    `attribution` for folds by institution), stratified by `target`.
+
+    A patient's rows always stay in one fold, whatever `group_by` is, and so do rows sharing a value of any column in
+    `together` (e.g. a near-duplicate cluster); rows with none of these values are each their own group. The same
+    seed always gives the same folds.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -25,12 +55,14 @@ def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFra
         raise DataError(f"n_folds must be at least 2, got {n_folds}")
     if "target" not in df.columns:
         raise DataError("make_folds needs a target column")
-    pid = df["patient_id"] if "patient_id" in df.columns else pd.Series(np.nan, index=df.index)
-    groups = pid.where(pid.notna(), pd.Series([f"\0row{i}" for i in range(len(df))], index=df.index))
-    n_groups = groups.nunique()
+    if group_by != "patient_id" and group_by not in df.columns:
+        raise DataError(f"--group-by {group_by}: train.csv has no {group_by} column (it has "
+                        f"{', '.join(map(str, df.columns[:12]))})")
+    codes = fold_groups(df, (group_by, "patient_id", *together))
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
     if n_groups < n_folds:
-        raise DataError(f"{n_folds} folds need at least {n_folds} patients, but the data has {n_groups}")
-    codes = pd.factorize(groups)[0]
+        what = "patients" if group_by == "patient_id" else f"groups of {group_by} (with each patient kept whole)"
+        raise DataError(f"{n_folds} folds need at least {n_folds} {what}, but the data has {n_groups}")
     folds = np.full(len(df), -1, dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, valid) in enumerate(splitter.split(np.zeros(len(df)), df["target"].to_numpy(), codes)):

@@ -165,8 +165,10 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
               + f"; test-time augmentation: {s.tta} dihedral view(s).",
               f"- Training: {s.freeze_epochs} frozen + {s.epochs} epochs, batch size {s.bs}, "
               f"learning rate {s.lr if s.lr is not None else 'from lr_find per fold'}, "
-              f"{s.folds} patient-grouped folds, seed {s.seed}, "
-              f"{'ImageNet weights' if s.pretrained or s.weights else 'random initialisation'}, "
+              f"{s.folds} folds grouped by {s.group_by}"
+              + ("" if s.group_by == "patient_id" else " (each patient kept whole)") + f", seed {s.seed}, "
+              + (f"Shades of Gray colour constancy (p = {s.color_constancy}), " if s.color_constancy else "")
+              + f"{'ImageNet weights' if s.pretrained or s.weights else 'random initialisation'}, "
               f"metadata dropout {s.meta_dropout}" + (f" ({s.dropout_patterns})" if s.meta_dropout else "")
               + ("; images without any metadata are scored by an image-only head trained on every training image"
                  if s.meta and s.image_head else "") + ".",

@@ -35,7 +35,8 @@ def _summary(config, results, ev: Evaluation, data) -> str:
     s = config.settings
     lr = "lr_find valley per fold" if s.lr is None else s.lr
     settings = {k: getattr(s, k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta",
-                                           "keep", "aug", "upsample", "ema", "swa", "pseudo", "external", "seed")}
+                                           "keep", "aug", "upsample", "ema", "swa", "pseudo", "external", "seed",
+                                           "group_by", "color_constancy")}
     settings.update(lr=lr, lr_mult=s.lr_mult, pretrained=s.weights or s.pretrained)
     if s.meta:
         cat, cont = config.metadata_columns

@@ -119,8 +119,8 @@ def fold_learner(df, k, cfg: TrainConfig, path):
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn,
-                            image_head=cfg.image_head, path=path,
-                            model_dir=".")
+                            image_head=cfg.image_head, path=path, model_dir=".",
+                            model_kwargs=dict(color_constancy=cfg.color_constancy) if cfg.color_constancy else None)
 
 
 def phase_lr_find(learn, on: str, suggest_funcs):

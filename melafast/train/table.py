@@ -85,7 +85,20 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
             cfg.cont = [*base, *patient_feature_names(base)]
         log(f"metadata columns: categorical {', '.join(cfg.cat) or '(none)'}; continuous {', '.join(cfg.cont) or '(none)'}")
     train, bad = check_images(train, cfg.on_bad_image, workers=workers)
-    df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed)
+    df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed,
+                    group_by=cfg.group_by)
+    if cfg.group_by != "patient_id":  # few groups: say which fold validates which
+        held = df.groupby("fold")[cfg.group_by].agg(lambda v: ", ".join(sorted(map(str, v.dropna().unique()))))
+        values = df[cfg.group_by].nunique()
+        whole = df[[cfg.group_by, "patient_id"]].dropna().groupby("patient_id")[cfg.group_by].nunique().gt(1).sum() \
+            if "patient_id" in df.columns else 0
+        log(f"folds grouped by {cfg.group_by} ({values} values, each patient kept whole"
+            + (f"; {whole} patients have images under several values, which joins those values in one fold"
+               if whole else "") + "): "
+            + "; ".join(f"fold {k} validates {v or '(rows without a value)'}" for k, v in held.items()))
+    elif "attribution" in df.columns and df["attribution"].nunique() > 1:
+        log(f"the data names {df['attribution'].nunique()} institutions (attribution): the folds mix them, so the CV "
+            "scores clinics it trained on; --group-by attribution holds whole institutions out")
     table = RunTable(df, data, len(df), bad=bad)
     for path in cfg.external:
         ext, _ = load_competition(path)
