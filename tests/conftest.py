@@ -235,3 +235,28 @@ def constancy_run(make_run):
     """The tiny run with Shades of Gray colour constancy (p = 6) and folds grouped by sex (a stand-in for an
     institution column: each patient has one)."""
     return make_run(color_constancy=6, group_by="sex")
+
+
+@pytest.fixture(scope="session")
+def ham_evaluation(shared_root, tiny_run):
+    """`melafast evaluate` of the tiny run on 60 HAM10000 images of the Queensland practice (a clinic and images it
+    never saw; with their institution and label source from sources.csv), once per session: (its folder, the table)."""
+    import pandas as pd
+
+    if not (HAM / "sources.csv").is_file():
+        pytest.skip("../shared/data/ham10000/sources.csv not present")
+
+    def make(path):
+        table = pd.read_csv(HAM / "train.csv").merge(pd.read_csv(HAM / "sources.csv"), on="image_name")
+        site = table[table["attribution"] == "rosendahl"]
+        chosen = pd.concat([site[site["target"] == 1].sample(15, random_state=0),
+                            site[site["target"] == 0].sample(45, random_state=0)])
+        data = path / "data"
+        data.mkdir(parents=True)
+        chosen.to_csv(data / "train.csv", index=False)
+        res = invoke("evaluate", "--run", tiny_run, "--data", data, "--images", HAM / "images", "--name", "queensland",
+                     "--group-by", "dx_type", "--out", path / "evaluation", "--bootstrap", 100, "--errors", 3, "--workers", 0)
+        assert res.exit_code == 0, res.output
+
+    path = _once(shared_root, "ham-evaluation", make)
+    return path / "evaluation", pd.read_csv(path / "data" / "train.csv")

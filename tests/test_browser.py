@@ -1,4 +1,4 @@
-"""The report, compare and audit pages in a real headless browser (Debian's chromium, driven by playwright): each
+"""The report, compare, audit and external-evaluation pages in a real headless browser (Debian's chromium, driven by playwright): each
 loads with no console error, every image decodes, and every link of its navigation lands on a section.
 
 `.ci/browser` installs chromium for CI; where none can be installed these tests skip and say so. Set
@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+from conftest import needs_ham
 from typer.testing import CliRunner
 
 from melafast.cli import app
@@ -136,3 +137,16 @@ def test_the_reports_operating_point_in_force_in_a_browser(browser, tiny_run, tm
     assert "out-of-fold images" in got["text"] and "melanoma when at least half of the fold models" in got["text"]
     assert "One threshold serves both input paths" in got["text"]
     assert got["rows"] == ["sens90", "sens95", "spec90", "spec95"]  # one row per operating point
+
+
+@needs_ham
+def test_the_external_evaluation_page_in_a_browser(browser, ham_evaluation):
+    "melafast evaluate on real HAM10000 images of another clinic: every image decodes, every link lands, no error."
+    from melafast.evaluate.external_page import SECTIONS
+
+    out, _ = ham_evaluation
+    got = open_page(browser, out / "evaluation.html")
+    # roc, calibration, subgroups, and the error galleries (missed melanomas, false alarms, other malignant)
+    _check(got, len(got["images"]), list(SECTIONS))
+    assert len(got["images"]) >= 5
+    assert [link["heading"] for link in got["links"]] == list(SECTIONS.values())

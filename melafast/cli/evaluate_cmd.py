@@ -1,4 +1,4 @@
-"""The commands that evaluate a run: report, operating-point, calibrate, audit, card, compare."""
+"""The commands that evaluate a run: report, operating-point, evaluate, calibrate, audit, card, compare."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from ..errors import MelafastError
 from .app import app, friendly
-from .options import BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, WorkersOpt
+from .options import BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, RunTtaOpt, WorkersOpt
 from .options import check_run
 from .options import value as _value
 
@@ -83,6 +83,47 @@ def operating_point_cmd(
            f"{figure_in_words(cf['sensitivity'])}, specificity {figure_in_words(cf['specificity'])}")
     typer.echo(f"operating point {point.operating_point} ({point.goal}): threshold {point.threshold:.4f}, chosen on "
                f"{point.chosen_on}; {point.rule}; {how}; saved in {Path(run) / 'threshold.json'}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    run: FinishedRunOpt,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Labelled images from elsewhere: a dataset folder "
+                                                 "whose train.csv lists image_name, target and metadata (any layout "
+                                                 "melafast reads).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (with --labels; or with --data when "
+                                                   "detection does not find it).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of image_name, target and any metadata for "
+                                                   "the images of --images.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the evaluation (default: the data folder's "
+                                                "name); it is written to <run>/evaluations/NAME/.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write (default <run>/evaluations/NAME).")]
+    = None,
+    group_by: Annotated[Optional[List[str]], typer.Option("--group-by", help="Another column to show subgroups of "
+                                                          "(repeatable); sex, age, site, attribution, dx_type and "
+                                                          "diagnosis are shown where present.")] = None,
+    errors: Annotated[int, typer.Option("--errors", help="Images per error grid with Grad-CAM maps; 0 leaves the "
+                                        "grids out.")] = 8,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    tta: RunTtaOpt = None,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+    precision: RunPrecisionOpt = None,
+):
+    """Score labelled images from another clinic with the run, as predict does, and write a page beside the run's own
+    out-of-fold figures: AUC with intervals, with and without metadata, calibration, subgroups, the saved operating
+    point there, the worst errors."""
+    check_run(run)
+    if data is None and (images is None or labels is None):
+        raise MelafastError("evaluate needs labelled images: --data FOLDER (a train.csv), or --images DIR --labels CSV")
+    if errors < 0 or bootstrap < 1:
+        raise MelafastError("--errors must be 0 or more and --bootstrap at least 1")
+    from ..evaluate.external import evaluate_run
+
+    evaluate_run(run, data=data, images=images, labels=labels, out=out, name=name, group_by=group_by or (),
+                 n_boot=bootstrap, n_errors=errors, tta=tta, bs=bs, num_workers=workers, precision=_value(precision),
+                 log=typer.echo)
 
 
 @app.command()

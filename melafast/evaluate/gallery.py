@@ -52,8 +52,10 @@ def galleries(df: pd.DataFrame, n: int) -> dict:
     return out
 
 
-def error_section(models, df, figdir, n_errors, bs, num_workers, device, precision=None) -> str:
-    "The report's section on the worst errors: galleries by diagnosis, each image beside its Grad-CAM map."
+def error_section(models, df, figdir, n_errors, bs, num_workers, device, precision=None,
+                  scored_by: str = "the fold model that scored it") -> str:
+    """The report's section on the worst errors: galleries by diagnosis, each image beside its Grad-CAM map from the
+    model of its row's `fold` (`scored_by` says which, in words)."""
     from .explain import describe_cam_layer
     from ..inference import resolve_settings
     from .plots import plot_cam_grid
@@ -64,7 +66,7 @@ def error_section(models, df, figdir, n_errors, bs, num_workers, device, precisi
     parts = [para("The melanomas scored lowest and the lesions scored highest that are not melanomas, one image per "
                 + ("lesion" if "lesion_id" in df.columns else "patient") + " (its most extreme), grouped by diagnosis "
                 "where the data gives one. Each image is shown as it is and beside its Grad-CAM map for the melanoma "
-                "output of the fold model that scored it (red: regions that raise the melanoma score), with its "
+                f"output of {scored_by} (red: regions that raise the melanoma score), with its "
                 "metadata (sex, age, site) and its score."),
              para(f"The maps are taken at {' / '.join(layers)} and scaled up to the image; they explain the plain view "
                 "of the image, while the score is the mean over the run's TTA views. The maps were computed "
