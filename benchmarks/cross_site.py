@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +61,8 @@ def datasets(work: Path, n_train: int, n_ext: int, seed: int) -> tuple[Path, Pat
 
 
 def run(cmd: list) -> str:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    "`melafast CMD...` with this interpreter (so PYTHONPATH chooses the melafast that runs)."
+    res = subprocess.run([sys.executable, "-m", "melafast", *(str(c) for c in cmd[1:])], capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res.stdout

@@ -13,7 +13,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from .errors import MelafastError
 
 __all__ = ["TrainConfig", "Setting", "setting", "settings_of", "epoch_rule", "KEEP_RULES", "LR_FIND_ON", "PRECISIONS",
-           "AUG_PRESETS", "TARGETS", "BAD_IMAGE_MODES", "BLENDS", "TTA_VIEWS", "META_DROPOUT", "DROPOUT_PATTERNS"]
+           "AUG_PRESETS", "TARGETS", "BAD_IMAGE_MODES", "BLENDS", "TTA_VIEWS", "META_DROPOUT", "DROPOUT_PATTERNS",
+           "DUP_DISTANCE"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on GPUs that have it, fp16 on older ones, fp32 on the CPU
 AUG_PRESETS = ("light", "medium", "heavy")  # batch augmentation presets (all flip and turn)
@@ -26,7 +27,10 @@ TTA_VIEWS = (1, 2, 4, 8)  # dihedral TTA views
 _SAME = object()  # a setting whose value did not change meaning when it was introduced: old runs get the default
 # the share of training rows whose patient fields are blanked, chosen on CV figures (docs/metadata.md)
 META_DROPOUT = 0.5
-DROPOUT_PATTERNS = ("subsets", "all_or_one")  # which patient fields metadata dropout blanks together (MetaDropout)
+DROPOUT_PATTERNS = ("subsets", "all_or_one")
+# perceptual-hash bits (of 64) at which two images are near-duplicates: on HAM10000 every copy resized to 75% and
+# re-encoded is found at 4, and 94% of the pairs found are two images of one lesion (benchmarks/dedup.py)
+DUP_DISTANCE = 4  # which patient fields metadata dropout blanks together (MetaDropout)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,9 @@ class TrainConfig:
     group_by: str = setting("patient_id", "Column of train.csv whose values stay in one fold: patient_id, or e.g. "
                             "attribution (folds by institution: the CV then scores clinics it did not train on) or "
                             "lesion_id. A patient's images always stay together.")
+    dedup: int = setting(DUP_DISTANCE, "Near-duplicate images (perceptual hashes at most this many bits of 64 "
+                         "apart) stay in one fold, and external images that duplicate a training image are dropped; "
+                         "-1: off.", low=-1, before=-1)
     fold: int | None = setting(None, "'all', or one fold number to train only that fold.", kind="fold")
     meta: bool = setting(True, "Fuse patient metadata with the image.", flag="--meta/--no-meta")
     cat: list = setting([], "Categorical metadata column of train.csv (repeatable). With --cont, they replace the "

@@ -17,6 +17,8 @@ import pytest
 from filelock import FileLock
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+# image signatures (perceptual hashes, skin tone) are cached here, not in the user's ~/.cache
+os.environ.setdefault("MELAFAST_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "melafast-test-cache"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: tiny models gain nothing from sharing two
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # this worker, and the processes it starts (notebooks, torchrun)
@@ -260,3 +262,19 @@ def ham_evaluation(shared_root, tiny_run):
 
     path = _once(shared_root, "ham-evaluation", make)
     return path / "evaluation", pd.read_csv(path / "data" / "train.csv")
+
+
+def without_lookalikes(table, images, sample_dir):
+    """The rows of `table` (image_name; images in the folder `images`) whose picture is not a near-duplicate, to the
+    perceptual hash, of a training image of the sample: drawn lesions resemble each other far more than photographs."""
+    import pandas as pd
+
+    from melafast.config import DUP_DISTANCE
+    from melafast.data.signatures import cross_duplicates, signatures
+
+    train = pd.read_csv(sample_dir / "train.csv")
+    ours = table.assign(phash=signatures([images / f"{n}.jpg" for n in table["image_name"]], progress=False)["phash"])
+    theirs = train.assign(phash=signatures([sample_dir / "jpeg" / "train" / f"{n}.jpg" for n in train["image_name"]],
+                                           progress=False)["phash"])
+    alike = cross_duplicates(ours, theirs, DUP_DISTANCE)["image_name"]
+    return table[~table["image_name"].isin(alike)].reset_index(drop=True)

@@ -219,8 +219,10 @@ def test_train_one_fold_with_lr_auto(make_run, sample_dir):
     lr = json.loads((out / "fold1" / "config.json").read_text())["lr"]
     assert 1e-7 < lr < 10
     oof = pd.read_csv(out / "oof.csv")
-    from melafast.data import load_competition, make_folds
+    from melafast.config import TrainConfig
+    from melafast.train.table import build_table
 
-    folds = make_folds(load_competition(sample_dir)[0], n_folds=2, seed=42)  # the CLI's --seed default
+    # the training table's folds (patients and near-duplicates grouped; the CLI's --seed default)
+    folds = build_table(TrainConfig(data=str(sample_dir), folds=2, workers=0), log=lambda m: None).df
     assert set(oof["fold"]) == {1}
     assert sorted(oof["image_name"]) == sorted(folds.loc[folds["fold"] == 1, "image_name"])

@@ -11,23 +11,38 @@ from conftest import HAM, invoke, needs_ham
 from sklearn.metrics import roc_auc_score
 
 
+N_EXT = 40  # labelled images of other patients
+
+
 def _external(sample_dir, dest, clash: int = 3):
-    """A labelled set of other synthetic patients (names EXT_*), plus `clash` rows that copy images the run trained
-    on, under their training names (which evaluate must leave out)."""
+    """A labelled set of other synthetic patients (names EXT_*; none a look-alike of a training image to the
+    perceptual hash), plus `clash` rows that copy images the run trained on under their training names, and, with
+    `clash`, one training image resized to 80% under a new name and patient (EXT_COPY): evaluate leaves all those out."""
+    from conftest import without_lookalikes
+    from PIL import Image
+
     from melafast.data import make_sample
 
-    src = make_sample(dest.parent / "ext-src", n_train=48, n_test=1, seed=5, px=64)
+    src = make_sample(dest.parent / "ext-src", n_train=N_EXT + 20, n_test=1, seed=5, px=64)
     (dest / "jpeg" / "train").mkdir(parents=True)
     table = pd.read_csv(src / "train.csv")
     for name in table["image_name"]:
         shutil.copy(src / "jpeg" / "train" / f"{name}.jpg", dest / "jpeg" / "train" / f"EXT_{name}.jpg")
     table["image_name"] = "EXT_" + table["image_name"]
     table["patient_id"] = "EXT_" + table["patient_id"]
+    table = without_lookalikes(table, dest / "jpeg" / "train", sample_dir).head(N_EXT)
+    assert len(table) == N_EXT
     table["attribution"] = np.where(np.arange(len(table)) % 2, "clinic A", "clinic B")
     trained = pd.read_csv(sample_dir / "train.csv").head(clash)
     for name in trained["image_name"]:
         shutil.copy(sample_dir / "jpeg" / "train" / f"{name}.jpg", dest / "jpeg" / "train")
-    pd.concat([table, trained.assign(attribution="clinic A")]).to_csv(dest / "train.csv", index=False)
+    parts = [table, trained.assign(attribution="clinic A")]
+    if clash:
+        src_row = pd.read_csv(sample_dir / "train.csv").iloc[[10]]
+        im = Image.open(sample_dir / "jpeg" / "train" / f"{src_row['image_name'].iloc[0]}.jpg")
+        im.resize((int(im.width * 0.8), int(im.height * 0.8))).save(dest / "jpeg" / "train" / "EXT_COPY.jpg", quality=85)
+        parts.append(src_row.assign(image_name="EXT_COPY", patient_id="EXT_P_COPY", attribution="clinic B"))
+    pd.concat(parts).to_csv(dest / "train.csv", index=False)
     return dest
 
 
@@ -37,15 +52,17 @@ def test_evaluate_checked_against_an_independent_computation(tiny_run, sample_di
     assert invoke("operating-point", "--run", run, "--goal", "sens90", "--bootstrap", 20).exit_code == 0
     res = invoke("evaluate", "--run", run, "--data", ext, "--bootstrap", 50, "--errors", 2, "--workers", 0)
     assert res.exit_code == 0, res.output
-    assert "warning: 3 of 51 images were in the run's training data" in res.output
+    assert f"warning: 4 of {N_EXT + 4} images were in the run's training data" in res.output
     out = run / "evaluations" / "ext"
     result = json.loads((out / "evaluation.json").read_text())
     scores = pd.read_csv(out / "scores.csv")
-    assert len(scores) == 48 and scores["image_name"].str.startswith("EXT_").all()  # the 3 trained on: left out
-    assert {r["reason"] for r in result["left_out"]} == {"the same image name as a training image"}
-    # predict's answer, with the metadata and with none
+    assert len(scores) == N_EXT and scores["image_name"].str.startswith("EXT_").all()  # the 4 trained on: left out
+    reasons = {r["image_name"]: r["reason"] for r in result["left_out"]}
+    assert sorted(v for k, v in reasons.items() if k != "EXT_COPY") == ["the same image name as a training image"] * 3
+    assert reasons["EXT_COPY"].startswith("a near-duplicate of training image SYNTH_000010")  # found by its pixels
     table = pd.read_csv(ext / "train.csv")
-    table = table[table["image_name"].str.startswith("EXT_")]
+    # predict's answer, with the metadata and with none
+    table = table[table["image_name"].isin(scores["image_name"])]
     images = tmp_path / "imgs"
     images.mkdir()
     for name in table["image_name"]:
@@ -78,20 +95,20 @@ def test_evaluate_checked_against_an_independent_computation(tiny_run, sample_di
     assert result["operating_point"]["called_melanoma"] == int(decision.sum())
     # subgroups over the institution column, found by itself
     inst = [g for g in result["subgroups"] if g["variable"] == "institution"]
-    assert {g["group"] for g in inst} == {"clinic A", "clinic B"} and sum(g["images"] for g in inst) == 48
+    assert {g["group"] for g in inst} == {"clinic A", "clinic B"} and sum(g["images"] for g in inst) == N_EXT
     page = (out / "evaluation.html").read_text()
     assert f"{auc:.4f}" in page and f"{own:.4f}" in page and "Worst errors" in page
     # the card lists it
     assert invoke("card", "--run", run, "--bootstrap", 20).exit_code == 0
     card = (run / "MODEL_CARD.md").read_text()
-    assert f"- ext ({ext}; 48 images" in card and f"ROC AUC **{auc:.4f}**" in card
+    assert f"- ext ({ext}; {N_EXT} images" in card and f"ROC AUC **{auc:.4f}**" in card
 
 
 def test_evaluate_refuses_what_it_cannot_evaluate(tiny_run, sample_dir, tmp_path):
     ext = _external(sample_dir, tmp_path / "ext", clash=0)
     table = pd.read_csv(ext / "train.csv")
     for mutate, msg in ((lambda t: t.drop(columns="target"), "has no labels"),
-                        (lambda t: t.assign(target=0), "holds 0 melanomas in 48 images")):
+                        (lambda t: t.assign(target=0), f"holds 0 melanomas in {N_EXT} images")):
         mutate(table).to_csv(ext / "train.csv", index=False)
         res = invoke("evaluate", "--run", tiny_run, "--data", ext, "--out", tmp_path / "o")
         assert res.exit_code == 1 and res.stderr.count("\n") == 1 and msg in res.stderr, res.output

@@ -1,12 +1,13 @@
-"""Getting data ready: `prepare`, `download` and `sample`."""
+"""Getting data ready: `prepare`, `download`, `sample` and `dedup`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
+from ..config import DUP_DISTANCE
 from ..errors import MelafastError
 from .app import app, friendly
 from .options import ImagesOpt, SeedOpt
@@ -65,3 +66,43 @@ def sample(
     make = make_sample if format == "isic2020" else make_sample_2024
     path = make(out, n_train=n_train, n_test=n_test, seed=seed)
     typer.echo(f"wrote a SYNTHETIC sample to {path}: {n_train} train + {n_test} test images (not real patients)")
+
+
+@app.command()
+@friendly
+def dedup(
+    data: Annotated[List[Path], typer.Argument(help="Dataset folders (their train and test images) or image folders.",
+                                               show_default=False)],
+    distance: Annotated[int, typer.Option("--distance", help="Bits (of the 64-bit perceptual hash) at which two "
+                                          "images count as near-duplicates.")] = DUP_DISTANCE,
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV of every image in a group (group, dataset, "
+                                                "split, image_name, distance, fname).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Threads decoding images (default: one per "
+                                                   "core).")] = None,
+):
+    """List near-duplicate images within and across datasets (the same lesion photographed twice, a resized copy,
+    an image shared between challenge years), by perceptual hash; hashes are cached per image."""
+    import os
+
+    if not 0 <= distance <= 32:
+        raise MelafastError(f"--distance must be between 0 and 32 bits, got {distance}")
+    from ..atomic import write_csv
+    from ..data.signatures import duplicate_table
+
+    table = duplicate_table(data, distance, workers=workers or os.cpu_count() or 1)
+    if table.empty:
+        typer.echo(f"no near-duplicates within {distance} bits among the images of {', '.join(map(str, data))}")
+        return
+    groups = table.groupby("group")
+    across = int(groups["dataset"].nunique().gt(1).sum())
+    splits = int(groups["split"].agg(lambda s: {"train", "test"} <= set(s)).sum())
+    typer.echo(f"{table['group'].nunique()} groups of near-duplicates (within {distance} bits) holding {len(table)} "
+               f"images; {across} groups span two datasets, {splits} span a train and a test table")
+    for g, part in list(groups)[:20]:
+        typer.echo(f"  group {g}: " + ", ".join(f"{r.image_name} ({Path(r.dataset).name}/{r.split}, {r.distance} bits)"
+                                                for r in part.itertuples()))
+    if table["group"].nunique() > 20:
+        typer.echo(f"  ... {table['group'].nunique() - 20} more groups" + ("" if out else ": --out FILE lists them all"))
+    if out is not None:
+        write_csv(table, out)
+        typer.echo(f"wrote {out}")

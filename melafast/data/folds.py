@@ -11,14 +11,12 @@ import pandas as pd
 from ..errors import DataError
 from .tables import read_table
 
-__all__ = ["make_folds", "fold_groups", "add_external", "read_pseudo", "add_pseudo", "pseudo_for_fold", "check_teacher_folds"]
+__all__ = ["make_folds", "fold_groups", "join_groups", "add_external", "read_pseudo", "add_pseudo", "pseudo_for_fold", "check_teacher_folds"]
 
 
-def fold_groups(df: pd.DataFrame, by=("patient_id",)) -> np.ndarray:
-    """One group code per row: rows that share a value in any column of `by` (e.g. the same institution, the same
-    patient, the same near-duplicate cluster) share a group, joined transitively; a row whose every one of these
-    columns is empty stands alone. Columns `df` lacks are skipped."""
-    n = len(df)
+def join_groups(n: int, left, right) -> np.ndarray:
+    """A group code per item 0..n-1: items joined by a pair (`left[k]`, `right[k]`) share one, transitively; the
+    others stand alone. Codes are numbered in order of each group's first item."""
     parent = np.arange(n)
 
     def root(i):
@@ -27,17 +25,25 @@ def fold_groups(df: pd.DataFrame, by=("patient_id",)) -> np.ndarray:
             i = parent[i]
         return i
 
-    for col in [c for c in by if c in df.columns]:
-        values = df[col].to_numpy()
-        present = pd.notna(df[col]).to_numpy()
-        first = {}
-        for i in np.flatnonzero(present):
-            j = first.setdefault(values[i], i)
-            if j != i:
-                a, b = root(i), root(j)
-                if a != b:
-                    parent[a] = b
+    for i, j in zip(left, right):
+        a, b = root(int(i)), root(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the earlier item roots its group
     return pd.factorize(np.array([root(i) for i in range(n)]))[0]
+
+
+def fold_groups(df: pd.DataFrame, by=("patient_id",)) -> np.ndarray:
+    """One group code per row: rows that share a value in any column of `by` (e.g. the same institution, the same
+    patient, the same near-duplicate cluster) share a group, joined transitively; a row whose every one of these
+    columns is empty stands alone. Columns `df` lacks are skipped."""
+    left, right = [], []
+    for col in [c for c in by if c in df.columns]:
+        codes = pd.Series(pd.factorize(df[col])[0])  # -1: empty
+        present = codes[codes >= 0]
+        first = pd.Series(present.index, index=present.index).groupby(present.to_numpy()).transform("min")
+        left += present.index.tolist()
+        right += first.tolist()
+    return join_groups(len(df), left, right)
 
 
 def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42, group_by: str = "patient_id",

@@ -10,8 +10,8 @@ import pandas as pd
 
 from ..errors import MelafastError
 from ..record import figure_in_words
-from .operating import (ENSEMBLE_RULE, by_measure, check_replace, oof_patients, operating_table, parse_goal,
-                        path_figures)
+from .external import trained_on
+from .operating import ENSEMBLE_RULE, by_measure, check_replace, operating_table, parse_goal, path_figures
 
 __all__ = ["calibrate_operating_point", "MIN_CALIBRATION_MELANOMAS"]
 
@@ -49,20 +49,19 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
     if "target" not in table.columns:
         raise MelafastError("the calibration set needs a target column (1: melanoma, 0: benign)")
     table = table.reset_index(drop=True)
-    oof = folder.oof(need="a calibration set is checked against the images the run trained on")
-    seen = set(oof["image_name"]) & set(table["image_name"])
-    if seen:
-        raise MelafastError(f"{len(seen)} calibration images were in the run's training table (e.g. "
-                            f"{sorted(seen)[0]}): calibrate on patients the run never saw")
-    known = oof_patients(folder, oof)
-    if known is None:
-        log("the run's training patients could not be read (its data folder is not here): the calibration set is "
-            "checked against the run's image names only")
-    elif "patient_id" in table.columns:
-        shared = set(known.dropna()) & set(table["patient_id"].dropna())
-        if shared:
-            raise MelafastError(f"{len(shared)} calibration patients are in the run's training table (e.g. "
-                                f"{sorted(shared)[0]}): calibrate on patients the run never saw")
+    seen = trained_on(folder, table, log)  # by name, by patient, and by content (near-duplicate pixels)
+    named = seen[~seen["reason"].str.startswith("a near-duplicate")]
+    if len(named):  # the wrong set: the run's own images or patients
+        raise MelafastError(f"{len(named)} calibration images are in the run's training data (e.g. "
+                            f"{named['image_name'].iloc[0]}: {named['reason'].iloc[0]}): calibrate on patients the "
+                            "run never saw")
+    if len(seen):  # copies under other names: left out, said
+        log(f"warning: {len(seen)} calibration images nearly duplicate training images by their pixels (e.g. "
+            f"{seen['image_name'].iloc[0]}: {seen['reason'].iloc[0]}): left out of the calibration set")
+        if per_model is not None:
+            keep = ~table["image_name"].isin(seen["image_name"]).to_numpy()
+            per_model = np.asarray(per_model)[:, keep]
+        table = table[~table["image_name"].isin(seen["image_name"])].reset_index(drop=True)
     target = table["target"].to_numpy().astype(int)
     n_mel = int(target.sum())
     if n_mel < MIN_CALIBRATION_MELANOMAS or n_mel == len(target):

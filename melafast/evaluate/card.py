@@ -22,8 +22,9 @@ LIMITS = (
     "not be used to diagnose, to rule out melanoma, or to decide on any patient's care.",
     "Every figure here is a cross-validated estimate on the data described below, from lesions photographed with "
     "the same devices at the same sites; performance on other populations, cameras, dermatoscopes or image "
-    "preparation is unknown and can be much lower.",
-    "The training data records no skin type. Public dermoscopy collections are dominated by light-skinned patients: "
+    "preparation is unknown unless measured under External evaluations below, and can be much lower.",
+    "The training data records no skin type (the skin-tone groups below are estimated from the images). Public "
+    "dermoscopy collections are dominated by light-skinned patients: "
     "treat performance on darker skin as unknown.",
     "The score is a ranking first: its probabilities are calibrated only as far as the calibration figures below "
     "say, and a threshold must be chosen (and checked) for the population it is used on.",
@@ -214,6 +215,10 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
         lines += ["", "Who the data holds (out-of-fold images per group, with the AUC and its 95% patient-bootstrap "
                   "interval where a group has at least 5 melanomas):", "",
                   _md_table(sub[["variable", "group", "images", "melanomas", "auc", "lo", "hi"]]), ""]
+        if "skin_tone" in df.columns:
+            from ..data.signatures import SKIN_TONE_NOTE
+
+            lines += [SKIN_TONE_NOTE, ""]
         few = sub[sub["note"] != ""]
         if len(few):
             lines += ["Under-represented (too few melanomas for an AUC): "

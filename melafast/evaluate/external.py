@@ -57,9 +57,13 @@ def read_labelled(data=None, images=None, labels=None) -> tuple[pd.DataFrame, st
     return table.assign(target=table["target"].astype(int)), source
 
 
-def trained_on(folder, table: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `table` the run trained on, with why: the same image name, or a patient of its training table.
-    (image_name, reason); empty when none."""
+def trained_on(folder, table: pd.DataFrame, log: Callable = print) -> pd.DataFrame:
+    """The rows of `table` the run trained on, with why: the same image name, a patient of its training table, or
+    an image whose pixels nearly duplicate a training image's (perceptual hash within the run's --dedup distance, or
+    `DUP_DISTANCE`), found by content whatever its name. (image_name, reason); empty when none."""
+    from ..config import DUP_DISTANCE
+    from ..data import load_split
+    from ..data.signatures import cross_duplicates, with_signatures
     from .operating import oof_patients
 
     oof = folder.oof(need="an evaluation is checked against the images the run trained on")
@@ -69,6 +73,23 @@ def trained_on(folder, table: pd.DataFrame) -> pd.DataFrame:
     if known is not None and "patient_id" in table.columns:
         same = table["patient_id"].isin(set(known.dropna())) & (reasons == "")
         reasons[same] = "a patient of the run's training table"
+    try:
+        train = load_split(folder.data_for(None), "train")
+    except MelafastError:
+        train = None
+    if train is None or "fname" not in table.columns:
+        log("the run's training images could not be read (its data folder is not here): images are checked against "
+            "its image names and patients only, not by content")
+    else:
+        train = train[train["image_name"].isin(set(oof["image_name"]))]
+        distance = folder.train_config().dedup if folder.config_file.is_file() else -1
+        copies = cross_duplicates(with_signatures(table.reset_index(drop=True), progress=False),
+                                  with_signatures(train.reset_index(drop=True), progress=False),
+                                  distance if distance >= 0 else DUP_DISTANCE)
+        copy_of = dict(zip(copies["image_name"], zip(copies["duplicate_of"], copies["distance"])))
+        for i in table.index[(reasons == "") & table["image_name"].isin(copy_of)]:
+            other, bits = copy_of[table.at[i, "image_name"]]
+            reasons[i] = f"a near-duplicate of training image {other} ({bits} bits apart)"
     hit = reasons != ""
     return pd.DataFrame({"image_name": table.loc[hit, "image_name"].to_numpy(), "reason": reasons[hit].to_numpy()})
 
@@ -100,6 +121,7 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     `scores.csv` (default `out`: `<run>/evaluations/<name>`, `name` the data folder's name). Images the run trained on
     (see `trained_on`) are left out and listed. `scores`: a scores.csv already made for these rows (skips scoring)."""
     from ..atomic import write_json, write_text
+    from ..data.signatures import add_skin_tone
     from ..runfolder import RunFolder
     from .external_page import evaluation_page
     from .runview import oof_with_metadata, read_run
@@ -109,17 +131,20 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     table, source = read_labelled(data, images, labels)
     name = name or Path(str(data if data is not None else labels)).stem
     out = Path(out) if out is not None else folder.path / "evaluations" / name
-    seen = trained_on(folder, table)
+    seen = trained_on(folder, table, log)
     if len(seen):
         log(f"warning: {len(seen)} of {len(table)} images were in the run's training data ("
-            + "; ".join(f"{r}: {n}" for r, n in seen["reason"].value_counts().items())
+            + "; ".join(f"{kind}: {n}" for kind, n in seen["reason"].str.replace(r" of training image .*",
+                                                                                  " of a training image",
+                                                                                  regex=True).value_counts().items())
             + f"; e.g. {seen['image_name'].iloc[0]}): left out of every figure, listed in evaluation.json")
         table = table[~table["image_name"].isin(seen["image_name"])].reset_index(drop=True)
         if table["target"].nunique() < 2:
             raise DataError(f"without the images the run trained on, {source} has no melanoma or no benign lesion left")
     if scores is None:
         scores = _score(folder, table, tta, bs, num_workers, device, precision, progress, log)
-    rows = table.merge(scores.drop(columns=["target"], errors="ignore"), on="image_name", how="left")
+    rows = add_skin_tone(table.merge(scores.drop(columns=["target"], errors="ignore"), on="image_name", how="left"),
+                         progress=False)
     ev = Evaluation(rows, n_boot=n_boot)
     blank = Evaluation(rows, score="pred_no_meta", n_boot=n_boot) if rows["pred_no_meta"].notna().all() else None
     try:

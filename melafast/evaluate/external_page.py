@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.signatures import SKIN_TONE_NOTE
 from .figures import Evaluation
 from .pages import image, interval, note, page, para, table
 
@@ -130,6 +131,7 @@ def evaluation_page(folder, result, ev, blank, home, rows, columns, out: Path, n
         "subgroups": "\n".join([image(plot_subgroups(groups, dict(auc=ev.value("auc")), figdir / "subgroups.png")),
                                 para("AUC per group with a 95% interval (whole patients resampled); groups with fewer "
                                      "than 5 melanomas get no AUC. Variables: " + ", ".join(columns) + "."),
+                                *([note(SKIN_TONE_NOTE)] if "skin_tone" in columns.values() else []),
                                 table(groups)]),
         "operating": _operating(result),
     }

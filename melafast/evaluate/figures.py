@@ -21,7 +21,8 @@ from ..metrics import (PAUC_MIN_TPR, age_band, auc, bootstrap_weights, calibrati
 __all__ = ["Measure", "HEADLINE", "Evaluation", "SITE", "SUBGROUPS"]
 
 SITE = "anatom_site_general_challenge"
-SUBGROUPS = {"sex": "sex", "age": "age_approx", "site": SITE}  # the default subgroup variables and their columns
+# the default subgroup variables and their columns (skin tone: estimated from the images, `data.signatures`)
+SUBGROUPS = {"sex": "sex", "age": "age_approx", "site": SITE, "skin tone (ITA)": "skin_tone"}
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,10 @@ def _subgroups(config, ev: Evaluation, figdir) -> str:
     if config.n_external:
         text.append(f"The run also trained on {config.n_external} external images; they only ever train, so "
                     "there is no out-of-fold score for them: every figure here is on the main data.")
+    if "skin_tone" in ev.rows.columns:
+        from ..data.signatures import SKIN_TONE_NOTE
+
+        text.append(SKIN_TONE_NOTE)
     return "\n".join([image(fig), *map(para, text), table(groups)])
 
 

@@ -25,6 +25,7 @@ def read_run(run: RunFolder, page: str = "the report") -> tuple:
 def oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.DataFrame, Path]:
     "The OOF rows with their images and metadata from the run's data folder (or `data`)."
     from ..data import add_meta_features, load_split
+    from ..data.signatures import add_skin_tone
     from ..inference.inputs import clean_table
 
     data = run.data_for(data)
@@ -39,7 +40,7 @@ def oof_with_metadata(run: RunFolder, config, oof, data, images) -> tuple[pd.Dat
     if config.settings.extra_meta:
         train = add_meta_features(train)  # as in training: computed over the whole training table
     df = oof.merge(train.drop(columns=["target", "fold"], errors="ignore"), on="image_name", how="left")
-    return df, data
+    return add_skin_tone(df, progress=False), data
 
 
 def fold_models(run: RunFolder) -> dict:

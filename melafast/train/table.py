@@ -85,8 +85,18 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
             cfg.cont = [*base, *patient_feature_names(base)]
         log(f"metadata columns: categorical {', '.join(cfg.cat) or '(none)'}; continuous {', '.join(cfg.cont) or '(none)'}")
     train, bad = check_images(train, cfg.on_bad_image, workers=workers)
+    together = ()
+    if cfg.dedup >= 0:  # near-duplicate images (one lesion photographed twice, a copy) stay in one fold
+        from ..data.signatures import duplicate_clusters, with_signatures
+
+        train = with_signatures(train, workers=workers)
+        train["dup_cluster"], together = duplicate_clusters(train, cfg.dedup), ("dup_cluster",)
+        n_dup = int(train["dup_cluster"].notna().sum())
+        if n_dup:
+            log(f"near-duplicates: {n_dup} images in {train['dup_cluster'].nunique()} groups (perceptual hashes at "
+                f"most {cfg.dedup} bits apart), each group kept in one fold")
     df = make_folds(add_meta_features(train) if cfg.extra_meta else train, n_folds=cfg.folds, seed=cfg.seed,
-                    group_by=cfg.group_by)
+                    group_by=cfg.group_by, together=together)
     if cfg.group_by != "patient_id":  # few groups: say which fold validates which
         held = df.groupby("fold")[cfg.group_by].agg(lambda v: ", ".join(sorted(map(str, v.dropna().unique()))))
         values = df[cfg.group_by].nunique()
@@ -106,6 +116,16 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
         if declared and cfg.patient_features:
             ext = add_patient_features(ext, base)
         ext, ext_bad = check_images(ext, cfg.on_bad_image, workers=workers)
+        if cfg.dedup >= 0:  # an external copy of a main-table image would train the fold that validates it
+            from ..data.signatures import cross_duplicates, with_signatures
+
+            ext = with_signatures(ext, workers=workers)
+            copies = cross_duplicates(ext, df, cfg.dedup)
+            if len(copies):
+                log(f"external data {path}: {len(copies)} images are near-duplicates of main-table images (e.g. "
+                    f"{copies['image_name'].iloc[0]} of {copies['duplicate_of'].iloc[0]}, {copies['distance'].iloc[0]} "
+                    "bits apart): dropped")
+                ext = ext[~ext["image_name"].isin(copies["image_name"])]
         ext = add_meta_features(ext) if cfg.extra_meta else ext
         table.df, n_dup = add_external(table.df, ext)
         added = table.df.iloc[len(table.df) - (len(ext) - n_dup):]
