@@ -133,6 +133,7 @@ class ExportedRun:
         self.manifest = json.loads(manifest.read_text())
         self.tta = int(self.manifest["tta"])
         self.operating_point = self.manifest.get("operating_point")
+        self.recalibration = self.manifest.get("recalibration")  # melafast recalibrate's slope and shift, if any
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.models = []
@@ -153,8 +154,8 @@ class ExportedRun:
         return total / len(views)
 
     def predict(self, images, meta=None, bs: int = 32) -> list:
-        """One dict per image, in order: image_name, pred (the fold models' mean melanoma probability) and, with a
-        saved operating point, decision (1: melanoma) and votes. `images`: a folder, an image path or a list of
+        """One dict per image, in order: image_name, pred (the fold models' mean melanoma probability), with a
+        recalibration pred_calibrated, and, with a saved operating point, decision (1: melanoma) and votes. `images`: a folder, an image path or a list of
         paths; `meta`: a CSV path or a list of dicts with image_name and any of sex, age_approx,
         anatom_site_general_challenge (images it does not list: every field unknown)."""
         paths = _image_paths(images)
@@ -169,6 +170,12 @@ class ExportedRun:
                 per_model[i][start:start + len(chunk)] = self._views(session, batch, enc)
         pred = np.mean(per_model, axis=0)
         out = [{"image_name": n, "pred": float(p)} for n, p in zip(names, pred)]
+        if self.recalibration is not None:  # monotone: rankings and decisions stay those of pred
+            r = self.recalibration
+            z = np.clip(pred, 1e-7, 1 - 1e-7)
+            cal = 1.0 / (1.0 + np.exp(-(r["slope"] * np.log(z / (1 - z)) + r["shift"])))
+            for row, c in zip(out, cal):
+                row["pred_calibrated"] = float(c)
         if self.operating_point is not None:
             point = self.operating_point
             votes = (np.asarray(per_model) >= point["threshold"]).sum(axis=0)

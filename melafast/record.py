@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import RunError
 
-__all__ = ["RunInfo", "RunFigures", "ModelSpec", "OperatingPoint", "SCALES", "CONFIG_FORMAT"]
+__all__ = ["RunInfo", "RunFigures", "ModelSpec", "OperatingPoint", "Recalibration", "SCALES", "CONFIG_FORMAT"]
 
 CONFIG_FORMAT = 1  # a model folder's config.json format: bump it when that file changes incompatibly
 _REQUIRED = {"format": int, "arch": str, "size": int, "meta": bool, "n_out": int, "pos": int, "vocab": list, "model": dict}
@@ -267,3 +267,46 @@ class OperatingPoint:
         if self.scale == "ensemble":
             return (scores.mean(axis=0) >= self.threshold).astype(np.int8), votes
         return (2 * votes >= len(scores)).astype(np.int8), votes
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """recalibration.json: a monotone map from predict's probability (`pred`, the fold mean) to a recalibrated one,
+    p' = sigmoid(slope * logit(p) + shift) (temperature scaling with a shift: Platt's method), fitted on the run's
+    out-of-fold rows or on a calibration set of unseen patients. Monotone, so every ranking figure (AUC, pAUC) and
+    the operating point's decisions are unchanged; `prevalence` is the share of melanomas it was fitted at."""
+
+    slope: float
+    shift: float
+    fitted_on: str = ""  # in words: the out-of-fold rows, or a calibration set of N images
+    images: int = 0
+    melanomas: int = 0
+    prevalence: float | None = None
+    ece_before: float | None = None  # cross-fitted on the rows it was fitted on
+    ece_after: float | None = None
+    brier_before: float | None = None
+    brier_after: float | None = None
+    source: str = "oof"  # "oof" or "calibration set"
+    created: str = ""
+
+    def apply(self, p):
+        "The recalibrated probabilities of `p` (any array-like)."
+        import numpy as np
+
+        p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+        z = self.slope * np.log(p / (1 - p)) + self.shift
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recalibration":
+        from dataclasses import fields
+
+        if not {"slope", "shift"} <= set(d):
+            raise ValueError("recalibration.json needs slope and shift")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -74,6 +74,7 @@ class RunFolder:
     skipped_file = property(lambda self: self.path / "skipped_images.csv")
     report_file = property(lambda self: self.path / "report.html")
     operating_point_file = property(lambda self: self.path / "threshold.json")
+    recalibration_file = property(lambda self: self.path / "recalibration.json")  # after `melafast recalibrate`
     audit_file = property(lambda self: self.path / "audit.csv")
     stack_file = property(lambda self: self.path / "stack.json")  # after `melafast stack`
     pseudo_file = property(lambda self: self.path / "pseudo.csv")
@@ -230,6 +231,18 @@ class RunFolder:
             raise RunError(f"{self.operating_point_file} is damaged ({e}): save it again with `melafast report "
                            "--operating-point`") from None
 
+    def recalibration(self):
+        """recalibration.json: the saved `Recalibration` (None when the run has none)."""
+        from .record import Recalibration
+
+        if not self.recalibration_file.is_file():
+            return None
+        try:
+            return Recalibration.from_dict(json.loads(self.recalibration_file.read_text()))
+        except ValueError as e:
+            raise RunError(f"{self.recalibration_file} is damaged ({e}): fit it again with `melafast recalibrate`") \
+                from None
+
     def info(self):
         """The run's config.json as a typed `RunInfo` (its `TrainConfig` and what training recorded beside it)."""
         from .record import RunInfo
@@ -323,6 +336,9 @@ class RunFolder:
         point = point if isinstance(point, OperatingPoint) else OperatingPoint.from_dict(point)
         write_json(point.to_dict(), self.operating_point_file)
         return point
+
+    def write_recalibration(self, recal) -> None:
+        write_json(recal.to_dict(), self.recalibration_file)
 
     def write_skipped(self, bad: pd.DataFrame):
         write_csv(bad, self.skipped_file)

@@ -1,4 +1,4 @@
-"""The commands that evaluate a run: report, operating-point, evaluate, calibrate, audit, card, compare."""
+"""The commands that evaluate a run: report, operating-point, evaluate, recalibrate, calibrate, audit, card, compare."""
 
 from __future__ import annotations
 
@@ -124,6 +124,29 @@ def evaluate(
     evaluate_run(run, data=data, images=images, labels=labels, out=out, name=name, group_by=group_by or (),
                  n_boot=bootstrap, n_errors=errors, tta=tta, bs=bs, num_workers=workers, precision=_value(precision),
                  log=typer.echo)
+
+
+@app.command()
+@friendly
+def recalibrate(
+    run: FinishedRunOpt,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Fit on a calibration set (a folder whose train.csv "
+                                                 "lists labelled images of patients the run never trained on), scored "
+                                                 "as predict scores; default: the run's out-of-fold rows.")] = None,
+    images: ImagesOpt = None,
+    folds: Annotated[int, typer.Option("--folds", help="Patient-grouped parts of the calibration set the effect is "
+                                       "cross-fitted on (the out-of-fold rows use the run's folds).")] = 5,
+    bs: BsOpt = 64,
+    workers: WorkersOpt = None,
+):
+    """Fit a monotone recalibration of predict's probability (a temperature and a shift on the logit) and save it in
+    the run: every surface then adds pred_calibrated; rankings and decisions are unchanged."""
+    check_run(run)
+    if folds < 2:
+        raise MelafastError("--folds must be at least 2")
+    from ..evaluate.recalibrate import recalibrate_run
+
+    recalibrate_run(run, data=data, images=images, folds=folds, bs=bs, num_workers=workers, log=typer.echo)
 
 
 @app.command()

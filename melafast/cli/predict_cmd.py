@@ -32,7 +32,8 @@ def predict(
     workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="CSV to write: image_name; pred (the melanoma probability: the "
                                       "mean of the fold models over the run's TTA views); run; pred_min and pred_max "
-                                      "(the fold models' range); pred_at_prevalence with --prevalence; with an operating "
+                                      "(the fold models' range); pred_calibrated when the run has a recalibration "
+                                      "(`melafast recalibrate`); pred_at_prevalence with --prevalence; with an operating "
                                       "point saved in the run, decision (1: melanoma) and, when the fold models' vote "
                                       "decides, votes (the models at or above its threshold); target for --split "
                                       "train; image_ok when --on-bad-image skip skipped any.")] = Path("preds.csv"),
@@ -40,7 +41,8 @@ def predict(
     precision: RunPrecisionOpt = None,
     prevalence: Annotated[Optional[float], typer.Option(
         "--prevalence", help="Also write pred_at_prevalence: the probability where this share of lesions are "
-        "melanomas (e.g. 0.02 for a screening clinic), moved from the share the run learnt from.")] = None,
+        "melanomas (e.g. 0.02 for a screening clinic), moved from the share the run learnt from (or, with a "
+        "recalibration, from the recalibrated probability and the share it was fitted at).")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic GPU kernels, no cuDNN autotuning: "
                                                 "the same images give the same bits on this machine and software, "
                                                 "slower. (The CPU repeats anyway.)")] = False,

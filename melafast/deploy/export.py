@@ -94,6 +94,7 @@ def export_run(run, out, opset: int = DEFAULT_OPSET, log: Callable = print) -> P
 
     manifest = dict(format=1, run=str(folder.path.resolve()), tta=folder.tta, blend="mean of the fold models", opset=opset,
                     models=models, operating_point=point.to_dict() if (point := folder.operating_point()) else None,
+                    recalibration=recal.to_dict() if (recal := folder.recalibration()) else None,
                     metadata_rules=dict(holes=sorted(HOLES), sexes=SEXES),
                     exported=datetime.datetime.now().isoformat(timespec="seconds"),
                     note="fp32 graphs; runs validated in bf16/fp16 on a GPU differ from them by that precision")

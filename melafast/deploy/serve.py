@@ -77,6 +77,9 @@ async function send(file) {{
     const atPrev = j.pred_at_prevalence !== undefined ? '<div class="at-prevalence">where ' +
       (100 * j.prevalence).toFixed(1) + '% of lesions are melanomas: <b>' + j.pred_at_prevalence.toFixed(4) +
       '</b></div>' : '';
+    const calibrated = j.pred_calibrated !== undefined ? '<div class="calibrated">recalibrated probability: <b>' +
+      j.pred_calibrated.toFixed(4) + '</b> (the recalibration of this run; the ranking and the decision are those of ' +
+      'the probability above)</div>' : '';
     const spread = '<div class="spread">fold models: ' + j.per_model.map(p => p.toFixed(3)).join(' / ') + '</div>';
     const used = Object.entries(j.metadata).map(([k, v]) => esc(k.replace(/_/g, ' ') + ' ' +
       (v === null ? 'not given' : v)) +
@@ -84,7 +87,7 @@ async function send(file) {{
       'unknown category, not as a missing field)</span>' : '')).join('; ');
     box.innerHTML = '<img alt="image" src="' + j.image_png + '"><img alt="Grad-CAM" src="' + j.cam_png + '">' +
       '<div><div>' + esc(j.image_name) + '</div><div>melanoma probability <span class="prob">' + j.pred.toFixed(4) +
-      '</span>' + scale + '</div>' + atPrev + spread + decision + '<div class="metadata">metadata used: ' +
+      '</span>' + scale + '</div>' + calibrated + atPrev + spread + decision + '<div class="metadata">metadata used: ' +
       (used || 'none (the image path alone)') + '</div><div class="note">mean of ' + j.models +
       ' fold models (folds ' + j.folds.join(', ') + '), TTA x' + j.tta +
       '; map: Grad-CAM of the plain view, red raises the score</div></div>';

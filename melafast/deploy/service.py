@@ -43,6 +43,7 @@ class Service:
             raise MelafastError(why)
         self.predictor, self.tta = predictor, predictor.tta
         self.point = getattr(predictor, "operating_point", None)
+        self.recalibration = getattr(predictor, "recalibration", None)
         self.fields = form_fields(self.models)
         self.device = torch.device(device) if device is not None else default_device()
         self.precision = precision
@@ -62,7 +63,8 @@ class Service:
                     fields=self.fields, max_megapixels=self.max_pixels / 1e6,
                     operating_point=None if p is None else
                     dict(operating_point=p.operating_point, goal=p.goal, threshold=p.threshold, rule=p.rule,
-                         scale=p.scale, chosen_on=p.chosen_on, crossfit=p.crossfit, paths=p.paths))
+                         scale=p.scale, chosen_on=p.chosen_on, crossfit=p.crossfit, paths=p.paths),
+                    recalibration=None if self.recalibration is None else self.recalibration.to_dict())
 
     def row(self, name: str, values: dict):
         """The one-row table of an upload: its name and the fields given (short names `age`, `site` allowed); a
@@ -119,7 +121,7 @@ class Service:
 
         if prevalence is not None and not 0 < prevalence < 1:
             raise DataError(f"prevalence must be between 0 and 1 (a share of melanomas, e.g. 0.02), got {prevalence}")
-        if prevalence is not None and self.trained_prevalence is None:
+        if prevalence is not None and self.trained_prevalence is None and self.recalibration is None:
             raise DataError("this run does not record how many melanomas it trained on: no probability at another "
                             "prevalence")
         table = model_table(self.models, self.row(name, values))  # cleaned and checked as predict does
@@ -147,11 +149,12 @@ class Service:
                    folds=[m.spec.fold for m in self.models], metadata=given,
                    unseen={c: list(v) for c, v in unseen_values(self.models, table).items()},
                    trained_prevalence=self.trained_prevalence)
-        if prevalence is not None:
-            from ..metrics import at_prevalence
+        from ..inference.probability import probability_columns
 
-            out.update(prevalence=prevalence,
-                       pred_at_prevalence=float(at_prevalence(out["pred"], self.trained_prevalence, prevalence)))
+        extra = probability_columns([out["pred"]], self.recalibration, self.trained_prevalence, prevalence)
+        out.update({k: float(v[0]) for k, v in extra.items()})
+        if prevalence is not None:
+            out["prevalence"] = prevalence
         if self.point is not None:
             decision, votes = self.point.decide([[p] for p in probs])
             out.update(decision=int(decision[0]), operating_point=self.point.goal, threshold=self.point.threshold,

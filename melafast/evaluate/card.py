@@ -232,7 +232,10 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
                 f"{_fmt(r.lo, r.digits)} to {_fmt(r.hi, r.digits)}; {r.about})" for r in ev.headline.itertuples()),
               f"  (intervals from {ev.n_boot} bootstrap resamples of whole "
               f"{'patients' if ev.n_patients is not None else 'images'})",
-              f"- Calibration: expected calibration error {_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])}"]
+              f"- Calibration: expected calibration error {_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])}"
+              + ("" if (recal := folder.recalibration()) is None else
+                 f"; recalibrated (`melafast recalibrate`, fitted on {recal.fitted_on}; predict adds pred_calibrated): "
+                 f"{_fmt(recal.ece_before)} -> {_fmt(recal.ece_after)} cross-fitted there")]
     if results.oof_auc_no_meta is not None:
         lines.append(f"- Without any metadata (every patient field blanked): ROC AUC {_fmt(results.oof_auc_no_meta)}")
     if results.cv_note:

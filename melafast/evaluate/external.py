@@ -15,7 +15,7 @@ import pandas as pd
 from ..errors import DataError, MelafastError
 from .figures import SUBGROUPS, Evaluation
 
-__all__ = ["evaluate_run", "read_labelled", "trained_on", "external_evaluations", "EXTRA_GROUPS", "SCORES"]
+__all__ = ["evaluate_run", "read_labelled", "trained_on", "score_rows", "external_evaluations", "EXTRA_GROUPS", "SCORES"]
 
 # columns that, where an external set has them, are subgroups too: the institution, how the label was confirmed
 EXTRA_GROUPS = {"institution": "attribution", "label confirmed by": "dx_type"}
@@ -142,7 +142,7 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
         if table["target"].nunique() < 2:
             raise DataError(f"without the images the run trained on, {source} has no melanoma or no benign lesion left")
     if scores is None:
-        scores = _score(folder, table, tta, bs, num_workers, device, precision, progress, log)
+        scores = score_rows(folder, table, tta, bs, num_workers, device, precision, progress, log)
     rows = add_skin_tone(table.merge(scores.drop(columns=["target"], errors="ignore"), on="image_name", how="left"),
                          progress=False)
     ev = Evaluation(rows, n_boot=n_boot)
@@ -181,7 +181,7 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     return out
 
 
-def _score(folder, table, tta, bs, num_workers, device, precision, progress, log) -> pd.DataFrame:
+def score_rows(folder, table, tta, bs, num_workers, device, precision, progress, log) -> pd.DataFrame:
     "Every fold model's scores of `table`, as predict makes them, with metadata and with every field blanked."
     from ..inference import load_predictor
     from ..inference.loop import predict_many

@@ -168,7 +168,7 @@ def _saved_point(point) -> str:
         + (para(both) if (both := point.paths_in_words()) else ""))
 
 
-def _calibration(config, ev: Evaluation, figdir) -> str:
+def _calibration(config, ev: Evaluation, figdir, folder: RunFolder) -> str:
     from .plots import plot_reliability
 
     cal = ev.calibration
@@ -183,8 +183,19 @@ def _calibration(config, ev: Evaluation, figdir) -> str:
                      "calibrated.")
     notes.append("Averages over TTA views and fold models also pull probabilities towards the middle; rank-based "
                  "figures (AUC, operating points) do not depend on calibration.")
+    recal = []
+    if (r := folder.recalibration()) is not None:
+        from .recalibrate import recalibration_table
+
+        recal = [para(f"Recalibration saved (`melafast recalibrate`), fitted on {r.fitted_on}: p' = sigmoid("
+                      f"{r.slope:.3f} x logit(p) {r.shift:+.3f}). Cross-fitted there, it moves the figures as below; "
+                      "predict, serve and the ONNX runtime add pred_calibrated. It is monotone: the AUC, the curves "
+                      "and every decision are those of the probability itself."), table(recalibration_table(r))]
+    else:
+        recal = [para("No recalibration saved: `melafast recalibrate --run RUN` fits one (on the out-of-fold rows, "
+                      "or --data a calibration set), and predict then adds pred_calibrated.")]
     return "\n".join([image(fig), para(f"Expected calibration error {cal['ece']:.4f}, Brier score {cal['brier']:.4f}."),
-                      *map(note, notes), table(cal["bins"])])
+                      *map(note, notes), *recal, table(cal["bins"])])
 
 
 def _subgroups(config, ev: Evaluation, figdir) -> str:
@@ -284,7 +295,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
         sections["curves"] += _saved_point(point) + _by_diagnosis(calls)
         if calls is not None:  # the summary names the benign diagnoses it flags
             sections["summary"] += note(flags_in_words(calls, point) + " See Curves and operating points.")
-    sections["calibration"] = _calibration(config, ev, figdir)
+    sections["calibration"] = _calibration(config, ev, figdir, folder)
     sections["subgroups"] = _subgroups(config, ev, figdir)
     models = fold_models(folder) if n_errors > 0 or importance or audit else {}
     sections["errors"] = (error_section(models, df, figdir, n_errors, bs, num_workers, device, precision) if n_errors > 0

@@ -64,17 +64,24 @@ def check_prevalence(run, prevalence) -> None:
 
 
 def _spread(preds, ok, prevalence, run, log) -> dict:
-    "pred_min and pred_max (the fold models' range) and, with `prevalence`, pred_at_prevalence."
+    """pred_min and pred_max (the fold models' range), pred_calibrated when the run has a recalibration and, with
+    `prevalence`, pred_at_prevalence (see `probability_columns`)."""
     cols = {}
     if len(preds) > 1:
         cols = {"pred_min": fill_unusable(np.min(preds, axis=0), ok), "pred_max": fill_unusable(np.max(preds, axis=0), ok)}
-    if prevalence is not None:
-        from ..metrics import at_prevalence
+    from .probability import probability_columns
 
-        trained = training_prevalence(run)
-        cols["pred_at_prevalence"] = fill_unusable(at_prevalence(np.mean(preds, axis=0), trained, prevalence), ok)
-        log(f"pred_at_prevalence: the probability where {prevalence:.1%} of lesions are melanomas (the models learnt "
-            f"from {trained:.1%}); `pred` stays at the training share, and decisions use `pred`")
+    recal = RunFolder(run).recalibration()
+    trained = training_prevalence(run) if prevalence is not None else None
+    extra = probability_columns(np.mean(preds, axis=0), recal, trained, prevalence)
+    cols.update({k: fill_unusable(v, ok) for k, v in extra.items()})
+    if recal is not None:
+        log(f"pred_calibrated: pred recalibrated ({recal.fitted_on}; expected calibration error {recal.ece_before:.3f} "
+            f"-> {recal.ece_after:.3f} there, cross-fitted); rankings and decisions are those of `pred`")
+    if prevalence is not None:
+        log(f"pred_at_prevalence: the probability where {prevalence:.1%} of lesions are melanomas (moved from "
+            + (f"the recalibrated probability, fitted at {recal.prevalence:.1%}" if recal is not None else
+               f"the share the models learnt from, {trained:.1%}") + "); `pred` stays as it is, and decisions use it")
     return cols
 
 

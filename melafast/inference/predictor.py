@@ -91,6 +91,7 @@ class RunPredictor:
     tta: int = 8  # the dihedral TTA the run was made with
     figures: dict | None = None  # the run's OOF AUC with and without metadata, and its metadata dropout
     operating_point: object = None  # the run's saved `OperatingPoint` (`melafast report --operating-point`), if any
+    recalibration: object = None  # the run's saved `Recalibration` (`melafast recalibrate`), if any
 
     def predict(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                 device=None, progress: bool = True, precision: str | None = None, log=None) -> np.ndarray:
@@ -101,15 +102,19 @@ class RunPredictor:
 
     def predict_frame(self, images, meta=None, tta: int | None = None, bs: int = 64, num_workers: int | None = None,
                       device=None, progress: bool = True, precision: str | None = None, log=None) -> pd.DataFrame:
-        """A table of image_name, pred (the fold models' mean probability) and, when the run has a saved operating
-        point, `decision` (1: melanoma) and, when the decision is the fold models' vote, `votes` (the models at or
-        above its threshold; a point chosen on the fold mean decides by `pred` itself): see `decide`."""
+        """A table of image_name, pred (the fold models' mean probability), `pred_calibrated` when the run has a
+        recalibration (`melafast recalibrate`) and, when the run has a saved operating point, `decision` (1: melanoma)
+        and, when the decision is the fold models' vote, `votes` (the models at or above its threshold; a point
+        chosen on the fold mean decides by `pred` itself): see `decide`."""
         from ..data import image_table
+        from .probability import probability_columns
 
         df = image_table(images, meta)
         preds = predict_rows(self.predictors, self.figures or {}, df, None, tta or self.tta, bs, num_workers, device,
                          progress, precision, log)
         out = pd.DataFrame({"image_name": df["image_name"].to_numpy(), "pred": np.mean(preds, axis=0)})
+        for name, values in probability_columns(out["pred"], self.recalibration).items():
+            out[name] = values
         if self.operating_point is not None:
             out["decision"], votes = self.decide(preds, tta=tta, precision=precision, log=log)
             if self.operating_point.scale != "ensemble":
@@ -174,5 +179,5 @@ def load_predictor(path, device="cpu"):
     chosen = res.oof_auc_selected is not None
     figures = dict(auc=res.saved_auc, auc_no_meta=res.oof_auc_no_meta, meta_dropout=dropout,
                    scope="out-of-fold, at the epochs kept on those rows (optimistic)" if chosen else "out-of-fold")
-    return RunPredictor(predictors, run.path, run.tta, figures, run.operating_point())
+    return RunPredictor(predictors, run.path, run.tta, figures, run.operating_point(), run.recalibration())
 
