@@ -101,7 +101,7 @@ def test_evaluate_checked_against_an_independent_computation(tiny_run, sample_di
     # the card lists it
     assert invoke("card", "--run", run, "--bootstrap", 20).exit_code == 0
     card = (run / "MODEL_CARD.md").read_text()
-    assert f"- ext ({ext}; {N_EXT} images" in card and f"ROC AUC **{auc:.4f}**" in card
+    assert f"- ext ({ext}; {N_EXT} images" in card and f"ROC AUC {auc:.4f}" in card
 
 
 def test_evaluate_refuses_what_it_cannot_evaluate(tiny_run, sample_dir, tmp_path):
@@ -133,3 +133,27 @@ def test_evaluate_on_ham10000_images_the_run_never_saw(ham_evaluation):
     assert {"sex", "age", "site", "dx_type"} <= variables  # --group-by dx_type (one institution: no such rows)
     assert "institution" not in variables
     assert HAM.name in result["source"] or "ham" in result["source"]
+
+
+def test_an_evaluation_in_words_says_when_the_metadata_costs_auc(tiny_run, tmp_path):
+    "The card and the report name each evaluation; where the metadata path is measurably worse, they say what to do."
+    from melafast.evaluate.external import evaluation_in_words
+
+    e = dict(name="clinic B", source="/data/b", external=dict(images=500, melanomas=60,
+                                                              headline=dict(auc=dict(value=0.65, lo=0.6, hi=0.7))),
+             gap=dict(auc=0.2), no_meta=dict(headline=dict(auc=dict(value=0.69, lo=0.64, hi=0.74))),
+             metadata_effect=[dict(key="auc", diff=-0.04, lo=-0.07, hi=-0.01)])
+    text = evaluation_in_words(e)
+    assert "ROC AUC 0.6500 (0.6000 to 0.7000)" in text and "minus this +0.2000" in text
+    assert "The metadata costs AUC there (-0.0400, -0.0700 to -0.0100)" in text
+    e["metadata_effect"][0]["hi"] = 0.01  # the interval reaches 0: nothing measured, nothing said
+    assert "costs" not in evaluation_in_words(e)
+    # the report says where the run was evaluated, or that it never was
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    args = ["--workers", 0, "--bootstrap", 20, "--errors", 0, "--no-importance", "--no-audit"]
+    assert invoke("report", "--run", run, *args).exit_code == 0
+    assert "Every figure on this page comes from the clinic the run trained on" in (run / "report.html").read_text()
+    (run / "evaluations" / "b").mkdir(parents=True)
+    (run / "evaluations" / "b" / "evaluation.json").write_text(json.dumps(e))
+    assert invoke("report", "--run", run, *args).exit_code == 0
+    assert "Evaluated elsewhere (`melafast evaluate`): clinic B (/data/b; 500 images" in (run / "report.html").read_text()

@@ -54,15 +54,6 @@ def _served_worse(ev, data_note) -> list:
                                                   f"{r.images} images)" for r in low.itertuples()) + "."]
 
 
-def _metadata_costs(e: dict) -> str:
-    "A sentence when an external evaluation found the metadata path measurably worse than the image path."
-    effect = {r["key"]: r for r in e.get("metadata_effect") or []}.get("auc")
-    if effect is None or effect["hi"] is None or effect["hi"] >= 0:
-        return ""
-    return (f" **The metadata costs AUC there** ({effect['diff']:+.4f}, {effect['lo']:+.4f} to {effect['hi']:+.4f}): "
-            "score that clinic's images without metadata (the image path) until the run is retrained with its data.")
-
-
 def _share(part, whole) -> str:
     return "an unrecorded share" if part is None or not whole else f"{part / whole:.1%}"
 
@@ -147,7 +138,7 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
     from ..atomic import write_text
     from ..runfolder import RunFolder
     from .figures import SUBGROUPS, Evaluation
-    from .external import external_evaluations
+    from .external import evaluation_in_words, external_evaluations
     from .operating import calls_by_diagnosis, flags_in_words
     from .runview import oof_with_metadata, read_run
 
@@ -273,13 +264,7 @@ def model_card(run, out=None, data=None, images=None, n_boot: int = 1000, log: C
         lines += ["Scored by `melafast evaluate` on labelled images from elsewhere (each page beside its "
                   "evaluation.json); the run's own out-of-fold AUC for comparison is "
                   f"{ev.value('auc'):.4f}:", ""]
-        for e in found:
-            h, blank = e["external"]["headline"]["auc"], (e.get("no_meta") or {}).get("headline", {}).get("auc")
-            lines.append(f"- {e['name']} ({e['source']}; {e['external']['images']} images, "
-                         f"{e['external']['melanomas']} melanomas): ROC AUC **{_fmt(h['value'])}** "
-                         f"({_fmt(h['lo'])} to {_fmt(h['hi'])}); out-of-fold minus this {e['gap']['auc']:+.4f}"
-                         + (f"; without metadata {_fmt(blank['value'])}" if blank else "") + "."
-                         + _metadata_costs(e))
+        lines += [f"- {evaluation_in_words(e)}" for e in found]
         lines.append("")
     else:
         lines += ["None yet: every figure above comes from the training clinic. `melafast evaluate --run RUN --data "

@@ -15,7 +15,7 @@ import pandas as pd
 from ..errors import DataError, MelafastError
 from .figures import SUBGROUPS, Evaluation
 
-__all__ = ["evaluate_run", "read_labelled", "trained_on", "score_rows", "external_evaluations", "EXTRA_GROUPS", "SCORES"]
+__all__ = ["evaluate_run", "read_labelled", "trained_on", "score_rows", "evaluation_in_words", "external_evaluations", "EXTRA_GROUPS", "SCORES"]
 
 # columns that, where an external set has them, are subgroups too: the institution, how the label was confirmed
 EXTRA_GROUPS = {"institution": "attribution", "label confirmed by": "dx_type"}
@@ -223,6 +223,21 @@ def _transfer(folder, point, rows, n_boot) -> dict:
     return dict(operating_point=point.operating_point, goal=point.goal, threshold=point.threshold,
                 chosen_on=point.chosen_on, rule=point.rule, promised=point.crossfit, here=here,
                 called_melanoma=int(decision.sum()), by_diagnosis=by_diagnosis)
+
+
+def evaluation_in_words(e: dict) -> str:
+    """One sentence of an external evaluation (an evaluation.json): where, how many, its AUC beside the run's own,
+    without metadata, and what to do when the metadata measurably costs AUC there."""
+    h, blank = e["external"]["headline"]["auc"], (e.get("no_meta") or {}).get("headline", {}).get("auc")
+    text = (f"{e['name']} ({e['source']}; {e['external']['images']} images, {e['external']['melanomas']} melanomas): "
+            f"ROC AUC {h['value']:.4f} ({h['lo']:.4f} to {h['hi']:.4f}); the run's out-of-fold AUC minus this "
+            f"{e['gap']['auc']:+.4f}" + (f"; without metadata {blank['value']:.4f}" if blank else "") + ".")
+    effect = {r["key"]: r for r in e.get("metadata_effect") or []}.get("auc")
+    if effect is not None and effect["hi"] is not None and effect["hi"] < 0:
+        text += (f" The metadata costs AUC there ({effect['diff']:+.4f}, {effect['lo']:+.4f} to {effect['hi']:+.4f}): "
+                 "score that clinic's images without metadata (the image path) until the run is retrained with its "
+                 "data.")
+    return text
 
 
 def external_evaluations(folder) -> list[dict]:

@@ -31,7 +31,7 @@ SECTIONS = {"summary": "Summary", "curves": "Curves and operating points", "cali
 # Sections
 
 
-def _summary(config, results, ev: Evaluation, data) -> str:
+def _summary(config, results, ev: Evaluation, data, run: RunFolder) -> str:
     s = config.settings
     lr = "lr_find valley per fold" if s.lr is None else s.lr
     settings = {k: getattr(s, k) for k in ("arch", "size", "epochs", "freeze_epochs", "bs", "folds", "meta", "tta",
@@ -78,6 +78,12 @@ def _summary(config, results, ev: Evaluation, data) -> str:
                       f"out-of-fold images score AUC {results.oof_auc_no_meta:.4f}. " + how))
     if results.cv_note:
         out.append(note(f"This CV is {results.cv_note}."))
+    from .external import evaluation_in_words, external_evaluations
+
+    found = external_evaluations(run)
+    out.append(para("Evaluated elsewhere (`melafast evaluate`): " + " ".join(evaluation_in_words(e) for e in found))
+               if found else note("Every figure on this page comes from the clinic the run trained on: `melafast "
+                                  "evaluate --run RUN --data OTHER_CLINIC` measures it on patients from elsewhere."))
     if results.oof_auc_selected is not None:
         out.append(f'<p class="note">The kept epochs score {results.oof_auc_selected:.4f} on the same rows: '
                    "optimistic, since they were chosen on them. The figures here use the honest last-epoch predictions.</p>")
@@ -279,7 +285,7 @@ def run_report(run, data=None, out=None, images=None, n_errors: int = 8, importa
     figdir = out.parent / f"{out.stem}_figures"
     figdir.mkdir(parents=True, exist_ok=True)
     log(f"report on {run}: {len(df)} out-of-fold images from {data}")
-    sections = {"summary": _summary(config, results, ev, data)}
+    sections = {"summary": _summary(config, results, ev, data, folder)}
     sections["curves"], points_table = _curves(ev, figdir, operating_point, prevalence)
     if operating_point is not None:
         from .operating import save_operating_point
