@@ -45,43 +45,6 @@ def recalibrated(tiny_run, tmp_path):
     return run
 
 
-def test_every_surface_gives_the_same_recalibrated_probability(recalibrated, sample_dir, tmp_path):
-    from melafast.deploy.export import export_run
-    from melafast.deploy.service import Service
-    from melafast.inference import load_predictor
-    from melafast.onnx import load
-
-    run = recalibrated
-    r = json.loads((run / "recalibration.json").read_text())
-    oof = pd.read_csv(run / "oof.csv")
-    assert r["source"] == "oof" and r["images"] == len(oof) and r["prevalence"] == pytest.approx(oof["target"].mean())
-    images = sample_dir / "jpeg" / "test"
-    res = invoke("predict", "--run", run, "--images", images, "--workers", 0, "--prevalence", 0.02,
-                 "--out", tmp_path / "p.csv")
-    assert res.exit_code == 0, res.output
-    p = pd.read_csv(tmp_path / "p.csv").set_index("image_name")
-    z = np.log(p["pred"] / (1 - p["pred"]))
-    want = _sigmoid(r["slope"] * z + r["shift"])  # the formula, written out
-    assert np.abs(p["pred_calibrated"] - want).max() < 1e-9
-    assert (np.argsort(p["pred"].to_numpy()) == np.argsort(p["pred_calibrated"].to_numpy())).all()
-    # the probability at 2% starts from the recalibrated one, at the share it was fitted at
-    odds = want / (1 - want) * (0.02 / 0.98) / (r["prevalence"] / (1 - r["prevalence"]))
-    assert np.abs(p["pred_at_prevalence"] - odds / (1 + odds)).max() < 1e-9
-    frame = load_predictor(run).predict_frame(images, progress=False, num_workers=0).set_index("image_name")
-    assert np.abs(frame["pred_calibrated"] - p["pred_calibrated"]).max() < 1e-4
-    service = Service(run, device="cpu")
-    first = sorted(images.iterdir())[0]
-    got = service.predict(first.read_bytes(), first.stem)
-    assert got["pred_calibrated"] == pytest.approx(p.loc[first.stem, "pred_calibrated"], abs=1e-4)
-    assert service.info()["recalibration"]["slope"] == pytest.approx(r["slope"])
-    runtime = load(export_run(run, tmp_path / "onnx", log=lambda m: None))
-    onnx = pd.DataFrame(runtime.predict(images)).set_index("image_name")
-    assert np.abs(onnx["pred_calibrated"] - p.loc[onnx.index, "pred_calibrated"]).max() < 1e-4
-    # the pages say so
-    assert invoke("card", "--run", run, "--bootstrap", 20).exit_code == 0
-    assert f"{r['ece_before']:.4f} -> {r['ece_after']:.4f} cross-fitted there" in (run / "MODEL_CARD.md").read_text()
-
-
 def test_recalibrate_on_a_calibration_set_and_what_it_refuses(recalibrated, sample_dir, tmp_path):
     from melafast.data import make_sample
 
