@@ -278,3 +278,25 @@ def without_lookalikes(table, images, sample_dir):
                                            progress=False)["phash"])
     alike = cross_duplicates(ours, theirs, DUP_DISTANCE)["image_name"]
     return table[~table["image_name"].isin(alike)].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def external_dir(shared_root, sample_dir):
+    """External data for `train --external`: labelled drawn lesions of other patients (names EXT_*), none of them a
+    look-alike of a sample image to the perceptual hash (train would drop those, and say so): (folder, images)."""
+    import pandas as pd
+
+    from melafast.data import make_sample
+
+    def make(path):
+        src = make_sample(path.parent / "external-src", n_train=80, n_test=1, seed=3, px=64)
+        table = pd.read_csv(src / "train.csv")
+        table = without_lookalikes(table, src / "jpeg" / "train", sample_dir).head(48)
+        (path / "jpeg" / "train").mkdir(parents=True)
+        for name in table["image_name"]:
+            shutil.copy(src / "jpeg" / "train" / f"{name}.jpg", path / "jpeg" / "train" / f"EXT_{name}.jpg")
+        table.assign(image_name="EXT_" + table["image_name"], patient_id="EXT_" + table["patient_id"]).to_csv(
+            path / "train.csv", index=False)
+
+    path = _once(shared_root, "external", make)
+    return path, len(pd.read_csv(path / "train.csv"))

@@ -29,7 +29,7 @@ def test_predict_gives_the_spread_and_a_probability_at_a_stated_prevalence(make_
     trained = info.n_melanoma / info.n_train
     assert np.allclose(got["pred_at_prevalence"], at_prevalence(got["pred"], trained, 0.02))
     assert (got["pred_at_prevalence"] < got["pred"]).all()  # 2% is far below the sample's share of melanomas
-    assert f"the models learnt from {trained:.1%}" in res.output
+    assert f"the share the models learnt from, {trained:.1%}" in res.output
     for bad in (0, 1.5):
         res = invoke("predict", "--run", run, "--images", images, "--prevalence", bad, "--out", tmp_path / "q.csv")
         assert res.exit_code == 1 and "--prevalence must be between 0 and 1" in res.stderr

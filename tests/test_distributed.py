@@ -42,9 +42,11 @@ def test_two_processes_train_one_fold(ddp_run, odd_sample):
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.png", "fold0", "metrics.csv", "oof.csv",
                                                      "results.json", "roc.png"]
     oof = pd.read_csv(run / "oof.csv")
-    from melafast.data import load_competition, make_folds
+    from melafast.config import TrainConfig
+    from melafast.train.table import build_table
 
-    folds = make_folds(load_competition(odd_sample)[0], n_folds=2, seed=42)
+    # the training table's folds (patients and near-duplicate images grouped; --seed's default)
+    folds = build_table(TrainConfig(data=str(odd_sample), folds=2, workers=0), log=lambda m: None).df
     valid = folds[folds["fold"] == 0]
     assert len(valid) % 2 == 1 and sorted(oof["image_name"]) == sorted(valid["image_name"])  # each image once
     auc = json.loads((run / "results.json").read_text())["fold_aucs"]["0"]

@@ -180,19 +180,11 @@ def test_lr_find_runs_on_the_model_asked_for(tiny_dls, tmp_path, on, frozen):
     assert spy.frozen is frozen and 1e-7 < lr < 10 and (tmp_path / "lr.png").stat().st_size > 1000
 
 
-def test_lr_find_sees_the_rows_train_would_use(sample_dir, tmp_path, monkeypatch):
+def test_lr_find_sees_the_rows_train_would_use(sample_dir, external_dir, tmp_path, monkeypatch):
     "`melafast lr-find` (which data-parallel runs rely on) builds its table as `train` does: extras and external rows."
-    import shutil
-
     from melafast.train import run as run_module
 
-    ext = tmp_path / "ext"
-    shutil.copytree(sample_dir, ext)
-    train = pd.read_csv(ext / "train.csv")
-    for f in (ext / "jpeg" / "train").iterdir():
-        f.rename(f.with_name("EXT_" + f.name))
-    train.assign(image_name="EXT_" + train["image_name"], patient_id="EXT_" + train["patient_id"]).to_csv(
-        ext / "train.csv", index=False)
+    ext, n_ext = external_dir
     seen = {}
 
     def spy(learn, on, funcs):
@@ -207,7 +199,7 @@ def test_lr_find_sees_the_rows_train_would_use(sample_dir, tmp_path, monkeypatch
     dls = seen["dls"]
     assert dls.meta_proc.cont_names == ["age_approx", "n_images", "log_file_size"]
     names = dls.train_ds.items["image_name"]
-    assert names.str.startswith("EXT_").sum() == 64 and len(dls.valid_ds) + len(names) == 128
+    assert names.str.startswith("EXT_").sum() == n_ext and len(dls.valid_ds) + len(names) == 64 + n_ext
 
 
 # --------------------------------------------------------------------------------------------------

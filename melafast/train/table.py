@@ -120,7 +120,8 @@ def build_table(cfg: TrainConfig, log: Callable = print) -> RunTable:
             from ..data.signatures import cross_duplicates, with_signatures
 
             ext = with_signatures(ext, workers=workers)
-            copies = cross_duplicates(ext, df, cfg.dedup)
+            renamed = ext[~ext["image_name"].isin(df["image_name"])]  # the same names are dropped below, as such
+            copies = cross_duplicates(renamed.reset_index(drop=True), df, cfg.dedup)
             if len(copies):
                 log(f"external data {path}: {len(copies)} images are near-duplicates of main-table images (e.g. "
                     f"{copies['image_name'].iloc[0]} of {copies['duplicate_of'].iloc[0]}, {copies['distance'].iloc[0]} "
