@@ -28,9 +28,9 @@ _SAME = object()  # a setting whose value did not change meaning when it was int
 # the share of training rows whose patient fields are blanked, chosen on CV figures (docs/metadata.md)
 META_DROPOUT = 0.5
 DROPOUT_PATTERNS = ("subsets", "all_or_one")
-# perceptual-hash bits (of 64) at which two images are near-duplicates: on HAM10000 every copy resized to 75% and
-# re-encoded is found at 4, and 94% of the pairs found are two images of one lesion (benchmarks/dedup.py)
-DUP_DISTANCE = 4  # which patient fields metadata dropout blanks together (MetaDropout)
+# perceptual-hash bits (of 256) at which two images are near-duplicates: on HAM10000 every copy resized to 75% and
+# re-encoded is found at 24, and 99% of the pairs found among its 10,015 images are one lesion (benchmarks/dedup.py)
+DUP_DISTANCE = 24  # which patient fields metadata dropout blanks together (MetaDropout)
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,9 @@ class TrainConfig:
     group_by: str = setting("patient_id", "Column of train.csv whose values stay in one fold: patient_id, or e.g. "
                             "attribution (folds by institution: the CV then scores clinics it did not train on) or "
                             "lesion_id. A patient's images always stay together.")
-    dedup: int = setting(DUP_DISTANCE, "Near-duplicate images (perceptual hashes at most this many bits of 64 "
-                         "apart) stay in one fold, and external images that duplicate a training image are dropped; "
-                         "-1: off.", low=-1, before=-1)
+    dedup: int = setting(DUP_DISTANCE, "Near-duplicate images (perceptual hashes at most this many bits of 256 "
+                         "apart, 0 to 31) stay in one fold, and external images that duplicate a training image are "
+                         "dropped; -1: off.", low=-1, high=31, before=-1)
     fold: int | None = setting(None, "'all', or one fold number to train only that fold.", kind="fold")
     meta: bool = setting(True, "Fuse patient metadata with the image.", flag="--meta/--no-meta")
     cat: list = setting([], "Categorical metadata column of train.csv (repeatable). With --cont, they replace the "

@@ -73,8 +73,8 @@ def sample(
 def dedup(
     data: Annotated[List[Path], typer.Argument(help="Dataset folders (their train and test images) or image folders.",
                                                show_default=False)],
-    distance: Annotated[int, typer.Option("--distance", help="Bits (of the 64-bit perceptual hash) at which two "
-                                          "images count as near-duplicates.")] = DUP_DISTANCE,
+    distance: Annotated[int, typer.Option("--distance", help="Bits (of the 256-bit perceptual hash, 0 to 31) at "
+                                          "which two images count as near-duplicates.")] = DUP_DISTANCE,
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV of every image in a group (group, dataset, "
                                                 "split, image_name, distance, fname).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Threads decoding images (default: one per "
@@ -84,8 +84,8 @@ def dedup(
     an image shared between challenge years), by perceptual hash; hashes are cached per image."""
     import os
 
-    if not 0 <= distance <= 32:
-        raise MelafastError(f"--distance must be between 0 and 32 bits, got {distance}")
+    if not 0 <= distance <= 31:
+        raise MelafastError(f"--distance must be between 0 and 31 bits, got {distance}")
     from ..atomic import write_csv
     from ..data.signatures import duplicate_table
 

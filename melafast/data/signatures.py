@@ -22,7 +22,7 @@ __all__ = ["signatures", "near_duplicates", "duplicate_groups", "hamming", "ita"
            "cache_dir", "cross_duplicates", "MIN_YELLOW", "with_signatures", "duplicate_clusters", "duplicate_table",
            "add_skin_tone", "SKIN_TONE_NOTE"]
 
-SIG_VERSION = "1"  # bump when what is computed changes: older cache rows are then recomputed
+SIG_VERSION = "2"  # bump when what is computed changes: older cache rows are then recomputed
 DECODE = 96  # the side an image is decoded at (JPEG draft) for both figures
 # (lower edge in degrees, name), lightest first: Del Bino and Bernerd 2013, as Kinyanjui et al. 2020 used for ISIC
 ITA_BANDS = ((55, "very light"), (41, "light"), (28, "intermediate"), (10, "tan"), (-30, "brown"), (-90, "dark"))
@@ -88,7 +88,7 @@ def _one(fname) -> tuple[str, float]:
         if im.format == "JPEG":
             im.draft("RGB", (DECODE, DECODE))
         im = im.convert("RGB")
-        h = str(imagehash.phash(im))
+        h = str(imagehash.phash(im, hash_size=16))
         small = np.asarray(im.resize((DECODE, DECODE), Image.BILINEAR))
         return h, ita(small)
     except (OSError, SyntaxError, ValueError) as e:
@@ -104,7 +104,8 @@ def _stamp(fname) -> str:
 
 
 def signatures(fnames, workers: int = 8, progress: bool = True, label: str = "image signatures") -> pd.DataFrame:
-    """fname, phash (16 hex digits), ita (degrees) of every image in `fnames`, from the cache where it is current."""
+    """fname, phash (64 hex digits: 256 bits), ita (degrees) of every image in `fnames`, from the cache where it is
+    current."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..atomic import write_csv
@@ -138,38 +139,45 @@ def signatures(fnames, workers: int = 8, progress: bool = True, label: str = "im
     return pd.DataFrame({"fname": fnames, "phash": [g[0] for g in got], "ita": [float(g[1]) for g in got]})
 
 
-def _bits(hexes) -> np.ndarray:
-    return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
+HASH_BITS = 256  # pHash of a 16 x 16 block of DCT coefficients: 64 bits let too many distinct lesions collide
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _bytes(hexes) -> np.ndarray:
+    "Hashes (hex strings) as an (n, 32) uint8 array."
+    return np.array([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hexes], dtype=np.uint8).reshape(
+        len(hexes), HASH_BITS // 8)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    "Bits that differ between uint64 hashes (broadcast)."
-    x = np.bitwise_xor(a, b)
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
+    "Bits that differ between hashes given as uint8 byte arrays (..., 32), broadcast over the leading axes."
+    return _POPCOUNT[np.bitwise_xor(a, b)].sum(axis=-1, dtype=np.int64)
 
 
 def near_duplicates(phashes, distance: int = DUP_DISTANCE) -> pd.DataFrame:
-    """Every pair (i, j, distance), i < j, of hashes at most `distance` bits apart. Pairs within `distance` share one
-    of `distance + 1` blocks of the 64 bits exactly (pigeonhole), so only images that share a block are compared."""
-    bits = _bits(phashes)
-    n, blocks = len(bits), distance + 1
-    edges = np.linspace(0, 64, blocks + 1).astype(int)
-    found = set()
+    """Every pair (i, j, distance), i < j, of hashes at most `distance` bits apart (`distance` < 32). Two hashes within
+    `distance` bits agree exactly on at least one of `distance + 1` disjoint blocks of their 32 bytes (pigeonhole),
+    so only images that share a block are compared: exact, and far fewer comparisons than every pair."""
+    if not 0 <= distance < HASH_BITS // 8:
+        raise DataError(f"a near-duplicate distance must be 0 to {HASH_BITS // 8 - 1} bits, got {distance}")
+    data = _bytes(list(phashes))
+    n = len(data)
+    edges = np.linspace(0, HASH_BITS // 8, distance + 2).astype(int)
+    found = {}
     for lo, hi in zip(edges[:-1], edges[1:]):
-        part = (bits >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
-        order = np.argsort(part, kind="stable")
-        sorted_part = part[order]
-        starts = np.flatnonzero(np.r_[True, sorted_part[1:] != sorted_part[:-1]])
+        keys = np.zeros(n, dtype=np.int64)
+        for col in range(lo, hi):
+            keys = keys * 256 + data[:, col]
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         sizes = np.diff(np.r_[starts, n])
         for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
             idx = np.sort(order[s: s + size])
-            d = hamming(bits[idx][:, None], bits[idx][None, :])
+            d = hamming(data[idx][:, None, :], data[idx][None, :, :])
             a, b = np.nonzero(np.triu(d <= distance, k=1))
-            found.update((int(idx[i]), int(idx[j]), int(d[i, j])) for i, j in zip(a, b))
-    return pd.DataFrame(sorted(found), columns=["i", "j", "distance"]).astype(int)
+            found.update(((int(idx[i]), int(idx[j])), int(d[i, j])) for i, j in zip(a, b))
+    return pd.DataFrame([(i, j, d) for (i, j), d in sorted(found.items())], columns=["i", "j", "distance"]).astype(int)
 
 
 def duplicate_groups(n: int, pairs: pd.DataFrame) -> np.ndarray:
@@ -237,7 +245,7 @@ def duplicate_table(folders, distance: int = DUP_DISTANCE, workers: int = 8, pro
     rows = rows.assign(_size=size).sort_values(["_size", "group"], ascending=[False, True], kind="stable")
     rows["group"] = pd.factorize(rows["group"])[0]
     first = rows.groupby("group")["phash"].transform("first")
-    rows["distance"] = hamming(_bits(rows["phash"]), _bits(first))
+    rows["distance"] = hamming(_bytes(rows["phash"]), _bytes(first))
     return rows[["group", "dataset", "split", "image_name", "distance", "fname"]].reset_index(drop=True)
 
 
