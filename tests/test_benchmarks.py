@@ -181,3 +181,30 @@ def test_quality_pairs_blanked_and_image_only_by_seed():
     assert paired["oof"]["per_seed"] == [0.01, 0.02] and paired["oof"]["sd"] == pytest.approx(0.0071, abs=1e-4)
     assert quality.blank_vs_image({"melafast_meta_tta": per_seed["melafast_meta_tta"]}) is None
     assert "+0.010 ± 0.028 (+0.030, -0.010)" in quality.markdown_table([dict(recipes={}, blank_vs_image=paired)])
+
+
+def test_dedup_benchmark_finds_every_resized_copy(capsys):
+    "benchmarks/dedup.py on a few hundred HAM10000 images: its tables, and resized copies found at the default."
+    from conftest import HAM
+
+    if not (HAM / "train.csv").is_file():
+        pytest.skip("../shared/data/ham10000 not present")
+    import dedup
+
+    assert dedup.main(["--images", "300", "--copies", "20", "--distances", "24", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "300 images" in out and "| 24 | 20 (100%) |" in out
+
+
+def test_cross_site_samples_whole_lesions_and_tables_the_seeds():
+    import cross_site
+    import pandas as pd
+
+    df = pd.DataFrame({"patient_id": [f"L{i // 3}" for i in range(300)], "target": [int(i % 30 < 3) for i in range(300)]})
+    part = cross_site.sample(df, 90, seed=0)
+    assert part.groupby("patient_id").size().eq(3).all()  # whole lesions
+    assert 60 <= len(part) <= 120 and part["target"].sum() > 0
+    rows = pd.DataFrame([dict(seed=s, constancy=c, oof=0.8 - 0.04 * bool(c), oof_no_meta=0.8, site=0.6 + s / 100,
+                              site_no_meta=0.6, gap=0.2, meta_cost=0.0) for s in range(3) for c in (0, 6)])
+    md = cross_site.table(rows)
+    assert "| off | 3 | 0.800 ± 0.000" in md and "| p=6 minus off (paired by seed) | 3 | -0.040 ± 0.000" in md
