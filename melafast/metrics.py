@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["auc", "pauc", "sens_at_spec", "spec_at_sens", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
+__all__ = ["auc", "pauc", "sens_at_spec", "spec_at_sens", "top_n_sensitivity", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
            "bootstrap_auc", "operating_points", "calibration", "age_band", "diagnoses", "subgroups", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
@@ -70,6 +70,25 @@ def sens_at_spec(target, pred, specificity: float = 0.9, weights=None) -> float:
     if not (fpr[-1] > 0 and tpr[-1] > 0):
         return float("nan")
     return float(tpr[1 - fpr >= specificity - 1e-12].max())
+
+
+def top_n_sensitivity(target, pred, groups, n: int = 15, weights=None) -> float:
+    """The ISIC 2024 challenge's secondary metric: of all melanomas, the share found among the `n` highest-scored
+    lesions of their own patient (`groups`; ties kept in row order, as pandas' `nlargest`). A row without a patient
+    stands alone. Row `i` counts `weights[i]` times (a resample of whole patients gives each patient's rows one
+    weight). NaN without melanomas."""
+    target = np.asarray(target).astype(int)
+    pred = np.asarray(pred, dtype=np.float64)
+    groups = pd.Series(groups).reset_index(drop=True)
+    codes = pd.factorize(groups.where(groups.notna(), pd.Series([f"\0row{i}" for i in range(len(groups))])))[0]
+    order = np.lexsort((np.arange(len(pred)), -pred, codes))  # by patient, highest score first, then row order
+    rank = np.empty(len(pred), dtype=np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(codes[order])) + 1]
+    within = np.arange(len(pred)) - np.repeat(starts, np.diff(np.r_[starts, len(pred)]))
+    rank[order] = within
+    w = np.ones(len(pred)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = float(np.sum(w * target))
+    return float(np.sum(w * target * (rank < n)) / total) if total > 0 else float("nan")
 
 
 def at_prevalence(prob, trained: float, prevalence: float):

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from melafast.cli import app
-from melafast.metrics import bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec, spec_at_sens
+from melafast.metrics import bootstrap_auc, bootstrap_pauc, calibration, sens_at_spec, spec_at_sens, top_n_sensitivity
 
 
 def invoke(*args):
@@ -46,7 +46,8 @@ def test_every_figure_of_the_card_comes_from_the_run(tiny_run, sample_dir, tmp_p
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"roc_auc": round(ci["auc"], 4), "pauc": round(pci["pauc"], 4),
                        "sens_at_spec90": round(sens_at_spec(oof["target"], oof["pred"]), 4),
-                       "spec_at_sens90": round(spec_at_sens(oof["target"], oof["pred"]), 4)}
+                       "spec_at_sens90": round(spec_at_sens(oof["target"], oof["pred"]), 4),
+                       "top15_sens": round(top_n_sensitivity(oof["target"], oof["pred"], patients), 4)}
 
     config = json.loads((run / "config.json").read_text())
     model = _section(body, "Model")

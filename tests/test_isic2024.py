@@ -1,6 +1,7 @@
 """The ISIC 2024 layout end to end on its synthetic sample: metadata CSVs keyed by isic_id, HDF5 image stores,
 2024 columns declared as features, train-only columns never features, a submission of isic_id,target."""
 
+import json
 import shutil
 
 import pandas as pd
@@ -23,7 +24,14 @@ def test_the_2024_sample_has_the_2024_layout(sample_2024):
 def test_train_and_submit_on_the_2024_layout(sample_2024, run_2024, tmp_path):
     run, output = run_2024
     assert "tbp_lv_dnn_lesion_confidence are in train.csv but not in test.csv: never a feature" in output
-    assert "pAUC>80%TPR" in output  # the 2024 metric beside the AUC
+    assert "pAUC>80%TPR" in output and "top-15 sens" in output  # the 2024 metrics beside the AUC
+    # the secondary metric, in results.json, from the OOF rows and each one's patient
+    from melafast.metrics import top_n_sensitivity
+
+    oof = pd.read_csv(run / "oof.csv").merge(pd.read_csv(sample_2024 / "train-metadata.csv")[["isic_id", "patient_id"]],
+                                             left_on="image_name", right_on="isic_id")
+    got = json.loads((run / "results.json").read_text())["headline"]["top15_sens"]
+    assert got == pytest.approx(top_n_sensitivity(oof["target"], oof["pred"], oof["patient_id"]))
     res = invoke("submit", "--run", run, "--workers", 0, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 0, res.output
     sub = pd.read_csv(tmp_path / "sub.csv")

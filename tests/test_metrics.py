@@ -2,6 +2,7 @@
 the sensitivity at 90% specificity, checked against ROC curves worked out by hand."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from melafast.metrics import auc, pauc, sens_at_spec
@@ -65,3 +66,45 @@ def test_weighted_pauc_is_the_pauc_of_the_resample_and_the_interval_holds_it():
     assert ci["pauc"] == pytest.approx(pauc(y, p)) and ci["n_boot"] == 300
     assert ci["lo"] < ci["pauc"] < ci["hi"]
     assert 0 <= ci["lo"] and ci["hi"] <= 0.2
+
+
+def _challenge_top_n(target, pred, patients, n=15):
+    "ISIC 2024's secondary metric as its organisers' script computes it: pandas nlargest per patient."
+    df = pd.DataFrame({"target": target, "pred": pred, "patient_id": patients})
+    top = df.groupby("patient_id", group_keys=False).apply(lambda x: x.nlargest(n, "pred"))
+    return top["target"].sum() / df["target"].sum()
+
+
+def test_top_15_sensitivity_matches_the_challenge_definition():
+    from melafast.metrics import top_n_sensitivity
+
+    # by hand: patient A has 20 lesions, its melanoma ranked 16th, missed; B's two melanomas in its top 15; C: 1 lesion
+    pred_a = np.linspace(0.99, 0.01, 20)
+    target_a = np.zeros(20, dtype=int)
+    target_a[15] = 1
+    target = np.r_[target_a, [1, 1, 0], [1]]
+    pred = np.r_[pred_a, [0.2, 0.1, 0.3], [0.05]]
+    patients = ["A"] * 20 + ["B"] * 3 + ["C"]
+    assert top_n_sensitivity(target, pred, patients) == pytest.approx(3 / 4)
+    assert top_n_sensitivity(target, pred, patients, n=16) == pytest.approx(1.0)
+    # random patients, many tied scores: the organisers' pandas code agrees to the last digit
+    rng = np.random.default_rng(0)
+    n = 3000
+    patients = rng.integers(0, 60, n).astype(str)
+    pred = np.round(rng.random(n), 2)  # ties everywhere: kept in row order, as nlargest keeps them
+    target = (rng.random(n) < 0.05).astype(int)
+    for k in (1, 5, 15, 40):
+        assert top_n_sensitivity(target, pred, patients, n=k) == pytest.approx(_challenge_top_n(target, pred, patients, k))
+    # a resample of whole patients, given as row weights, equals the metric on the patients drawn, each copy of a
+    # patient counted as a patient of its own
+    draw = rng.choice(np.unique(patients), 60)
+    w = pd.Series(patients).map(pd.Series(draw).value_counts()).fillna(0).to_numpy()
+    rows, ids = [], []
+    for copy, p in enumerate(draw):
+        mine = np.flatnonzero(patients == p)
+        rows += mine.tolist()
+        ids += [f"{p}/{copy}"] * len(mine)
+    rows = np.array(rows)
+    assert top_n_sensitivity(target, pred, patients, 15, w) == pytest.approx(
+        _challenge_top_n(target[rows], pred[rows], np.array(ids), 15))
+    assert np.isnan(top_n_sensitivity(np.zeros(5), np.ones(5), list("abcde")))

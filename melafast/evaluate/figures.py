@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import (PAUC_MIN_TPR, age_band, auc, bootstrap_weights, calibration, pauc, sens_at_spec, spec_at_sens,
-                       subgroup_aucs, weighted_auc)
+                       subgroup_aucs, top_n_sensitivity, weighted_auc)
 
 __all__ = ["Measure", "HEADLINE", "Evaluation", "SITE", "SUBGROUPS"]
 
@@ -34,6 +34,7 @@ class Measure:
     fn: Callable
     digits: int = 4
     about: str = ""  # one line a page may print beside it
+    by_patient: bool = False  # `fn(target, pred, weights, groups)`: it needs each row's patient (NaN without them)
 
 
 def _auc(target, pred, weights=None) -> float:
@@ -49,7 +50,18 @@ HEADLINE = (
             about="the melanomas found by a rule that clears 9 in 10 benign lesions"),
     Measure("spec_at_sens90", "specificity at 90% sensitivity", lambda t, p, w=None: spec_at_sens(t, p, 0.9, w), 3,
             about="the benign lesions cleared by a rule that finds 9 in 10 melanomas"),
+    Measure("top15_sens", "sensitivity within each patient's 15 highest scores",
+            lambda t, p, w=None, g=None: top_n_sensitivity(t, p, g, 15, w), 3, by_patient=True,
+            about="the ISIC 2024 secondary metric: the share of melanomas among the 15 lesions scored highest in "
+                  "their own patient (needs patient ids)"),
 )
+
+
+def _value(m: Measure, target, pred, weights=None, groups=None) -> float:
+    "One measure on some rows; a by-patient measure is NaN where the rows name no patient."
+    if not m.by_patient:
+        return m.fn(target, pred, weights)
+    return float("nan") if groups is None else m.fn(target, pred, weights, groups)
 
 
 class Evaluation:
@@ -94,8 +106,8 @@ class Evaluation:
         boots = {m.key: [] for m in self.measures}
         for w in self._weights():  # one set of resampled patients for every measure
             for m in self.measures:
-                boots[m.key].append(m.fn(self.target, self.pred, w))
-        return pd.DataFrame([dict(key=m.key, figure=m.name, value=m.fn(self.target, self.pred),
+                boots[m.key].append(_value(m, self.target, self.pred, w, self.groups))
+        return pd.DataFrame([dict(key=m.key, figure=m.name, value=_value(m, self.target, self.pred, None, self.groups),
                                   **dict(zip(("lo", "hi"), self._interval(boots[m.key]))), digits=m.digits,
                                   about=m.about) for m in self.measures])
 
@@ -109,8 +121,9 @@ class Evaluation:
         rows = []
         for k, part in self.rows.groupby("fold"):
             t, p = part["target"].to_numpy().astype(int), part[self.score].to_numpy(dtype=np.float64)
+            g = part["patient_id"] if self.groups is not None else None
             rows.append(dict(fold=int(k), images=len(part), melanomas=int(t.sum()),
-                             **{m.key: m.fn(t, p) for m in self.measures}))
+                             **{m.key: _value(m, t, p, None, g) for m in self.measures}))
         return pd.DataFrame(rows)
 
     @cached_property
@@ -154,12 +167,14 @@ class Evaluation:
         diffs = {m.key: [] for m in self.measures}
         for w in self._weights():
             for m in self.measures:
-                d = m.fn(other.target, other.pred, w) - m.fn(self.target, self.pred, w)
+                d = (_value(m, other.target, other.pred, w, self.groups)
+                     - _value(m, self.target, self.pred, w, self.groups))
                 if not np.isnan(d):
                     diffs[m.key].append(d)
         rows = []
         for m in self.measures:
-            a, b = m.fn(self.target, self.pred), m.fn(other.target, other.pred)
+            a, b = _value(m, self.target, self.pred, None, self.groups), _value(m, other.target, other.pred, None,
+                                                                                self.groups)
             lo, hi = self._interval(diffs[m.key])
             rows.append(dict(key=m.key, figure=m.name, a=a, b=b, diff=b - a, lo=lo, hi=hi,
                              b_better=float(np.mean(np.asarray(diffs[m.key]) > 0)) if diffs[m.key] else float("nan"),

@@ -53,21 +53,24 @@ def _cv_table(oof: pd.DataFrame, kept: dict) -> str:
     "The run's figures per fold and over all out-of-fold rows, as printed at the end of training."
     cols = [c for c in ("pred", "pred_no_meta", "pred_selected") if c in oof.columns]
     evs = {c: Evaluation(oof, score=c, n_boot=0, measures=HEADLINE if c == "pred" else HEADLINE[:1]) for c in cols}
+    top = "patient_id" in oof.columns  # ISIC 2024's top-15 sensitivity needs each row's patient
     head = f"{'fold':>5} {'images':>7} {'melanomas':>10} {'epoch kept':>11} {'AUC':>8} {'pAUC>80%TPR':>12}"
+    head += f" {'top-15 sens':>12}" if top else ""
     head += f" {'AUC, no metadata':>17}" if "pred_no_meta" in cols else ""
     lines = [head + (f" {'AUC at kept epoch (optimistic)':>31}" if "pred_selected" in cols else "")]
 
-    def row(name, n, mel, epoch, auc, pauc, others):
-        return (f"{name:>5} {n:>7} {mel:>10} {epoch:>11} {auc:>8.4f} {pauc:>12.4f}"
-                + "".join(f" {v:>{w}.4f}" for v, w in others))
+    def row(name, n, mel, epoch, f, others):
+        return (f"{name:>5} {n:>7} {mel:>10} {epoch:>11} {f['auc']:>8.4f} {f['pauc']:>12.4f}"
+                + (f" {f['top15_sens']:>12.3f}" if top else "") + "".join(f" {v:>{w}.4f}" for v, w in others))
 
     widths = {"pred_no_meta": 17, "pred_selected": 31}
     per_fold = {c: ev.per_fold.set_index("fold") for c, ev in evs.items()}
     for k, f in per_fold["pred"].iterrows():
-        lines.append(row(k, int(f["images"]), int(f["melanomas"]), kept[k], f["auc"], f["pauc"],
+        lines.append(row(k, int(f["images"]), int(f["melanomas"]), kept[k], f,
                          [(per_fold[c].loc[k, "auc"], widths[c]) for c in cols[1:]]))
     ev = evs["pred"]
-    lines.append(row("OOF", ev.n_images, ev.n_melanomas, "", ev.value("auc"), ev.value("pauc"),
+    lines.append(row("OOF", ev.n_images, ev.n_melanomas, "", {k: ev.value(k) for k in ("auc", "pauc", "top15_sens")
+                                                              if top or k != "top15_sens"},
                      [(evs[c].value("auc"), widths[c]) for c in cols[1:]]))
     return "\n".join(lines)
 
@@ -155,6 +158,8 @@ def _train_folds(df, cfg, run, resume, log, oofs, metrics, kept, table) -> RunRe
     if not is_main():
         return RunResult(run.path, keep=cfg.keep)
     oof = pd.concat(oofs, ignore_index=True).sort_values(["fold"], kind="stable")
+    if "patient_id" in df.columns:  # the by-patient figures (top-15 sensitivity) need each row's patient
+        oof = oof.merge(df[["image_name", "patient_id"]].drop_duplicates("image_name"), on="image_name", how="left")
     ev = Evaluation(oof, n_boot=0)  # point figures: the report and the card add the intervals
     folds = ev.per_fold.set_index("fold")
     result = RunResult(run.path, folds["auc"].to_dict(), ev.value("auc"), keep=cfg.keep)
