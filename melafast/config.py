@@ -172,6 +172,10 @@ class TrainConfig:
     external: list = setting([], "Extra dataset in the same CSV format (repeatable): training rows only, never "
                              "scored.", kind="paths")
     upsample: int = setting(1, "Show each training melanoma K times per epoch.", low=1)
+    neg_per_pos: int | None = setting(None, "Each epoch trains on every melanoma and K times as many other lesions, "
+                                      "drawn afresh (seeded), so an epoch costs what the melanomas need; the OOF and "
+                                      "every validation still score every row. Default: every row, every epoch.",
+                                      low=1)
     target: str = setting("melanoma", "melanoma (2 classes) or diagnosis (one class per diagnosis; the melanoma "
                           "probability is scored).", choices=TARGETS)
     extra_meta: bool = setting(False, "Add images per patient and log file size to the metadata.",

@@ -499,3 +499,32 @@ def test_a_run_with_colour_constancy_and_folds_by_a_column(constancy_run, sample
     without = load_predictor(plain).predict(images, num_workers=0, progress=False)
     # (a one-epoch run scores near 0.49 everywhere: a move far above float noise, 1e-7, is the constancy's)
     assert np.abs(np.asarray(with_cc) - np.asarray(without)).max() > 2e-5
+
+
+def test_negatives_drawn_afresh_each_epoch(sample_df, tmp_path):
+    "--neg-per-pos K: every melanoma and K times as many others per epoch, a new seeded draw each time."
+    from melafast.config import TrainConfig
+    from melafast.data.blocks import NegativeDraw
+    from melafast.train.fold import fold_learner
+
+    positive = np.r_[np.ones(10, bool), np.zeros(90, bool)]
+    a, b = NegativeDraw(positive, 3, seed=7), NegativeDraw(positive, 3, seed=7)
+    first, second = a(), a()
+    assert len(first) == len(second) == a.n == 40
+    assert set(range(10)) <= set(first) and set(range(10)) <= set(second)  # every positive, every epoch
+    assert set(first) - set(range(10)) != set(second) - set(range(10))  # the negatives drawn afresh
+    assert b() == first and b() == second  # seeded: the same run draws the same epochs
+    assert NegativeDraw(positive, 20).n == 100  # fewer negatives than asked: all of them
+    with pytest.raises(MelafastError, match="none"):
+        NegativeDraw(np.zeros(5, bool), 1)
+    # in a fold's DataLoaders: the training epoch reads positives and their draw; validation reads every row
+    dls = melanoma_dls(sample_df, fold=0, size=32, bs=4, num_workers=0, neg_per_pos=1, seed=3)
+    plain = melanoma_dls(sample_df, fold=0, size=32, bs=4, num_workers=0)
+    n_pos = int(plain.train_ds.items["target"].sum())
+    labels = np.concatenate([y.cpu().numpy() for *_, y in dls.train])
+    assert dls.train.n == 2 * n_pos and len(labels) == 4 * (2 * n_pos // 4) and len(dls.valid_ds) == len(plain.valid_ds)
+    assert abs(labels.sum() - n_pos) <= 4  # half the epoch is melanomas (the last partial batch dropped)
+    # from the training settings
+    cfg = TrainConfig(arch=TINY_ARCH, size=32, bs=4, folds=2, pretrained=False, workers=0, neg_per_pos=2)
+    learn = fold_learner(sample_df, 0, cfg, tmp_path)
+    assert learn.dls.train.n == n_pos + min(2 * n_pos, len(plain.train_ds) - n_pos)

@@ -20,7 +20,7 @@ from .images import OpenImage
 from .meta import MetaDropout, MetaProcessor
 from .columns import norm_text
 
-__all__ = ["melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms", "diagnosis_labels", "SoftLabel",
+__all__ = ["NegativeDraw", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms", "diagnosis_labels", "SoftLabel",
            "TensorSoftLabel", "TrainOnly"]
 
 
@@ -140,13 +140,16 @@ def melanoma_dls(
     dropout_patterns: str = "subsets",  # which fields a dropped row loses: subsets or all_or_one (`MetaDropout`)
     cat_names=None,  # categorical metadata columns (with cont_names: instead of the 2020 sex and site)
     cont_names=None,  # continuous metadata columns (instead of age; the extra features join when present)
+    neg_per_pos: int | None = None,  # each epoch: every training melanoma and this many times as many others, drawn
+    seed: int = 0,  # the draws of `neg_per_pos` (epoch e of this fold draws with seed + e)
     **kwargs,  # passed on to `DataBlock.dataloaders`
 ):
     """DataLoaders of `(image, meta), target` (or `(image,), target` with `meta=False`) for one fold of `df`.
 
     Rows with `fold == -1` (external data, pseudo-labels) only ever train, except in the fold named by their
     `home_fold` (external rows of a patient whom this fold validates): there they are left out. The validation
-    rows are never upsampled, and their metadata is never blanked.
+    rows are never upsampled, and their metadata is never blanked. With `neg_per_pos` K, each training epoch reads
+    every melanoma and K times as many other rows, freshly drawn (`NegativeDraw`); validation still reads every row.
     """
     need = [c for c in ("fname", "target", "fold") if c not in df.columns]
     if need:
@@ -156,6 +159,8 @@ def melanoma_dls(
         raise DataError(f"size and bs must be positive, got size={size}, bs={bs}")
     if upsample < 1:
         raise DataError(f"upsample must be 1 or more, got {upsample}")
+    if neg_per_pos is not None and neg_per_pos < 1:
+        raise DataError(f"neg_per_pos must be 1 or more, got {neg_per_pos}")
     if target not in TARGETS:
         raise DataError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if not 0 <= meta_dropout < 1:
@@ -208,7 +213,29 @@ def melanoma_dls(
     if torch.device(dls.device or "cpu").type == "cuda":
         async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
     dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss
+    if neg_per_pos is not None:
+        train = df[~is_valid].reset_index(drop=True)  # the training dataset's rows, in its order
+        draw = NegativeDraw((train["target"] == 1).to_numpy(), neg_per_pos, seed)
+        dls.train.get_idxs, dls.train.n = draw, draw.n  # fastai asks for the epoch's indices in the main process
     return dls
+
+
+class NegativeDraw:
+    """The indices one training epoch reads: every positive row and `k` times as many negative rows (all of them when
+    there are fewer), a fresh draw each epoch (epoch e uses `seed + e`), shuffled."""
+
+    def __init__(self, positive, k: int, seed: int = 0):
+        self.pos, self.neg = np.flatnonzero(positive), np.flatnonzero(~np.asarray(positive, dtype=bool))
+        if not len(self.pos):
+            raise DataError("neg_per_pos needs melanomas in the training rows: this fold has none")
+        self.k, self.seed, self.epoch = int(k), int(seed), 0
+        self.n = len(self.pos) + min(len(self.neg), self.k * len(self.pos))
+
+    def __call__(self) -> list:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        self.epoch += 1
+        neg = rng.choice(self.neg, self.n - len(self.pos), replace=False)
+        return rng.permutation(np.r_[self.pos, neg]).tolist()
 
 
 def diagnosis_labels(df: pd.DataFrame) -> pd.Series:

@@ -115,7 +115,8 @@ def fold_learner(df, k, cfg: TrainConfig, path):
     dls = melanoma_dls(pseudo_for_fold(df, k), fold=k, size=cfg.size, bs=cfg.bs, meta=cfg.meta, num_workers=cfg.workers,
                        device=process_device(), upsample=cfg.upsample, target=cfg.target, aug=cfg.aug,
                        meta_dropout=cfg.meta_dropout, dropout_patterns=cfg.dropout_patterns,
-                       cat_names=cfg.cat or None, cont_names=cfg.cont or None)
+                       cat_names=cfg.cat or None, cont_names=cfg.cont or None, neg_per_pos=cfg.neg_per_pos,
+                       seed=cfg.seed * 1000 + k)
     # `path`: where fastai's lr_find puts its temporary checkpoint (instead of a models/ folder in the cwd)
     return melanoma_learner(dls, cfg.arch, meta=cfg.meta, pretrained=cfg.pretrained, weights=cfg.weights,
                             precision=cfg.precision, compile=cfg.compile, frozen_bn=cfg.frozen_bn,
