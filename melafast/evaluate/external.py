@@ -120,7 +120,7 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     """Score labelled images the run never trained on and write `<out>/evaluation.html`, `evaluation.json` and
     `scores.csv` (default `out`: `<run>/evaluations/<name>`, `name` the data folder's name). Images the run trained on
     (see `trained_on`) are left out and listed. `scores`: a scores.csv already made for these rows (skips scoring)."""
-    from ..atomic import write_json, write_text
+    from ..atomic import write_csv, write_json, write_text
     from ..data.signatures import add_skin_tone
     from ..runfolder import RunFolder
     from .external_page import evaluation_page
@@ -156,8 +156,6 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     point = folder.operating_point()
     transfer = _transfer(folder, point, rows, n_boot) if point is not None else None
     out.mkdir(parents=True, exist_ok=True)
-    from ..atomic import write_csv
-
     write_csv(scores, out / SCORES)
     result = dict(
         run=str(folder.path), source=source, name=name, created=datetime.datetime.now().isoformat(timespec="seconds"),

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..data.signatures import SKIN_TONE_NOTE
 from .figures import Evaluation
-from .pages import image, interval, note, page, para, table
+from .pages import figure, image, interval, note, page, para, table
 
 __all__ = ["evaluation_page", "SECTIONS"]
 
@@ -25,10 +26,11 @@ def _side_by_side(home: Evaluation, ev: Evaluation) -> pd.DataFrame:
     for r in home.headline.itertuples():
         h = here.loc[r.key]
         d = int(r.digits)
-        rows.append({"figure": r.figure, "the run's out-of-fold (training clinic)": f"{r.value:.{d}f}",
-                     "its interval": interval(r.lo, r.hi, d), "this set": f"{h['value']:.{d}f}",
+        diff = r.value - h["value"]
+        rows.append({"figure": r.figure, "the run's out-of-fold (training clinic)": figure(r.value, d),
+                     "its interval": interval(r.lo, r.hi, d), "this set": figure(h["value"], d),
                      "this set's interval": interval(h["lo"], h["hi"], d),
-                     "out-of-fold minus this set": f"{r.value - h['value']:+.{d}f}"})
+                     "out-of-fold minus this set": "n/a" if np.isnan(diff) else f"{diff:+.{d}f}"})
     return pd.DataFrame(rows)
 
 

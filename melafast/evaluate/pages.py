@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["image", "table", "para", "note", "page", "headline_table", "interval"]
+__all__ = ["image", "table", "para", "note", "page", "headline_table", "interval", "figure"]
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}img{max-width:100%}
@@ -38,6 +38,11 @@ def note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
+def figure(value, digits: int = 4) -> str:
+    "A value to `digits` places, or 'n/a' where it could not be computed (e.g. a by-patient figure without patients)."
+    return "n/a" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
 def interval(lo, hi, digits: int = 4) -> str:
     "'lo to hi', or '' without an interval."
     return "" if lo is None or hi is None or np.isnan(lo) or np.isnan(hi) else f"{lo:.{digits}f} to {hi:.{digits}f}"
@@ -46,7 +51,7 @@ def interval(lo, hi, digits: int = 4) -> str:
 def headline_table(headline: pd.DataFrame, level: float = 0.95) -> str:
     "An evaluation's headline measures: figure, value, interval, what it means."
     rows = pd.DataFrame({"figure": headline["figure"],
-                         "value": [f"{v:.{d}f}" for v, d in zip(headline["value"], headline["digits"])],
+                         "value": [figure(v, d) for v, d in zip(headline["value"], headline["digits"])],
                          f"{level:.0%} interval": [interval(lo, hi, d) for lo, hi, d in
                                                    zip(headline["lo"], headline["hi"], headline["digits"])],
                          "what it says": headline["about"]})
