@@ -44,6 +44,13 @@ def test_external_data_trains_but_is_never_scored(sample_dir, external_dir, tmp_
     assert cfg["n_train"] == 64 and cfg["n_external"] == n_ext
     main_train = 64 - (oof["fold"] == 0).sum()
     assert f"fold 0: {main_train + n_ext} train / {(oof['fold'] == 0).sum()} valid images" in out
+    # an evaluation set holding the external images is told they trained the run
+    from melafast.data import load_split
+    from melafast.evaluate.external import trained_on
+    from melafast.runfolder import RunFolder
+
+    seen = trained_on(RunFolder(run), load_split(ext, "train"), log=lambda m: None)
+    assert len(seen) == n_ext and set(seen["reason"]) == {"the same image name as an external training image"}
 
 
 def test_add_external_drops_duplicates(sample_df):

@@ -75,13 +75,18 @@ def trained_on(folder, table: pd.DataFrame, log: Callable = print) -> pd.DataFra
         reasons[same] = "a patient of the run's training table"
     try:
         train = load_split(folder.data_for(None), "train")
+        train = train[train["image_name"].isin(set(oof["image_name"]))]
+        for ext in folder.train_config().external if folder.config_file.is_file() else []:
+            more = load_split(ext, "train")  # --external rows trained every fold
+            reasons[(reasons == "") & table["image_name"].isin(set(more["image_name"]))] = \
+                "the same image name as an external training image"
+            train = pd.concat([train, more], ignore_index=True)
     except MelafastError:
         train = None
     if train is None or "fname" not in table.columns:
         log("the run's training images could not be read (its data folder is not here): images are checked against "
             "its image names and patients only, not by content")
     else:
-        train = train[train["image_name"].isin(set(oof["image_name"]))]
         distance = folder.train_config().dedup if folder.config_file.is_file() else -1
         copies = cross_duplicates(with_signatures(table.reset_index(drop=True), progress=False),
                                   with_signatures(train.reset_index(drop=True), progress=False),
