@@ -24,7 +24,7 @@ _EXPORTS = {
     "save_run": "train.save", "save_model": "train.save", "load_model": "inference.checkpoint",
     "load_predictor": "inference", "Predictor": "inference", "RunPredictor": "inference", "RunFolder": "runfolder",
     "MissingMetadataWarning": "inference", "MetaDropout": "data", "ImageHeadLoss": "train.learner", "compare_runs": "evaluate.compare",
-    "run_report": "evaluate.report",
+    "run_report": "evaluate.report", "evaluate_run": "evaluate.external", "recalibrate_run": "evaluate.recalibrate",
     "audit_run": "evaluate.audit", "shortcut_audit": "evaluate.audit", "save_operating_point": "evaluate.operating",
     "operating_table": "evaluate.operating", "calibrate_operating_point": "evaluate.calibrate", "model_card": "evaluate.card", "export_run": "deploy.export", "stack_run": "inference.stack",
 }

@@ -7,7 +7,8 @@ One concern a file, each importing only the ones above it:
     tables    read train.csv / test.csv and find their images (load_competition, load_split, image_table)
     images    check that image files are usable; open them as RGB, decoding large JPEGs at reduced scale
     prepare   `melafast prepare`: a dataset resized once (files or a store), with its prepare.json
-    folds     patient-grouped stratified folds; external and pseudo-labelled rows that only train
+    folds     patient-grouped stratified folds (or by any column); external and pseudo-labelled rows that only train
+    signatures  what each image's pixels say, cached: a perceptual hash (near-duplicates) and the skin tone (ITA)
     side      random numbers of the metadata side of training
     features  patient-relative features and the 2020 winners' extras (images per patient, log file size)
     meta      the metadata vector (MetaProcessor), fitted on training rows only; metadata dropout
