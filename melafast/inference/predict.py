@@ -76,8 +76,10 @@ def _spread(preds, ok, prevalence, run, log) -> dict:
     extra = probability_columns(np.mean(preds, axis=0), recal, trained, prevalence)
     cols.update({k: fill_unusable(v, ok) for k, v in extra.items()})
     if recal is not None:
-        log(f"pred_calibrated: pred recalibrated ({recal.fitted_on}; expected calibration error {recal.ece_before:.3f} "
-            f"-> {recal.ece_after:.3f} there, cross-fitted); rankings and decisions are those of `pred`")
+        effect = ("" if recal.ece_before is None or recal.ece_after is None else
+                  f"; expected calibration error {recal.ece_before:.3f} -> {recal.ece_after:.3f} there, cross-fitted")
+        log(f"pred_calibrated: pred recalibrated ({recal.fitted_on or 'recalibration.json'}{effect}); rankings and "
+            "decisions are those of `pred`")
     if prevalence is not None:
         log(f"pred_at_prevalence: the probability where {prevalence:.1%} of lesions are melanomas (moved from "
             + (f"the recalibrated probability, fitted at {recal.prevalence:.1%}" if recal is not None else
