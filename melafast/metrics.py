@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["auc", "pauc", "sens_at_spec", "spec_at_sens", "top_n_sensitivity", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
-           "bootstrap_auc", "operating_points", "calibration", "age_band", "diagnoses", "subgroups", "subgroup_aucs", "AGE_BANDS"]
+           "bootstrap_auc", "operating_points", "calibration", "age_band", "diagnoses", "calls_by_diagnosis_table", "subgroups", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
 PAUC_MIN_TPR = 0.8  # the partial AUC of every table: the ROC area where sensitivity >= 80% (ISIC 2024's metric)
@@ -265,6 +265,15 @@ def diagnoses(df: pd.DataFrame) -> pd.Series:
         diag = df["diagnosis"].astype("string").str.strip().str.lower()
         return diag.where(diag.notna() & (diag != ""), "not given").astype(object)
     return pd.Series(np.where(df["target"] == 1, "melanoma", "not given"), index=df.index, dtype=object)
+
+
+def calls_by_diagnosis_table(df: pd.DataFrame, decision) -> pd.DataFrame:
+    """Per diagnosis of `df` (see `diagnoses`): images, melanomas, how many of them the 0/1 `decision` calls melanoma,
+    and that share (on a benign diagnosis, 1 - the specificity there)."""
+    rows = df.assign(diagnosis=diagnoses(df), called=np.asarray(decision)).groupby("diagnosis").agg(
+        images=("called", "size"), melanomas=("target", "sum"), called_melanoma=("called", "sum")).reset_index()
+    rows["share called melanoma"] = rows["called_melanoma"] / rows["images"]
+    return rows
 
 
 def subgroups(df: pd.DataFrame, by: dict, min_melanomas: int = 5):

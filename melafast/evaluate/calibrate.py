@@ -50,7 +50,7 @@ def calibrate_operating_point(run, spec, data=None, images=None, table: pd.DataF
         raise MelafastError("the calibration set needs a target column (1: melanoma, 0: benign)")
     table = table.reset_index(drop=True)
     seen = trained_on(folder, table, log)  # by name, by patient, and by content (near-duplicate pixels)
-    named = seen[~seen["reason"].str.startswith("a near-duplicate")]
+    named = seen[~seen["by_pixels"]]
     if len(named):  # the wrong set: the run's own images or patients
         raise MelafastError(f"{len(named)} calibration images are in the run's training data (e.g. "
                             f"{named['image_name'].iloc[0]}: {named['reason'].iloc[0]}): calibrate on patients the "

@@ -60,13 +60,15 @@ def read_labelled(data=None, images=None, labels=None) -> tuple[pd.DataFrame, st
 def trained_on(folder, table: pd.DataFrame, log: Callable = print) -> pd.DataFrame:
     """The rows of `table` the run trained on, with why: the same image name, a patient of its training table, or
     an image whose pixels nearly duplicate a training image's (perceptual hash within the run's --dedup distance, or
-    `DUP_DISTANCE`), found by content whatever its name. (image_name, reason); empty when none."""
+    `DUP_DISTANCE`), found by content whatever its name. (image_name, reason, by_pixels: found by content alone);
+    empty when none."""
     from ..config import DUP_DISTANCE
     from ..data import load_split
     from ..data.signatures import cross_duplicates, with_signatures
     from .operating import oof_patients
 
     oof = folder.oof(need="an evaluation is checked against the images the run trained on")
+    settings = folder.train_config() if folder.config_file.is_file() else None
     reasons = pd.Series("", index=table.index, dtype=object)
     reasons[table["image_name"].isin(set(oof["image_name"]))] = "the same image name as a training image"
     known = oof_patients(folder, oof)
@@ -76,27 +78,29 @@ def trained_on(folder, table: pd.DataFrame, log: Callable = print) -> pd.DataFra
     try:
         train = load_split(folder.data_for(None), "train")
         train = train[train["image_name"].isin(set(oof["image_name"]))]
-        for ext in folder.train_config().external if folder.config_file.is_file() else []:
+        for ext in settings.external if settings is not None else []:
             more = load_split(ext, "train")  # --external rows trained every fold
             reasons[(reasons == "") & table["image_name"].isin(set(more["image_name"]))] = \
                 "the same image name as an external training image"
             train = pd.concat([train, more], ignore_index=True)
     except MelafastError:
         train = None
+    by_pixels = pd.Series(False, index=table.index)
     if train is None or "fname" not in table.columns:
         log("the run's training images could not be read (its data folder is not here): images are checked against "
             "its image names and patients only, not by content")
     else:
-        distance = folder.train_config().dedup if folder.config_file.is_file() else -1
+        distance = settings.dedup if settings is not None and settings.dedup >= 0 else DUP_DISTANCE
         copies = cross_duplicates(with_signatures(table.reset_index(drop=True), progress=False),
-                                  with_signatures(train.reset_index(drop=True), progress=False),
-                                  distance if distance >= 0 else DUP_DISTANCE)
+                                  with_signatures(train.reset_index(drop=True), progress=False), distance)
         copy_of = dict(zip(copies["image_name"], zip(copies["duplicate_of"], copies["distance"])))
-        for i in table.index[(reasons == "") & table["image_name"].isin(copy_of)]:
+        by_pixels = (reasons == "") & table["image_name"].isin(copy_of)
+        for i in table.index[by_pixels]:
             other, bits = copy_of[table.at[i, "image_name"]]
             reasons[i] = f"a near-duplicate of training image {other} ({bits} bits apart)"
     hit = reasons != ""
-    return pd.DataFrame({"image_name": table.loc[hit, "image_name"].to_numpy(), "reason": reasons[hit].to_numpy()})
+    return pd.DataFrame({"image_name": table.loc[hit, "image_name"].to_numpy(), "reason": reasons[hit].to_numpy(),
+                         "by_pixels": by_pixels[hit].to_numpy()})
 
 
 def _subgroup_columns(rows: pd.DataFrame, group_by) -> dict:
@@ -139,9 +143,8 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     seen = trained_on(folder, table, log)
     if len(seen):
         log(f"warning: {len(seen)} of {len(table)} images were in the run's training data ("
-            + "; ".join(f"{kind}: {n}" for kind, n in seen["reason"].str.replace(r" of training image .*",
-                                                                                  " of a training image",
-                                                                                  regex=True).value_counts().items())
+            + "; ".join(f"{kind}: {n}" for kind, n in seen["reason"].where(
+                ~seen["by_pixels"], "a near-duplicate of a training image").value_counts().items())
             + f"; e.g. {seen['image_name'].iloc[0]}): left out of every figure, listed in evaluation.json")
         table = table[~table["image_name"].isin(seen["image_name"])].reset_index(drop=True)
         if table["target"].nunique() < 2:
@@ -165,7 +168,7 @@ def evaluate_run(run, data=None, images=None, labels=None, out=None, name: str |
     result = dict(
         run=str(folder.path), source=source, name=name, created=datetime.datetime.now().isoformat(timespec="seconds"),
         tta=int(scores.attrs.get("tta", tta or folder.tta)), models=len(folder.model_dirs()),
-        left_out=seen.to_dict("records"), external=ev.to_dict(), oof=home.to_dict(),
+        left_out=seen[["image_name", "reason"]].to_dict("records"), external=ev.to_dict(), oof=home.to_dict(),
         gap={r.key: _clean(home.value(r.key) - r.value) for r in ev.headline.itertuples()},
         no_meta=blank.to_dict() if blank is not None else None,
         metadata_effect=None if blank is None else [{k: _clean(v) for k, v in r.items()}
@@ -217,12 +220,10 @@ def _transfer(folder, point, rows, n_boot) -> dict:
     here = decision_figures(rows["target"].to_numpy(), decision, groups, n_boot=n_boot)
     by_diagnosis = None
     if "diagnosis" in rows.columns:  # which diagnoses it calls melanoma here (1 - specificity on a benign one)
-        from ..metrics import diagnoses
+        from ..metrics import calls_by_diagnosis_table
 
-        calls = rows.assign(diagnosis=diagnoses(rows), called=decision).groupby("diagnosis").agg(
-            images=("called", "size"), melanomas=("target", "sum"), called_melanoma=("called", "sum")).reset_index()
-        calls["share called melanoma"] = calls["called_melanoma"] / calls["images"]
-        by_diagnosis = [{k: _clean(v) for k, v in r.items()} for r in calls.to_dict("records")]
+        by_diagnosis = [{k: _clean(v) for k, v in r.items()}
+                        for r in calls_by_diagnosis_table(rows, decision).to_dict("records")]
     return dict(operating_point=point.operating_point, goal=point.goal, threshold=point.threshold,
                 chosen_on=point.chosen_on, rule=point.rule, promised=point.crossfit, here=here,
                 called_melanoma=int(decision.sum()), by_diagnosis=by_diagnosis)

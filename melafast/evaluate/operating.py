@@ -318,7 +318,7 @@ def calls_by_diagnosis(df: pd.DataFrame, point) -> tuple[pd.DataFrame, str] | No
     """Which diagnoses a saved operating point calls melanoma on the out-of-fold rows `df` (None when the data names
     no diagnosis): per diagnosis, images, melanomas, how many it calls melanoma and that share (on a benign
     diagnosis, 1 - its specificity), most melanomas first; and how the decisions were made, in words."""
-    from ..metrics import diagnoses
+    from ..metrics import calls_by_diagnosis_table
 
     if "diagnosis" not in df.columns:
         return None
@@ -331,9 +331,7 @@ def calls_by_diagnosis(df: pd.DataFrame, point) -> tuple[pd.DataFrame, str] | No
     if decision is None:
         decision = (df["pred"] >= point.threshold).to_numpy().astype(int)
         how = "each out-of-fold score against the threshold (one model's score, not the fold mean: indicative)"
-    rows = df.assign(diagnosis=diagnoses(df), called=decision).groupby("diagnosis").agg(
-        images=("called", "size"), melanomas=("target", "sum"), called_melanoma=("called", "sum")).reset_index()
-    rows["share called melanoma"] = rows["called_melanoma"] / rows["images"]
+    rows = calls_by_diagnosis_table(df, decision)
     return rows.sort_values(["melanomas", "share called melanoma"], ascending=[False, False]), how
 
 
