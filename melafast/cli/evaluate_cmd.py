@@ -9,7 +9,7 @@ import typer
 
 from ..errors import MelafastError
 from .app import app, friendly
-from .options import BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, RunTtaOpt, WorkersOpt
+from .options import BootstrapOpt, BsOpt, FinishedRunOpt, ImagesOpt, RunDataOpt, RunPrecisionOpt, RunTtaOpt, WorkersOpt
 from .options import check_run
 from .options import value as _value
 
@@ -65,7 +65,7 @@ def operating_point_cmd(
         "probability threshold such as 0.3.")] = "sens90",
     prevalence: Annotated[Optional[float], typer.Option(
         "--prevalence", help="Also give PPV and NPV where this share of lesions are melanomas.")] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    bootstrap: BootstrapOpt = 1000,
     replace: Annotated[bool, typer.Option("--replace", help="Replace a calibrated operating point already saved in "
                                           "the run.")] = False,
 ):
@@ -105,7 +105,7 @@ def evaluate(
                                                           "diagnosis are shown where present.")] = None,
     errors: Annotated[int, typer.Option("--errors", help="Images per error grid with Grad-CAM maps; 0 leaves the "
                                         "grids out.")] = 8,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    bootstrap: BootstrapOpt = 1000,
     tta: RunTtaOpt = None,
     bs: BsOpt = 64,
     workers: WorkersOpt = None,
@@ -160,7 +160,7 @@ def calibrate(
         "--operating-point", help="The goal: sens90 (sensitivity at least 90%), spec95, any sensNN/specNN.")] = "sens90",
     prevalence: Annotated[Optional[float], typer.Option(
         "--prevalence", help="Also give PPV and NPV where this share of lesions are melanomas.")] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    bootstrap: BootstrapOpt = 1000,
     folds: Annotated[int, typer.Option("--folds", help="Patient-grouped parts of the calibration set its figures "
                                        "are cross-fitted on.")] = 5,
     bs: BsOpt = 64,
@@ -190,7 +190,7 @@ def audit(
     out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default <run>/audit.html); the "
                                                 "table goes beside it as .csv, the figures to <out stem>_figures/.")]
     = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seeds where each artefact is drawn on each image.")] = 0,
     tta: Annotated[int, typer.Option("--tta", help="Dihedral views per image (1: the plain view).")] = 1,
     bs: BsOpt = 64,
@@ -216,7 +216,7 @@ def card(
     images: ImagesOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Markdown file to write (default <run>/MODEL_CARD.md).")]
     = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")] = 1000,
+    bootstrap: BootstrapOpt = 1000,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="The training data's source, when the card does "
                                                    "not recognise it (SIIM-ISIC 2020, HAM10000, ISIC 2024 are).")]
     = None,

@@ -38,6 +38,7 @@ RunTtaOpt = Annotated[Optional[int], typer.Option("--tta", help="Dihedral TTA vi
 RunPrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Precision to predict in (default: "
                                                               "each model's own, the one its out-of-fold predictions "
                                                               "were made with; fp32 where the device lacks it).")]
+BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples (whole patients).")]
 RunDataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")]
 FinishedRunOpt = Annotated[Path, typer.Option("--run", help="Finished run folder from `melafast train`.")]
 BadImageOpt = Annotated[BadImage, typer.Option("--on-bad-image", help="Unreadable, empty or truncated images: "
