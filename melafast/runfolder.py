@@ -219,29 +219,28 @@ class RunFolder:
                            "it with --resume)")
         return pd.read_csv(self.oof_file, dtype={"image_name": str})
 
+    @staticmethod
+    def _record(path: Path, cls, again: str):
+        "The typed record (`cls.from_dict`) saved in the JSON file `path`, None without one; `again`: how to redo it."
+        if not path.is_file():
+            return None
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except ValueError as e:
+            raise RunError(f"{path} is damaged ({e}): {again}") from None
+
     def operating_point(self):
         """threshold.json: the saved `OperatingPoint` (None when the run has none)."""
         from .record import OperatingPoint
 
-        if not self.operating_point_file.is_file():
-            return None
-        try:
-            return OperatingPoint.from_dict(json.loads(self.operating_point_file.read_text()))
-        except ValueError as e:
-            raise RunError(f"{self.operating_point_file} is damaged ({e}): save it again with `melafast report "
-                           "--operating-point`") from None
+        return self._record(self.operating_point_file, OperatingPoint,
+                            "save it again with `melafast report --operating-point`")
 
     def recalibration(self):
         """recalibration.json: the saved `Recalibration` (None when the run has none)."""
         from .record import Recalibration
 
-        if not self.recalibration_file.is_file():
-            return None
-        try:
-            return Recalibration.from_dict(json.loads(self.recalibration_file.read_text()))
-        except ValueError as e:
-            raise RunError(f"{self.recalibration_file} is damaged ({e}): fit it again with `melafast recalibrate`") \
-                from None
+        return self._record(self.recalibration_file, Recalibration, "fit it again with `melafast recalibrate`")
 
     def info(self):
         """The run's config.json as a typed `RunInfo` (its `TrainConfig` and what training recorded beside it)."""
