@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _emit import mean_sd, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 HAM = ROOT.parent / "shared" / "data" / "ham10000"
@@ -94,7 +95,7 @@ def one(a, work: Path, seed: int, constancy: int) -> dict:
 def table(rows: pd.DataFrame) -> str:
     lines = ["| colour constancy | seeds | " + " | ".join(FIGURES) + " |", "|---|---|" + "---|" * len(FIGURES)]
     for cc, part in rows.groupby("constancy"):
-        cells = [f"{part[f].mean():.3f} ± {part[f].std(ddof=1) if len(part) > 1 else float('nan'):.3f}" for f in FIGURES]
+        cells = [mean_sd(part[f]) for f in FIGURES]
         lines.append(f"| {'Shades of Gray p=' + str(cc) if cc else 'off'} | {len(part)} | " + " | ".join(cells) + " |")
     if rows["constancy"].nunique() > 1:  # paired by seed: constancy minus off
         base = rows[rows["constancy"] == 0].set_index("seed")
@@ -102,8 +103,7 @@ def table(rows: pd.DataFrame) -> str:
             d = part.set_index("seed")[list(FIGURES)] - base[list(FIGURES)]
             d = d.dropna()
             lines.append(f"| p={cc} minus off (paired by seed) | {len(d)} | "
-                         + " | ".join(f"{d[f].mean():+.3f} ± {d[f].std(ddof=1) if len(d) > 1 else float('nan'):.3f}"
-                                      for f in FIGURES) + " |")
+                         + " | ".join(mean_sd(d[f], sign="+") for f in FIGURES) + " |")
     return "\n".join(lines)
 
 
@@ -130,12 +130,8 @@ def main(argv=None) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="cross_site-"))
     rows = [one(a, work, seed, cc) for seed in range(a.seeds) for cc in a.constancy]
     rows = pd.DataFrame(rows)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    md = table(rows)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    a.out.with_suffix(".json").write_text(json.dumps(dict(settings=settings, rows=rows.to_dict("records")), indent=1))
-    a.out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    write_table(a.out, table(rows).split("\n"), dict(settings=settings, rows=rows.to_dict("records")))
     return 0
 
 

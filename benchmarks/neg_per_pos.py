@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _emit import mean_sd, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 HAM = ROOT.parent / "shared" / "data" / "ham10000"
@@ -76,14 +77,9 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     lines = ["| negatives per epoch | seeds | OOF AUC | unfrozen epoch (s) | whole run (s) |", "|---|---|---|---|---|"]
     for k, part in df.groupby("k", sort=False):
-        sd = (lambda c: part[c].std(ddof=1)) if len(part) > 1 else (lambda c: float("nan"))
-        lines.append(f"| {'K = ' + str(k) if k != 'all' else 'all'} | {len(part)} | {part['oof'].mean():.3f} ± "
-                     f"{sd('oof'):.3f} | {part['epoch_s'].mean():.1f} ± {sd('epoch_s'):.1f} | "
-                     f"{part['train_s'].mean():.0f} |")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
+        lines.append(f"| {'K = ' + str(k) if k != 'all' else 'all'} | {len(part)} | {mean_sd(part['oof'])} | "
+                     f"{mean_sd(part['epoch_s'], 1)} | {part['train_s'].mean():.0f} |")
+    write_table(a.out, lines, rows)
     return 0
 
 

@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+from _emit import mean_sd, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 HAM = ROOT.parent / "shared" / "data" / "ham10000"
@@ -78,12 +78,8 @@ def main(argv=None) -> int:
         sys.exit(f"no run-s*-cc0 folder in {a.work}: run benchmarks/cross_site.py --work {a.work} first")
     df = pd.DataFrame(rows)
     md = ["| seeds | " + " | ".join(FIGURES) + " |", "|---|" + "---|" * len(FIGURES),
-          f"| {len(df)} | " + " | ".join(f"{df[f].mean():.4f} ± {df[f].std(ddof=1) if len(df) > 1 else np.nan:.4f}"
-                                       for f in FIGURES) + " |"]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(md))
+          f"| {len(df)} | " + " | ".join(mean_sd(df[f], 4) for f in FIGURES) + " |"]
+    write_table(a.out, md, rows)
     return 0
 
 
