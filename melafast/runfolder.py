@@ -258,15 +258,14 @@ class RunFolder:
 
     def check_stack(self, data=None) -> Path:
         """Stop with one line when the run has no stack (`melafast stack` writes it), or when its dataset folder
-        (`data`, else the run's) lacks the train or test table the stack reads; the dataset folder otherwise.
+        (`data`, else the run's) lacks the test table whose columns the stack reads; the dataset folder otherwise.
         Reads no table, so `submit --stack` says it before torch loads."""
         if not self.stack_file.is_file():
             raise RunError(f"{self.path} has no {self.stack_file.name}: run `melafast stack --run {self.path}` first")
         data = self.data_for(data)
-        for split in missing_tables(data):
-            raise DataError(f"{data} has no {split}.csv (nor {split}-metadata.csv): the stack reads the {split} table's "
-                            "columns " + ("(it refits its trees on the run's out-of-fold rows)" if split == "train" else
-                                          "(the features of the images it scores)"))
+        if "test" in missing_tables(data):
+            raise DataError(f"{data} has no test.csv (nor test-metadata.csv): the stack reads the test table's columns "
+                            "(the features of the images it scores)")
         return data
 
     def audit(self) -> pd.DataFrame | None:

@@ -76,13 +76,13 @@ def test_patient_features_train_predict_and_are_not_exported(run_2024_patient, t
     assert res.exit_code == 0 and "fold(s) 0 already finished" in res.output, res.output
 
 
-def test_stack_is_cross_fitted_and_submits(sample_2024, run_2024, tmp_path):
+def test_stack_saves_its_models_and_submit_refits_nothing(sample_2024, run_2024, tmp_path, monkeypatch):
     import json
 
     import numpy as np
-    from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from melafast.inference.stack import TREE_PARAMS
+    from melafast.inference import learners
+    from melafast.inference.stackfit import combine, scaled
 
     run = shutil.copytree(run_2024[0], tmp_path / "run")  # the stack writes into it
     res = invoke("stack", "--run", run, "--cont", "clin_size_long_diam_mm", "--cont", "tbp_lv_norm_border",
@@ -91,33 +91,54 @@ def test_stack_is_cross_fitted_and_submits(sample_2024, run_2024, tmp_path):
     assert "tbp_lv_dnn_lesion_confidence are in train.csv but not in test.csv" in res.output
     spec = json.loads((run / "stack.json").read_text())
     assert spec["columns"] == {"cat": [], "cont": ["clin_size_long_diam_mm", "tbp_lv_norm_border"]}
-    oof = pd.read_csv(run / "stack_oof.csv")
-    # fold 0's trees learnt from fold 1's rows only: refit them by hand
-    table = pd.read_csv(sample_2024 / "train-metadata.csv").set_index("isic_id").loc[oof["image_name"]]
-    p = np.clip(oof["pred_image"].to_numpy(), 1e-6, 1 - 1e-6)
-    X = np.c_[table[["clin_size_long_diam_mm", "tbp_lv_norm_border"]].to_numpy(), np.log(p / (1 - p))]
-    other = (oof["fold"] != 0).to_numpy()
-    trees = HistGradientBoostingClassifier(random_state=0, **TREE_PARAMS).fit(X[other], oof["target"][other])
-    assert np.allclose(trees.predict_proba(X[~other])[:, 1], oof["pred_stack"][~other], atol=1e-12)
     assert f"image {spec['image_auc']:.4f}  stacked {spec['stack_auc']:.4f}" in res.output
-    res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub.csv")
+    said = dict(nothing="the table adds nothing here", helps="the table helps", unclear="adds nothing measurable",
+                costs="the stack costs AUC here")
+    assert said[spec["verdict"]] in res.output and sum(v in res.output for v in said.values()) == 1
+    # the saved models, loaded from their text, give the stack's out-of-fold predictions: fold k's on fold k's rows
+    oof = pd.read_csv(run / "stack_oof.csv")
+    table = pd.read_csv(sample_2024 / "train-metadata.csv").set_index("isic_id")
+    kind = learners.learner("trees")
+    a, b = spec["calibration"]
+    for f in spec["folds"]:
+        rows = oof[oof["fold"] == f["fold"]]
+        z = scaled(rows["pred_image"], f["scale"])
+        assert np.allclose(z, rows["image_z"])
+        X = np.c_[table.loc[rows["image_name"], ["clin_size_long_diam_mm", "tbp_lv_norm_border"]].to_numpy(), z]
+        models = [kind.load((run / m["file"]).read_text()) for m in f["models"]]
+        assert len(models) == 5 and all(json.loads((run / m["file"]).read_text()) for m in f["models"])
+        margin = np.mean([kind.margin(m, X, f["rounds"]) for m in models], axis=0)
+        s = combine(z, margin, f["calibration"], f["weight"])
+        assert np.allclose(1 / (1 + np.exp(-(a + b * s))), rows["pred_stack"], atol=1e-9)
+    # submit --stack loads them: nothing is fitted, and the training table is not needed
+    monkeypatch.setattr(learners.SklearnTrees, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))
+    data = shutil.copytree(sample_2024, tmp_path / "data")
+    (data / "train-metadata.csv").unlink()
+    res = invoke("submit", "--run", run, "--stack", "--data", data, "--workers", 0, "--out", tmp_path / "sub.csv")
     assert res.exit_code == 0, res.output
-    if spec["stack_auc"] < spec["image_auc"]:  # measured worse than the image score alone: said before it is used
-        assert "a submission without --stack may score higher" in res.output
-    else:
-        assert "may score higher" not in res.output
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert list(sub.columns) == ["isic_id", "target"] and sub["target"].between(0, 1).all()
-    res = invoke("stack", "--run", run, "--cont", "iddx_1")
-    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "label" in res.stderr
+    assert sub["target"].nunique() > 1
+    # a model file changed, the out-of-fold rows changed, a stack of an older melafast: one line each
+    model_file = run / spec["folds"][0]["models"][0]["file"]
+    saved = model_file.read_text()
+    model_file.write_text(saved.replace('"baseline": ', '"baseline": 1'))
+    res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub2.csv")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "checksum differs" in res.stderr, res.output
+    model_file.write_text(saved)
     oof_rows = pd.read_csv(run / "oof.csv")
-    oof_rows.assign(pred=oof_rows["pred"] * 0.9).to_csv(run / "oof.csv", index=False)  # the rows changed since
+    oof_rows.assign(pred=oof_rows["pred"] * 0.9).to_csv(run / "oof.csv", index=False)
     res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub2.csv")
     assert res.exit_code == 1 and "changed since `melafast stack`" in res.stderr
+    (run / "stack.json").write_text(json.dumps({**spec, "format": 1}))
+    res = invoke("submit", "--run", run, "--stack", "--workers", 0, "--out", tmp_path / "sub2.csv")
+    assert res.exit_code == 1 and "older melafast" in res.stderr
+    res = invoke("stack", "--run", run, "--cont", "iddx_1")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "label" in res.stderr
 
 
 def test_submit_stack_fails_before_scoring_an_image(sample_2024, run_2024, tmp_path, monkeypatch):
-    "A run without stack.json, or a data folder without the train table, is refused before any model runs."
+    "A run without stack.json, or a data folder without the test table, is refused before any model runs."
     from melafast.inference import loop
 
     def no_scoring(*args, **kwargs):
@@ -129,7 +150,7 @@ def test_submit_stack_fails_before_scoring_an_image(sample_2024, run_2024, tmp_p
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no stack.json" in res.stderr, res.output
     stacked = shutil.copytree(run, tmp_path / "run")
     assert invoke("stack", "--run", stacked, "--cont", "clin_size_long_diam_mm", "--bootstrap", 20).exit_code == 0
-    no_train = shutil.copytree(sample_2024, tmp_path / "data")
-    (no_train / "train-metadata.csv").unlink()
-    res = invoke("submit", "--run", stacked, "--stack", "--data", no_train, "--workers", 0, "--out", tmp_path / "s.csv")
-    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no train.csv (nor train-metadata.csv)" in res.stderr, res.output
+    no_test = shutil.copytree(sample_2024, tmp_path / "data")
+    (no_test / "test-metadata.csv").unlink()
+    res = invoke("submit", "--run", stacked, "--stack", "--data", no_test, "--workers", 0, "--out", tmp_path / "s.csv")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "has no test.csv (nor test-metadata.csv)" in res.stderr, res.output

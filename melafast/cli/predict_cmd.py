@@ -184,27 +184,35 @@ def serve(
 @friendly
 def stack_cmd(
     run: FinishedRunOpt,
-    cat: Annotated[Optional[List[str]], typer.Option("--cat", help="Categorical table column for the trees "
+    cat: Annotated[Optional[List[str]], typer.Option("--cat", help="Categorical table column for the stack "
                                                      "(repeatable; default: the run's metadata columns).")] = None,
     cont: Annotated[Optional[List[str]], typer.Option("--cont", help="Continuous table column (repeatable).")] = None,
     patient_features: Annotated[bool, typer.Option("--patient-features", help="Add each continuous column's z-score "
                                                    "and rank within the patient.")] = False,
     data: RunDataOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="The trees' seed.")] = 0,
+    model: Annotated[str, typer.Option("--model", help="What models the table: trees (scikit-learn's, needs nothing "
+                                       "more), lightgbm, xgboost, catboost (pip install 'melafast[boost]') or logistic "
+                                       "(a baseline).")] = "trees",
+    bags: Annotated[int, typer.Option("--bags", help="Models per fold, each on 80% of the patients (seed-bagged), "
+                                      "their margins averaged.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="The bags' and the models' seed.")] = 0,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Paired bootstrap resamples (whole patients).")] = 1000,
 ):
-    """Gradient-boosted trees on the table and the run's out-of-fold image scores, cross-validated on its folds."""
+    """A model of the table and the run's out-of-fold image scores, cross-fitted on its folds, that never ranks
+    worse than the image score alone (the table's weight is chosen on inner folds, 0 keeps the image score)."""
     check_run(run)
     from ..data import resolve_columns
+    from ..inference.learners import learner
     from ..runfolder import RunFolder
     from ..inference.stack import stack_run
 
+    learner(model)  # an unknown model, or its library missing: said before any table is read
     if cat or cont:  # the same checks as train's: present, not the label, not train-only
         d = RunFolder(run).data_for(data)
         cat, cont = resolve_columns(_stack_table(d, "train"), _stack_table(d, "test"), cat or [], cont or [],
                                     log=typer.echo)
-    stack_run(run, cat=cat, cont=cont, patient_features=patient_features, data=data, seed=seed, n_boot=bootstrap,
-              log=typer.echo)
+    stack_run(run, cat=cat, cont=cont, patient_features=patient_features, data=data, model=model, bags=bags,
+              seed=seed, n_boot=bootstrap, log=typer.echo)
 
 
 def _stack_table(data, split):

@@ -1,11 +1,12 @@
-"""`melafast stack`: gradient-boosted trees on the table's features and the image models' out-of-fold predictions.
+"""`melafast stack`: a model of the table's features and the image models' out-of-fold scores, which never ranks
+worse than the image score alone (see `stackfit` for how).
 
 The 2024 challenge was won by stacking: an image model's score beside the lesion's measurements (and its patient's
-other lesions), fed to gradient-boosted trees. Here the trees are scikit-learn's `HistGradientBoostingClassifier`
-(missing values and categories handled natively), cross-validated on the run's own folds: fold k's trees learn from
-the other folds' rows only, whose image scores are themselves out-of-fold, and score fold k, so the stacked CV stays
-honest. Nothing is pickled: the trees are refitted from the run's out-of-fold rows and the recorded settings when
-`submit --stack` needs them (deterministic), and the refit is checked against the saved stacked predictions.
+other lesions), fed to gradient-boosted trees. Here the model (`learners`: scikit-learn's trees by default, or
+LightGBM, XGBoost, CatBoost, logistic regression) is cross-fitted on the run's own folds: fold k's model learns from
+the other folds' rows only, whose image scores are themselves out-of-fold, and scores fold k, so the stacked CV
+stays honest. Every fitted model is saved as text under `stack_models/` (nothing pickled, nothing refitted):
+`submit --stack` loads them and applies fold k's to fold k's image model's test scores.
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError, MelafastError, RunError
+from ..errors import DataError, RunError
+from .learners import SHAPE, learner
+from .stackfit import BAG_SHARE, WEIGHTS, calibration, combine, cross_fit, image_scale, scaled
 
-__all__ = ["stack_run", "stack_ready", "stack_predict", "TREE_PARAMS"]
+__all__ = ["STACK_FORMAT", "stack_run", "stack_ready", "stack_predict"]
 
-TREE_PARAMS = dict(learning_rate=0.05, max_iter=200, max_leaf_nodes=15, min_samples_leaf=20, l2_regularization=1.0,
-                   early_stopping=False)  # fixed, not tuned on the rows they score
-STACK_JSON, STACK_OOF = "stack.json", "stack_oof.csv"
-
-
-def _logit(p):
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+STACK_FORMAT = 2  # 1: trees refitted at submit (no saved models)
+STACK_JSON, STACK_OOF, MODELS = "stack.json", "stack_oof.csv", "stack_models"
+HELPS = "helps"  # the verdicts stack.json records, from the paired interval of stacked - image AUC
 
 
 def _table(data, cat, cont, patient_features, split="train") -> pd.DataFrame:
@@ -45,41 +43,37 @@ def _table(data, cat, cont, patient_features, split="train") -> pd.DataFrame:
     return clean_table(read_table(csv, required=("image_name",)), cat, cont, cont if patient_features else (), csv)
 
 
-def _matrix(df, cat, cont, vocab, image_pred) -> pd.DataFrame:
-    "Trees' inputs: each category as its index in `vocab` (missing: NaN), numbers as they are, the image logit."
+def _matrix(df, cat, cont, vocab, z) -> pd.DataFrame:
+    """The model's inputs: each category one column per value it took in training (1 when it is that value; 0 for a
+    missing or unseen one), numbers as they are (missing: NaN), and the scaled image score `z` last."""
     X = pd.DataFrame(index=df.index)
     for c in cat:
-        codes = {v: i for i, v in enumerate(vocab[c])}
-        X[c] = df[c].map(lambda v: codes.get(v, np.nan) if isinstance(v, str) else np.nan).astype(float)
+        values = df[c].map(lambda x: str(x) if pd.notna(x) else None)
+        for v in vocab[c]:
+            X[f"{c}={v}"] = (values == v).astype(float)
     for c in cont:
         X[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    X["image_logit"] = _logit(image_pred)
+    X["image_z"] = np.asarray(z, dtype=np.float64)
     return X
 
 
-def _fit(X, y, n_cat, seed):
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
-    mask = [True] * n_cat + [False] * (X.shape[1] - n_cat)
-    return HistGradientBoostingClassifier(categorical_features=mask if n_cat else None, random_state=seed,
-                                          **TREE_PARAMS).fit(X.to_numpy(), y)
-
-
-def _fingerprint(X: pd.DataFrame, y) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(X.to_numpy(np.float64)).tobytes())
-    h.update(np.asarray(y, dtype=np.int64).tobytes())
+def _oof_fingerprint(oof: pd.DataFrame) -> str:
+    "What the stack was fitted from: the run's out-of-fold rows (names, folds, scores)."
+    h = hashlib.sha256("\n".join(oof["image_name"].astype(str)).encode())
+    h.update(oof["fold"].to_numpy(np.int64).tobytes())
+    h.update(oof["pred"].to_numpy(np.float64).tobytes())
     return h.hexdigest()
 
 
 def _columns(info, cat, cont):
-    "The trees' columns: those asked for, or the run's own metadata columns (`RunInfo`)."
+    "The model's columns: those asked for, or the run's own metadata columns (`RunInfo`)."
     if cat is None and cont is None:
         cat, cont = info.metadata_columns
     return list(cat or []), list(cont or [])
 
 
 def _training(folder, data, cat, cont, patient_features):
-    "(rows: OOF rows with their features, X, y, vocab, the feature names)."
+    "(rows: OOF rows with their features, the fold models' scales, X, y, vocab, the continuous feature names)."
     from ..data import patient_feature_names
 
     oof = folder.oof(need="the stack learns from the run's out-of-fold image predictions")
@@ -91,90 +85,158 @@ def _training(folder, data, cat, cont, patient_features):
     rows = oof.merge(table.drop(columns=["target", "fold"], errors="ignore"), on="image_name", how="left")
     cont_all = cont + (patient_feature_names(cont) if patient_features else [])
     vocab = {c: sorted(str(v) for v in table[c].dropna().unique()) for c in cat}
-    X = _matrix(rows, cat, cont_all, vocab, rows["pred"])
-    return rows, X, rows["target"].to_numpy().astype(int), vocab, cont_all
+    scales = {int(k): image_scale(part["pred"]) for k, part in rows.groupby("fold")}
+    z = np.zeros(len(rows))
+    for k, s in scales.items():
+        mine = (rows["fold"] == k).to_numpy()
+        z[mine] = scaled(rows["pred"][mine], s)
+    X = _matrix(rows, cat, cont_all, vocab, z)
+    return oof, rows, scales, X, rows["target"].to_numpy().astype(int), vocab, cont_all
 
 
-def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=None, seed: int = 0,
-              n_boot: int = 1000, log: Callable = print) -> dict:
-    """Cross-validate the trees on `run`'s folds; write stack.json (settings, figures, fingerprint) and stack_oof.csv
-    into the run, print image-only vs stacked OOF AUC and pAUC with a paired patient-bootstrap interval. `cat`/`cont`
-    default to the run's metadata columns."""
-    from ..atomic import write_csv, write_json
-    from ..metrics import auc, paired_bootstrap, pauc
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def _verdict(cmp: pd.DataFrame, fits) -> tuple:
+    "(verdict, the sentence that says it) from the paired AUC interval and the weights the folds chose."
+    r = cmp[cmp["metric"] == "AUC"].iloc[0]
+    if all(f.weight == 0 for f in fits):
+        return "nothing", ("the table adds nothing here: every fold kept the image score alone (weight 0), so the "
+                           "stack ranks as the image score does")
+    if r["lo"] > 0:
+        return HELPS, f"the table helps: AUC {r['diff']:+.4f}, interval [{r['lo']:+.4f}, {r['hi']:+.4f}] above 0"
+    if r["hi"] < 0:
+        return "costs", (f"the stack costs AUC here ({r['diff']:+.4f}, interval [{r['lo']:+.4f}, {r['hi']:+.4f}]): "
+                         "submit without --stack")
+    return "unclear", (f"the table adds nothing measurable here: AUC {r['diff']:+.4f}, interval [{r['lo']:+.4f}, "
+                       f"{r['hi']:+.4f}] holds 0")
+
+
+def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=None, model: str = "trees",
+              bags: int = 5, seed: int = 0, n_boot: int = 1000, log: Callable = print) -> dict:
+    """Cross-fit the stack on `run`'s folds; write stack.json (settings, figures, each fold's scale, weight and
+    models), the models under stack_models/ and stack_oof.csv into the run; print the image score's and the stack's
+    OOF AUC and pAUC with a paired patient-bootstrap interval, and whether the table helps. `cat`/`cont` default to
+    the run's metadata columns."""
+    from ..atomic import write_csv, write_json, write_text
+    from ..metrics import auc, paired_bootstrap, pauc, top_n_sensitivity
     from ..runfolder import RunFolder
 
+    kind = learner(model)
+    if bags < 1:
+        raise RunError("--bags must be at least 1")
     folder = RunFolder(run)
     cat, cont = _columns(folder.info(), cat, cont)
     data = folder.data_for(data)
-    rows, X, y, vocab, cont_all = _training(folder, data, cat, cont, patient_features)
+    oof, rows, scales, X, y, vocab, cont_all = _training(folder, data, cat, cont, patient_features)
     if y.min() == y.max():
         raise RunError("the stack needs melanomas and benign lesions among the out-of-fold rows")
-    stacked = np.zeros(len(rows))
-    for k in sorted(rows["fold"].unique()):
-        mine = (rows["fold"] == k).to_numpy()
-        if len(np.unique(y[~mine])) < 2:
-            raise RunError(f"the folds other than {k} hold one class only: the stack cannot learn from them")
-        trees = _fit(X[~mine], y[~mine], len(cat), seed)
-        stacked[mine] = trees.predict_proba(X[mine].to_numpy())[:, 1]
-    groups = rows["patient_id"] if "patient_id" in rows.columns else None
-    cmp = paired_bootstrap(y, rows["pred"], stacked, groups, n_boot=n_boot)
-    result = dict(columns=dict(cat=cat, cont=cont_all), patient_features=patient_features, vocab=vocab, seed=seed,
-                  trees=TREE_PARAMS, fingerprint=_fingerprint(X, y), n_rows=len(rows),
-                  image_auc=auc(y, rows["pred"]), stack_auc=auc(y, stacked), image_pauc=pauc(y, rows["pred"]),
-                  stack_pauc=pauc(y, stacked), comparison=cmp.to_dict("records"))
+    groups = rows["patient_id"].to_numpy(object) if "patient_id" in rows.columns else None
+    log(f"stack ({model}) on {len(rows)} out-of-fold images: {', '.join(cat + cont_all) or 'no table column'} and "
+        f"the image score (scaled per fold model), cross-fitted on the run's {rows['fold'].nunique()} folds")
+    stacked, alone, fits = cross_fit(kind, X.to_numpy(), y, rows["fold"].to_numpy(), groups, bags, seed, log)
+    calib = calibration(stacked, y)  # one logistic map of the stacked score to a probability: ranks unchanged
+    pred_stack = _sigmoid(calib[0] + calib[1] * stacked)
+    cmp = paired_bootstrap(y, rows["pred"], pred_stack, groups, n_boot=n_boot)
+    verdict, sentence = _verdict(cmp, fits)
+    models_dir = folder.path / MODELS
+    models_dir.mkdir(exist_ok=True)
+    for old in models_dir.glob("fold*"):
+        old.unlink()
+    folds = []
+    for f in fits:
+        files = []
+        for b, m in enumerate(f.models):
+            name = f"fold{f.fold}-bag{b}{kind.suffix}"
+            text = kind.dump(m)
+            write_text(text, models_dir / name)
+            files.append(dict(file=f"{MODELS}/{name}", sha256=hashlib.sha256(text.encode()).hexdigest()))
+        folds.append(dict(fold=f.fold, scale=list(scales[f.fold]), calibration=list(f.calib), weight=f.weight,
+                          rounds=f.rounds, inner_auc={str(w): a for w, a in f.inner_auc.items()}, models=files))
+    top = (lambda p: top_n_sensitivity(y, p, groups)) if groups is not None else (lambda p: None)
+    result = dict(format=STACK_FORMAT, model=model, columns=dict(cat=cat, cont=cont_all), features=list(X.columns),
+                  patient_features=patient_features, vocab=vocab, seed=seed, bags=bags, bag_share=BAG_SHARE,
+                  shape=SHAPE, weights=list(WEIGHTS), oof_fingerprint=_oof_fingerprint(oof), n_rows=len(rows),
+                  folds=folds, calibration=list(calib),
+                  image_auc=auc(y, rows["pred"]), image_scaled_auc=auc(y, X["image_z"]), model_auc=auc(y, alone),
+                  stack_auc=auc(y, stacked), image_pauc=pauc(y, rows["pred"]), stack_pauc=pauc(y, stacked),
+                  image_top15=top(rows["pred"].to_numpy()), stack_top15=top(stacked),
+                  verdict=verdict, comparison=cmp.to_dict("records"))
     write_json(result, folder.path / STACK_JSON)
-    write_csv(rows[["image_name", "fold", "target"]].assign(pred_image=rows["pred"].to_numpy(), pred_stack=stacked),
-              folder.path / STACK_OOF)
-    log(f"stack on {len(rows)} out-of-fold images: trees on {', '.join(cat + cont_all)} and the image score, "
-        f"cross-validated on the run's {rows['fold'].nunique()} folds")
+    write_csv(rows[["image_name", "fold", "target"]].assign(pred_image=rows["pred"].to_numpy(), image_z=X["image_z"],
+                                                             pred_model=_sigmoid(calib[0] + calib[1] * alone),
+                                                             pred_stack=pred_stack), folder.path / STACK_OOF)
+    log(f"  AUC of the image score pooled as given {result['image_auc']:.4f}, scaled per fold model "
+        f"{result['image_scaled_auc']:.4f}; the {model} model alone (weight 1) {result['model_auc']:.4f}")
     for r in cmp.itertuples():
         log(f"  {r.metric:22s} image {r.a:.4f}  stacked {r.b:.4f}  difference {r.diff:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}]")
-    log(f"wrote {folder.path / STACK_JSON} and {folder.path / STACK_OOF}")
+    log(f"  {sentence}")
+    log(f"wrote {folder.path / STACK_JSON}, {models_dir}/ and {folder.path / STACK_OOF}")
     return result
 
 
+def _spec(folder) -> dict:
+    spec = json.loads(folder.stack_file.read_text())
+    if spec.get("format") != STACK_FORMAT:
+        raise RunError(f"{folder.stack_file} was written by an older melafast, whose stack was refitted at submit: "
+                       f"run `melafast stack --run {folder.path}` again")
+    return spec
+
+
 def stack_ready(run, data=None, log: Callable = print) -> dict:
-    """Everything `stack_predict` needs that can fail without a model: the run's stack.json, its data folder's train
-    and test tables, and the fingerprint of the rows the stack was fitted on. Checked before any image is scored;
-    says so when `melafast stack` measured the stack below the image score alone."""
+    """Everything `stack_predict` needs that can fail without an image model: the run's stack.json, its models
+    (loaded, each checked against the checksum written beside it), the test table, and the out-of-fold rows the stack
+    was fitted from. Checked before any image is scored; warns when `melafast stack` measured the stack below the
+    image score alone."""
     from ..data.features import PATIENT_SUFFIXES
     from ..runfolder import RunFolder
 
     folder = RunFolder(run)
     data = folder.check_stack(data)
-    spec = json.loads(folder.stack_file.read_text())
-    cat, cont = spec["columns"]["cat"], [c for c in spec["columns"]["cont"] if not c.endswith(PATIENT_SUFFIXES)]
-    rows, X, y, _, cont_all = _training(folder, data, cat, cont, spec["patient_features"])
-    if _fingerprint(X, y) != spec["fingerprint"]:
-        raise RunError(f"the out-of-fold rows or the table of {folder.path} changed since `melafast stack`: run it "
-                       "again")
-    if spec.get("stack_auc") is not None and spec["stack_auc"] < spec["image_auc"]:
+    spec = _spec(folder)
+    if _oof_fingerprint(folder.oof(need="the stack was fitted on them")) != spec["oof_fingerprint"]:
+        raise RunError(f"the out-of-fold rows of {folder.path} changed since `melafast stack` (the fold models were "
+                       "trained again?): run it again")
+    kind = learner(spec["model"])
+    models = {}
+    for f in spec["folds"]:
+        models[f["fold"]] = []
+        for m in f["models"]:
+            path = folder.path / m["file"]
+            if not path.is_file():
+                raise RunError(f"{path} is missing: run `melafast stack --run {folder.path}` again")
+            text = path.read_text()
+            if hashlib.sha256(text.encode()).hexdigest() != m["sha256"]:
+                raise RunError(f"{path} is not the model `melafast stack` wrote (its checksum differs): run it again")
+            models[f["fold"]].append(kind.load(text))
+    if spec["stack_auc"] < spec["image_auc"]:
         log(f"warning: `melafast stack` measured the stack below the image score alone on the out-of-fold rows (AUC "
             f"{spec['stack_auc']:.4f} vs {spec['image_auc']:.4f}): a submission without --stack may score higher")
+    cat = spec["columns"]["cat"]
+    cont = [c for c in spec["columns"]["cont"] if not c.endswith(PATIENT_SUFFIXES)]
     test_table = _table(data, cat, cont, spec["patient_features"], split="test").set_index("image_name")
-    return dict(folder=folder, spec=spec, cat=cat, cont_all=cont_all, rows=rows, X=X, y=y, test_table=test_table)
+    return dict(folder=folder, spec=spec, kind=kind, models=models, test_table=test_table)
 
 
 def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None, ready: dict | None = None) -> np.ndarray:
-    """The stacked melanoma probability of the `test` rows: fold k's trees (refitted from the run's out-of-fold rows
-    and stack.json, checked against the saved stacked predictions) on the test table's features and fold k's image
-    model's probabilities (`per_model`: fold -> array), averaged over the folds. `ready`: `stack_ready`'s answer,
-    when already checked."""
+    """The stacked melanoma probability of the `test` rows: each fold's saved models on the test table's features
+    and that fold's image model's probabilities (`per_model`: fold -> array), scaled as its out-of-fold scores were;
+    the folds' stacked scores averaged, then mapped to a probability as the out-of-fold ones were. `ready`:
+    `stack_ready`'s answer, when already checked."""
     ready = ready or stack_ready(run, data, log=lambda m: None)
-    folder, spec, cat, cont_all = ready["folder"], ready["spec"], ready["cat"], ready["cont_all"]
-    rows, X, y = ready["rows"], ready["X"], ready["y"]
-    saved = pd.read_csv(folder.path / STACK_OOF)
+    spec, kind = ready["spec"], ready["kind"]
     feats = ready["test_table"].loc[test["image_name"]].reset_index()
-    out, check = [], np.zeros(len(rows))
-    for k in sorted(rows["fold"].unique()):
-        if int(k) not in per_model:
-            raise RunError(f"fold {k}'s image model gave no test predictions")
-        mine = (rows["fold"] == k).to_numpy()
-        trees = _fit(X[~mine], y[~mine], len(cat), spec["seed"])
-        check[mine] = trees.predict_proba(X[mine].to_numpy())[:, 1]
-        out.append(trees.predict_proba(_matrix(feats, cat, cont_all, spec["vocab"], per_model[int(k)]).to_numpy())[:, 1])
-    if not np.allclose(check, saved["pred_stack"].to_numpy(), atol=1e-9):
-        raise MelafastError("the refitted stack does not reproduce its saved out-of-fold predictions (another "
-                            "scikit-learn?): run `melafast stack` again")
-    return np.mean(out, axis=0)
+    out = []
+    for f in spec["folds"]:
+        if f["fold"] not in per_model:
+            raise RunError(f"fold {f['fold']}'s image model gave no test predictions")
+        z = scaled(per_model[f["fold"]], f["scale"])
+        X = _matrix(feats, spec["columns"]["cat"], spec["columns"]["cont"], spec["vocab"], z)
+        if list(X.columns) != spec["features"]:
+            raise RunError("internal: the test table's features are not the stack's")
+        margin = np.mean([kind.margin(m, X.to_numpy(), f["rounds"]) for m in ready["models"][f["fold"]]], axis=0)
+        out.append(combine(z, margin, f["calibration"], f["weight"]))
+    a, b = spec["calibration"]
+    return _sigmoid(a + b * np.mean(out, axis=0))
+
