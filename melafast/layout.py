@@ -1,10 +1,17 @@
-"""The file names of a dataset folder, known without reading anything (so commands can check them before torch loads)."""
+"""Where things are: the file names of a dataset folder, known without reading anything (so commands can check them
+before torch loads), and melafast's cache folder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["split_csv", "missing_tables"]
+__all__ = ["split_csv", "missing_tables", "cache_dir"]
+
+
+def cache_dir() -> Path:
+    "Where melafast keeps what it can compute again (image signatures, store indexes): `$MELAFAST_CACHE`."
+    return Path(os.environ.get("MELAFAST_CACHE", Path.home() / ".cache" / "melafast"))
 
 
 def split_csv(path, split: str) -> Path:

@@ -126,3 +126,41 @@ def test_predict_a_store_of_new_images(tiny_run, sample_dir, tmp_path):
                  "--out", tmp_path / "b.csv")
     a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
     assert a["image_name"].tolist() == b["image_name"].tolist() and np.abs(a["pred"] - b["pred"]).max() < 1e-6
+
+
+def test_the_store_index_reads_each_layout_as_h5py_does(tmp_path, monkeypatch):
+    """Opaque, fixed-length bytes and uint8 datasets are read from their offsets; chunked, compressed and
+    variable-length ones through h5py; either way the bytes h5py gives. A rewritten store is indexed again, and a
+    stored index is loaded, not rebuilt."""
+    from melafast.data import store as st
+
+    rng = np.random.default_rng(0)
+    blobs = {f"id{i}": rng.integers(0, 256, 50 + i, dtype=np.uint8).tobytes() + b"\xff\xd9" for i in range(6)}
+    path = tmp_path / "mixed.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("id0", data=np.void(blobs["id0"]))
+        f.create_dataset("id1", data=np.array(blobs["id1"], dtype=f"S{len(blobs['id1'])}"))
+        f.create_dataset("id2", data=np.frombuffer(blobs["id2"], dtype=np.uint8))
+        f.create_dataset("id3", data=np.frombuffer(blobs["id3"], dtype=np.uint8), chunks=(16,), compression="gzip")
+        f.create_dataset("id4", data=blobs["id4"].hex(), dtype=h5py.string_dtype())  # variable-length: via h5py
+        f.create_dataset("id5", data=np.frombuffer(blobs["id5"], dtype=np.uint8), chunks=(8,))
+    idx = st.store_index(path)
+    direct = {k for k in blobs if idx.offsets[idx.position(k)] >= 0}
+    assert direct == {"id0", "id1", "id2"}
+    for k, want in blobs.items():
+        got = st.read_bytes(st.stored_name(path, k))
+        assert got == (want.hex().encode() if k == "id4" else want), k
+        if k != "id4":
+            assert st.file_size(st.stored_name(path, k)) == len(want)
+    assert idx.contains(["id1", "id9", "id", "id10"]).tolist() == [True, False, False, False]
+    with pytest.raises(Exception, match="has no image 'id9'"):
+        st.read_bytes(st.stored_name(path, "id9"))
+    # the same path, rewritten: other offsets, read right
+    write_store(path, [("id0", b"new bytes of id0"), ("zz", b"\x00\x01")])
+    assert st.read_bytes(st.stored_name(path, "id0")) == b"new bytes of id0"
+    assert st.store_ids(path) == ["id0", "zz"]
+    # another process (the in-memory index dropped) loads the cached index: nothing rebuilt
+    st._INDEXES.clear()
+    monkeypatch.setattr(st.StoreIndex, "build", classmethod(lambda cls, s: (_ for _ in ()).throw(AssertionError)))
+    assert st.read_bytes(st.stored_name(path, "zz")) == b"\x00\x01"
+    assert st.store_index(path).nbytes <= 2 * (8 + 8 + 3)

@@ -165,6 +165,7 @@ def melanoma_dls(
         raise DataError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if not 0 <= meta_dropout < 1:
         raise DataError(f"meta_dropout must be in [0, 1), got {meta_dropout}")
+    df = df[_columns_read(df, cat_names, cont_names, meta_proc)]  # the datasets copy rows: only what they read
     soft = "soft_target" in df.columns
     if soft and target != "melanoma":
         raise DataError("soft targets (pseudo-labels) are melanoma probabilities: use them with target='melanoma'")
@@ -214,10 +215,22 @@ def melanoma_dls(
         async_copies(dls, dls.device)  # pinned batches reach the GPU without making the host wait
     dls.soft = soft  # targets are per-class probabilities (pseudo-labels): the learner picks a matching loss
     if neg_per_pos is not None:
-        train = df[~is_valid].reset_index(drop=True)  # the training dataset's rows, in its order
-        draw = NegativeDraw((train["target"] == 1).to_numpy(), neg_per_pos, seed)
+        draw = NegativeDraw(df["target"].to_numpy()[~is_valid] == 1, neg_per_pos, seed)  # the training rows, in order
         dls.train.get_idxs, dls.train.n = draw, draw.n  # fastai asks for the epoch's indices in the main process
     return dls
+
+
+def _columns_read(df: pd.DataFrame, cat_names, cont_names, meta_proc) -> list:
+    """The columns of `df` that `melanoma_dls` reads (images, labels, folds, the metadata columns that may be
+    features) and the ids by which users find rows. Keeping only these is what lets a table of 400,000 rows and 50
+    columns cost the datasets (which copy their rows) a part of the table itself."""
+    from .columns import CAT_NAMES, CONT_NAMES
+    from .features import EXTRA_CONT_NAMES
+
+    used = {"image_name", "patient_id", "fname", "target", "fold", "home_fold", "soft_target", "diagnosis",
+            *CAT_NAMES, *CONT_NAMES, *EXTRA_CONT_NAMES, *(cat_names or ()), *(cont_names or ()),
+            *(getattr(meta_proc, "cat_names", ()) or ()), *(getattr(meta_proc, "cont_names", ()) or ())}
+    return [c for c in df.columns if c in used]
 
 
 class NegativeDraw:

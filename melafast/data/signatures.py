@@ -17,19 +17,16 @@ import pandas as pd
 
 from ..config import DUP_DISTANCE
 from ..errors import DataError
+from ..layout import cache_dir
 
 __all__ = ["signatures", "near_duplicates", "duplicate_groups", "hamming", "ita", "ita_band", "ITA_BANDS",
-           "cache_dir", "cross_duplicates", "MIN_YELLOW", "with_signatures", "duplicate_clusters", "duplicate_table",
+           "cross_duplicates", "MIN_YELLOW", "with_signatures", "duplicate_clusters", "duplicate_table",
            "add_skin_tone", "SKIN_TONE_NOTE"]
 
 SIG_VERSION = "2"  # bump when what is computed changes: older cache rows are then recomputed
 DECODE = 96  # the side an image is decoded at (JPEG draft) for both figures
 # (lower edge in degrees, name), lightest first: Del Bino and Bernerd 2013, as Kinyanjui et al. 2020 used for ISIC
 ITA_BANDS = ((55, "very light"), (41, "light"), (28, "intermediate"), (10, "tan"), (-30, "brown"), (-90, "dark"))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MELAFAST_CACHE", Path.home() / ".cache" / "melafast"))
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:

@@ -17,11 +17,13 @@ import numpy as np
 from ..errors import DataError
 
 __all__ = ["STORE_SUFFIXES", "is_stored", "stored_name", "split_name", "read_bytes", "open_image", "file_size",
-           "store_ids", "write_store", "find_store"]
+           "store_ids", "write_store", "find_store", "StoreIndex", "store_index"]
 
 STORE_SUFFIXES = (".hdf5", ".h5")
 SEP = "::"
-_HANDLES: dict = {}  # (process id, store path) -> open h5py.File
+_HANDLES: dict = {}  # (process id, store file) -> open h5py.File
+_FDS: dict = {}  # (process id, store file) -> file descriptor for os.pread
+_INDEXES: dict = {}  # store file -> StoreIndex (read-only numpy arrays: forked workers share the pages)
 
 
 def _h5py():
@@ -46,9 +48,18 @@ def split_name(fname: str) -> tuple[str, str]:
     return store, key
 
 
-def _handle(store: str):
-    "This process's read handle on `store`, opened on first use (a forked worker never reuses its parent's)."
-    key = (os.getpid(), store)
+def _file(store) -> tuple:
+    "What identifies the store's current file: (path, inode, size, modification time); a rewritten store is another."
+    try:
+        st = os.stat(store)
+    except OSError as e:
+        raise DataError(f"cannot open the image store {store} ({e})") from None
+    return str(store), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _handle(store: str, file: tuple | None = None):
+    "This process's h5py handle on `store`, opened on first use (a forked worker never reuses its parent's)."
+    key = (os.getpid(), file or _file(store))
     f = _HANDLES.get(key)
     if f is None:
         try:
@@ -59,15 +70,111 @@ def _handle(store: str):
     return f
 
 
+def _fd(store: str, file: tuple) -> int:
+    key = (os.getpid(), file)
+    fd = _FDS.get(key)
+    if fd is None:
+        fd = _FDS[key] = os.open(store, os.O_RDONLY)
+    return fd
+
+
+class StoreIndex:
+    """Where each image's bytes sit in a store file: the ids sorted (UTF-8 bytes), the byte offset and length of each
+    one's data; offset -1 for data HDF5 must read itself (chunked, compressed, variable-length)."""
+
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray):
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.offsets, self.sizes = keys[order], offsets[order], sizes[order]
+
+    def __len__(self):
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.offsets.nbytes + self.sizes.nbytes
+
+    def position(self, key: str) -> int:
+        "The row of `key`, -1 when the store has no such image."
+        k = key.encode()
+        i = int(np.searchsorted(self.keys, k))
+        return i if i < len(self.keys) and self.keys[i] == k else -1
+
+    def contains(self, names) -> np.ndarray:
+        "Whether each of `names` is an id of the store (vectorised)."
+        k = np.array([str(n).encode() for n in names], dtype=bytes)
+        if not len(k):
+            return np.zeros(0, dtype=bool)
+        i = np.minimum(np.searchsorted(self.keys, k), max(len(self.keys) - 1, 0))
+        return (self.keys[i] == k) if len(self.keys) else np.zeros(len(k), dtype=bool)
+
+    def ids(self) -> list:
+        return [k.decode() for k in self.keys]
+
+    @classmethod
+    def build(cls, store) -> "StoreIndex":
+        "Read every id's place from the store (a dataset header each: about 25 us per image)."
+        h5py = _h5py()
+        with h5py.File(store, "r") as f:
+            names = list(f.keys())
+            offsets, sizes = np.full(len(names), -1, np.int64), np.zeros(len(names), np.int64)
+            for i, name in enumerate(names):
+                try:
+                    d = h5py.h5d.open(f.id, name.encode())
+                except (KeyError, ValueError, TypeError):
+                    continue  # a group, not an image: read (and refused) through h5py
+                plist = d.get_create_plist()
+                if (d.dtype.kind in "VS" or d.dtype == np.uint8) and plist.get_layout() == h5py.h5d.CONTIGUOUS \
+                        and plist.get_nfilters() == 0 and d.get_offset() is not None:
+                    offsets[i], sizes[i] = d.get_offset(), d.get_storage_size()
+        return cls(np.array([n.encode() for n in names], dtype=bytes) if names else np.zeros(0, "S1"), offsets, sizes)
+
+
+def store_index(store) -> StoreIndex:
+    """The index of `store` (see the module's note): kept for the process, loaded from the cache, or built (and
+    cached) the first time."""
+    file = _file(store)
+    idx = _INDEXES.get(file)
+    if idx is not None:
+        return idx
+    import hashlib
+
+    from ..layout import cache_dir
+
+    cached = cache_dir() / "store-index" / (hashlib.sha256(repr(file).encode()).hexdigest()[:32] + ".npz")
+    try:
+        with np.load(cached, allow_pickle=False) as z:
+            idx = StoreIndex(z["keys"], z["offsets"], z["sizes"])
+    except (OSError, KeyError, ValueError):
+        idx = StoreIndex.build(store)
+        try:
+            from ..atomic import atomic_path
+
+            with atomic_path(cached) as tmp:
+                with open(tmp, "wb") as out:
+                    np.savez(out, keys=idx.keys, offsets=idx.offsets, sizes=idx.sizes)
+        except OSError:
+            pass  # an unwritable cache: the index is built again next time
+    _INDEXES.clear()  # one store at a time is the usual case; an old file's index is never read again
+    _INDEXES[file] = idx
+    return idx
+
+
 def read_bytes(fname) -> bytes:
     "The encoded image (JPEG, PNG, ...) of `fname`: a file's bytes, or the bytes stored under its id."
     if not is_stored(fname):
         with open(fname, "rb") as f:
             return f.read()
     store, key = split_name(fname)
+    file = _file(store)
+    idx = store_index(store)
+    i = idx.position(key)
+    if i < 0:
+        raise DataError(f"the image store {store} has no image {key!r}")
+    if idx.offsets[i] >= 0:
+        return os.pread(_fd(store, file), int(idx.sizes[i]), int(idx.offsets[i]))
     try:
-        value = _handle(store)[key][()]
-    except KeyError:
+        value = _handle(store, file)[key][()]
+    except (KeyError, TypeError):
         raise DataError(f"the image store {store} has no image {key!r}") from None
     if isinstance(value, bytes):
         return value
@@ -86,17 +193,16 @@ def file_size(fname) -> int:
     if not is_stored(fname):
         return os.path.getsize(fname)
     store, key = split_name(fname)
-    try:
-        ds = _handle(store)[key]
-    except KeyError:
-        raise DataError(f"the image store {store} has no image {key!r}") from None
-    return int(ds.nbytes) if ds.dtype.kind != "O" else len(read_bytes(fname))
+    idx = store_index(store)
+    i = idx.position(key)
+    if i < 0:
+        raise DataError(f"the image store {store} has no image {key!r}")
+    return int(idx.sizes[i]) if idx.offsets[i] >= 0 else len(read_bytes(fname))
 
 
-def store_ids(store) -> set:
-    "Every image id in `store`."
-    with _h5py().File(store, "r") as f:
-        return set(f.keys())
+def store_ids(store) -> list:
+    "Every image id in `store`, sorted."
+    return store_index(store).ids()
 
 
 def find_store(root: Path, split: str) -> Path | None:

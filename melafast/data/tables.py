@@ -136,12 +136,11 @@ def _has_image_dir(root, names, split) -> bool:
 
 def _attach_store(df: pd.DataFrame, store: Path, csv_name: str) -> pd.DataFrame:
     "`fname`s that name each image inside the HDF5 `store` (checked: every image_name is an id in it)."
-    from .store import store_ids, stored_name
+    from .store import store_index, stored_name
 
     if not store.is_file():
         raise DataError(f"image store {store} does not exist")
-    ids = store_ids(store)
-    missing = df["image_name"][~df["image_name"].isin(ids)]
+    missing = df["image_name"][~store_index(store).contains(df["image_name"])]  # (indexes the store, once)
     if len(missing):
         raise DataError(f"{len(missing)} of {len(df)} images listed in {csv_name} are not in {store}: "
                         f"{', '.join(missing.iloc[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -194,7 +193,7 @@ def image_table(images, meta=None) -> pd.DataFrame:
         from .store import store_ids, stored_name
 
         store = Path(images).expanduser().resolve()
-        ids = sorted(store_ids(store))
+        ids = store_ids(store)
         df = pd.DataFrame({"image_name": ids, "fname": [stored_name(store, i) for i in ids]})
     else:
         paths = [Path(images)] if isinstance(images, (str, os.PathLike)) else [Path(p) for p in images]
