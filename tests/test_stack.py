@@ -115,3 +115,14 @@ def test_noise_in_the_table_keeps_the_image_score_and_signal_is_used(name):
     X, y, fold, patients = _table(1200, seed=6, table_signal=1.2)
     stacked, alone, fits = cross_fit(kind, X, y, fold, patients, bags=3, seed=0, log=lambda m: None)
     assert all(f.weight > 0 for f in fits) and auc(y, stacked) > auc(y, X[:, -1]) + 0.03
+
+
+def test_a_two_fold_run_splits_its_training_patients_in_two_with_melanomas_in_both():
+    from melafast.inference.stackfit import _inner_folds
+
+    rng = np.random.default_rng(7)
+    patients = rng.integers(0, 60, 300).astype(str)
+    y = np.isin(patients, ["3", "17"]).astype(int)  # two patients hold every melanoma
+    inner = _inner_folds(np.zeros(300), patients, y, seed=0)
+    assert set(inner) == {0, 1} and all(len(set(inner[patients == p])) == 1 for p in set(patients))
+    assert y[inner == 0].sum() > 0 and y[inner == 1].sum() > 0

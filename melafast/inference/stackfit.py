@@ -76,14 +76,17 @@ def _auc(y, s) -> float:
     return auc(y, s)
 
 
-def _inner_folds(folds, groups, seed) -> np.ndarray:
-    "The inner folds of a training set: the run's folds it holds, or (only one) its patients split in two."
+def _inner_folds(folds, groups, y, seed) -> np.ndarray:
+    """The inner folds of a training set: the run's folds it holds, or (only one) its patients split in two, those
+    with a melanoma dealt alternately so that both halves hold some."""
     if len(np.unique(folds)) >= 2:
         return np.asarray(folds)
     keys = np.asarray(groups if groups is not None else np.arange(len(folds))).astype(str)
-    uniq = np.unique(keys)
-    half = set(np.random.default_rng(seed).permutation(uniq)[: len(uniq) // 2])
-    return np.array([int(k in half) for k in keys])
+    uniq = np.random.default_rng(seed).permutation(np.unique(keys))
+    positive = set(keys[np.asarray(y) == 1])
+    order = [k for k in uniq if k in positive] + [k for k in uniq if k not in positive]
+    half = {k: i % 2 for i, k in enumerate(order)}
+    return np.array([half[k] for k in keys])
 
 
 def _bag(groups, b, seed) -> np.ndarray:
@@ -145,7 +148,7 @@ def cross_fit(learner: Learner, X, y, folds, groups=None, bags: int = 5, seed: i
         if len(np.unique(y[tr])) < 2:
             raise RunError(f"the folds other than {k} hold one class only: the stack cannot learn from them")
         g_tr = None if groups is None else groups[tr]
-        inner = _inner_folds(folds[tr], g_tr, seed)
+        inner = _inner_folds(folds[tr], g_tr, y[tr], seed)
         rounds, weight, by_weight = _choose(learner, X[tr], y[tr], z[tr], inner, seed)
         calib = calibration(z[tr], y[tr])
         fit = FoldFit(int(k), rounds, weight, calib, by_weight)
