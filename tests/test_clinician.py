@@ -93,7 +93,7 @@ def test_a_run_without_models_is_refused_before_torch_loads(tiny_run, sample_dir
     assert got == [[c[0], 1, False] for c in calls], res.stdout + res.stderr
     errors = res.stderr.strip().splitlines()
     assert len(errors) == len(calls) and all("holds no trained model" in e for e in errors[:-1]), res.stderr
-    assert "empty_data has no train.csv (nor train-metadata.csv)" in errors[-1], res.stderr
+    assert "empty_data has no test.csv (nor test-metadata.csv)" in errors[-1], res.stderr
     # each line names the command that failed, so a log of several steps says which one
     assert [e.split(": ")[1] for e in errors] == [f"melafast {c[0]}" for c in calls], res.stderr
 
