@@ -6,8 +6,8 @@ HAM10000, for each seed: one lesion-grouped, stratified sample of --images image
 on the fused run the table holds nothing the image score lacks; on the image-only run it holds what the model never
 saw.
 
-The ISIC 2024 sample (`melafast sample --format isic2024`, synthetic, seed N) trains the smallest timm net without
-metadata and is stacked on its measurements with --patient-features.
+The ISIC 2024 sample (`melafast sample --format isic2024`, synthetic, seed N) trains the smallest timm net with its
+measurements fused and without them; each is stacked on the measurements with --patient-features.
 
 Per run and learner, from stack.json:
   image    the OOF AUC of the run's image score as it is (pooled over the fold models)
@@ -104,15 +104,16 @@ def main(argv=None) -> int:
             if not (data / "train-metadata.csv").is_file():
                 run(["melafast", "sample", "--format", "isic2024", "--out", data, "--n-train", a.n_2024, "--n-test",
                      50, "--seed", seed + 1])
-            out = work / f"run2024-s{seed}"
-            secs = _train(["--data", data, "--arch", "mobilenetv3_small_050", "--no-pretrained", "--size", 32, "--bs",
-                           32, "--folds", a.folds, "--freeze-epochs", 1, "--epochs", 2, "--lr", "1e-2", "--tta", 1,
-                           "--seed", seed, "--no-meta", "--workers", 0], out, run)
-            for m in models:
-                row = dict(data="ISIC 2024 sample, image only", seed=seed, model=m, train_s=secs,
-                           **_stack(out, COLUMNS_2024, m, run))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for kind, extra in (("ISIC 2024 sample, metadata fused", [c for c in COLUMNS_2024 if c != "--patient-features"]),
+                                ("ISIC 2024 sample, image only", ["--no-meta"])):
+                out = work / f"run2024-s{seed}" if extra == ["--no-meta"] else work / f"run2024-s{seed}-fused"
+                secs = _train(["--data", data, "--arch", "mobilenetv3_small_050", "--no-pretrained", "--size", 32,
+                               "--bs", 32, "--folds", a.folds, "--freeze-epochs", 1, "--epochs", 2, "--lr", "1e-2",
+                               "--tta", 1, "--seed", seed, "--workers", 0, *extra], out, run)
+                for m in models:
+                    row = dict(data=kind, seed=seed, model=m, train_s=secs, **_stack(out, COLUMNS_2024, m, run))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     df = pd.DataFrame(rows)
     lines = ["| data, run | stack model | seeds | image score | scaled per fold model | model alone | stack | "
              "stack - image (worst seed) | table's weight per fold | verdicts |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -108,7 +108,7 @@ def test_stack_saves_its_models_and_submit_refits_nothing(sample_2024, run_2024,
         models = [kind.load((run / m["file"]).read_text()) for m in f["models"]]
         assert len(models) == 5 and all(json.loads((run / m["file"]).read_text()) for m in f["models"])
         margin = np.mean([kind.margin(m, X, f["rounds"]) for m in models], axis=0)
-        s = combine(z, margin, f["calibration"], f["weight"])
+        s = combine(z, margin, f["calibration"], f["weight"], f["stacked_scale"])
         assert np.allclose(1 / (1 + np.exp(-(a + b * s))), rows["pred_stack"], atol=1e-9)
     # submit --stack loads them: nothing is fitted, and the training table is not needed
     monkeypatch.setattr(learners.SklearnTrees, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))

@@ -153,10 +153,12 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
             write_text(text, models_dir / name)
             files.append(dict(file=f"{MODELS}/{name}", sha256=hashlib.sha256(text.encode()).hexdigest()))
         folds.append(dict(fold=f.fold, scale=list(scales[f.fold]), calibration=list(f.calib), weight=f.weight,
+                          stacked_scale=list(f.scale),
                           rounds=f.rounds, inner_auc={str(w): a for w, a in f.inner_auc.items()}, models=files))
     top = (lambda p: top_n_sensitivity(y, p, groups)) if groups is not None else (lambda p: None)
     result = dict(format=STACK_FORMAT, model=model, columns=dict(cat=cat, cont=cont_all), features=list(X.columns),
-                  patient_features=patient_features, vocab=vocab, seed=seed, bags=bags, bag_share=BAG_SHARE,
+                  patient_features=patient_features, vocab=vocab, seed=seed, bags=len(fits[0].models),
+                  bag_share=BAG_SHARE,
                   shape=SHAPE, weights=list(WEIGHTS), oof_fingerprint=_oof_fingerprint(oof), n_rows=len(rows),
                   folds=folds, calibration=list(calib),
                   image_auc=auc(y, rows["pred"]), image_scaled_auc=auc(y, X["image_z"]), model_auc=auc(y, alone),
@@ -236,7 +238,7 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None, ready: di
         if list(X.columns) != spec["features"]:
             raise RunError("internal: the test table's features are not the stack's")
         margin = np.mean([kind.margin(m, X.to_numpy(), f["rounds"]) for m in ready["models"][f["fold"]]], axis=0)
-        out.append(combine(z, margin, f["calibration"], f["weight"]))
+        out.append(combine(z, margin, f["calibration"], f["weight"], f["stacked_scale"]))
     a, b = spec["calibration"]
     return _sigmoid(a + b * np.mean(out, axis=0))
 

@@ -11,8 +11,10 @@ Three things go wrong when trees learn from out-of-fold image scores, and each h
   (never the rows being scored);
 - when the table carries nothing the image score lacks, any model of it adds noise. The stack answers
   `z + w * correction`, where the correction is what the model says beyond a logistic fit of `z` alone (in units of
-  `z`) and the weight `w` (0, 0.1, ..., 1) is the one that ranked the inner folds best: 0 leaves the image score
-  untouched.
+  `z`), and the weight `w` (0, 0.1, ..., 1) is the one whose worst inner fold ranks best against the image score
+  alone, kept only when the gain over the pooled inner rows holds up under a paired bootstrap of their patients
+  (one-sided 90%). The table gets a weight only where the inner folds show that it helps; 0 leaves the image score
+  untouched. Each fold's stacked scores are then put on one scale, as `z` was.
 
 Each fold's model is then refitted on all its training rows, on several bags (80% of the patients each, seeded),
 and their margins averaged.
@@ -33,6 +35,7 @@ __all__ = ["WEIGHTS", "FoldFit", "image_scale", "scaled", "calibration", "cross_
 
 WEIGHTS = tuple(round(w, 1) for w in np.linspace(0, 1, 11))
 BAG_SHARE = 0.8  # of a training fold's patients in each bag
+GATE_BOOT, GATE_RISK = 200, 0.1  # the table's weight needs its inner gain's one-sided 90% bound above 0
 MIN_SLOPE = 0.05  # a logistic slope of z below this is taken as this (an image score with no signal)
 
 
@@ -43,8 +46,13 @@ def _logit(p) -> np.ndarray:
 
 def image_scale(pred) -> tuple:
     "(mean, standard deviation) of the logits of one fold model's scores on the rows it validated."
-    z = _logit(pred)
-    return float(z.mean()), float(max(z.std(), 1e-6))
+    return image_scale_of(_logit(pred))
+
+
+def image_scale_of(score) -> tuple:
+    "(mean, standard deviation) of scores already on the logit scale."
+    score = np.asarray(score, dtype=np.float64)
+    return float(score.mean()), float(max(score.std(), 1e-6))
 
 
 def scaled(pred, scale) -> np.ndarray:
@@ -65,9 +73,10 @@ def _correction(margin, z, calib) -> np.ndarray:
     return (np.asarray(margin) - calib[0] - calib[1] * np.asarray(z)) / calib[1]
 
 
-def combine(z, margin, calib, weight) -> np.ndarray:
-    "The stacked score of rows: `z` moved by `weight` times the model's correction (see the module's note)."
-    return np.asarray(z) + weight * _correction(margin, z, calib)
+def combine(z, margin, calib, weight, scale=(0.0, 1.0)) -> np.ndarray:
+    """The stacked score of rows: `z` moved by `weight` times the model's correction (see the module's note), then
+    put on the scale of the rows its fold scored (`scale`: their mean and standard deviation), as `z` was."""
+    return (np.asarray(z) + weight * _correction(margin, z, calib) - scale[0]) / scale[1]
 
 
 def _auc(y, s) -> float:
@@ -107,10 +116,11 @@ class FoldFit:
     calib: tuple
     inner_auc: dict  # the inner folds' AUC at each weight
     models: list = field(default_factory=list)
+    scale: tuple = (0.0, 1.0)  # mean and sd of its stacked scores on the rows it scored
     seconds: float = 0.0
 
 
-def _choose(learner: Learner, X, y, z, inner, seed) -> tuple:
+def _choose(learner: Learner, X, y, z, inner, groups, seed) -> tuple:
     "(rounds, weight, inner AUC by weight) from the inner folds of one training set."
     curves, fitted = 0.0, {}
     for j in np.unique(inner):
@@ -126,10 +136,30 @@ def _choose(learner: Learner, X, y, z, inner, seed) -> tuple:
     for j, (model, calib) in fitted.items():
         held = inner == j
         corr[held] = _correction(learner.margin(model, X[held], rounds), z[held], calib)
-    by_weight = {w: _auc(y, z + w * corr) for w in WEIGHTS}
-    best = max(by_weight.values())
-    weight = min(w for w, a in by_weight.items() if a >= best - 1e-12)  # ties: the smaller weight
-    return rounds, weight, by_weight
+    # the weight whose worst inner fold gains most over the image score alone (0 gains 0; ties: the smaller weight),
+    # kept only when the gain over the pooled inner rows holds up under a paired bootstrap of their patients
+    parts = [inner == j for j in fitted]
+    base = [_auc(y[p], z[p]) for p in parts]
+    worst = {w: min(_auc(y[p], z[p] + w * corr[p]) - b for p, b in zip(parts, base)) for w in WEIGHTS}
+    best = max(worst.values())
+    weight = min(w for w, g in worst.items() if g >= best - 1e-12)
+    pooled = {w: _per_part(z + w * corr, parts) for w in WEIGHTS}
+    if weight > 0:
+        from ..metrics import paired_bootstrap
+
+        cmp = paired_bootstrap(y, pooled[0.0], pooled[weight], groups, n_boot=GATE_BOOT, level=1 - 2 * GATE_RISK,
+                               seed=seed, with_pauc=False).iloc[0]
+        weight = weight if cmp["lo"] > 0 else 0.0
+    return rounds, weight, {w: _auc(y, s) for w, s in pooled.items()}
+
+
+def _per_part(score, parts) -> np.ndarray:
+    "`score` standardised within each part (inner fold): each inner model's offset would mis-rank them pooled."
+    out = np.array(score, dtype=np.float64)
+    for p in parts:
+        m, sd = image_scale_of(out[p])
+        out[p] = (out[p] - m) / sd
+    return out
 
 
 def cross_fit(learner: Learner, X, y, folds, groups=None, bags: int = 5, seed: int = 0,
@@ -149,7 +179,7 @@ def cross_fit(learner: Learner, X, y, folds, groups=None, bags: int = 5, seed: i
             raise RunError(f"the folds other than {k} hold one class only: the stack cannot learn from them")
         g_tr = None if groups is None else groups[tr]
         inner = _inner_folds(folds[tr], g_tr, y[tr], seed)
-        rounds, weight, by_weight = _choose(learner, X[tr], y[tr], z[tr], inner, seed)
+        rounds, weight, by_weight = _choose(learner, X[tr], y[tr], z[tr], inner, g_tr, seed)
         calib = calibration(z[tr], y[tr])
         fit = FoldFit(int(k), rounds, weight, calib, by_weight)
         margins = []
@@ -160,8 +190,11 @@ def cross_fit(learner: Learner, X, y, folds, groups=None, bags: int = 5, seed: i
             fit.models.append(model)
             margins.append(learner.margin(model, X[mine], rounds))
         margin = np.mean(margins, axis=0)
-        stacked[mine] = combine(z[mine], margin, calib, weight)
-        alone[mine] = combine(z[mine], margin, calib, 1.0)
+        # each fold's stacked scores on one scale (their mean and sd on the rows it scores, fixed for the test rows):
+        # the correction shifts a fold's scores by its own amount, which would mis-rank the folds pooled together
+        fit.scale = image_scale_of(combine(z[mine], margin, calib, weight))
+        stacked[mine] = combine(z[mine], margin, calib, weight, fit.scale)
+        alone[mine] = combine(z[mine], margin, calib, 1.0, image_scale_of(combine(z[mine], margin, calib, 1.0)))
         fit.seconds = time.perf_counter() - t0
         fits.append(fit)
         log(f"  fold {k}: " + (f"{rounds} rounds, " if rounds else "") + f"the table's weight {weight:.1f} (inner "
