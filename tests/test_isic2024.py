@@ -135,6 +135,9 @@ def test_stack_saves_its_models_and_submit_refits_nothing(sample_2024, run_2024,
     assert res.exit_code == 1 and "older melafast" in res.stderr
     res = invoke("stack", "--run", run, "--cont", "iddx_1")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "label" in res.stderr
+    oof_rows[oof_rows["fold"] == 0].to_csv(run / "oof.csv", index=False)  # one fold finished: nothing to cross-fit
+    res = invoke("stack", "--run", run, "--cont", "clin_size_long_diam_mm")
+    assert res.exit_code == 1 and "come from fold 0 alone" in res.stderr, res.output
 
 
 def test_submit_stack_fails_before_scoring_an_image(sample_2024, run_2024, tmp_path, monkeypatch):

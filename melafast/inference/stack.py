@@ -132,6 +132,9 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
     oof, rows, scales, X, y, vocab, cont_all = _training(folder, data, cat, cont, patient_features)
     if y.min() == y.max():
         raise RunError("the stack needs melanomas and benign lesions among the out-of-fold rows")
+    if rows["fold"].nunique() < 2:
+        raise RunError(f"the stack is cross-fitted on the run's folds, and the out-of-fold rows of {folder.path} come "
+                       f"from fold {rows['fold'].iloc[0]} alone (trained with --fold?): finish the other folds first")
     groups = rows["patient_id"].to_numpy(object) if "patient_id" in rows.columns else None
     log(f"stack ({model}) on {len(rows)} out-of-fold images: {', '.join(cat + cont_all) or 'no table column'} and "
         f"the image score (scaled per fold model), cross-fitted on the run's {rows['fold'].nunique()} folds")
