@@ -92,6 +92,7 @@ def test_stack_saves_its_models_and_submit_refits_nothing(sample_2024, run_2024,
     spec = json.loads((run / "stack.json").read_text())
     assert spec["columns"] == {"cat": [], "cont": ["clin_size_long_diam_mm", "tbp_lv_norm_border"]}
     assert f"image {spec['image_auc']:.4f}  stacked {spec['stack_auc']:.4f}" in res.output
+    assert f"top-15 sensitivity     image {spec['image_top15']:.4f}" in res.output  # the 2024 metric, per patient
     said = dict(nothing="the table adds nothing here", helps="the table helps", unclear="adds nothing measurable",
                 costs="the stack costs AUC here")
     assert said[spec["verdict"]] in res.output and sum(v in res.output for v in said.values()) == 1

@@ -176,6 +176,8 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
         f"{result['image_scaled_auc']:.4f}; the {model} model alone (weight 1) {result['model_auc']:.4f}")
     for r in cmp.itertuples():
         log(f"  {r.metric:22s} image {r.a:.4f}  stacked {r.b:.4f}  difference {r.diff:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}]")
+    if result["image_top15"] is not None:
+        log(f"  {'top-15 sensitivity':22s} image {result['image_top15']:.4f}  stacked {result['stack_top15']:.4f}")
     log(f"  {sentence}")
     log(f"wrote {folder.path / STACK_JSON}, {models_dir}/ and {folder.path / STACK_OOF}")
     return result
