@@ -54,10 +54,15 @@ def test_a_run_from_the_store_matches_the_run_from_the_folder(tiny_run, sample_d
 def test_dataloader_workers_read_the_store_by_id(sample_dir, tmp_path):
     from melafast.data import inference_dl, load_competition
 
+    from melafast.data import store
+
     data = _as_store(sample_dir, tmp_path / "stored", splits=("train",))
     train, _ = load_competition(data)
     folder, _ = load_competition(sample_dir)
-    batches = [b[0] for b in inference_dl(train, 32, bs=16, num_workers=2)]  # each worker opens its own handle
+    store._INDEXES.clear()
+    dl = inference_dl(train, 32, bs=16, num_workers=2)
+    assert len(store._INDEXES) == 1  # indexed in this process, before the workers fork: they share it
+    batches = [b[0] for b in dl]  # each worker opens its own descriptor
     plain = [b[0] for b in inference_dl(folder, 32, bs=16, num_workers=0)]
     assert sum(len(b) for b in batches) == 64
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(batches, plain))

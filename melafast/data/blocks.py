@@ -17,6 +17,7 @@ from ..config import AUG_PRESETS, META_DROPOUT, TARGETS
 from ..errors import DataError
 from .transfer import async_copies, async_copy_dl
 from .images import OpenImage
+from .store import index_stores
 from .meta import MetaDropout, MetaProcessor
 from .columns import norm_text
 
@@ -208,6 +209,7 @@ def melanoma_dls(
         item_tfms=default_item_tfms(size) if item_tfms is None else item_tfms,
         batch_tfms=batch_tfms,
     )
+    index_stores(df["fname"])  # before the workers fork, so that they share it
     dls = dblock.dataloaders(df, bs=bs, **_dl_kwargs(num_workers, device), **kwargs)
     dls.meta_proc, dls.size, dls.meta = proc, size, meta  # what a saved model needs to rebuild its inputs
     dls.meta_dropout = meta_dropout if meta else 0.0
@@ -272,6 +274,7 @@ def inference_dl(df: pd.DataFrame, size: int, meta_proc=None, bs: int = 64,
     """
     if "fname" not in df.columns:
         raise DataError("inference_dl needs an fname column (read the data with load_competition)")
+    index_stores(df["fname"])  # before the workers fork, so that they share it
     tfms = [[ColReader("fname"), OpenImage(size)]]
     if meta_proc is not None:
         tfms.append([meta_proc])

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import DataError
 
 __all__ = ["STORE_SUFFIXES", "is_stored", "stored_name", "split_name", "read_bytes", "open_image", "file_size",
-           "store_ids", "write_store", "find_store", "StoreIndex", "store_index"]
+           "store_ids", "write_store", "find_store", "StoreIndex", "store_index", "index_stores"]
 
 STORE_SUFFIXES = (".hdf5", ".h5")
 SEP = "::"
@@ -82,8 +82,8 @@ class StoreIndex:
     """Where each image's bytes sit in a store file: the ids sorted (UTF-8 bytes), the byte offset and length of each
     one's data; offset -1 for data HDF5 must read itself (chunked, compressed, variable-length)."""
 
-    def __init__(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray):
-        order = np.argsort(keys, kind="stable")
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, sorted_: bool = False):
+        order = slice(None) if sorted_ else np.argsort(keys, kind="stable")
         self.keys, self.offsets, self.sizes = keys[order], offsets[order], sizes[order]
 
     def __len__(self):
@@ -143,7 +143,7 @@ def store_index(store) -> StoreIndex:
     cached = cache_dir() / "store-index" / (hashlib.sha256(repr(file).encode()).hexdigest()[:32] + ".npz")
     try:
         with np.load(cached, allow_pickle=False) as z:
-            idx = StoreIndex(z["keys"], z["offsets"], z["sizes"])
+            idx = StoreIndex(z["keys"], z["offsets"], z["sizes"], sorted_=True)
     except (OSError, KeyError, ValueError):
         idx = StoreIndex.build(store)
         try:
@@ -157,6 +157,15 @@ def store_index(store) -> StoreIndex:
     _INDEXES.clear()  # one store at a time is the usual case; an old file's index is never read again
     _INDEXES[file] = idx
     return idx
+
+
+def index_stores(fnames) -> None:
+    """Index (or load the index of) every store `fnames` name, in this process: DataLoader workers forked after it
+    share the index instead of each loading its own."""
+    stores = {f.split(SEP, 1)[0] for f in fnames if isinstance(f, str) and SEP in f}
+    for store in stores:
+        if store.lower().endswith(STORE_SUFFIXES):
+            store_index(store)
 
 
 def read_bytes(fname) -> bytes:
