@@ -137,7 +137,8 @@ def main(argv=None) -> dict:
     st._INDEXES.clear()
     t0 = time.perf_counter()
     idx = st.store_index(store)
-    res.update(index_load_s=round(time.perf_counter() - t0, 2), index_mb=round(idx.nbytes / 2**20, 1))
+    res.update(index_load_s=round(time.perf_counter() - t0, 2), index_mb=round(idx.nbytes / 2**20, 1),
+               index_bytes=idx.nbytes)
 
     df = table(a.n, store)
     res["table_mb"] = round(df.memory_usage(deep=True).sum() / 2**20, 1)

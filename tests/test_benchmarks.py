@@ -208,3 +208,19 @@ def test_cross_site_samples_whole_lesions_and_tables_the_seeds():
                               site_no_meta=0.6, gap=0.2, meta_cost=0.0) for s in range(3) for c in (0, 6)])
     md = cross_site.table(rows)
     assert "| off | 3 | 0.800 ± 0.000" in md and "| p=6 minus off (paired by seed) | 3 | -0.040 ± 0.000" in md
+
+
+def test_store_scale_generates_reads_and_measures_memory(tmp_path, monkeypatch):
+    import hashlib
+
+    import store_scale
+
+    monkeypatch.setenv("MELAFAST_CACHE", str(tmp_path / "cache"))
+    res = store_scale.main(["--n", "200", "--reads", "60", "--size", "32", "--workers", "0", "--repeats", "1",
+                            "--work", str(tmp_path / "w")])
+    files = sorted((tmp_path / "w" / "images").glob("*.jpg"))
+    assert len(files) == 200 and len({hashlib.md5(f.read_bytes()).hexdigest() for f in files}) == 200
+    assert res["images"] == 200 and res["index_bytes"] == 200 * (12 + 8 + 8) and res["table_mb"] > 0 and res["dls_peak_mb"] > 0
+    (row,) = res["read"]
+    assert row["workers"] == 0 and row["folder_img_s"] > 0 and row["store_img_s"] > 0
+    assert row["store_vs_folder"] == round(row["store_img_s"] / row["folder_img_s"], 2)
