@@ -139,6 +139,7 @@ def test_the_store_index_reads_each_layout_as_h5py_does(tmp_path, monkeypatch):
     stored index is loaded, not rebuilt."""
     from melafast.data import store as st
 
+    monkeypatch.setenv("MELAFAST_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     blobs = {f"id{i}": rng.integers(0, 256, 50 + i, dtype=np.uint8).tobytes() + b"\xff\xd9" for i in range(6)}
     path = tmp_path / "mixed.hdf5"
@@ -166,6 +167,21 @@ def test_the_store_index_reads_each_layout_as_h5py_does(tmp_path, monkeypatch):
     assert st.store_ids(path) == ["id0", "zz"]
     # another process (the in-memory index dropped) loads the cached index: nothing rebuilt
     st._INDEXES.clear()
+    build = st.StoreIndex.__dict__["build"]
     monkeypatch.setattr(st.StoreIndex, "build", classmethod(lambda cls, s: (_ for _ in ()).throw(AssertionError)))
     assert st.read_bytes(st.stored_name(path, "zz")) == b"\x00\x01"
     assert st.store_index(path).nbytes <= 2 * (8 + 8 + 3)
+    # two stores read in turn each keep their index (no reload per read); a damaged cached index is rebuilt
+    other = tmp_path / "other.hdf5"
+    write_store(other, [("o1", b"other bytes")])
+    monkeypatch.setattr(st.StoreIndex, "build", build)
+    for _ in range(3):
+        assert st.read_bytes(st.stored_name(other, "o1")) == b"other bytes"
+        assert st.read_bytes(st.stored_name(path, "zz")) == b"\x00\x01"
+    assert {k[0] for k in st._INDEXES} >= {str(path), str(other)}
+    damaged = sorted((tmp_path / "cache" / "store-index").glob("*.npz"))
+    assert len(damaged) >= 2
+    for f in damaged:
+        f.write_bytes(b"PK\x03\x04 damaged")
+    st._INDEXES.clear()
+    assert st.read_bytes(st.stored_name(other, "o1")) == b"other bytes"

@@ -71,9 +71,12 @@ def _handle(store: str, file: tuple | None = None):
 
 
 def _fd(store: str, file: tuple) -> int:
+    "This process's descriptor on the store's current file (one of a file since rewritten is closed)."
     key = (os.getpid(), file)
     fd = _FDS.get(key)
     if fd is None:
+        for old in [k for k in _FDS if k[0] == key[0] and k[1][0] == file[0]]:
+            os.close(_FDS.pop(old))
         fd = _FDS[key] = os.open(store, os.O_RDONLY)
     return fd
 
@@ -144,7 +147,7 @@ def store_index(store) -> StoreIndex:
     try:
         with np.load(cached, allow_pickle=False) as z:
             idx = StoreIndex(z["keys"], z["offsets"], z["sizes"], sorted_=True)
-    except (OSError, KeyError, ValueError):
+    except Exception:  # no cached index, or a damaged one: build it
         idx = StoreIndex.build(store)
         try:
             from ..atomic import atomic_path
@@ -154,7 +157,8 @@ def store_index(store) -> StoreIndex:
                     np.savez(out, keys=idx.keys, offsets=idx.offsets, sizes=idx.sizes)
         except OSError:
             pass  # an unwritable cache: the index is built again next time
-    _INDEXES.clear()  # one store at a time is the usual case; an old file's index is never read again
+    for old in [k for k in _INDEXES if k[0] == file[0]]:  # the same path's earlier file, since rewritten
+        del _INDEXES[old]
     _INDEXES[file] = idx
     return idx
 
