@@ -103,7 +103,7 @@ def _verdict(cmp: pd.DataFrame, fits) -> tuple:
     r = cmp[cmp["metric"] == "AUC"].iloc[0]
     if all(f.weight == 0 for f in fits):
         return "nothing", ("the table adds nothing here: every fold kept the image score alone (weight 0), so the "
-                           "stack ranks as the image score does")
+                           "stack ranks as the image score scaled per fold model does")
     if r["lo"] > 0:
         return HELPS, f"the table helps: AUC {r['diff']:+.4f}, interval [{r['lo']:+.4f}, {r['hi']:+.4f}] above 0"
     if r["hi"] < 0:
@@ -156,13 +156,12 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
             write_text(text, models_dir / name)
             files.append(dict(file=f"{MODELS}/{name}", sha256=hashlib.sha256(text.encode()).hexdigest()))
         folds.append(dict(fold=f.fold, scale=list(scales[f.fold]), calibration=list(f.calib), weight=f.weight,
-                          stacked_scale=list(f.scale),
-                          rounds=f.rounds, inner_auc={str(w): a for w, a in f.inner_auc.items()}, models=files))
+                          stacked_scale=list(f.scale), rounds=f.rounds,
+                          inner_auc={str(w): a for w, a in f.inner_auc.items()}, models=files))
     top = (lambda p: top_n_sensitivity(y, p, groups)) if groups is not None else (lambda p: None)
     result = dict(format=STACK_FORMAT, model=model, columns=dict(cat=cat, cont=cont_all), features=list(X.columns),
                   patient_features=patient_features, vocab=vocab, seed=seed, bags=len(fits[0].models),
-                  bag_share=BAG_SHARE,
-                  shape=SHAPE, weights=list(WEIGHTS), oof_fingerprint=_oof_fingerprint(oof), n_rows=len(rows),
+                  bag_share=BAG_SHARE, shape=SHAPE, weights=list(WEIGHTS), oof_fingerprint=_oof_fingerprint(oof), n_rows=len(rows),
                   folds=folds, calibration=list(calib),
                   image_auc=auc(y, rows["pred"]), image_scaled_auc=auc(y, X["image_z"]), model_auc=auc(y, alone),
                   stack_auc=auc(y, stacked), image_pauc=pauc(y, rows["pred"]), stack_pauc=pauc(y, stacked),
