@@ -224,3 +224,11 @@ def test_store_scale_generates_reads_and_measures_memory(tmp_path, monkeypatch):
     (row,) = res["read"]
     assert row["workers"] == 0 and row["folder_img_s"] > 0 and row["store_img_s"] > 0
     assert row["store_vs_folder"] == round(row["store_img_s"] / row["folder_img_s"], 2)
+
+
+def test_stack_scale_cross_fits_a_synthetic_table():
+    import stack_scale
+
+    res = stack_scale.main(["--rows", "3000", "--columns", "3", "--model", "logistic", "--positive-rate", "0.05"])
+    assert res["rows"] == 3000 and res["rounds"] == [None] * 5 and len(res["weights"]) == 5 and res["seconds"] > 0
+    assert 0.5 < res["image_auc"] < res["stack_auc"] <= 1  # the informative column is used
