@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["auc", "pauc", "sens_at_spec", "spec_at_sens", "top_n_sensitivity", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
+__all__ = ["logit", "sigmoid", "auc", "pauc", "sens_at_spec", "spec_at_sens", "top_n_sensitivity", "at_prevalence", "bootstrap_pauc", "paired_bootstrap", "PAUC_MIN_TPR", "weighted_auc",
            "bootstrap_auc", "operating_points", "calibration", "age_band", "diagnoses", "calls_by_diagnosis_table", "subgroups", "subgroup_aucs", "AGE_BANDS"]
 
 AGE_BANDS = (0, 30, 45, 60, 75)  # lower edges of the age bands in the subgroup table
@@ -89,6 +89,17 @@ def top_n_sensitivity(target, pred, groups, n: int = 15, weights=None) -> float:
     w = np.ones(len(pred)) if weights is None else np.asarray(weights, dtype=np.float64)
     total = float(np.sum(w * target))
     return float(np.sum(w * target * (rank < n)) / total) if total > 0 else float("nan")
+
+
+def logit(p, eps: float = 1e-7) -> np.ndarray:
+    "log(p / (1 - p)), with p kept `eps` away from 0 and 1."
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(x) -> np.ndarray:
+    "1 / (1 + exp(-x)): a log-odds back to a probability."
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def at_prevalence(prob, trained: float, prevalence: float):

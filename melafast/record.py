@@ -291,11 +291,9 @@ class Recalibration:
 
     def apply(self, p):
         "The recalibrated probabilities of `p` (any array-like)."
-        import numpy as np
+        from .metrics import logit, sigmoid
 
-        p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-        z = self.slope * np.log(p / (1 - p)) + self.shift
-        return 1.0 / (1.0 + np.exp(-z))
+        return sigmoid(self.slope * logit(p) + self.shift)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -13,16 +13,12 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MelafastError
+from ..metrics import logit
 
 __all__ = ["fit_recalibration", "crossfit_recalibration", "recalibrate_run", "recalibration_table",
            "MIN_RECALIBRATION_MELANOMAS"]
 
 MIN_RECALIBRATION_MELANOMAS = 10
-
-
-def _logit(p) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
 
 
 def fit_recalibration(target, pred) -> tuple[float, float]:
@@ -31,7 +27,7 @@ def fit_recalibration(target, pred) -> tuple[float, float]:
     from sklearn.linear_model import LogisticRegression
 
     target = np.asarray(target).astype(int)
-    m = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(pred).reshape(-1, 1), target)
+    m = LogisticRegression(C=1e6, max_iter=1000).fit(logit(pred).reshape(-1, 1), target)
     slope, shift = float(m.coef_[0, 0]), float(m.intercept_[0])
     if slope <= 0:
         raise MelafastError("these scores do not rank melanomas above benign lesions (fitted slope "

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, RunError
+from ..metrics import sigmoid
 from .learners import SHAPE, learner
 from .stackfit import BAG_SHARE, WEIGHTS, calibration, combine, cross_fit, image_scale, scaled
 
@@ -94,10 +95,6 @@ def _training(folder, data, cat, cont, patient_features):
     return oof, rows, scales, X, rows["target"].to_numpy().astype(int), vocab, cont_all
 
 
-def _sigmoid(x):
-    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
 def _verdict(cmp: pd.DataFrame, fits) -> tuple:
     "(verdict, the sentence that says it) from the paired AUC interval and the weights the folds chose."
     r = cmp[cmp["metric"] == "AUC"].iloc[0]
@@ -140,7 +137,7 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
         f"the image score (scaled per fold model), cross-fitted on the run's {rows['fold'].nunique()} folds")
     stacked, alone, fits = cross_fit(kind, X.to_numpy(), y, rows["fold"].to_numpy(), groups, bags, seed, log)
     calib = calibration(stacked, y)  # one logistic map of the stacked score to a probability: ranks unchanged
-    pred_stack = _sigmoid(calib[0] + calib[1] * stacked)
+    pred_stack = sigmoid(calib[0] + calib[1] * stacked)
     cmp = paired_bootstrap(y, rows["pred"], pred_stack, groups, n_boot=n_boot)
     verdict, sentence = _verdict(cmp, fits)
     models_dir = folder.path / MODELS
@@ -169,7 +166,7 @@ def stack_run(run, cat=None, cont=None, patient_features: bool = False, data=Non
                   verdict=verdict, comparison=cmp.to_dict("records"))
     write_json(result, folder.path / STACK_JSON)
     write_csv(rows[["image_name", "fold", "target"]].assign(pred_image=rows["pred"].to_numpy(), image_z=X["image_z"],
-                                                             pred_model=_sigmoid(calib[0] + calib[1] * alone),
+                                                             pred_model=sigmoid(calib[0] + calib[1] * alone),
                                                              pred_stack=pred_stack), folder.path / STACK_OOF)
     log(f"  AUC of the image score pooled as given {result['image_auc']:.4f}, scaled per fold model "
         f"{result['image_scaled_auc']:.4f}; the {model} model alone (weight 1) {result['model_auc']:.4f}")
@@ -244,5 +241,5 @@ def stack_predict(run, test: pd.DataFrame, per_model: dict, data=None, ready: di
         margin = np.mean([kind.margin(m, X.to_numpy(), f["rounds"]) for m in ready["models"][f["fold"]]], axis=0)
         out.append(combine(z, margin, f["calibration"], f["weight"], f["stacked_scale"]))
     a, b = spec["calibration"]
-    return _sigmoid(a + b * np.mean(out, axis=0))
+    return sigmoid(a + b * np.mean(out, axis=0))
 

@@ -40,8 +40,9 @@ MIN_SLOPE = 0.05  # a logistic slope of z below this is taken as this (an image 
 
 
 def _logit(p) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+    from ..metrics import logit
+
+    return logit(p, eps=1e-6)
 
 
 def image_scale(pred) -> tuple:
@@ -153,12 +154,17 @@ def _choose(learner: Learner, X, y, z, inner, groups, seed) -> tuple:
     return rounds, weight, {w: _auc(y, s) for w, s in pooled.items()}
 
 
+def _standardised(score, scale=None) -> np.ndarray:
+    "`score` on `scale` (mean, standard deviation; by default its own)."
+    m, sd = scale or image_scale_of(score)
+    return (np.asarray(score, dtype=np.float64) - m) / sd
+
+
 def _per_part(score, parts) -> np.ndarray:
     "`score` standardised within each part (inner fold): each inner model's offset would mis-rank them pooled."
     out = np.array(score, dtype=np.float64)
     for p in parts:
-        m, sd = image_scale_of(out[p])
-        out[p] = (out[p] - m) / sd
+        out[p] = _standardised(out[p])
     return out
 
 
@@ -192,9 +198,10 @@ def cross_fit(learner: Learner, X, y, folds, groups=None, bags: int = 5, seed: i
         margin = np.mean(margins, axis=0)
         # each fold's stacked scores on one scale (their mean and sd on the rows it scores, fixed for the test rows):
         # the correction shifts a fold's scores by its own amount, which would mis-rank the folds pooled together
-        fit.scale = image_scale_of(combine(z[mine], margin, calib, weight))
-        stacked[mine] = combine(z[mine], margin, calib, weight, fit.scale)
-        alone[mine] = combine(z[mine], margin, calib, 1.0, image_scale_of(combine(z[mine], margin, calib, 1.0)))
+        raw = combine(z[mine], margin, calib, weight)
+        fit.scale = image_scale_of(raw)
+        stacked[mine] = _standardised(raw, fit.scale)
+        alone[mine] = _standardised(combine(z[mine], margin, calib, 1.0))
         fit.seconds = time.perf_counter() - t0
         fits.append(fit)
         log(f"  fold {k}: " + (f"{rounds} rounds, " if rounds else "") + f"the table's weight {weight:.1f} (inner "
