@@ -21,8 +21,8 @@ from .store import index_stores
 from .meta import MetaDropout, MetaProcessor
 from .columns import norm_text
 
-__all__ = ["NegativeDraw", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms", "diagnosis_labels", "SoftLabel",
-           "TensorSoftLabel", "TrainOnly"]
+__all__ = ["NegativeDraw", "melanoma_dls", "inference_dl", "default_item_tfms", "default_batch_tfms",
+           "diagnosis_labels", "SoftLabel", "TensorSoftLabel", "TrainOnly"]
 
 
 

@@ -132,10 +132,10 @@ class StoreIndex:
         return cls(np.array([n.encode() for n in names], dtype=bytes) if names else np.zeros(0, "S1"), offsets, sizes)
 
 
-def store_index(store) -> StoreIndex:
+def store_index(store, file: tuple | None = None) -> StoreIndex:
     """The index of `store` (see the module's note): kept for the process, loaded from the cache, or built (and
-    cached) the first time."""
-    file = _file(store)
+    cached) the first time. `file`: the store's `_file`, when the caller has it."""
+    file = file or _file(store)
     idx = _INDEXES.get(file)
     if idx is not None:
         return idx
@@ -179,7 +179,7 @@ def read_bytes(fname) -> bytes:
             return f.read()
     store, key = split_name(fname)
     file = _file(store)
-    idx = store_index(store)
+    idx = store_index(store, file)
     i = idx.position(key)
     if i < 0:
         raise DataError(f"the image store {store} has no image {key!r}")

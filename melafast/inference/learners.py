@@ -32,6 +32,11 @@ def _log_loss_curve(y, margins) -> np.ndarray:
     return (np.logaddexp(0, m) - y * m).mean(axis=1)
 
 
+def _monotone(X) -> list:
+    "The monotone constraint of every learner: none on the table's columns, never decreasing in the image score."
+    return [0] * (X.shape[1] - 1) + [1]
+
+
 def _min_leaf(n: int) -> int:
     return max(SHAPE["min_leaf"], n // 50)
 
@@ -66,11 +71,11 @@ class SklearnTrees(Learner):
     def fit(self, X, y, rounds, seed, curve=None):
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        mono = [0] * (X.shape[1] - 1) + [1]
         m = HistGradientBoostingClassifier(learning_rate=SHAPE["learning_rate"], max_iter=rounds,
                                            max_leaf_nodes=SHAPE["leaves"], min_samples_leaf=_min_leaf(len(X)),
-                                           l2_regularization=SHAPE["l2"], early_stopping=False, monotonic_cst=mono,
-                                           categorical_features=None, random_state=seed).fit(X, y)
+                                           l2_regularization=SHAPE["l2"], early_stopping=False,
+                                           monotonic_cst=_monotone(X), categorical_features=None,
+                                           random_state=seed).fit(X, y)
         model = self._export(m)
         if curve is None:
             return model, None
@@ -119,7 +124,7 @@ class LightGBM(Learner):
         params = dict(objective="binary", learning_rate=SHAPE["learning_rate"], num_leaves=SHAPE["leaves"],
                       min_data_in_leaf=_min_leaf(len(X)), lambda_l2=SHAPE["l2"], seed=seed, deterministic=True,
                       force_row_wise=True, num_threads=0, verbose=-1,
-                      monotone_constraints=[0] * (X.shape[1] - 1) + [1], metric="binary_logloss")
+                      monotone_constraints=_monotone(X), metric="binary_logloss")
         res = {}
         sets = dict(valid_sets=[lgb.Dataset(curve[0], curve[1])], valid_names=["curve"],
                     callbacks=[lgb.record_evaluation(res)]) if curve is not None else {}
@@ -147,7 +152,7 @@ class XGBoost(Learner):
         params = dict(objective="binary:logistic", eta=SHAPE["learning_rate"], max_leaves=SHAPE["leaves"],
                       grow_policy="lossguide", tree_method="hist", min_child_weight=1.0, reg_lambda=SHAPE["l2"],
                       seed=seed, eval_metric="logloss",
-                      monotone_constraints="(" + ",".join(["0"] * (X.shape[1] - 1) + ["1"]) + ")")
+                      monotone_constraints="(" + ",".join(map(str, _monotone(X))) + ")")
         res = {}
         evals = [(xgb.DMatrix(curve[0], label=curve[1]), "curve")] if curve is not None else []
         b = xgb.train(params, xgb.DMatrix(X, label=y), num_boost_round=rounds, evals=evals, evals_result=res,
@@ -179,7 +184,7 @@ class CatBoost(Learner):
 
         m = catboost.CatBoost(dict(loss_function="Logloss", iterations=rounds, depth=2,
                                    learning_rate=SHAPE["learning_rate"], l2_leaf_reg=SHAPE["l2"], random_seed=seed,
-                                   monotone_constraints=[0] * (X.shape[1] - 1) + [1], verbose=False,
+                                   monotone_constraints=_monotone(X), verbose=False,
                                    allow_writing_files=False, use_best_model=False, thread_count=-1))
         m.fit(X, y, eval_set=(curve[0], curve[1]) if curve is not None else None)
         return m, (np.asarray(m.get_evals_result()["validation"]["Logloss"]) if curve is not None else None)
